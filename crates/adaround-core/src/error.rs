@@ -1,0 +1,26 @@
+use thiserror::Error;
+
+/// Errors raised when a quantizer is configured or applied to invalid data.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum QuantizerError {
+    /// The bitwidth is outside `2..=16`.
+    #[error("bitwidth must be in 2..=16, got {0}")]
+    InvalidBitwidth(u32),
+    /// The threshold of a standard-deviation quantizer is not a positive finite number.
+    #[error("threshold must be a positive finite number, got {0}")]
+    InvalidThreshold(f64),
+    /// The weights hold `NaN` or infinite values.
+    #[error("weights contain non-finite values (NaN or infinity)")]
+    NonFiniteWeights,
+    /// The quantizer has no integer grid (the pass-through quantizer), so AdaRound cannot wrap it.
+    #[error("the float (pass-through) quantizer has no grid to round onto")]
+    NoGrid,
+    /// The output-channel axis does not exist in the weight tensor.
+    #[error("axis {axis} is out of range for a weight tensor of rank {rank}")]
+    InvalidAxis {
+        /// The requested axis.
+        axis: usize,
+        /// The rank of the weights.
+        rank: usize,
+    },
+}

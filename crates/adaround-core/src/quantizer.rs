@@ -1,0 +1,261 @@
+use burn::tensor::{backend::Backend, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::QuantizerError;
+
+/// Upper bound of every scale factor (SPEC §1: `sf` is clipped to `[0, 1e3]`).
+pub const MAX_SCALE_FACTOR: f64 = 1e3;
+/// Floor of the statistic a scale factor divides by, so that all-zero weights stay finite.
+pub const MIN_RANGE: f64 = 1e-10;
+/// Default threshold of the standard-deviation quantizers (`kmax / (3 * std(w))`).
+pub const DEFAULT_STD_THRESHOLD: f64 = 3.0;
+
+/// A symmetric, uniform, mid-tread weight quantizer (or the float pass-through).
+///
+/// A quantizer maps float weights onto the grid `{-kmax..=kmax} / sf`, with
+/// `kmax = 2^(bitwidth-1) - 1`:
+///
+/// `quantize(w) = clip(round_ste(w * sf), -kmax, kmax) / sf`
+///
+/// where `round_ste` rounds half to even with a straight-through gradient, and the scale
+/// factor `sf` is computed from the weights by the variant (and clipped to `[0, 1e3]`).
+/// Per-axis variants compute one scale factor per **output channel**; the layer says which
+/// axis that is (`1` for a Dense kernel `[d_input, d_output]`, `0` for a Conv2d kernel
+/// `[channels_out, channels_in / groups, kernel_h, kernel_w]`).
+///
+/// The configuration is plain data: it serializes with serde (`{"kind": "MaxPerAxis",
+/// "bitwidth": 4}`) and is saved in the record of any module that holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum WeightQuantizer {
+    /// No quantization: weights pass through unchanged.
+    Float,
+    /// `sf = kmax / max(|w|)` over the whole tensor.
+    Max {
+        /// Number of bits, `2..=16`.
+        bitwidth: u32,
+    },
+    /// `sf = kmax / max(max(|w|) over all axes but the output axis, 1e-10)`.
+    MaxPerAxis {
+        /// Number of bits, `2..=16`.
+        bitwidth: u32,
+    },
+    /// `sf = kmax / (threshold * std(w))` over the whole tensor.
+    Std {
+        /// Number of bits, `2..=16`.
+        bitwidth: u32,
+        /// Number of standard deviations mapped to `kmax` (default 3).
+        threshold: f64,
+    },
+    /// `sf = kmax / (threshold * std(w))`, one standard deviation per output channel.
+    StdPerAxis {
+        /// Number of bits, `2..=16`.
+        bitwidth: u32,
+        /// Number of standard deviations mapped to `kmax` (default 3).
+        threshold: f64,
+    },
+}
+
+crate::persistent_module!(WeightQuantizer);
+
+impl Default for WeightQuantizer {
+    fn default() -> Self {
+        Self::Float
+    }
+}
+
+fn check_bitwidth(bitwidth: u32) -> Result<u32, QuantizerError> {
+    if (2..=16).contains(&bitwidth) {
+        Ok(bitwidth)
+    } else {
+        Err(QuantizerError::InvalidBitwidth(bitwidth))
+    }
+}
+
+fn check_threshold(threshold: f64) -> Result<f64, QuantizerError> {
+    if threshold.is_finite() && threshold > 0.0 {
+        Ok(threshold)
+    } else {
+        Err(QuantizerError::InvalidThreshold(threshold))
+    }
+}
+
+impl WeightQuantizer {
+    /// Per-tensor max quantizer (`MaxQuantizer` of the reference).
+    pub fn max(bitwidth: u32) -> Result<Self, QuantizerError> {
+        Ok(Self::Max {
+            bitwidth: check_bitwidth(bitwidth)?,
+        })
+    }
+
+    /// Per-output-channel max quantizer (`MaxPerAxisQuantizer` of the reference).
+    pub fn max_per_axis(bitwidth: u32) -> Result<Self, QuantizerError> {
+        Ok(Self::MaxPerAxis {
+            bitwidth: check_bitwidth(bitwidth)?,
+        })
+    }
+
+    /// Per-tensor standard-deviation quantizer with the given threshold.
+    pub fn std(bitwidth: u32, threshold: f64) -> Result<Self, QuantizerError> {
+        Ok(Self::Std {
+            bitwidth: check_bitwidth(bitwidth)?,
+            threshold: check_threshold(threshold)?,
+        })
+    }
+
+    /// Per-output-channel standard-deviation quantizer with the given threshold.
+    pub fn std_per_axis(bitwidth: u32, threshold: f64) -> Result<Self, QuantizerError> {
+        Ok(Self::StdPerAxis {
+            bitwidth: check_bitwidth(bitwidth)?,
+            threshold: check_threshold(threshold)?,
+        })
+    }
+
+    /// Checks the parameters (useful after deserializing a configuration).
+    pub fn validate(&self) -> Result<(), QuantizerError> {
+        match *self {
+            Self::Float => Ok(()),
+            Self::Max { bitwidth } | Self::MaxPerAxis { bitwidth } => {
+                check_bitwidth(bitwidth).map(|_| ())
+            }
+            Self::Std {
+                bitwidth,
+                threshold,
+            }
+            | Self::StdPerAxis {
+                bitwidth,
+                threshold,
+            } => {
+                check_bitwidth(bitwidth)?;
+                check_threshold(threshold).map(|_| ())
+            }
+        }
+    }
+
+    /// The bitwidth, or `None` for the float pass-through.
+    pub fn bitwidth(&self) -> Option<u32> {
+        match *self {
+            Self::Float => None,
+            Self::Max { bitwidth }
+            | Self::MaxPerAxis { bitwidth }
+            | Self::Std { bitwidth, .. }
+            | Self::StdPerAxis { bitwidth, .. } => Some(bitwidth),
+        }
+    }
+
+    /// `kmax = 2^(bitwidth-1) - 1`, the largest integer of the grid (`None` for float).
+    pub fn kmax(&self) -> Option<f64> {
+        self.bitwidth().map(|b| ((1u64 << (b - 1)) - 1) as f64)
+    }
+
+    /// Whether the quantizer computes one scale factor per output channel.
+    pub fn is_per_axis(&self) -> bool {
+        matches!(self, Self::MaxPerAxis { .. } | Self::StdPerAxis { .. })
+    }
+
+    /// Whether the quantizer actually quantizes (everything but [`WeightQuantizer::Float`]).
+    pub fn is_quantizing(&self) -> bool {
+        !matches!(self, Self::Float)
+    }
+
+    /// The scale factor of `weights`, shaped to broadcast against them: `[1; D]` per tensor,
+    /// or the size of the output channels at `axis` and `1` elsewhere per axis.
+    ///
+    /// It carries no gradient. Returns [`QuantizerError::NoGrid`] for the float quantizer.
+    pub fn scale_factor<B: Backend, const D: usize>(
+        &self,
+        weights: Tensor<B, D>,
+        axis: usize,
+    ) -> Result<Tensor<B, D>, QuantizerError> {
+        if axis >= D {
+            return Err(QuantizerError::InvalidAxis { axis, rank: D });
+        }
+        let kmax = self.kmax().ok_or(QuantizerError::NoGrid)?;
+        let w = weights.detach();
+        let range = match *self {
+            Self::Float => unreachable!("checked above"),
+            Self::Max { .. } => w.abs().max().reshape([1; D]),
+            Self::MaxPerAxis { .. } => per_axis(w, axis, |rows| rows.abs().max_dim(1)),
+            Self::Std { threshold, .. } => std_all(w).mul_scalar(threshold).reshape([1; D]),
+            Self::StdPerAxis { threshold, .. } => {
+                per_axis(w, axis, |rows| std_rows(rows).mul_scalar(threshold))
+            }
+        };
+        // Exact division: `recip()` is an approximate reciprocal on some backends.
+        let range = range.clamp_min(MIN_RANGE);
+        Ok((range.ones_like().mul_scalar(kmax) / range).clamp(0.0, MAX_SCALE_FACTOR))
+    }
+
+    /// Quantizes `weights` (the output channels at `axis`), with a straight-through gradient.
+    ///
+    /// `quantize(w) = clip(round_ste(w * sf), -kmax, kmax) / sf`. The float quantizer returns
+    /// the weights unchanged.
+    pub fn quantize<B: Backend, const D: usize>(
+        &self,
+        weights: Tensor<B, D>,
+        axis: usize,
+    ) -> Tensor<B, D> {
+        match self.kmax() {
+            None => weights,
+            Some(kmax) => {
+                let sf = self
+                    .scale_factor(weights.clone(), axis)
+                    .unwrap_or_else(|e| panic!("cannot quantize weights: {e}"));
+                quantize_with(weights, sf, kmax)
+            }
+        }
+    }
+}
+
+/// `clip(round_ste(w * sf), -kmax, kmax) / sf` with a given scale factor.
+pub fn quantize_with<B: Backend, const D: usize>(
+    weights: Tensor<B, D>,
+    sf: Tensor<B, D>,
+    kmax: f64,
+) -> Tensor<B, D> {
+    let scaled = weights * sf.clone();
+    round_ste(scaled).clamp(-kmax, kmax) / sf
+}
+
+/// Rounds half to even in the forward pass and passes the gradient unchanged (straight-through).
+pub fn round_ste<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let rounded = x.clone().round();
+    x.clone() + (rounded - x).detach()
+}
+
+/// Returns `true` when every value of `weights` is finite.
+pub fn all_finite<B: Backend, const D: usize>(weights: &Tensor<B, D>) -> bool {
+    use burn::tensor::ElementConversion;
+    let w = weights.clone().detach();
+    let nan = w.clone().is_nan().any().int().into_scalar().elem::<i64>();
+    let inf = w.is_inf().any().int().into_scalar().elem::<i64>();
+    nan == 0 && inf == 0
+}
+
+/// Applies `reduce` to the `[channels, rest]` view of `w` (channels at `axis`) and returns the
+/// `[channels, 1]` result shaped to broadcast against `w`.
+fn per_axis<B: Backend, const D: usize>(
+    w: Tensor<B, D>,
+    axis: usize,
+    reduce: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, D> {
+    let dims = w.dims();
+    let channels = dims[axis];
+    let rest = dims.iter().product::<usize>() / channels.max(1);
+    let rows = w.swap_dims(0, axis).reshape([channels, rest]);
+    let mut shape = [1; D];
+    shape[axis] = channels;
+    reduce(rows).reshape(shape)
+}
+
+/// Population standard deviation (`ddof = 0`, as `tf.math.reduce_std`) of the whole tensor.
+fn std_all<B: Backend, const D: usize>(w: Tensor<B, D>) -> Tensor<B, 1> {
+    let n = w.dims().iter().product::<usize>();
+    std_rows(w.reshape([1, n])).reshape([1])
+}
+
+/// Population standard deviation of each row: `[rows, n] -> [rows, 1]`.
+fn std_rows<B: Backend>(rows: Tensor<B, 2>) -> Tensor<B, 2> {
+    let mean = rows.clone().mean_dim(1);
+    (rows - mean).powi_scalar(2).mean_dim(1).sqrt()
+}

@@ -1,0 +1,447 @@
+//! Unit tests of the quantizers, the AdaRound quantizer and the schedules.
+
+use burn::{
+    module::Module,
+    optim::{AdamConfig, GradientsParams, Optimizer},
+    tensor::{backend::Backend, Tensor, TensorData, Tolerance},
+};
+use proptest::prelude::*;
+
+use crate::*;
+
+type B = TestBackend;
+type AD = TestAutodiffBackend;
+
+fn device() -> burn::tensor::Device<B> {
+    Default::default()
+}
+
+/// Dense-shaped kernel `[d_input = 2, d_output = 3]`.
+fn dense_w<Bk: Backend>() -> Tensor<Bk, 2> {
+    Tensor::from_floats(
+        [[0.5, -1.2, 0.03], [-0.25, 0.6, -0.09]],
+        &Default::default(),
+    )
+}
+
+fn assert_close<const D: usize>(got: Tensor<B, D>, expected: TensorData) {
+    got.into_data()
+        .assert_approx_eq::<f32>(&expected, Tolerance::absolute(1e-5));
+}
+
+fn max_abs<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> f32 {
+    use burn::tensor::ElementConversion;
+    t.abs().max().into_scalar().elem::<f32>()
+}
+
+// import numpy as np
+// w = np.array([[0.5, -1.2, 0.03], [-0.25, 0.6, -0.09]], dtype=np.float32); kmax = 7
+// sf = kmax / np.abs(w).max()                                  # 5.833333
+// np.clip(np.round(w * sf), -kmax, kmax) / sf
+#[test]
+fn should_quantize_per_tensor_with_max() {
+    let q = WeightQuantizer::max(4).unwrap();
+    let sf = q.scale_factor(dense_w::<B>(), 1).unwrap();
+    assert_eq!(sf.dims(), [1, 1]);
+    assert_close(sf, TensorData::from([[5.833333f32]]));
+    assert_close(
+        q.quantize(dense_w::<B>(), 1),
+        TensorData::from([
+            [0.5142857f32, -1.2, 0.0],
+            [-0.17142858, 0.6857143, -0.17142858],
+        ]),
+    );
+}
+
+// sf = kmax / np.maximum(np.abs(w).max(axis=0), 1e-10)        # [14, 5.833333, 77.77777]
+// np.clip(np.round(w * sf), -kmax, kmax) / sf                 # -3.5 -> -4, 3.5 -> 4 (half to even)
+#[test]
+fn should_quantize_per_output_channel_with_max_and_round_half_to_even() {
+    let q = WeightQuantizer::max_per_axis(4).unwrap();
+    let sf = q.scale_factor(dense_w::<B>(), 1).unwrap();
+    assert_eq!(sf.dims(), [1, 3]);
+    assert_close(sf, TensorData::from([[14.0f32, 5.833333, 77.77777]]));
+    assert_close(
+        q.quantize(dense_w::<B>(), 1),
+        TensorData::from([
+            [0.5f32, -1.2, 0.025714288],
+            [-0.2857143, 0.6857143, -0.09000001],
+        ]),
+    );
+}
+
+// sf = kmax / (3 * w.std())                                    # 3.9501872 (population std)
+// sf_axis = kmax / (3 * w.std(axis=0))                         # [6.2222223, 2.5925925, 38.888885]
+#[test]
+fn should_quantize_with_std_per_tensor_and_per_axis() {
+    let q = WeightQuantizer::std(4, DEFAULT_STD_THRESHOLD).unwrap();
+    assert_close(
+        q.scale_factor(dense_w::<B>(), 1).unwrap(),
+        TensorData::from([[3.9501872f32]]),
+    );
+    assert_close(
+        q.quantize(dense_w::<B>(), 1),
+        TensorData::from([
+            [0.5063051f32, -1.2657628, 0.0],
+            [-0.25315255, 0.5063051, 0.0],
+        ]),
+    );
+    let q = WeightQuantizer::std_per_axis(4, 3.0).unwrap();
+    assert_close(
+        q.scale_factor(dense_w::<B>(), 1).unwrap(),
+        TensorData::from([[6.2222223f32, 2.5925925, 38.888885]]),
+    );
+    assert_close(
+        q.quantize(dense_w::<B>(), 1),
+        TensorData::from([
+            [0.48214284f32, -1.1571429, 0.025714288],
+            [-0.32142857, 0.7714286, -0.077142864],
+        ]),
+    );
+}
+
+// k = np.array([0.3, -0.1, 0.05, 0.2], dtype=np.float32).reshape(2, 1, 1, 2)   # [c_out, c_in, kh, kw]
+// sf = 3 / np.abs(k).reshape(2, -1).max(axis=1)                # [10, 15] (bitwidth 3)
+// (np.clip(np.round(k * sf[:, None, None, None]), -3, 3) / sf[:, None, None, None]).ravel()
+#[test]
+fn should_quantize_conv_kernels_per_output_channel_on_axis_0() {
+    let k = Tensor::<B, 1>::from_floats([0.3, -0.1, 0.05, 0.2], &device()).reshape([2, 1, 1, 2]);
+    let q = WeightQuantizer::max_per_axis(3).unwrap();
+    let sf = q.scale_factor(k.clone(), 0).unwrap();
+    assert_eq!(sf.dims(), [2, 1, 1, 1]);
+    assert_close(sf.reshape([2]), TensorData::from([10.0f32, 15.0]));
+    assert_close(
+        q.quantize(k, 0).reshape([4]),
+        TensorData::from([0.3f32, -0.1, 0.06666667, 0.2]),
+    );
+}
+
+#[test]
+fn should_reject_bad_bitwidths_and_thresholds() {
+    assert_eq!(
+        WeightQuantizer::max(1),
+        Err(QuantizerError::InvalidBitwidth(1))
+    );
+    assert_eq!(
+        WeightQuantizer::max_per_axis(17),
+        Err(QuantizerError::InvalidBitwidth(17))
+    );
+    assert_eq!(
+        WeightQuantizer::std(4, 0.0),
+        Err(QuantizerError::InvalidThreshold(0.0))
+    );
+    assert!(WeightQuantizer::max(2).is_ok() && WeightQuantizer::max(16).is_ok());
+    let parsed: WeightQuantizer = serde_json::from_str(r#"{"kind":"Max","bitwidth":0}"#).unwrap();
+    assert_eq!(parsed.validate(), Err(QuantizerError::InvalidBitwidth(0)));
+}
+
+#[test]
+fn should_round_trip_quantizer_configs_through_json() {
+    for q in [
+        WeightQuantizer::Float,
+        WeightQuantizer::max(8).unwrap(),
+        WeightQuantizer::max_per_axis(4).unwrap(),
+        WeightQuantizer::std(3, 2.5).unwrap(),
+        WeightQuantizer::std_per_axis(2, 3.0).unwrap(),
+    ] {
+        let json = serde_json::to_string(&q).unwrap();
+        assert_eq!(
+            serde_json::from_str::<WeightQuantizer>(&json).unwrap(),
+            q,
+            "{json}"
+        );
+    }
+    assert_eq!(
+        serde_json::to_string(&WeightQuantizer::max_per_axis(4).unwrap()).unwrap(),
+        r#"{"kind":"MaxPerAxis","bitwidth":4}"#
+    );
+}
+
+#[test]
+fn should_keep_all_zero_weights_finite() {
+    let zeros = Tensor::<B, 4>::zeros([3, 2, 3, 3], &device());
+    for q in [
+        WeightQuantizer::max(4).unwrap(),
+        WeightQuantizer::max_per_axis(4).unwrap(),
+        WeightQuantizer::std(4, 3.0).unwrap(),
+        WeightQuantizer::std_per_axis(4, 3.0).unwrap(),
+    ] {
+        let sf = q.scale_factor(zeros.clone(), 0).unwrap();
+        assert!(all_finite(&sf), "{q:?}");
+        assert!((max_abs(sf) - 1e3).abs() < 1e-3, "{q:?}: sf clipped to 1e3");
+        let out = q.quantize(zeros.clone(), 0);
+        assert!(all_finite(&out) && max_abs(out) == 0.0, "{q:?}");
+        let ada = AdaRoundQuantizer::new(q, zeros.clone(), 0, &AdaRoundParams::new()).unwrap();
+        assert!(all_finite(&ada.recons_weights::<4>()));
+    }
+}
+
+#[test]
+fn should_reject_non_finite_weights_and_the_float_quantizer() {
+    let w = Tensor::<B, 2>::from_floats([[1.0, f32::NAN]], &device());
+    let q = WeightQuantizer::max(4).unwrap();
+    let err = AdaRoundQuantizer::new(q.clone(), w, 1, &AdaRoundParams::new()).unwrap_err();
+    assert_eq!(err, QuantizerError::NonFiniteWeights);
+    let w = Tensor::<B, 2>::from_floats([[1.0, f32::INFINITY]], &device());
+    assert!(!all_finite(&w));
+    let err = AdaRoundQuantizer::new(
+        WeightQuantizer::Float,
+        dense_w::<B>(),
+        1,
+        &AdaRoundParams::new(),
+    );
+    assert_eq!(err.unwrap_err(), QuantizerError::NoGrid);
+    let err = q.scale_factor(dense_w::<B>(), 2).unwrap_err();
+    assert_eq!(err, QuantizerError::InvalidAxis { axis: 2, rank: 2 });
+}
+
+#[test]
+fn should_pass_float_weights_through_the_float_quantizer() {
+    let out = WeightQuantizer::Float.quantize(dense_w::<B>(), 1);
+    assert_close(out, dense_w::<B>().into_data());
+}
+
+// Straight-through: d quantize(w) / dw = 1 where w * sf is inside [-kmax, kmax].
+#[test]
+fn should_pass_gradients_straight_through_quantize() {
+    let w = dense_w::<AD>().require_grad();
+    let q = WeightQuantizer::max(4).unwrap();
+    let grads = q.quantize(w.clone(), 1).sum().backward();
+    let g = w.grad(&grads).expect("weights get a gradient");
+    assert_close(g, TensorData::from([[1.0f32, 1.0, 1.0], [1.0, 1.0, 1.0]]));
+
+    // Clipped entries get no gradient: a grid too small for the weights (Std, threshold 0.5).
+    let w = dense_w::<AD>().require_grad();
+    let q = WeightQuantizer::std(2, 0.5).unwrap();
+    let grads = q.quantize(w.clone(), 1).sum().backward();
+    let g: Vec<f32> = w.grad(&grads).unwrap().into_data().to_vec().unwrap();
+    // sf = 1 / (0.5 * w.std()) = 3.386: |w| * sf > 1 for 0.5, -1.2 and 0.6 only.
+    assert_eq!(g, vec![0.0, 0.0, 1.0, 1.0, 0.0, 1.0]);
+}
+
+// s = w * sf_axis; floor = np.floor(s); d = s - floor
+// alpha = -np.log(1.2 / (d + 0.1) - 1)                     # h(alpha) == d
+// h = np.clip(1 / (1 + np.exp(-alpha)) * 1.2 - 0.1, 0, 1)
+// np.sum(1 - np.abs(2 * h - 1) ** 2)  -> 2.8888903 ; ** 20 -> 3.000019
+#[test]
+fn should_initialise_alpha_so_that_decimals_equal_the_fraction() {
+    let q = WeightQuantizer::max_per_axis(4).unwrap();
+    let ada = AdaRoundQuantizer::new(q, dense_w::<B>(), 1, &AdaRoundParams::new()).unwrap();
+    let d: Vec<f32> = ada.decimals().into_data().to_vec().unwrap();
+    let expected = [0.0f32, 0.0, 0.33333302, 0.5, 0.5, 0.0];
+    for (got, want) in d.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-5, "decimals {d:?}");
+    }
+    let loss2: f32 = ada.rounding_loss(2.0).into_scalar();
+    let loss20: f32 = ada.rounding_loss(20.0).into_scalar();
+    assert!((loss2 - 2.8888903).abs() < 1e-4, "{loss2}");
+    assert!((loss20 - 3.000019).abs() < 1e-4, "{loss20}");
+    assert_eq!(ada.rounding_loss(0.0).into_scalar(), 0.0);
+    // Recons == original weights (relative error < 1e-5).
+    let rel = max_abs(ada.recons_weights::<2>() - dense_w::<B>()) / max_abs(dense_w::<B>());
+    assert!(rel < 1e-5, "{rel}");
+    let status = ada.status();
+    // 0.09 * 77.77777 = 7.0000005: a tiny decimal (4.7e-7) still roams, as in NumPy.
+    assert_eq!((status.roamers, status.total), (4, 6));
+    assert!((status.floor_fraction - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn should_reconstruct_conv_weights_at_init_for_every_quantizer() {
+    let k = Tensor::<B, 4>::random(
+        [4, 3, 3, 3],
+        burn::tensor::Distribution::Normal(0.0, 0.2),
+        &device(),
+    );
+    for q in [
+        WeightQuantizer::max(3).unwrap(),
+        WeightQuantizer::max_per_axis(4).unwrap(),
+        WeightQuantizer::std(8, 3.0).unwrap(),
+        WeightQuantizer::std_per_axis(2, 3.0).unwrap(),
+    ] {
+        let ada = AdaRoundQuantizer::new(q.clone(), k.clone(), 0, &AdaRoundParams::new()).unwrap();
+        let kmax = q.kmax().unwrap() as f32;
+        // Inside the grid the reconstruction is exact; outside it is clipped like quantize().
+        let sf = q.scale_factor(k.clone(), 0).unwrap();
+        let expected = (k.clone() * sf.clone()).clamp(-kmax, kmax) / sf;
+        let err = max_abs(ada.recons_weights::<4>() - expected);
+        assert!(err < 1e-5 * max_abs(k.clone()), "{q:?}: {err}");
+        let status = ada.status();
+        assert!((status.floor_fraction + status.ceil_fraction - 1.0).abs() < 1e-9);
+    }
+}
+
+// h = clip(sigmoid(a) * 1.2 - 0.1, 0, 1);  dh/da = 1.2 s (1 - s) where 0 < h < 1
+// d sum(recons)/da = dh/da / sf ;  d loss(b)/da = -b |2h-1|^(b-1) sign(2h-1) 2 dh/da
+#[test]
+fn should_give_analytic_gradients_for_alpha() {
+    let w = Tensor::<AD, 2>::from_floats([[0.31, -0.47, 0.12], [0.22, 0.05, -0.38]], &device());
+    // Std grid: no weight lands exactly on an integer, so every h(alpha) is inside (0, 1).
+    let q = WeightQuantizer::std(4, 3.0).unwrap();
+    let ada = AdaRoundQuantizer::new(q, w, 1, &AdaRoundParams::new()).unwrap();
+    let alpha: Vec<f32> = ada.alpha.val().inner().into_data().to_vec().unwrap();
+    let sf: f32 = ada.sf.val().inner().into_data().to_vec::<f32>().unwrap()[0];
+    let beta = 3.0f32;
+
+    let grads = ada.recons_weights::<2>().sum().backward();
+    let g_recons: Vec<f32> = ada
+        .alpha
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let grads = ada.rounding_loss(beta as f64).backward();
+    let g_loss: Vec<f32> = ada
+        .alpha
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .to_vec()
+        .unwrap();
+
+    for i in 0..alpha.len() {
+        let s = 1.0 / (1.0 + (-alpha[i]).exp());
+        let h_raw = s * 1.2 - 0.1;
+        assert!(
+            h_raw > 0.0 && h_raw < 1.0,
+            "test weights stay inside the clip"
+        );
+        let dh = 1.2 * s * (1.0 - s);
+        let u = 2.0 * h_raw - 1.0;
+        let want_loss = -beta * u.abs().powf(beta - 1.0) * u.signum() * 2.0 * dh;
+        assert!((g_recons[i] - dh / sf).abs() < 1e-5, "recons grad {i}");
+        assert!(
+            (g_loss[i] - want_loss).abs() < 1e-4,
+            "loss grad {i}: {} vs {want_loss}",
+            g_loss[i]
+        );
+    }
+}
+
+#[test]
+fn should_quantize_to_nearest_in_evaluation_mode_and_hard_round_by_sign() {
+    let k = Tensor::<B, 4>::random([8, 4, 3, 3], burn::tensor::Distribution::Default, &device());
+    let q = WeightQuantizer::max_per_axis(3).unwrap();
+    let ada = AdaRoundQuantizer::new(q.clone(), k.clone(), 0, &AdaRoundParams::new()).unwrap();
+    let soft: Tensor<B, 4> = ada.quantize();
+    assert!(
+        max_abs(soft - k.clone()) < 1e-5,
+        "training mode returns the soft weights"
+    );
+    let ada = ada.set_training(false);
+    assert!(!ada.is_training());
+    assert!(max_abs(ada.quantize::<4>() - q.quantize(k.clone(), 0)) < 1e-5);
+    // At init, alpha >= 0 exactly when d >= 0.5: hard rounding is nearest up to ties.
+    let hard = ada.hard_recons_weights::<4>();
+    let changed = hard.not_equal(q.quantize(k, 0)).int().sum().into_scalar();
+    assert!(
+        changed <= 2,
+        "hard rounding at init differs from nearest on {changed} weights"
+    );
+}
+
+#[test]
+fn should_move_decimals_to_zero_or_one_under_adam() {
+    let w = Tensor::<AD, 4>::random(
+        [4, 4, 3, 3],
+        burn::tensor::Distribution::Normal(0.0, 0.3),
+        &device(),
+    );
+    let q = WeightQuantizer::max_per_axis(4).unwrap();
+    let mut ada = AdaRoundQuantizer::new(q, w, 0, &AdaRoundParams::new()).unwrap();
+    let mut optim = AdamConfig::new().init::<AD, AdaRoundQuantizer<AD>>();
+    let before: f32 = ada.rounding_loss(2.0).into_scalar();
+    let roamers_before = ada.status().roamers;
+    for _ in 0..200 {
+        let loss = ada.rounding_loss(2.0);
+        let grads = GradientsParams::from_grads(loss.backward(), &ada);
+        ada = optim.step(0.1, ada, grads);
+    }
+    let after: f32 = ada.rounding_loss(2.0).into_scalar();
+    assert!(after < 0.1 * before, "rounding loss {before} -> {after}");
+    assert!(ada.status().roamers < roamers_before / 4);
+    // Only alpha moved: the frozen tensors are not parameters of the optimisation.
+    assert!(!ada.w_floor.is_require_grad() && !ada.sf.is_require_grad());
+}
+
+#[test]
+fn should_save_adaround_state_in_the_record() {
+    use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+    let q = WeightQuantizer::std_per_axis(3, 2.0).unwrap();
+    let ada = AdaRoundQuantizer::new(q.clone(), dense_w::<B>(), 1, &AdaRoundParams::new())
+        .unwrap()
+        .set_training(false);
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let bytes = recorder.record(ada.clone().into_record(), ()).unwrap();
+    let record = recorder
+        .load::<<AdaRoundQuantizer<B> as Module<B>>::Record>(bytes, &device())
+        .unwrap();
+    let other = WeightQuantizer::max(8).unwrap();
+    let fresh = AdaRoundQuantizer::new(other, dense_w::<B>().neg(), 1, &AdaRoundParams::new())
+        .unwrap()
+        .load_record(record);
+    assert_eq!(fresh.quantizer, q);
+    assert!(!fresh.is_training());
+    assert!(max_abs(fresh.alpha.val() - ada.alpha.val()) == 0.0);
+    assert!(max_abs(fresh.quantize::<2>() - ada.quantize::<2>()) == 0.0);
+}
+
+// import numpy as np; e = np.arange(4); 2 + 18 * 0.5 * (1 + np.cos(np.pi * e / 4))
+// -> [20, 17.363961, 11, 4.636039]
+#[test]
+fn should_anneal_beta_like_the_references() {
+    let p = AdaRoundParams::new();
+    let betas: Vec<f64> = (0..4)
+        .map(|e| Schedule::epochs(4).beta(e, &p).unwrap())
+        .collect();
+    for (got, want) in betas.iter().zip([20.0, 17.363961, 11.0, 4.636039]) {
+        assert!((got - want).abs() < 1e-5, "{betas:?}");
+    }
+    let aimet = Schedule::aimet();
+    assert_eq!(aimet.beta(1999, &p), None, "warm start: no rounding loss");
+    assert!((aimet.beta(2000, &p).unwrap() - 20.0).abs() < 1e-12);
+    assert!((aimet.beta(6000, &p).unwrap() - 11.0).abs() < 1e-9);
+    let brecq = Schedule::brecq(100);
+    assert!((brecq.beta(60, &p).unwrap() - 11.0).abs() < 1e-9);
+    assert!(Schedule::epochs(0).validate().is_err());
+    let json = serde_json::to_string(&aimet).unwrap();
+    assert_eq!(serde_json::from_str::<Schedule>(&json).unwrap(), aimet);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn quantized_weights_lie_on_the_integer_grid(
+        bitwidth in 2u32..=8,
+        c_out in 1usize..6,
+        c_in in 1usize..5,
+        k in 1usize..4,
+        per_axis in any::<bool>(),
+        scale in 0.01f32..10.0,
+        seed in any::<u64>(),
+    ) {
+        B::seed(&device(), seed);
+        let w = Tensor::<B, 4>::random([c_out, c_in, k, k], burn::tensor::Distribution::Normal(0.0, 1.0), &device())
+            .mul_scalar(scale);
+        let q = if per_axis {
+            WeightQuantizer::max_per_axis(bitwidth).unwrap()
+        } else {
+            WeightQuantizer::std(bitwidth, 3.0).unwrap()
+        };
+        let kmax = q.kmax().unwrap() as f32;
+        let sf = q.scale_factor(w.clone(), 0).unwrap();
+        let ints: Vec<f32> = (q.quantize(w.clone(), 0) * sf).into_data().to_vec().unwrap();
+        for v in ints {
+            prop_assert!((v - v.round()).abs() < 1e-3 && v.abs() <= kmax + 1e-3, "{v} kmax {kmax}");
+        }
+        let ada = AdaRoundQuantizer::new(q.clone(), w.clone(), 0, &AdaRoundParams::new()).unwrap();
+        let scaled: Vec<f32> = (w * ada.scale_factor::<4>()).into_data().to_vec().unwrap();
+        let hard: Vec<f32> = (ada.hard_recons_weights::<4>() * ada.scale_factor::<4>()).into_data().to_vec().unwrap();
+        for (s, h) in scaled.iter().zip(hard) {
+            let (lo, hi) = ((s.floor()).clamp(-kmax, kmax), (s.floor() + 1.0).clamp(-kmax, kmax));
+            prop_assert!((h - lo).abs() < 1e-3 || (h - hi).abs() < 1e-3, "{s} -> {h}");
+        }
+    }
+}
