@@ -1,0 +1,223 @@
+use adaround_core::WeightQuantizer;
+use burn::{
+    config::Config,
+    module::{Module, Param},
+    nn::{conv::Conv2d, Initializer, PaddingConfig2d},
+    tensor::{backend::Backend, module::conv2d, ops::PaddedConvOptions, Tensor},
+};
+
+use crate::{
+    checks,
+    probe::{self, Flow, ProbeEvent},
+    QuantizedLayer, QuantizerSlot,
+};
+
+/// Output-channel axis of a Conv2d kernel `[channels_out, channels_in / groups, kh, kw]`.
+pub const CONV_AXIS: usize = 0;
+
+/// Configuration of a [`QuantizedConv2d`] layer.
+#[derive(Config, Debug)]
+pub struct QuantizedConv2dConfig {
+    /// Number of input and output channels: `[channels_in, channels_out]`.
+    pub channels: [usize; 2],
+    /// Size of the kernel: `[kernel_h, kernel_w]`.
+    pub kernel_size: [usize; 2],
+    /// Stride.
+    #[config(default = "[1, 1]")]
+    pub stride: [usize; 2],
+    /// Spacing between kernel elements.
+    #[config(default = "[1, 1]")]
+    pub dilation: [usize; 2],
+    /// Number of groups (`channels_in` for a depthwise convolution).
+    #[config(default = "1")]
+    pub groups: usize,
+    /// Padding: `Valid`, `Same` (Keras semantics: the extra row/column of an odd total
+    /// padding goes to the bottom/right) or `Explicit(top, left, bottom, right)`.
+    #[config(default = "PaddingConfig2d::Valid")]
+    pub padding: PaddingConfig2d,
+    /// Whether the layer has a bias.
+    #[config(default = true)]
+    pub bias: bool,
+    /// Quantizer of the kernel (per output channel, 8 bits by default).
+    #[config(default = "WeightQuantizer::MaxPerAxis { bitwidth: 8 }")]
+    pub quantizer: WeightQuantizer,
+    /// Initializer of the kernel and bias (as `burn::nn::conv::Conv2d`).
+    #[config(default = "Initializer::KaimingUniform{gain:0.5773502691896258, fan_out_only:false}")]
+    pub initializer: Initializer,
+}
+
+/// A 2D convolution whose kernel is quantized on every forward:
+/// `y = conv2d(x, Q(K), stride, padding, dilation, groups) + b`.
+///
+/// Same layout as [`burn::nn::conv::Conv2d`]. Should be created with
+/// [`QuantizedConv2dConfig`] or from a float layer with [`QuantizedConv2d::from_conv2d`].
+#[derive(Module, Debug)]
+pub struct QuantizedConv2d<B: Backend> {
+    /// Float kernel of shape `[channels_out, channels_in / groups, kernel_h, kernel_w]`.
+    pub weight: Param<Tensor<B, 4>>,
+    /// Float bias of shape `[channels_out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// Quantizer of the kernel (output channels on axis 0).
+    pub quantizer: QuantizerSlot<B>,
+    /// Stride.
+    pub stride: [usize; 2],
+    /// Dilation.
+    pub dilation: [usize; 2],
+    /// Groups.
+    pub groups: usize,
+    /// Padding.
+    pub padding: PaddingConfig2d,
+}
+
+impl QuantizedConv2dConfig {
+    /// Initializes a new layer.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> QuantizedConv2d<B> {
+        let [c_in, c_out] = self.channels;
+        assert!(
+            self.groups > 0 && c_in % self.groups == 0 && c_out % self.groups == 0,
+            "QuantizedConv2d expects channels {:?} divisible by groups {}",
+            self.channels,
+            self.groups
+        );
+        let [kh, kw] = self.kernel_size;
+        let shape = [c_out, c_in / self.groups, kh, kw];
+        let fan_in = c_in / self.groups * kh * kw;
+        let fan_out = c_out / self.groups * kh * kw;
+        let weight = self
+            .initializer
+            .init_with(shape, Some(fan_in), Some(fan_out), device);
+        let bias = self.bias.then(|| {
+            self.initializer
+                .init_with([c_out], Some(fan_in), Some(fan_out), device)
+        });
+        QuantizedConv2d {
+            weight,
+            bias,
+            quantizer: self.quantizer.clone().into(),
+            stride: self.stride,
+            dilation: self.dilation,
+            groups: self.groups,
+            padding: self.padding.clone(),
+        }
+    }
+}
+
+/// Keras `same` padding along one axis: `(start, end)`, the extra element at the end.
+pub fn same_padding(
+    size_in: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+) -> (usize, usize) {
+    let effective = (kernel - 1) * dilation + 1;
+    let size_out = size_in.div_ceil(stride);
+    let total = ((size_out.max(1) - 1) * stride + effective).saturating_sub(size_in);
+    (total / 2, total - total / 2)
+}
+
+/// `((top, bottom), (left, right))` padding of a convolution.
+pub(crate) fn padding_pairs(
+    padding: &PaddingConfig2d,
+    [h, w]: [usize; 2],
+    [kh, kw]: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+) -> ((usize, usize), (usize, usize)) {
+    match *padding {
+        PaddingConfig2d::Valid => ((0, 0), (0, 0)),
+        PaddingConfig2d::Same => (
+            same_padding(h, kh, stride[0], dilation[0]),
+            same_padding(w, kw, stride[1], dilation[1]),
+        ),
+        PaddingConfig2d::Explicit(top, left, bottom, right) => ((top, bottom), (left, right)),
+    }
+}
+
+/// A convolution with the given kernel and Keras-compatible padding.
+#[allow(clippy::too_many_arguments)] // the arguments of a convolution, named as in Burn
+pub(crate) fn conv_with<B: Backend>(
+    input: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    padding: &PaddingConfig2d,
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+) -> Tensor<B, 4> {
+    let [_, _, h, w] = input.dims();
+    let [_, _, kh, kw] = weight.dims();
+    let ((top, bottom), (left, right)) = padding_pairs(padding, [h, w], [kh, kw], stride, dilation);
+    let options =
+        PaddedConvOptions::asymmetric(stride, [top, left], [bottom, right], dilation, groups);
+    conv2d(input, weight, bias, options)
+}
+
+impl<B: Backend> QuantizedConv2d<B> {
+    /// Wraps a float [`Conv2d`] layer (same weights, bias and options) with `quantizer`.
+    pub fn from_conv2d(conv: Conv2d<B>, quantizer: WeightQuantizer) -> Self {
+        Self {
+            weight: conv.weight,
+            bias: conv.bias,
+            quantizer: quantizer.into(),
+            stride: conv.stride,
+            dilation: conv.dilation,
+            groups: conv.groups,
+            padding: conv.padding,
+        }
+    }
+
+    /// The kernel as the forward pass uses it (quantized, or AdaRound's weights).
+    pub fn quantized_weight(&self) -> Tensor<B, 4> {
+        self.quantizer.apply(self.weight.val(), CONV_AXIS)
+    }
+
+    /// Number of input channels the layer expects.
+    pub fn channels_in(&self) -> usize {
+        self.weight.dims()[1] * self.groups
+    }
+
+    /// Applies the layer with its quantized kernel.
+    ///
+    /// # Shapes
+    /// - `input`: `[batch_size, channels_in, height_in, width_in]`
+    /// - `output`: `[batch_size, channels_out, height_out, width_out]`
+    pub fn forward(&self, input: Tensor<B, 4>) -> Tensor<B, 4> {
+        checks::check_channels("QuantizedConv2d", &input.dims(), self.channels_in());
+        let float = probe::float_mode::<B>();
+        let output = self.forward_with(input.clone(), float);
+        probe::observe::<B>(|| ProbeEvent::Layer {
+            layer: QuantizedLayer::Conv2d(self.clone()),
+            input: Flow::Maps(input),
+            output: Flow::Maps(output.clone()),
+        });
+        output
+    }
+
+    /// Applies the layer with its float kernel (quantizer disabled).
+    ///
+    /// # Shapes
+    /// - `input`: `[batch_size, channels_in, height_in, width_in]`
+    /// - `output`: `[batch_size, channels_out, height_out, width_out]`
+    pub fn forward_float(&self, input: Tensor<B, 4>) -> Tensor<B, 4> {
+        checks::check_channels("QuantizedConv2d", &input.dims(), self.channels_in());
+        self.forward_with(input, true)
+    }
+
+    pub(crate) fn forward_with(&self, input: Tensor<B, 4>, float: bool) -> Tensor<B, 4> {
+        let weight = if float {
+            self.weight.val()
+        } else {
+            self.quantized_weight()
+        };
+        let bias = self.bias.as_ref().map(|b| b.val());
+        conv_with(
+            input,
+            weight,
+            bias,
+            &self.padding,
+            self.stride,
+            self.dilation,
+            self.groups,
+        )
+    }
+}

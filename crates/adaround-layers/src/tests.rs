@@ -1,0 +1,346 @@
+//! Unit tests of the quantized layers.
+
+use adaround_core::{AdaRoundParams, AdaRoundQuantizer, WeightQuantizer};
+use burn::{
+    module::Module,
+    nn::{
+        conv::{Conv2d, Conv2dConfig},
+        LinearConfig, PaddingConfig2d,
+    },
+    record::{BinBytesRecorder, FullPrecisionSettings, Recorder},
+    tensor::{backend::Backend, Distribution, ElementConversion, Tensor},
+};
+
+use crate::*;
+
+type B = TestBackend;
+type AD = TestAutodiffBackend;
+
+fn device() -> burn::tensor::Device<B> {
+    Default::default()
+}
+
+fn max_diff<Bk: Backend, const D: usize>(a: Tensor<Bk, D>, b: Tensor<Bk, D>) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).abs().max().into_scalar().elem::<f32>()
+}
+
+/// Burn initializes parameters lazily: a clone taken before the first use would be
+/// initialized again, differently. Materialize before cloning.
+fn init<Bk: Backend, M: Module<Bk>>(module: M) -> M {
+    let _ = module.devices();
+    module
+}
+
+fn q4() -> WeightQuantizer {
+    WeightQuantizer::max_per_axis(4).unwrap()
+}
+
+fn depthwise_pair<Bk: Backend>(
+    c_in: usize,
+    mult: usize,
+    c_out: usize,
+    pad: PaddingConfig2d,
+) -> (Conv2d<Bk>, Conv2d<Bk>) {
+    let d = Default::default();
+    let dw = init(
+        Conv2dConfig::new([c_in, c_in * mult], [3, 3])
+            .with_groups(c_in)
+            .with_padding(pad)
+            .with_bias(false)
+            .init(&d),
+    );
+    let pw = init(Conv2dConfig::new([c_in * mult, c_out], [1, 1]).init(&d));
+    (dw, pw)
+}
+
+#[test]
+fn should_match_float_layers_with_the_pass_through_quantizer() {
+    B::seed(&device(), 1);
+    let linear = init(LinearConfig::new(6, 5).init::<B>(&device()));
+    let x = Tensor::<B, 3>::random([2, 4, 6], Distribution::Default, &device());
+    let dense = QuantizedDense::from_linear(linear.clone(), WeightQuantizer::Float);
+    assert!(max_diff(dense.forward(x.clone()), linear.forward(x)) < 1e-5);
+
+    let conv = init(
+        Conv2dConfig::new([3, 4], [3, 3])
+            .with_stride([2, 1])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init::<B>(&device()),
+    );
+    let x = Tensor::<B, 4>::random([2, 3, 7, 6], Distribution::Default, &device());
+    let qconv = QuantizedConv2d::from_conv2d(conv.clone(), WeightQuantizer::Float);
+    assert!(max_diff(qconv.forward(x.clone()), conv.forward(x.clone())) < 1e-5);
+
+    let (dw, pw) = depthwise_pair::<B>(3, 2, 5, PaddingConfig2d::Valid);
+    let sep = QuantizedSeparableConv2d::from_conv2d_pair(
+        dw.clone(),
+        pw.clone(),
+        WeightQuantizer::Float,
+        WeightQuantizer::Float,
+    );
+    assert!(max_diff(sep.forward(x.clone()), pw.forward(dw.forward(x))) < 1e-5);
+}
+
+#[test]
+fn should_fold_a_depthwise_bias_into_the_pointwise_bias() {
+    let d = device();
+    let dw = init(
+        Conv2dConfig::new([3, 3], [3, 3])
+            .with_groups(3)
+            .init::<B>(&d),
+    );
+    let pw = init(Conv2dConfig::new([3, 4], [1, 1]).init::<B>(&d));
+    let x = Tensor::<B, 4>::random([2, 3, 6, 6], Distribution::Default, &d);
+    let sep = QuantizedSeparableConv2d::from_conv2d_pair(
+        dw.clone(),
+        pw.clone(),
+        WeightQuantizer::Float,
+        WeightQuantizer::Float,
+    );
+    assert!(max_diff(sep.forward(x.clone()), pw.forward(dw.forward(x))) < 1e-5);
+}
+
+#[test]
+fn should_match_float_layers_run_on_weights_quantized_by_hand() {
+    let d = device();
+    let linear = init(LinearConfig::new(6, 5).init::<B>(&d));
+    let x = Tensor::<B, 2>::random([4, 6], Distribution::Default, &d);
+    let dense = QuantizedDense::from_linear(linear.clone(), q4());
+    // By hand: per output channel (axis 1 of [d_in, d_out]), kmax = 7.
+    let w = linear.weight.val();
+    let sf = w.clone().abs().max_dim(0).powi_scalar(-1).mul_scalar(7.0);
+    let wq = (w * sf.clone()).round().clamp(-7.0, 7.0) / sf;
+    let expected = x.clone().matmul(wq) + linear.bias.as_ref().unwrap().val().unsqueeze();
+    assert!(max_diff(dense.forward(x), expected) < 1e-5);
+
+    let conv = init(Conv2dConfig::new([3, 4], [3, 3]).init::<B>(&d));
+    let qconv = QuantizedConv2d::from_conv2d(conv.clone(), WeightQuantizer::max(3).unwrap());
+    let k = conv.weight.val();
+    let sf = 3.0 / k.clone().abs().max().into_scalar();
+    let kq = k.mul_scalar(sf).round().clamp(-3.0, 3.0).div_scalar(sf);
+    let mut hand = conv.clone();
+    hand.weight = hand.weight.map(|_| kq);
+    let x = Tensor::<B, 4>::random([2, 3, 6, 6], Distribution::Default, &d);
+    assert!(max_diff(qconv.forward(x.clone()), hand.forward(x)) < 1e-5);
+}
+
+// Keras "same": total = max((ceil(n / s) - 1) * s + k - n, 0), top = total // 2, the rest at
+// the bottom. x = np.arange(1, 17).reshape(4, 4), 3x3 kernel of ones, stride 2:
+// total = 1 -> pad (0, 1): out = [[1+2+3+5+6+7+9+10+11, 3+4+7+8+11+12], [9+10+11+13+14+15, 11+12+15+16]]
+//                              = [[54, 45], [72, 54]]     (symmetric padding would give 14 at [0, 0])
+// x = np.arange(1, 26).reshape(5, 5), stride 1: total = 2 -> (1, 1): out[0,0] = 1+2+6+7 = 16,
+// out[2,2] = 7+8+9+12+13+14+17+18+19 = 117.
+#[test]
+fn should_pad_same_like_keras_on_even_and_odd_sizes() {
+    assert_eq!(same_padding(4, 3, 2, 1), (0, 1));
+    assert_eq!(same_padding(5, 3, 1, 1), (1, 1));
+    assert_eq!(same_padding(6, 4, 1, 1), (1, 2));
+    assert_eq!(same_padding(5, 3, 1, 2), (2, 2));
+    let d = device();
+    let conv = |stride: usize| {
+        let mut c = init(
+            QuantizedConv2dConfig::new([1, 1], [3, 3])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Same)
+                .with_bias(false)
+                .with_quantizer(WeightQuantizer::Float)
+                .init::<B>(&d),
+        );
+        c.weight = c.weight.map(|w| w.ones_like());
+        c
+    };
+    let x = Tensor::<B, 1, burn::tensor::Int>::arange(1..17, &d)
+        .float()
+        .reshape([1, 1, 4, 4]);
+    let y: Vec<f32> = conv(2).forward(x).into_data().to_vec().unwrap();
+    assert_eq!(y, vec![54.0, 45.0, 72.0, 54.0]);
+    let x = Tensor::<B, 1, burn::tensor::Int>::arange(1..26, &d)
+        .float()
+        .reshape([1, 1, 5, 5]);
+    let y: Vec<f32> = conv(1).forward(x).into_data().to_vec().unwrap();
+    assert_eq!((y.len(), y[0], y[12]), (25, 16.0, 117.0));
+}
+
+#[test]
+fn should_pass_gradients_to_inputs_and_through_the_ste_to_weights() {
+    let d = Default::default();
+    let conv = init(
+        QuantizedConv2dConfig::new([2, 3], [3, 3])
+            .with_quantizer(q4())
+            .init::<AD>(&d),
+    );
+    let x = Tensor::<AD, 4>::random([2, 2, 5, 5], Distribution::Default, &d).require_grad();
+    let grads = conv.forward(x.clone()).sum().backward();
+    let gx = x.grad(&grads).expect("input gradient");
+    let gw = conv
+        .weight
+        .grad(&grads)
+        .expect("weight gradient through the STE");
+    assert!(gx.abs().sum().into_scalar() > 0.0);
+    // Straight-through: the weight gradient equals the float layer's (same input, sum loss).
+    let x2 = x.clone().detach();
+    let grads_float = conv.forward_float(x2).sum().backward();
+    let gw_float = conv.weight.grad(&grads_float).unwrap();
+    assert!(max_diff(gw, gw_float) < 1e-4);
+
+    let sep = init(
+        QuantizedSeparableConv2dConfig::new([2, 4], [3, 3])
+            .with_quantizer(q4())
+            .init::<AD>(&d),
+    );
+    let grads = sep.forward(x.clone()).sum().backward();
+    assert!(sep.weight_dw.grad(&grads).is_some() && sep.weight.grad(&grads).is_some());
+    let dense = init(
+        QuantizedDenseConfig::new(5, 3)
+            .with_quantizer(q4())
+            .init::<AD>(&d),
+    );
+    let xr = Tensor::<AD, 2>::random([4, 5], Distribution::Default, &d).require_grad();
+    let grads = dense.forward(xr.clone()).sum().backward();
+    assert!(xr.grad(&grads).is_some() && dense.weight.grad(&grads).is_some());
+}
+
+#[test]
+fn should_leave_weights_and_outputs_unchanged_when_quantizers_are_swapped() {
+    let d = device();
+    let conv = init(
+        QuantizedConv2dConfig::new([3, 4], [3, 3])
+            .with_quantizer(q4())
+            .init::<B>(&d),
+    );
+    let x = Tensor::<B, 4>::random([2, 3, 6, 6], Distribution::Default, &d);
+    let before = conv.forward(x.clone());
+    let w_before = conv.weight.val();
+    let layer = QuantizedLayer::Conv2d(conv.clone())
+        .with_adaround(&AdaRoundParams::new())
+        .unwrap();
+    let QuantizedLayer::Conv2d(mut armed) = layer.set_training(false) else {
+        unreachable!()
+    };
+    assert!(armed.quantizer.adaround().is_some());
+    assert_eq!(max_diff(armed.weight.val(), w_before.clone()), 0.0);
+    // AdaRound at init in evaluation mode is nearest rounding.
+    assert!(max_diff(armed.forward(x.clone()), before.clone()) < 1e-5);
+    // Put the original back: the same outputs, bit for bit.
+    let original = armed.quantizer.quantizer().clone();
+    armed.quantizer = original.into();
+    assert_eq!(max_diff(armed.forward(x.clone()), before), 0.0);
+    assert_eq!(max_diff(armed.weight.val(), w_before), 0.0);
+}
+
+#[test]
+fn should_quantize_relu_outputs_to_levels() {
+    // levels = 2^2 - 1 = 3, step = 3 / 3 = 1: y = clip(ceil(x - 0.5), 0, 3)
+    let relu = QuantizedReLUConfig::new()
+        .with_bitwidth(2)
+        .with_max_value(3.0)
+        .init();
+    let x = Tensor::<B, 1>::from_floats([-1.0, 0.2, 0.6, 1.5, 2.7, 9.0], &device());
+    let y: Vec<f32> = relu.forward(x).into_data().to_vec().unwrap();
+    assert_eq!(y, vec![0.0, 0.0, 1.0, 1.0, 3.0, 3.0]);
+    // Straight-through gradient inside the range, zero where clipped.
+    let x = Tensor::<AD, 1>::from_floats([-1.0, 0.6, 1.5, 9.0], &Default::default()).require_grad();
+    let grads = relu.forward(x.clone()).sum().backward();
+    let g: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+    assert_eq!(g, vec![0.0, 1.0, 1.0, 0.0]);
+}
+
+#[test]
+#[should_panic = "QuantizedDense expects 6 input features, got 5"]
+fn should_panic_on_wrong_dense_features() {
+    let dense = QuantizedDenseConfig::new(6, 2).init::<B>(&device());
+    dense.forward(Tensor::<B, 2>::zeros([3, 5], &device()));
+}
+
+#[test]
+#[should_panic = "QuantizedDense expects an input of rank >= 2"]
+fn should_panic_on_rank_1_dense_input() {
+    let dense = QuantizedDenseConfig::new(6, 2).init::<B>(&device());
+    dense.forward(Tensor::<B, 1>::zeros([6], &device()));
+}
+
+#[test]
+#[should_panic = "QuantizedConv2d expects 3 input channels, got 2"]
+fn should_panic_on_wrong_conv_channels() {
+    let conv = QuantizedConv2dConfig::new([3, 4], [3, 3]).init::<B>(&device());
+    conv.forward(Tensor::<B, 4>::zeros([1, 2, 5, 5], &device()));
+}
+
+#[test]
+#[should_panic = "QuantizedSeparableConv2d expects 4 input channels, got 3"]
+fn should_panic_on_wrong_separable_channels() {
+    let sep = QuantizedSeparableConv2dConfig::new([4, 4], [3, 3]).init::<B>(&device());
+    sep.forward(Tensor::<B, 4>::zeros([1, 3, 5, 5], &device()));
+}
+
+fn roundtrip<M: Module<B>>(module: M, fresh: M) -> M {
+    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+    let bytes = recorder.record(module.into_record(), ()).unwrap();
+    fresh.load_record(recorder.load(bytes, &device()).unwrap())
+}
+
+#[test]
+fn should_round_trip_every_layer_kind_through_a_record() {
+    let d = device();
+    let x = Tensor::<B, 4>::random([2, 3, 6, 6], Distribution::Default, &d);
+    let xr = Tensor::<B, 2>::random([2, 6], Distribution::Default, &d);
+
+    let dense = init(
+        QuantizedDenseConfig::new(6, 3)
+            .with_quantizer(WeightQuantizer::std(3, 2.0).unwrap())
+            .init::<B>(&d),
+    );
+    let loaded = roundtrip(dense.clone(), QuantizedDenseConfig::new(6, 3).init(&d));
+    assert_eq!(loaded.quantizer.quantizer(), dense.quantizer.quantizer());
+    assert_eq!(max_diff(loaded.forward(xr.clone()), dense.forward(xr)), 0.0);
+
+    let conv = init(
+        QuantizedConv2dConfig::new([3, 4], [3, 3])
+            .with_quantizer(q4())
+            .init::<B>(&d),
+    );
+    let loaded = roundtrip(
+        conv.clone(),
+        QuantizedConv2dConfig::new([3, 4], [3, 3]).init(&d),
+    );
+    assert_eq!(loaded.quantizer.quantizer(), &q4());
+    assert_eq!(
+        max_diff(loaded.forward(x.clone()), conv.forward(x.clone())),
+        0.0
+    );
+
+    // A separable conv with AdaRound in its slots (evaluation mode) loads into plain slots.
+    let sep = init(
+        QuantizedSeparableConv2dConfig::new([3, 5], [3, 3])
+            .with_quantizer(q4())
+            .with_quantizer_dw(Some(WeightQuantizer::max(3).unwrap()))
+            .init::<B>(&d),
+    );
+    let QuantizedLayer::SeparableConv2d(armed) = QuantizedLayer::SeparableConv2d(sep)
+        .with_adaround(&AdaRoundParams::new())
+        .unwrap()
+        .set_training(false)
+    else {
+        unreachable!()
+    };
+    let loaded = roundtrip(
+        armed.clone(),
+        QuantizedSeparableConv2dConfig::new([3, 5], [3, 3]).init(&d),
+    );
+    let ada: &AdaRoundQuantizer<B> = loaded
+        .quantizer_dw
+        .adaround()
+        .expect("AdaRound state restored");
+    assert_eq!(ada.quantizer, WeightQuantizer::max(3).unwrap());
+    assert!(!ada.is_training());
+    assert_eq!(max_diff(loaded.forward(x.clone()), armed.forward(x)), 0.0);
+}
+
+#[test]
+fn should_copy_the_pointwise_quantizer_to_the_depthwise_slot_by_default() {
+    let sep = QuantizedSeparableConv2dConfig::new([3, 5], [3, 3])
+        .with_quantizer(q4())
+        .init::<B>(&device());
+    assert_eq!(sep.quantizer_dw.quantizer(), &q4());
+}
