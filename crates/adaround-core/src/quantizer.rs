@@ -25,10 +25,11 @@ pub const DEFAULT_STD_THRESHOLD: f64 = 3.0;
 ///
 /// The configuration is plain data: it serializes with serde (`{"kind": "MaxPerAxis",
 /// "bitwidth": 4}`) and is saved in the record of any module that holds it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum WeightQuantizer {
     /// No quantization: weights pass through unchanged.
+    #[default]
     Float,
     /// `sf = kmax / max(|w|)` over the whole tensor.
     Max {
@@ -57,12 +58,6 @@ pub enum WeightQuantizer {
 }
 
 crate::persistent_module!(WeightQuantizer);
-
-impl Default for WeightQuantizer {
-    fn default() -> Self {
-        Self::Float
-    }
-}
 
 fn check_bitwidth(bitwidth: u32) -> Result<u32, QuantizerError> {
     if (2..=16).contains(&bitwidth) {

@@ -11,6 +11,7 @@ use crate::{
 };
 
 /// Any quantized neural layer: what a driver optimises one at a time.
+#[allow(clippy::large_enum_variant)] // Burn modules are held by value (as burn-nn's `Activation`); tensors inside are shared handles
 #[derive(Module, Debug)]
 pub enum QuantizedLayer<B: Backend> {
     /// A [`QuantizedDense`].

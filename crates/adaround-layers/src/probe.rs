@@ -65,6 +65,7 @@ impl<B: Backend> Flow<B> {
 }
 
 /// What a layer reports to a probe.
+#[allow(clippy::large_enum_variant)] // Burn modules are held by value (as burn-nn's `Activation`); tensors inside are shared handles
 #[derive(Clone, Debug)]
 pub enum ProbeEvent<B: Backend> {
     /// A quantized neural layer ran.

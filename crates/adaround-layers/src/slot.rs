@@ -17,6 +17,7 @@ use burn::{
 /// A layer applies its slot to the kernel on every forward. Swapping what the slot holds
 /// never touches the layer's float weights. The slot is saved with the layer's record,
 /// whatever it holds, and loads back as it was saved.
+#[allow(clippy::large_enum_variant)] // Burn modules are held by value (as burn-nn's `Activation`); tensors inside are shared handles
 #[derive(Clone, Debug)]
 pub enum QuantizerSlot<B: Backend> {
     /// A plain quantizer, applied to the float kernel.
@@ -67,6 +68,7 @@ impl<B: Backend> From<AdaRoundQuantizer<B>> for QuantizerSlot<B> {
 }
 
 /// The record of a [`QuantizerSlot`].
+#[allow(clippy::large_enum_variant)] // Burn modules are held by value (as burn-nn's `Activation`); tensors inside are shared handles
 #[derive(Record)]
 pub enum QuantizerSlotRecord<B: Backend> {
     /// A plain quantizer.

@@ -1,1 +1,70 @@
-//! placeholder
+//! AdaRound (adaptive rounding) post-training weight quantization for
+//! [Burn](https://burn.dev) models, on any backend.
+//!
+//! Nearest rounding of weights to a 4-bit grid and below loses much of a model's accuracy.
+//! AdaRound ([Nagel et al. 2020](https://arxiv.org/abs/2004.10568)) learns, layer by
+//! layer, whether each weight rounds down or up, from a few hundred unlabeled samples.
+//!
+//! Build the model from [`adaround_layers`] (or convert its float layers), then call
+//! [`adaround`] with calibration samples and the model's own forward:
+//!
+//! ```
+//! use adaround::{adaround, AdaRoundConfig, Schedule, WeightQuantizer};
+//! use adaround::layers::{QuantizedDense, QuantizedDenseConfig, QuantizedReLU, QuantizedReLUConfig};
+//! use burn::{module::Module, tensor::{backend::Backend, Distribution, Tensor}};
+//!
+//! #[derive(Module, Debug)]
+//! struct Mlp<B: Backend> {
+//!     fc1: QuantizedDense<B>,
+//!     act: QuantizedReLU,
+//!     fc2: QuantizedDense<B>,
+//! }
+//!
+//! impl<B: Backend> Mlp<B> {
+//!     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+//!         self.fc2.forward(self.act.forward(self.fc1.forward(x)))
+//!     }
+//! }
+//!
+//! type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
+//! let device = Default::default();
+//! let q = WeightQuantizer::max_per_axis(3).unwrap();
+//! let model = Mlp::<B> {
+//!     fc1: QuantizedDenseConfig::new(8, 16).with_quantizer(q.clone()).init(&device),
+//!     act: QuantizedReLUConfig::new().with_bitwidth(8).init(),
+//!     fc2: QuantizedDenseConfig::new(16, 4).with_quantizer(q).init(&device),
+//! };
+//! let samples = Tensor::<B, 2>::random([64, 8], Distribution::Normal(0.0, 1.0), &device);
+//!
+//! let config = AdaRoundConfig::new(Schedule::epochs(50)).with_learning_rate(1e-2);
+//! let (rounded, report) = adaround(&model, samples, |m, x| m.forward(x), &config).unwrap();
+//!
+//! assert_eq!(report.layers.len(), 2);
+//! assert_eq!(report.layers[0].name, "fc1");
+//! for layer in &report.layers {
+//!     assert!(layer.err_final <= layer.err_before);
+//! }
+//! # let _ = rounded;
+//! ```
+#![warn(missing_docs)]
+
+mod capture;
+mod config;
+mod driver;
+mod error;
+mod params;
+mod report;
+
+pub use adaround_core::{
+    AdaRoundParams, AdaRoundQuantizer, BetaDecay, QuantizerError, RoundingStatus, Schedule,
+    WeightQuantizer,
+};
+pub use config::{AdaRoundConfig, FinalRounding, ReconstructionLoss, Target};
+pub use driver::{adaround, adaround_with_optimizer};
+pub use error::AdaRoundError;
+pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};
+
+/// The weight quantizers and the AdaRound quantizer.
+pub use adaround_core as core;
+/// The quantized layers.
+pub use adaround_layers as layers;

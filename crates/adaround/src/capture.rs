@@ -1,0 +1,83 @@
+//! The probes the driver installs in the user's forward pass.
+
+use adaround_layers::{
+    probe::{run_with_probe, Flow, Probe, ProbeAction, ProbeEvent, ProbeRun},
+    QuantizedLayer, QuantizedReLU,
+};
+use burn::tensor::backend::Backend;
+
+use crate::AdaRoundError;
+
+/// One event of the discovery pass.
+pub(crate) enum Seen<B: Backend> {
+    Layer {
+        layer: Box<QuantizedLayer<B>>,
+        output: Flow<B>,
+    },
+    Activation {
+        activation: QuantizedReLU,
+        input: Flow<B>,
+    },
+}
+
+/// Records every event of one forward pass.
+pub(crate) struct Discover<B: Backend> {
+    pub events: Vec<Seen<B>>,
+}
+
+impl<B: Backend> Probe<B> for Discover<B> {
+    fn wants(&self, _index: usize) -> bool {
+        true
+    }
+
+    fn record(&mut self, _index: usize, event: ProbeEvent<B>) -> ProbeAction {
+        self.events.push(match event {
+            ProbeEvent::Layer { layer, output, .. } => Seen::Layer {
+                layer: Box::new(layer),
+                output: output.detach(),
+            },
+            ProbeEvent::Activation {
+                activation, input, ..
+            } => Seen::Activation {
+                activation,
+                input: input.detach(),
+            },
+        });
+        ProbeAction::Continue
+    }
+}
+
+/// Captures the input of the event at `target`, then stops the forward pass.
+pub(crate) struct Capture<B: Backend> {
+    pub target: usize,
+    pub float: bool,
+    pub input: Option<Flow<B>>,
+}
+
+impl<B: Backend> Probe<B> for Capture<B> {
+    fn float_mode(&self) -> bool {
+        self.float
+    }
+
+    fn wants(&self, index: usize) -> bool {
+        index == self.target
+    }
+
+    fn record(&mut self, _index: usize, event: ProbeEvent<B>) -> ProbeAction {
+        let (ProbeEvent::Layer { input, .. } | ProbeEvent::Activation { input, .. }) = event;
+        self.input = Some(input.detach());
+        ProbeAction::Stop
+    }
+}
+
+/// Runs `forward` under `probe`; a panic becomes [`AdaRoundError::Forward`].
+pub(crate) fn run<B: Backend, P: Probe<B>, R>(
+    probe: P,
+    forward: impl FnOnce() -> R,
+) -> Result<P, AdaRoundError> {
+    let (probe, run) = run_with_probe::<B, P, R>(probe, forward);
+    match run {
+        ProbeRun::Completed(_) | ProbeRun::Stopped => Ok(probe),
+        ProbeRun::Panicked(message) => Err(AdaRoundError::Forward(message)),
+    }
+}

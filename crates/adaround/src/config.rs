@@ -1,0 +1,116 @@
+use adaround_core::{AdaRoundParams, Schedule};
+use burn::config::Config;
+use serde::{Deserialize, Serialize};
+
+/// The reconstruction loss between a layer's quantized and target outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReconstructionLoss {
+    /// Mean over all elements of the squared error (cnn2snn, Keras `MeanSquaredError`).
+    Mse,
+    /// Squared error summed over the channel (feature) axis, then averaged over the other
+    /// axes: `||f(W~x) - f(Wx)||^2` per position (AIMET, BRECQ).
+    ChannelSum,
+}
+
+/// Where the target outputs of a layer come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    /// The layer's inputs from the quantized model (preceding layers already rounded) through
+    /// the layer with float weights (cnn2snn).
+    QuantizedInputs,
+    /// The float model's own activations: the layer's input taken from the float model
+    /// (`f(W x_float)`), while the quantized layer still sees quantized inputs (asymmetric
+    /// reconstruction, AdaRound paper §5, AIMET).
+    FloatModel,
+}
+
+/// How the rounded weights are written into the float kernel at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinalRounding {
+    /// `recons_weights` with the learned soft decimals; weights still roaming are rounded to
+    /// nearest by the original quantizer (cnn2snn).
+    Soft,
+    /// Hard decimals `h = 1[alpha >= 0]` (AIMET).
+    Hard,
+}
+
+/// Configuration of an AdaRound run.
+///
+/// Defaults follow the reference (cnn2snn); every option beyond it says which
+/// implementation it follows.
+#[derive(Config, Debug)]
+pub struct AdaRoundConfig {
+    /// Optimisation schedule of each layer (cnn2snn epochs, or AIMET/BRECQ iterations).
+    pub schedule: Schedule,
+    /// Samples per batch; `None` is one batch of all samples (cnn2snn). Only full batches
+    /// are used. AIMET uses 32.
+    #[config(default = "None")]
+    pub batch_size: Option<usize>,
+    /// Learning rate of the optimizer (Adam by default, as in AIMET).
+    #[config(default = 1e-3)]
+    pub learning_rate: f64,
+    /// Reconstruction loss.
+    #[config(default = "ReconstructionLoss::Mse")]
+    pub loss: ReconstructionLoss,
+    /// Compare outputs after the next quantized activation (cnn2snn `include_activation`).
+    #[config(default = false)]
+    pub include_activation: bool,
+    /// Where the layer's target outputs come from.
+    #[config(default = "Target::QuantizedInputs")]
+    pub target: Target,
+    /// Soft (cnn2snn) or hard (AIMET) final rounding.
+    #[config(default = "FinalRounding::Soft")]
+    pub rounding: FinalRounding,
+    /// Keep nearest rounding for a layer whose AdaRound error ends higher than nearest's.
+    /// Off reproduces the reference exactly.
+    #[config(default = true)]
+    pub never_worse: bool,
+    /// Rectified-sigmoid and regulariser constants.
+    #[config(default = "AdaRoundParams::new()")]
+    pub params: AdaRoundParams,
+    /// With an iteration schedule, read the losses (and check for early stop) every this
+    /// many iterations; reading a loss waits for the device.
+    #[config(default = 100)]
+    pub log_every: usize,
+}
+
+impl AdaRoundConfig {
+    /// AIMET's defaults: 10 000 iterations with 20 % warm start and cosine `beta`, batch 32,
+    /// Adam with learning rate 1e-3, hard final rounding, channel-summed loss.
+    pub fn aimet() -> Self {
+        Self::new(Schedule::aimet())
+            .with_batch_size(Some(32))
+            .with_rounding(FinalRounding::Hard)
+            .with_loss(ReconstructionLoss::ChannelSum)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        self.schedule.validate()?;
+        if self.batch_size == Some(0) {
+            return Err("batch_size must be at least 1".into());
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(format!(
+                "learning_rate must be positive, got {}",
+                self.learning_rate
+            ));
+        }
+        if self.log_every == 0 {
+            return Err("log_every must be at least 1".into());
+        }
+        let p = &self.params;
+        if !(p.gamma < 0.0 && p.zeta > 1.0) {
+            return Err(format!(
+                "need gamma < 0 < 1 < zeta, got {} and {}",
+                p.gamma, p.zeta
+            ));
+        }
+        if !(p.beta_end >= 1.0 && p.beta_start >= p.beta_end) {
+            return Err(format!(
+                "need beta_start >= beta_end >= 1 (|x|^beta at 0), got {} and {}",
+                p.beta_start, p.beta_end
+            ));
+        }
+        Ok(())
+    }
+}

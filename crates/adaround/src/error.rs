@@ -1,0 +1,69 @@
+use adaround_core::QuantizerError;
+use thiserror::Error;
+
+/// Run-level failures of the AdaRound driver. The caller's model is never modified.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum AdaRoundError {
+    /// The calibration set is empty.
+    #[error("no calibration samples were given")]
+    NoSamples,
+    /// Fewer samples than one batch.
+    #[error("{samples} samples do not fill one batch of {batch_size}")]
+    TooFewSamples {
+        /// Number of samples.
+        samples: usize,
+        /// Requested batch size.
+        batch_size: usize,
+    },
+    /// The samples hold `NaN` or infinite values.
+    #[error("the calibration samples contain non-finite values (NaN or infinity)")]
+    NonFiniteInputs,
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The model's forward pass failed on the samples (a shape it rejects, say).
+    #[error("the model's forward pass failed on the calibration samples: {0}")]
+    Forward(String),
+    /// The forward pass runs no quantized layer with a quantizing kernel.
+    #[error("the model has no quantized layer (none ran in its forward pass)")]
+    NoQuantizedLayer,
+    /// A layer's weights hold `NaN` or infinite values.
+    #[error("layer `{layer}` has non-finite weights")]
+    NonFiniteWeights {
+        /// The layer.
+        layer: String,
+    },
+    /// `include_activation` is set but the layer's output does not go straight into a
+    /// quantized activation.
+    #[error(
+        "include_activation is set, but layer `{layer}` is not followed by a quantized activation"
+    )]
+    NoFollowingActivation {
+        /// The layer.
+        layer: String,
+    },
+    /// The same layer runs more than once in one forward pass (shared weights).
+    #[error(
+        "layer `{layer}` runs more than once in a forward pass; shared layers are not supported"
+    )]
+    SharedLayer {
+        /// The layer.
+        layer: String,
+    },
+    /// A layer seen on the first batch did not run on a later batch.
+    #[error(
+        "layer `{layer}` did not run on every batch (data-dependent control flow is not supported)"
+    )]
+    LayerNotReached {
+        /// The layer.
+        layer: String,
+    },
+    /// A quantizer could not be wrapped.
+    #[error("layer `{layer}`: {source}")]
+    Quantizer {
+        /// The layer.
+        layer: String,
+        /// What went wrong.
+        source: QuantizerError,
+    },
+}

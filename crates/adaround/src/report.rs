@@ -1,0 +1,122 @@
+use adaround_core::RoundingStatus;
+use adaround_layers::{KernelChange, LayerKind};
+use serde::{Deserialize, Serialize};
+
+use crate::AdaRoundConfig;
+
+/// Number of bins of the decimal histograms in the report.
+pub const HISTOGRAM_BINS: usize = 20;
+
+/// What happened to one kernel of a layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelReport {
+    /// Rounding changes against nearest rounding.
+    pub change: KernelChange,
+    /// Rounding state at the end of the optimisation (before finalization).
+    pub status: RoundingStatus,
+    /// Histogram of the decimals `h(alpha)` over `[0, 1]` at the start (`HISTOGRAM_BINS`
+    /// bins): the fractional parts of `w * sf`.
+    pub decimals_before: Vec<usize>,
+    /// The same histogram at the end: mass moves to 0 and 1 as weights are rounded.
+    pub decimals_after: Vec<usize>,
+}
+
+/// The losses and rounding state read at one point of a layer's optimisation (each epoch,
+/// or every `log_every` iterations): what the reference logs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepLog {
+    /// Epoch or iteration (1-based).
+    pub step: usize,
+    /// `beta` of that step; `None` during a warm start (no rounding loss).
+    pub beta: Option<f64>,
+    /// Reconstruction loss of the last batch.
+    pub reconstruction: f64,
+    /// Weighted rounding loss of the last batch (`RD_REG * sum(rounding_loss)`).
+    pub rounding: f64,
+    /// Roamers per kernel.
+    pub roamers: Vec<usize>,
+}
+
+/// What happened to one layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerReport {
+    /// Path of the layer in the model (from its parameter names), e.g. `blocks.0.conv`.
+    pub name: String,
+    /// Kind of layer.
+    pub kind: LayerKind,
+    /// Position of the layer's event in the forward pass.
+    pub position: usize,
+    /// Number of weights in its kernels.
+    pub weights: usize,
+    /// Mean squared error with nearest rounding (`err_before` of the reference).
+    pub err_before: f64,
+    /// Mean squared error with AdaRound in evaluation mode (`err_after` of the reference).
+    pub err_after: f64,
+    /// Mean squared error of the layer as written into the model.
+    pub err_final: f64,
+    /// Epochs or iterations run.
+    pub steps: usize,
+    /// Whether the layer stopped early because every weight was rounded.
+    pub early_stop: bool,
+    /// Whether nearest rounding was kept because AdaRound ended worse (`never_worse`).
+    pub kept_nearest: bool,
+    /// Last reconstruction loss read.
+    pub final_reconstruction_loss: f64,
+    /// Last (weighted) rounding loss read.
+    pub final_rounding_loss: f64,
+    /// One entry per kernel (two for a separable convolution).
+    pub kernels: Vec<KernelReport>,
+    /// The losses along the optimisation.
+    pub history: Vec<StepLog>,
+    /// Wall-clock seconds spent on the layer.
+    pub seconds: f64,
+}
+
+impl LayerReport {
+    /// Quantized weights that differ from nearest rounding, over all kernels.
+    pub fn changed(&self) -> usize {
+        self.kernels.iter().map(|k| k.change.changed).sum()
+    }
+}
+
+/// The report of a run: data, serializable with serde.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdaRoundReport {
+    /// The configuration of the run.
+    pub config: AdaRoundConfig,
+    /// Number of calibration samples used (full batches only).
+    pub samples: usize,
+    /// One entry per optimised layer, in forward order.
+    pub layers: Vec<LayerReport>,
+    /// Wall-clock seconds of the whole run.
+    pub seconds: f64,
+}
+
+impl AdaRoundReport {
+    /// Number of weights over all layers.
+    pub fn weights(&self) -> usize {
+        self.layers.iter().map(|l| l.weights).sum()
+    }
+
+    /// Changed weights over all layers.
+    pub fn changed(&self) -> usize {
+        self.layers.iter().map(LayerReport::changed).sum()
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("reports always serialize")
+    }
+}
+
+impl PartialEq for AdaRoundReport {
+    /// Equal up to wall-clock times.
+    fn eq(&self, other: &Self) -> bool {
+        let strip = |r: &Self| {
+            let mut layers = r.layers.clone();
+            layers.iter_mut().for_each(|l| l.seconds = 0.0);
+            (serde_json::to_string(&r.config).ok(), r.samples, layers)
+        };
+        strip(self) == strip(other)
+    }
+}
