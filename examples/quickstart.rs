@@ -1,0 +1,252 @@
+//! Quickstart: AdaRound on real data (the UCI optical digits), notebook-like.
+//!
+//! ```sh
+//! cargo run --release --example quickstart
+//! ```
+//!
+//! 1. load the digits; 2. the small float CNN (Conv2D, SeparableConv2D, Dense), trained by
+//! this example and committed as `examples/data/digits_cnn.bin` (multi-threaded training is
+//! not bit-reproducible; the committed model makes every number below reproducible);
+//! 3. convert it to quantized layers; 4. nearest rounding at W4/W3/W2; 5. AdaRound at the
+//! same bitwidths; 6. the results table, the report JSON and two SVG charts under
+//! `out/quickstart/`.
+//!
+//! `--train` trains a new float model (about 5 s) instead of loading the committed one;
+//! `--write-fixture` trains and saves it as the new committed model.
+
+use std::{path::PathBuf, time::Instant};
+
+use adaround::{adaround, AdaRoundConfig, AdaRoundReport, BetaDecay, ReconstructionLoss, Schedule};
+use adaround_burn::{
+    digits::{accuracy, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE},
+    svg,
+};
+use burn::{
+    module::{AutodiffModule, Module},
+    nn::loss::CrossEntropyLossConfig,
+    optim::{AdamConfig, GradientsParams, Optimizer},
+    record::{BinFileRecorder, FullPrecisionSettings},
+    tensor::backend::AutodiffBackend,
+};
+
+type Backend = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
+
+const TEST_SIZE: usize = 450;
+const CALIBRATION: usize = 256;
+const BITWIDTHS: [u32; 3] = [4, 3, 2];
+const ACTIVATION_BITS: u32 = 8;
+
+/// The AdaRound settings of this example: AIMET-style iterations with warm start, batch 32,
+/// channel-summed loss; 1 000 iterations per layer at learning rate 1e-2 (AIMET: 10 000 at 1e-3).
+pub fn adaround_config() -> AdaRoundConfig {
+    AdaRoundConfig::new(Schedule::Iterations {
+        iterations: 1000,
+        warm_start: 0.2,
+        decay: BetaDecay::Cosine,
+    })
+    .with_batch_size(Some(32))
+    .with_loss(ReconstructionLoss::ChannelSum)
+    .with_learning_rate(1e-2)
+}
+
+fn main() {
+    let write_fixture = std::env::args().any(|a| a == "--write-fixture");
+    let train = write_fixture || std::env::args().any(|a| a == "--train");
+    run::<Backend>(&Default::default(), train, write_fixture);
+}
+
+fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: bool) {
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("out/quickstart");
+    std::fs::create_dir_all(&out).expect("create out/quickstart");
+
+    // 1. Load data
+    println!("## 1. Load data");
+    let digits = Digits::load();
+    let (train, test) = digits.split(TEST_SIZE, 7);
+    println!(
+        "UCI digits: {} images of 8x8, {} train / {} test",
+        digits.len(),
+        train.len(),
+        test.len()
+    );
+    let x_test = test.images::<B::InnerBackend>(0..test.len(), device);
+    let y_test = test.labels::<B::InnerBackend>(0..test.len(), device);
+
+    // 2. The float CNN
+    println!("\n## 2. The float CNN (Conv2D -> SeparableConv2D -> Dense)");
+    let float = if train_new {
+        let start = Instant::now();
+        let float = train_float::<B>(&train, device);
+        println!("trained in {:.1} s", start.elapsed().as_secs_f64());
+        float
+    } else {
+        let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+        println!("loading {FIXTURE} (trained by this example; --train to retrain)");
+        FloatCnn::<B>::new(device)
+            .load_file(FIXTURE, &recorder, device)
+            .expect("load the fixture")
+    };
+    let float_acc = accuracy(float.valid().forward(x_test.clone()), y_test.clone());
+    println!("float test accuracy: {float_acc:.2} %");
+    if write_fixture {
+        let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+        float
+            .valid()
+            .save_file(FIXTURE, &recorder)
+            .expect("write the fixture");
+        println!("wrote {FIXTURE}");
+    }
+
+    // 3. Convert to quantized layers
+    println!("\n## 3. Convert to quantized layers");
+    let calibration = train.images::<B>(0..CALIBRATION, device);
+    let quant = QuantCnn::from_float(
+        &float,
+        8,
+        Granularity::PerAxis,
+        ACTIVATION_BITS,
+        calibration.clone(),
+    );
+    println!(
+        "conv {:?} | separable dw {:?} pw {:?} | dense {:?}; activations {ACTIVATION_BITS} bits (max {:.2}, {:.2})",
+        quant.conv.weight.dims(),
+        quant.sep.weight_dw.dims(),
+        quant.sep.weight.dims(),
+        quant.fc.weight.dims(),
+        quant.act1.max_value,
+        quant.act2.max_value
+    );
+    println!("calibration: {CALIBRATION} unlabeled training images");
+
+    // 4. Nearest rounding
+    println!("\n## 4. Nearest rounding");
+    let mut rows = Vec::new();
+    for bits in BITWIDTHS {
+        let model = quant.clone().with_weight_bits(bits, Granularity::PerAxis);
+        let acc = accuracy(model.valid().forward(x_test.clone()), y_test.clone());
+        println!("W{bits}: {acc:.2} %");
+        rows.push((bits, acc));
+    }
+
+    // 5. AdaRound
+    println!("\n## 5. AdaRound");
+    let config = adaround_config();
+    let mut results = Vec::new();
+    let mut reports: Vec<(u32, AdaRoundReport)> = Vec::new();
+    for (bits, nearest) in rows {
+        let model = quant.clone().with_weight_bits(bits, Granularity::PerAxis);
+        let (rounded, report) =
+            adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
+        let acc = accuracy(rounded.valid().forward(x_test.clone()), y_test.clone());
+        println!("W{bits}: {:.1} s", report.seconds);
+        for l in &report.layers {
+            println!(
+                "  {:<5} quantization error: {:.6} -> {:.6}   changed weights: {} / {}{}",
+                l.name,
+                l.err_before,
+                l.err_final,
+                l.changed(),
+                l.weights,
+                if l.kept_nearest {
+                    "   (nearest kept)"
+                } else {
+                    ""
+                }
+            );
+        }
+        results.push((bits, nearest, acc, report.seconds));
+        reports.push((bits, report));
+    }
+
+    // 6. Results
+    println!("\n## 6. Results (test accuracy, {} images)", test.len());
+    println!("| weights | float | nearest | AdaRound | AdaRound time |");
+    println!("|---|---|---|---|---|");
+    for (bits, nearest, ada, secs) in &results {
+        println!("| W{bits} | {float_acc:.2} % | {nearest:.2} % | {ada:.2} % | {secs:.1} s |");
+    }
+    let json = serde_json::json!({
+        "float_accuracy": float_acc,
+        "results": results.iter().map(|(b, n, a, s)| serde_json::json!({
+            "bits": b, "nearest_accuracy": n, "adaround_accuracy": a, "seconds": s
+        })).collect::<Vec<_>>(),
+        "reports": reports.iter().map(|(b, r)| serde_json::json!({ "bits": b, "report": r })).collect::<Vec<_>>(),
+    });
+    let report_path = out.join("report.json");
+    std::fs::write(&report_path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("\nreport: {}", report_path.display());
+    for path in write_charts(&out, &reports) {
+        println!("chart:  {}", path.display());
+    }
+}
+
+fn train_float<B: AutodiffBackend>(train: &Digits, device: &B::Device) -> FloatCnn<B> {
+    B::seed(device, 42);
+    let mut model = FloatCnn::<B>::new(device);
+    let mut optim = AdamConfig::new().init();
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let batch = 64;
+    for epoch in 1..=30 {
+        let mut total = 0.0;
+        for start in (0..train.len() - batch + 1).step_by(batch) {
+            let x = train.images::<B>(start..start + batch, device);
+            let y = train.labels::<B>(start..start + batch, device);
+            let loss = loss_fn.forward(model.forward(x), y);
+            total += loss.clone().into_scalar().elem::<f64>();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(3e-3, model, grads);
+        }
+        if epoch % 10 == 0 {
+            println!(
+                "epoch {epoch:>2}: mean loss {:.4}",
+                total / (train.len() / batch) as f64
+            );
+        }
+    }
+    model
+}
+
+use burn::tensor::ElementConversion;
+
+fn write_charts(out: &std::path::Path, reports: &[(u32, AdaRoundReport)]) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    // Per-layer error before/after at each bitwidth.
+    let mut labels = Vec::new();
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for (bits, report) in reports {
+        for l in &report.layers {
+            labels.push(format!("W{bits} {}", l.name));
+            before.push(l.err_before);
+            after.push(l.err_final);
+        }
+    }
+    let chart = svg::bars(
+        "Per-layer quantization error (MSE)",
+        &labels,
+        &[("nearest", before), ("AdaRound", after)],
+        "MSE",
+    );
+    let path = out.join("layer_errors.svg");
+    std::fs::write(&path, chart).unwrap();
+    paths.push(path);
+    // Decimals of the Dense layer at the lowest bitwidth: mass moves to 0 and 1.
+    if let Some((bits, report)) = reports.last() {
+        if let Some(layer) = report.layers.last() {
+            let k = &layer.kernels[0];
+            let chart = svg::histograms(
+                &format!(
+                    "W{bits} {}: decimals h(alpha) before and after AdaRound",
+                    layer.name
+                ),
+                &[
+                    ("before (w * sf - floor)", &k.decimals_before),
+                    ("after", &k.decimals_after),
+                ],
+            );
+            let path = out.join("decimals.svg");
+            std::fs::write(&path, chart).unwrap();
+            paths.push(path);
+        }
+    }
+    paths
+}

@@ -1,0 +1,255 @@
+//! The UCI optical digits set (embedded) and the quickstart's small CNN, float and quantized.
+
+use std::io::Read;
+
+use adaround::{
+    layers::{
+        QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
+        QuantizedSeparableConv2d,
+    },
+    WeightQuantizer,
+};
+use burn::{
+    module::Module,
+    nn::{
+        conv::{Conv2d, Conv2dConfig},
+        Linear, LinearConfig, PaddingConfig2d, Relu,
+    },
+    tensor::{backend::Backend, Int, Tensor, TensorData},
+};
+
+const DIGITS_GZ: &[u8] = include_bytes!("../examples/data/digits.csv.gz");
+
+/// Path of the committed float model of the quickstart.
+pub const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/digits_cnn.bin");
+
+/// Images (`64` pixels in `0..=16`, row-major 8x8) and labels (`0..=9`).
+#[derive(Clone, Debug, Default)]
+pub struct Digits {
+    /// Pixels, 64 per image.
+    pub images: Vec<[f32; 64]>,
+    /// Labels.
+    pub labels: Vec<u8>,
+}
+
+impl Digits {
+    /// The 1797 embedded images.
+    pub fn load() -> Self {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(DIGITS_GZ)
+            .read_to_string(&mut text)
+            .expect("the embedded digits file is valid gzip");
+        let mut digits = Self::default();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let values: Vec<f32> = line.split(',').map(|v| v.trim().parse().unwrap()).collect();
+            assert_eq!(values.len(), 65, "64 pixels and a label per line");
+            digits.images.push(values[..64].try_into().unwrap());
+            digits.labels.push(values[64] as u8);
+        }
+        digits
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there is no image.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// A deterministic shuffled split: `(train, test)` with `test_size` test images.
+    pub fn split(&self, test_size: usize, seed: u64) -> (Self, Self) {
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        // Fisher-Yates with a 64-bit LCG: the same split on every machine.
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        for i in (1..order.len()).rev() {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            order.swap(i, (state >> 33) as usize % (i + 1));
+        }
+        let pick = |idx: &[usize]| Self {
+            images: idx.iter().map(|&i| self.images[i]).collect(),
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+        };
+        let (test, train) = order.split_at(test_size);
+        (pick(train), pick(test))
+    }
+
+    /// Images `[n, 1, 8, 8]` scaled to `[0, 1]`, for images `range`.
+    pub fn images<B: Backend>(
+        &self,
+        range: std::ops::Range<usize>,
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
+        let n = range.len();
+        let flat: Vec<f32> = self.images[range]
+            .iter()
+            .flatten()
+            .map(|p| p / 16.0)
+            .collect();
+        Tensor::from_data(TensorData::new(flat, [n, 1, 8, 8]), device)
+    }
+
+    /// Labels of images `range`.
+    pub fn labels<B: Backend>(
+        &self,
+        range: std::ops::Range<usize>,
+        device: &B::Device,
+    ) -> Tensor<B, 1, Int> {
+        let labels: Vec<i64> = self.labels[range].iter().map(|&l| l as i64).collect();
+        Tensor::from_data(TensorData::from(labels.as_slice()), device)
+    }
+}
+
+/// Channels of the CNN: conv `1 -> C1`, separable `C1 -> C2` (stride 2), dense `C2*4*4 -> 10`.
+pub const C1: usize = 16;
+/// See [`C1`].
+pub const C2: usize = 32;
+
+/// The float CNN: Conv2D 3x3 -> ReLU -> SeparableConv2D 3x3 / 2 (depthwise + pointwise)
+/// -> ReLU -> Dense.
+#[derive(Module, Debug)]
+pub struct FloatCnn<B: Backend> {
+    /// Conv2D `1 -> C1`, 3x3, same.
+    pub conv: Conv2d<B>,
+    /// Depthwise 3x3, stride 2, same.
+    pub depthwise: Conv2d<B>,
+    /// Pointwise 1x1 `C1 -> C2`.
+    pub pointwise: Conv2d<B>,
+    /// Dense `C2 * 16 -> 10`.
+    pub fc: Linear<B>,
+    /// ReLU.
+    pub relu: Relu,
+}
+
+impl<B: Backend> FloatCnn<B> {
+    /// A new, randomly initialized model.
+    pub fn new(device: &B::Device) -> Self {
+        Self {
+            conv: Conv2dConfig::new([1, C1], [3, 3])
+                .with_padding(PaddingConfig2d::Same)
+                .init(device),
+            depthwise: Conv2dConfig::new([C1, C1], [3, 3])
+                .with_groups(C1)
+                .with_stride([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(device),
+            pointwise: Conv2dConfig::new([C1, C2], [1, 1]).init(device),
+            fc: LinearConfig::new(C2 * 16, 10).init(device),
+            relu: Relu::new(),
+        }
+    }
+
+    /// The two hidden activations, for calibrating the quantized ReLUs.
+    pub fn activations(&self, x: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let a1 = self.relu.forward(self.conv.forward(x));
+        let a2 = self
+            .relu
+            .forward(self.pointwise.forward(self.depthwise.forward(a1.clone())));
+        (a1, a2)
+    }
+
+    /// Logits `[n, 10]` of images `[n, 1, 8, 8]`.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let (_, a2) = self.activations(x);
+        self.fc.forward(a2.flatten(1, 3))
+    }
+}
+
+/// The same CNN made of quantized layers.
+#[derive(Module, Debug)]
+pub struct QuantCnn<B: Backend> {
+    /// Quantized Conv2D.
+    pub conv: QuantizedConv2d<B>,
+    /// Quantized ReLU after the conv.
+    pub act1: QuantizedReLU,
+    /// Quantized SeparableConv2D.
+    pub sep: QuantizedSeparableConv2d<B>,
+    /// Quantized ReLU after the separable conv.
+    pub act2: QuantizedReLU,
+    /// Quantized Dense.
+    pub fc: QuantizedDense<B>,
+}
+
+/// How to quantize the weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granularity {
+    /// One scale factor per output channel (SPEC §1 defaults: the depthwise kernel per tensor).
+    PerAxis,
+    /// One scale factor per tensor, for every kernel.
+    PerTensor,
+}
+
+impl<B: Backend> QuantCnn<B> {
+    /// Converts the float model: weights at `bits` bits, activations at `act_bits` bits with
+    /// their largest value calibrated on `calibration` images.
+    pub fn from_float(
+        float: &FloatCnn<B>,
+        bits: u32,
+        granularity: Granularity,
+        act_bits: u32,
+        calibration: Tensor<B, 4>,
+    ) -> Self {
+        let (a1, a2) = float.activations(calibration);
+        let act = |a: Tensor<B, 4>| {
+            let max: f32 = burn::tensor::ElementConversion::elem(a.max().into_scalar());
+            QuantizedReLUConfig::new()
+                .with_bitwidth(act_bits)
+                .with_max_value(max as f64)
+                .init()
+        };
+        let (main, dw) = quantizers(bits, granularity);
+        Self {
+            conv: QuantizedConv2d::from_conv2d(float.conv.clone(), main.clone()),
+            act1: act(a1),
+            sep: QuantizedSeparableConv2d::from_conv2d_pair(
+                float.depthwise.clone(),
+                float.pointwise.clone(),
+                dw,
+                main.clone(),
+            ),
+            act2: act(a2),
+            fc: QuantizedDense::from_linear(float.fc.clone(), main),
+        }
+    }
+
+    /// The same model with every weight quantizer set for `bits` bits.
+    pub fn with_weight_bits(mut self, bits: u32, granularity: Granularity) -> Self {
+        let (main, dw) = quantizers(bits, granularity);
+        self.conv.quantizer = main.clone().into();
+        self.sep.quantizer_dw = dw.into();
+        self.sep.quantizer = main.clone().into();
+        self.fc.quantizer = main.into();
+        self
+    }
+
+    /// Logits `[n, 10]`.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let x = self.act1.forward(self.conv.forward(x));
+        let x = self.act2.forward(self.sep.forward(x));
+        self.fc.forward(x.flatten(1, 3))
+    }
+}
+
+fn quantizers(bits: u32, granularity: Granularity) -> (WeightQuantizer, WeightQuantizer) {
+    let per_tensor = WeightQuantizer::max(bits).expect("bitwidth in 2..=16");
+    match granularity {
+        Granularity::PerAxis => (WeightQuantizer::max_per_axis(bits).unwrap(), per_tensor),
+        Granularity::PerTensor => (per_tensor.clone(), per_tensor),
+    }
+}
+
+/// Top-1 accuracy (in %) of `logits` against `labels`.
+pub fn accuracy<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> f64 {
+    let n = labels.dims()[0];
+    let predicted = logits.argmax(1).reshape([n]);
+    let correct: i64 =
+        burn::tensor::ElementConversion::elem(predicted.equal(labels).int().sum().into_scalar());
+    100.0 * correct as f64 / n as f64
+}

@@ -1,0 +1,47 @@
+//! AdaRound on the embedded digits with the committed float model (`examples/data/digits_cnn.bin`).
+
+use adaround::{adaround, AdaRoundConfig, BetaDecay, ReconstructionLoss, Schedule};
+use adaround_burn::digits::{accuracy, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE};
+use burn::{
+    module::{AutodiffModule, Module},
+    record::{BinFileRecorder, FullPrecisionSettings},
+};
+
+type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
+
+#[test]
+fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
+    let device = Default::default();
+    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+    let float = FloatCnn::<B>::new(&device)
+        .load_file(FIXTURE, &recorder, &device)
+        .expect("the committed fixture loads");
+    let (train, test) = Digits::load().split(450, 7);
+    let x_test = test.images::<burn_ndarray::NdArray<f32>>(0..test.len(), &device);
+    let y_test = test.labels::<burn_ndarray::NdArray<f32>>(0..test.len(), &device);
+    let float_acc = accuracy(float.valid().forward(x_test.clone()), y_test.clone());
+    assert!(
+        float_acc > 90.0,
+        "the fixture is a trained model: {float_acc}"
+    );
+
+    let calibration = train.images::<B>(0..256, &device);
+    let model = QuantCnn::from_float(&float, 2, Granularity::PerAxis, 8, calibration.clone());
+    let nearest = accuracy(model.valid().forward(x_test.clone()), y_test.clone());
+
+    let config = AdaRoundConfig::new(Schedule::Iterations {
+        iterations: 400,
+        warm_start: 0.2,
+        decay: BetaDecay::Cosine,
+    })
+    .with_batch_size(Some(32))
+    .with_loss(ReconstructionLoss::ChannelSum)
+    .with_learning_rate(1e-2);
+    let (rounded, report) = adaround(&model, calibration, |m, x| m.forward(x), &config).unwrap();
+    let ada = accuracy(rounded.valid().forward(x_test), y_test);
+    assert!(
+        ada > nearest + 5.0,
+        "W2 test accuracy: AdaRound {ada:.2} % vs nearest {nearest:.2} %"
+    );
+    assert!(report.layers.iter().all(|l| l.err_final < l.err_before));
+}
