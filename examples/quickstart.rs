@@ -210,21 +210,21 @@ use burn::tensor::ElementConversion;
 
 fn write_charts(out: &std::path::Path, reports: &[(u32, AdaRoundReport)]) -> Vec<PathBuf> {
     let mut paths = Vec::new();
-    // Per-layer error before/after at each bitwidth.
+    // Per-layer error at each bitwidth, relative to nearest rounding (errors span 5 decades).
     let mut labels = Vec::new();
     let (mut before, mut after) = (Vec::new(), Vec::new());
     for (bits, report) in reports {
         for l in &report.layers {
             labels.push(format!("W{bits} {}", l.name));
-            before.push(l.err_before);
-            after.push(l.err_final);
+            before.push(1.0);
+            after.push(l.err_final / l.err_before);
         }
     }
     let chart = svg::bars(
-        "Per-layer quantization error (MSE)",
+        "Per-layer quantization error relative to nearest rounding",
         &labels,
         &[("nearest", before), ("AdaRound", after)],
-        "MSE",
+        "MSE / MSE(nearest)",
     );
     let path = out.join("layer_errors.svg");
     std::fs::write(&path, chart).unwrap();

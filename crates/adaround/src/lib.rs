@@ -64,6 +64,11 @@ pub use driver::{adaround, adaround_with_optimizer};
 pub use error::AdaRoundError;
 pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};
 
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// The weight quantizers and the AdaRound quantizer.
 pub use adaround_core as core;
 /// The quantized layers.
