@@ -4,12 +4,16 @@
 //! cargo run --release --example quickstart
 //! ```
 //!
-//! 1. load the digits; 2. the small float CNN (Conv2D, SeparableConv2D, Dense), trained by
-//! this example and committed as `examples/data/digits_cnn.bin` (multi-threaded training is
-//! not bit-reproducible; the committed model makes every number below reproducible);
-//! 3. convert it to quantized layers; 4. nearest rounding at W4/W3/W2; 5. AdaRound at the
-//! same bitwidths; 6. the results table, the report JSON and two SVG charts under
-//! `out/quickstart/`.
+//! Sections:
+//!
+//! 1. load the digits;
+//! 2. the small float CNN (Conv2D, SeparableConv2D, Dense), trained by this example and
+//!    committed as `examples/data/digits_cnn.bin` (multi-threaded training is not
+//!    bit-reproducible; the committed model makes every number below reproducible);
+//! 3. convert it to quantized layers;
+//! 4. nearest rounding at W4/W3/W2;
+//! 5. AdaRound at the same bitwidths;
+//! 6. the results table, the report JSON and two SVG charts under `out/quickstart/`.
 //!
 //! `--train` trains a new float model (about 5 s) instead of loading the committed one;
 //! `--write-fixture` trains and saves it as the new committed model.

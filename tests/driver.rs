@@ -7,8 +7,8 @@ use adaround::{
         QuantizedLayer, QuantizedReLU, QuantizedReLUConfig, QuantizedSeparableConv2d,
         QuantizedSeparableConv2dConfig,
     },
-    AdaRoundConfig, AdaRoundError, AdaRoundReport, FinalRounding, ReconstructionLoss, Schedule,
-    WeightQuantizer,
+    AdaRoundConfig, AdaRoundError, AdaRoundReport, FinalRounding, LossPath, ReconstructionLoss,
+    Schedule, WeightQuantizer,
 };
 use burn::{
     module::{Module, ModuleVisitor, Param, ParamId},
@@ -532,4 +532,56 @@ fn should_keep_nearest_rounding_when_adaround_ends_worse() {
             .into_scalar();
         assert_eq!(same, 0.0, "the kept layer's weights are the original ones");
     }
+}
+
+#[test]
+fn should_take_the_same_rounding_decisions_on_the_gram_and_direct_paths() {
+    let model = net(20);
+    let cfg = config(40)
+        .with_batch_size(Some(16))
+        .with_rounding(FinalRounding::Hard)
+        .with_never_worse(false);
+    let run = |path| {
+        let (m, r) = adaround(
+            &model,
+            samples(64, 21),
+            |m, x| m.forward(x),
+            &cfg.clone().with_path(path),
+        )
+        .unwrap();
+        let kernels: Vec<Vec<f32>> = [
+            m.conv.weight.val().flatten::<1>(0, 3),
+            m.sep.weight_dw.val().flatten(0, 3),
+            m.sep.weight.val().flatten(0, 3),
+            m.fc.weight.val().flatten(0, 1),
+        ]
+        .into_iter()
+        .map(|t| t.into_data().to_vec().unwrap())
+        .collect();
+        (kernels, r)
+    };
+    let (direct, r_direct) = run(LossPath::Direct);
+    let (gram, r_gram) = run(LossPath::Gram);
+    let paths: Vec<LossPath> = r_gram.layers.iter().map(|l| l.path).collect();
+    assert_eq!(
+        paths,
+        [LossPath::Gram, LossPath::Direct, LossPath::Gram],
+        "no Gram form for the separable conv"
+    );
+    assert!(r_direct.layers.iter().all(|l| l.path == LossPath::Direct));
+    let (mut same, mut total) = (0usize, 0usize);
+    for (a, b) in direct.iter().zip(&gram) {
+        same += a
+            .iter()
+            .zip(b)
+            .filter(|(x, y)| (*x - *y).abs() <= 1e-6 * x.abs().max(1e-6))
+            .count();
+        total += a.len();
+    }
+    let fraction = same as f64 / total as f64;
+    println!(
+        "same rounding decisions on both paths: {same} / {total} ({:.3} %)",
+        100.0 * fraction
+    );
+    assert!(fraction >= 0.99, "only {fraction} of the weights agree");
 }

@@ -95,6 +95,11 @@ pub struct AdaRoundQuantizer<B: Backend> {
     pub meta: AdaRoundMeta,
 }
 
+/// A parameter that is saved but never trained (`Param::from_tensor` would mark it).
+fn frozen<B: Backend>(t: Tensor<B, 4>) -> Param<Tensor<B, 4>> {
+    Param::initialized(burn::module::ParamId::new(), t.detach()).set_require_grad(false)
+}
+
 fn pad4<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 4> {
     assert!(
         D <= 4,
@@ -129,10 +134,12 @@ impl<B: Backend> AdaRoundQuantizer<B> {
         // (exact divisions: `recip()` is an approximate reciprocal on some backends)
         let ratio = d.ones_like().mul_scalar(zeta - gamma) / d.sub_scalar(gamma);
         let alpha = ratio.sub_scalar(1.0).log().neg();
+        // A fresh leaf: Burn's autodiff cannot track the result of ops as a parameter.
+        let alpha = Tensor::from_data(pad4(alpha).into_data(), &w_floor.device());
         Ok(Self {
-            alpha: Param::from_tensor(pad4(alpha)),
-            w_floor: Param::from_tensor(pad4(w_floor)).set_require_grad(false),
-            sf: Param::from_tensor(pad4(sf)).set_require_grad(false),
+            alpha: Param::from_tensor(alpha),
+            w_floor: frozen(pad4(w_floor)),
+            sf: frozen(pad4(sf)),
             quantizer,
             meta: AdaRoundMeta {
                 axis,

@@ -342,6 +342,18 @@ fn should_quantize_to_nearest_in_evaluation_mode_and_hard_round_by_sign() {
 }
 
 #[test]
+fn should_wrap_weights_that_require_grad() {
+    let w = Tensor::<AD, 2>::from_floats([[0.3, -0.2], [0.1, 0.4]], &device()).require_grad();
+    let q = WeightQuantizer::max(4).unwrap();
+    let ada = AdaRoundQuantizer::new(q, w, 1, &AdaRoundParams::new()).unwrap();
+    let grads = ada.rounding_loss(2.0).backward();
+    assert!(
+        ada.alpha.grad(&grads).is_some(),
+        "alpha is a trainable leaf"
+    );
+}
+
+#[test]
 fn should_move_decimals_to_zero_or_one_under_adam() {
     let w = Tensor::<AD, 4>::random(
         [4, 4, 3, 3],

@@ -176,6 +176,12 @@ impl<B: Backend> QuantizedConv2d<B> {
         self.weight.dims()[1] * self.groups
     }
 
+    /// `((top, bottom), (left, right))` padding applied to an input of size `[height, width]`.
+    pub fn padding_pairs(&self, size: [usize; 2]) -> ((usize, usize), (usize, usize)) {
+        let [_, _, kh, kw] = self.weight.dims();
+        padding_pairs(&self.padding, size, [kh, kw], self.stride, self.dilation)
+    }
+
     /// Applies the layer with its quantized kernel.
     ///
     /// # Shapes

@@ -1,4 +1,6 @@
 use adaround_core::{AdaRoundParams, Schedule};
+
+pub use crate::gram::LossPath;
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +70,11 @@ pub struct AdaRoundConfig {
     /// Rectified-sigmoid and regulariser constants.
     #[config(default = "AdaRoundParams::new()")]
     pub params: AdaRoundParams,
+    /// How the reconstruction loss is computed: the exact Gram-matrix form where it exists
+    /// and is cheaper (`Auto`), always the direct layer forward (`Direct`), or the Gram form
+    /// wherever it exists (`Gram`).
+    #[config(default = "LossPath::Auto")]
+    pub path: LossPath,
     /// With an iteration schedule, read the losses (and check for early stop) every this
     /// many iterations; reading a loss waits for the device.
     #[config(default = 100)]

@@ -14,6 +14,7 @@ use log::{debug, info};
 
 use crate::{
     capture::{self, Capture, Discover, Seen},
+    gram::{self, LossPath},
     params::{ParamIndex, RestoreGrad, WriteBack},
     AdaRoundConfig, AdaRoundError, AdaRoundReport, KernelReport, LayerReport, ReconstructionLoss,
     StepLog, Target, HISTOGRAM_BINS,
@@ -237,7 +238,7 @@ fn activate<B: Backend>(site: &Site<B>, x: Flow<B>, float: bool) -> Flow<B> {
     }
 }
 
-fn reconstruction_loss<B: Backend>(
+pub(crate) fn reconstruction_loss<B: Backend>(
     output: Flow<B>,
     target: Flow<B>,
     loss: ReconstructionLoss,
@@ -319,13 +320,22 @@ fn optimize_layer<B: AutodiffBackend, Opt: Optimizer<QuantizedLayer<B>, B>>(
         .map(|a| histogram(a.decimals()))
         .collect();
 
+    let path = choose_path(site, inputs, config);
+    let grams = (path == LossPath::Gram).then(|| gram::grams(&site.layer, inputs, config.loss));
+    info!("{}: {:?} loss path", site.name, path);
+
     let reg = config.params.reg;
     let lr = config.learning_rate;
     let n_batches = inputs.len();
     // One optimisation step on batch `b`; returns the (reconstruction, rounding) losses.
     let mut step = |layer: QuantizedLayer<B>, b: usize, beta: Option<f64>| {
-        let out = activate(site, layer.forward_flow(inputs[b].clone()), false);
-        let rec = reconstruction_loss(out, targets[b].clone(), config.loss);
+        let rec = match &grams {
+            Some(grams) => gram::loss(&layer, grams, b),
+            None => {
+                let out = activate(site, layer.forward_flow(inputs[b].clone()), false);
+                reconstruction_loss(out, targets[b].clone(), config.loss)
+            }
+        };
         let round = match beta {
             Some(beta) => layer
                 .adarounds()
@@ -448,6 +458,7 @@ fn optimize_layer<B: AutodiffBackend, Opt: Optimizer<QuantizedLayer<B>, B>>(
     let report = LayerReport {
         name: site.name.clone(),
         kind: site.layer.kind(),
+        path,
         position: site.position,
         weights: site.layer.kernels().iter().map(|k| k.2).sum(),
         err_before,
@@ -463,6 +474,31 @@ fn optimize_layer<B: AutodiffBackend, Opt: Optimizer<QuantizedLayer<B>, B>>(
         seconds: 0.0,
     };
     Ok((report, finalized))
+}
+
+/// The loss path of a layer: the Gram form needs no activation after the layer, targets
+/// from the same inputs, and a Dense or Conv2D layer; `Auto` also needs it to be cheaper.
+fn choose_path<B: Backend>(
+    site: &Site<B>,
+    inputs: &[Flow<B>],
+    config: &AdaRoundConfig,
+) -> LossPath {
+    let exact = site.activation.is_none()
+        && config.target == Target::QuantizedInputs
+        && gram::supports(&site.layer);
+    match config.path {
+        LossPath::Direct => LossPath::Direct,
+        LossPath::Gram if exact => LossPath::Gram,
+        LossPath::Auto if exact => {
+            let (k, positions) = gram::sizes(&site.layer, &inputs[0]);
+            if positions > k {
+                LossPath::Gram
+            } else {
+                LossPath::Direct
+            }
+        }
+        _ => LossPath::Direct,
+    }
 }
 
 fn epoch_line<B: Backend>(entry: &StepLog, layer: &QuantizedLayer<B>) -> String {

@@ -52,6 +52,7 @@ mod capture;
 mod config;
 mod driver;
 mod error;
+mod gram;
 mod params;
 mod report;
 
@@ -59,7 +60,7 @@ pub use adaround_core::{
     AdaRoundParams, AdaRoundQuantizer, BetaDecay, QuantizerError, RoundingStatus, Schedule,
     WeightQuantizer,
 };
-pub use config::{AdaRoundConfig, FinalRounding, ReconstructionLoss, Target};
+pub use config::{AdaRoundConfig, FinalRounding, LossPath, ReconstructionLoss, Target};
 pub use driver::{adaround, adaround_with_optimizer};
 pub use error::AdaRoundError;
 pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};

@@ -2,7 +2,7 @@ use adaround_core::RoundingStatus;
 use adaround_layers::{KernelChange, LayerKind};
 use serde::{Deserialize, Serialize};
 
-use crate::AdaRoundConfig;
+use crate::{AdaRoundConfig, LossPath};
 
 /// Number of bins of the decimal histograms in the report.
 pub const HISTOGRAM_BINS: usize = 20;
@@ -44,6 +44,8 @@ pub struct LayerReport {
     pub name: String,
     /// Kind of layer.
     pub kind: LayerKind,
+    /// How the reconstruction loss was computed (`Gram` or `Direct`).
+    pub path: LossPath,
     /// Position of the layer's event in the forward pass.
     pub position: usize,
     /// Number of weights in its kernels.

@@ -1,0 +1,166 @@
+//! The benchmark behind `cargo bench` and `cargo run --release --example bench`: time per
+//! AdaRound step, direct vs Gram path, on the layers of the performance issue, and the full
+//! calibration time of the quickstart model.
+//!
+//! A step is what the driver runs: forward with the soft AdaRound weights, reconstruction
+//! loss against the float output (MSE), rounding loss, backward, Adam on alpha. It is timed
+//! through the public driver: two runs of one layer with `N1` and `N2` iterations, the time
+//! difference over `N2 - N1` (capture and setup cancel out). `bench/adaround_step.py` runs the
+//! same loop in PyTorch on the same shapes.
+
+use std::{path::PathBuf, time::Instant};
+
+use crate::digits::{Digits, FloatCnn, Granularity, QuantCnn, FIXTURE};
+use adaround::{
+    adaround,
+    layers::{
+        QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense, QuantizedDenseConfig,
+        QuantizedSeparableConv2d, QuantizedSeparableConv2dConfig,
+    },
+    AdaRoundConfig, BetaDecay, LossPath, Schedule, WeightQuantizer,
+};
+use burn::{
+    module::Module,
+    nn::PaddingConfig2d,
+    record::{BinFileRecorder, FullPrecisionSettings},
+    tensor::{backend::AutodiffBackend, Distribution, Tensor},
+};
+
+const N1: usize = 20;
+const N2: usize = 120;
+
+pub(crate) fn config(iterations: usize, path: LossPath, batch: usize) -> AdaRoundConfig {
+    AdaRoundConfig::new(Schedule::Iterations {
+        iterations,
+        warm_start: 0.0,
+        decay: BetaDecay::Cosine,
+    })
+    .with_batch_size(Some(batch))
+    .with_path(path)
+    .with_never_worse(false)
+    .with_log_every(iterations)
+}
+
+/// Seconds per step of the driver's loop on `model`.
+pub fn per_step<B: AutodiffBackend, M: Module<B>, const D: usize>(
+    model: &M,
+    samples: Tensor<B, D>,
+    forward: impl Fn(&M, Tensor<B, D>) -> Tensor<B, D> + Copy,
+    path: LossPath,
+    batch: usize,
+) -> (f64, String) {
+    let time = |n: usize| {
+        let start = Instant::now();
+        let (_, report) =
+            adaround(model, samples.clone(), forward, &config(n, path, batch)).unwrap();
+        (
+            start.elapsed().as_secs_f64(),
+            format!("{:?}", report.layers[0].path),
+        )
+    };
+    time(N1); // warm-up
+    let (t1, _) = time(N1);
+    let (t2, used) = time(N2);
+    ((t2 - t1) / (N2 - N1) as f64, used)
+}
+
+/// Runs the benchmark on backend `B`, prints the tables and writes `out/bench/bench.json`.
+pub fn run<B: AutodiffBackend>(device: &B::Device, backend_name: &str) -> serde_json::Value {
+    B::seed(device, 1);
+    let device = device.clone();
+    let q = WeightQuantizer::max_per_axis(4).unwrap();
+    let mut rows: Vec<(String, String, f64)> = Vec::new();
+
+    // Dense 512 -> 512, 1024 samples (one batch).
+    let dense: QuantizedDense<B> = QuantizedDenseConfig::new(512, 512)
+        .with_quantizer(q.clone())
+        .init(&device);
+    let x = Tensor::<B, 2>::random([1024, 512], Distribution::Normal(0.0, 1.0), &device);
+    for path in [LossPath::Direct, LossPath::Gram] {
+        let (s, used) = per_step(&dense, x.clone(), |m, x| m.forward(x), path, 1024);
+        rows.push(("Dense 512->512, 1024 samples".into(), used, s));
+    }
+
+    // Conv2D 32 -> 32, 3x3, same, 16x16 maps, batch 32.
+    let conv: QuantizedConv2d<B> = QuantizedConv2dConfig::new([32, 32], [3, 3])
+        .with_padding(PaddingConfig2d::Same)
+        .with_quantizer(q.clone())
+        .init(&device);
+    let maps = Tensor::<B, 4>::random([32, 32, 16, 16], Distribution::Normal(0.0, 1.0), &device);
+    for path in [LossPath::Direct, LossPath::Gram] {
+        let (s, used) = per_step(&conv, maps.clone(), |m, x| m.forward(x), path, 32);
+        rows.push(("Conv2D 32->32 3x3, 16x16, batch 32".into(), used, s));
+    }
+
+    // SeparableConv2D 32 -> 64 (direct path: no single quadratic form).
+    let sep: QuantizedSeparableConv2d<B> = QuantizedSeparableConv2dConfig::new([32, 64], [3, 3])
+        .with_padding(PaddingConfig2d::Same)
+        .with_quantizer(q)
+        .init(&device);
+    let (s, used) = per_step(&sep, maps, |m, x| m.forward(x), LossPath::Auto, 32);
+    rows.push((
+        "SeparableConv2D 32->64 3x3, 16x16, batch 32".into(),
+        used,
+        s,
+    ));
+
+    // The quickstart model, all layers, the quickstart's settings.
+    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+    let float = FloatCnn::<B>::new(&device)
+        .load_file(FIXTURE, &recorder, &device)
+        .unwrap();
+    let (train, _) = Digits::load().split(450, 7);
+    let calibration = train.images::<B>(0..256, &device);
+    let model = QuantCnn::from_float(&float, 4, Granularity::PerAxis, 8, calibration.clone());
+    let quickstart = AdaRoundConfig::new(Schedule::Iterations {
+        iterations: 1000,
+        warm_start: 0.2,
+        decay: BetaDecay::Cosine,
+    })
+    .with_batch_size(Some(32))
+    .with_loss(adaround::ReconstructionLoss::ChannelSum)
+    .with_learning_rate(1e-2);
+    let mut totals = Vec::new();
+    for path in [LossPath::Direct, LossPath::Auto] {
+        let start = Instant::now();
+        let (_, report) = adaround(
+            &model,
+            calibration.clone(),
+            |m, x| m.forward(x),
+            &quickstart.clone().with_path(path),
+        )
+        .unwrap();
+        let paths: Vec<String> = report
+            .layers
+            .iter()
+            .map(|l| format!("{}:{:?}", l.name, l.path))
+            .collect();
+        totals.push((
+            format!("{path:?}"),
+            paths.join(" "),
+            start.elapsed().as_secs_f64(),
+        ));
+    }
+
+    println!("| layer | path | ms / step |");
+    println!("|---|---|---|");
+    for (layer, path, s) in &rows {
+        println!("| {layer} | {path} | {:.3} |", s * 1e3);
+    }
+    println!("\n| quickstart model, W4, 3 layers x 1000 iterations | paths | seconds |");
+    println!("|---|---|---|");
+    for (choice, paths, s) in &totals {
+        println!("| path {choice} | {paths} | {s:.2} |");
+    }
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("out/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    let json = serde_json::json!({
+        "backend": backend_name,
+        "steps": rows.iter().map(|(l, p, s)| serde_json::json!({"layer": l, "path": p, "ms_per_step": s * 1e3})).collect::<Vec<_>>(),
+        "quickstart": totals.iter().map(|(c, p, s)| serde_json::json!({"path": c, "layers": p, "seconds": s})).collect::<Vec<_>>(),
+    });
+    let path = out.join("bench.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("\n{}", path.display());
+    json
+}
