@@ -75,6 +75,15 @@ pub struct AdaRoundConfig {
     /// wherever it exists (`Gram`).
     #[config(default = "LossPath::Auto")]
     pub path: LossPath,
+    /// A folder for checkpoints: after each layer the model record (`model.bin`) and the
+    /// report so far (`progress.json`) are written there, and a run that finds them resumes
+    /// after the last finished layer (same model, samples and configuration required).
+    #[config(default = "None")]
+    pub checkpoint: Option<String>,
+    /// Optimise at most this many layers in this call (the others keep their rounding);
+    /// with `checkpoint`, a later call goes on where this one stopped.
+    #[config(default = "None")]
+    pub stop_after: Option<usize>,
     /// With an iteration schedule, read the losses (and check for early stop) every this
     /// many iterations; reading a loss waits for the device.
     #[config(default = 100)]
@@ -102,6 +111,9 @@ impl AdaRoundConfig {
                 self.learning_rate
             ));
         }
+        if self.stop_after == Some(0) {
+            return Err("stop_after must be at least 1".into());
+        }
         if self.log_every == 0 {
             return Err("log_every must be at least 1".into());
         }
@@ -119,5 +131,15 @@ impl AdaRoundConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl AdaRoundConfig {
+    /// The configuration that decides the numbers of a run (without checkpoint settings).
+    pub(crate) fn numerics(&self) -> String {
+        let mut c = self.clone();
+        c.checkpoint = None;
+        c.stop_after = None;
+        serde_json::to_string(&c).expect("configs serialize")
     }
 }

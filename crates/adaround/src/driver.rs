@@ -79,8 +79,30 @@ where
     let sites = discover(&work, &batches[0], &forward, &index, config)?;
     let float_model = (config.target == Target::FloatModel).then(|| work.clone());
 
+    let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
+    let checkpoint = config
+        .checkpoint
+        .as_deref()
+        .map(crate::checkpoint::Checkpoint::new);
     let mut layers = Vec::with_capacity(sites.len());
-    for site in &sites {
+    if let Some(checkpoint) = &checkpoint {
+        if let Some((model_state, done)) =
+            checkpoint.resume(work.clone(), &names, config, &batches[0].device())?
+        {
+            info!(
+                "resuming after {} finished layers from {}",
+                done.len(),
+                checkpoint.dir.display()
+            );
+            work = model_state;
+            layers = done;
+        }
+    }
+    let start_at = layers.len();
+    let end_at = config
+        .stop_after
+        .map_or(sites.len(), |n| (start_at + n).min(sites.len()));
+    for site in &sites[start_at..end_at] {
         let layer_start = Instant::now();
         info!("Optimizing {}:", site.name);
         let inputs = capture_inputs(&work, &batches, &forward, site, false)?;
@@ -104,6 +126,9 @@ where
         }
         report.seconds = layer_start.elapsed().as_secs_f64();
         layers.push(report);
+        if let Some(checkpoint) = &checkpoint {
+            checkpoint.save(&work, &layers, &names, config)?;
+        }
     }
 
     let work = work.map(&mut RestoreGrad {

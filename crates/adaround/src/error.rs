@@ -58,6 +58,9 @@ pub enum AdaRoundError {
         /// The layer.
         layer: String,
     },
+    /// A checkpoint could not be written or read, or belongs to another run.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// A quantizer could not be wrapped.
     #[error("layer `{layer}`: {source}")]
     Quantizer {

@@ -49,9 +49,11 @@
 #![warn(missing_docs)]
 
 mod capture;
+mod checkpoint;
 mod config;
 mod driver;
 mod error;
+mod export;
 mod gram;
 mod params;
 mod report;
@@ -63,12 +65,22 @@ pub use adaround_core::{
 pub use config::{AdaRoundConfig, FinalRounding, LossPath, ReconstructionLoss, Target};
 pub use driver::{adaround, adaround_with_optimizer};
 pub use error::AdaRoundError;
+pub use export::{export_integers, IntegerExport, IntegerKernel, INTEGER_FORMAT};
 pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../../../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// Backends re-exported for convenience.
+#[cfg(feature = "wgpu")]
+pub mod backend {
+    /// The GPU backend (WebGPU: Vulkan, Metal, DX12); wrap it in `burn_autodiff::Autodiff`
+    /// for [`adaround`](crate::adaround).
+    pub type Wgpu = burn_wgpu::Wgpu;
+    pub use burn_wgpu;
+}
 
 /// The weight quantizers and the AdaRound quantizer.
 pub use adaround_core as core;
