@@ -2,6 +2,12 @@
 //! backend: `Autodiff<NdArray>` always, `Autodiff<Wgpu>` with the `wgpu` feature (in CI on
 //! Mesa's software Vulkan device).
 
+/// Burn's seed is one global RNG per backend: tests that seed and then draw run one at a time.
+fn seed_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The driver's tests for one autodiff backend.
 macro_rules! driver_tests {
     ($backend:ty) => {
@@ -170,6 +176,7 @@ macro_rules! driver_tests {
 
         #[test]
         fn should_round_every_layer_of_a_conv_separable_dense_model_better_than_nearest() {
+            let _seed = crate::seed_lock();
             let model = net(1);
             let calib = samples(64, 2);
             // AIMET's channel-summed loss: with the element-mean MSE of the reference, the rounding
@@ -256,6 +263,7 @@ macro_rules! driver_tests {
 
         #[test]
         fn should_optimise_each_layer_of_residual_and_nested_models_once_in_forward_order() {
+            let _seed = crate::seed_lock();
             let q = q3();
             B::seed(&device(), 5);
             let residual = materialize(Residual {
@@ -302,6 +310,7 @@ macro_rules! driver_tests {
 
         #[test]
         fn should_apply_the_following_activation_with_include_activation() {
+            let _seed = crate::seed_lock();
             let model = net(8);
             // The Dense head has no activation after it: a clear error naming it.
             let cfg = config(3).with_include_activation(true);
@@ -345,6 +354,7 @@ macro_rules! driver_tests {
 
         #[test]
         fn should_leave_the_callers_model_untouched_on_success_and_on_every_error() {
+            let _seed = crate::seed_lock();
             let model = net(12);
             let before = snapshot(&model);
             let run = |m: &Net<B>, x: Tensor<B, 4>, cfg: &AdaRoundConfig| {
@@ -419,6 +429,7 @@ macro_rules! driver_tests {
 
         #[test]
         fn should_give_identical_weights_and_reports_for_identical_runs() {
+            let _seed = crate::seed_lock();
             let cfg = config(10).with_batch_size(Some(8));
             let run = || {
                 let (m, r) = adaround(&net(15), samples(32, 16), |m, x| m.forward(x), &cfg).unwrap();
@@ -429,7 +440,18 @@ macro_rules! driver_tests {
             // Parameter ids are random per model; the values must be identical.
             let values = |w: Vec<(ParamId, Vec<f32>)>| w.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
             assert_eq!(values(w1), values(w2));
-            assert_eq!(r1, r2);
+            if std::any::type_name::<B>().contains("NdArray") {
+                assert_eq!(r1, r2);
+            } else {
+                // GPU reductions do not fix their summation order: the same weights and
+                // decisions, and the same losses up to the last bits.
+                for (a, b) in r1.layers.iter().zip(&r2.layers) {
+                    assert_eq!((a.steps, a.changed(), a.kept_nearest), (b.steps, b.changed(), b.kept_nearest));
+                    for (x, y) in [(a.err_before, b.err_before), (a.err_final, b.err_final)] {
+                        assert!((x - y).abs() <= 1e-5 * x.abs(), "{}: {x} vs {y}", a.name);
+                    }
+                }
+            }
             assert_eq!(r1.samples, 32);
             // The report round-trips through JSON.
             let parsed: AdaRoundReport = serde_json::from_str(&r1.to_json()).unwrap();
@@ -444,6 +466,7 @@ macro_rules! driver_tests {
         // it stops once the rounding loss of an epoch is exactly 0.
         #[test]
         fn should_follow_the_reference_schedule_and_stop_early_on_a_single_dense_layer() {
+            let _seed = crate::seed_lock();
             #[derive(Module, Debug)]
             struct One<B: Backend> {
                 fc: QuantizedDense<B>,
@@ -488,6 +511,7 @@ macro_rules! driver_tests {
 
         #[test]
         fn should_keep_nearest_rounding_when_adaround_ends_worse() {
+            let _seed = crate::seed_lock();
             // A saboteur optimizer: Adam with a huge weight decay takes one step of -lr * sign(alpha),
             // which flips every rounding decision away from nearest. never_worse keeps nearest.
             let model = net(18);
@@ -541,6 +565,7 @@ macro_rules! driver_tests {
 
         #[test]
         fn should_resume_after_an_interruption_with_the_result_of_an_uninterrupted_run() {
+            let _seed = crate::seed_lock();
             let dir = std::env::temp_dir().join(format!(
                 "adaround-resume-{}-{}",
                 std::process::id(),
@@ -577,6 +602,7 @@ macro_rules! driver_tests {
 
         #[test]
         fn should_export_integer_weights_that_dequantize_to_the_quantized_kernels() {
+            let _seed = crate::seed_lock();
             let model = net(24);
             let cfg = config(5).with_rounding(FinalRounding::Hard);
             let (rounded, _) = adaround(&model, samples(16, 25), |m, x| m.forward(x), &cfg).unwrap();
@@ -615,6 +641,7 @@ macro_rules! driver_tests {
 
         #[test]
         fn should_take_the_same_rounding_decisions_on_the_gram_and_direct_paths() {
+            let _seed = crate::seed_lock();
             let model = net(20);
             let cfg = config(40)
                 .with_batch_size(Some(16))
@@ -731,10 +758,12 @@ mod agreement {
 
     #[test]
     fn should_agree_between_ndarray_and_wgpu() {
+        let _seed = crate::seed_lock();
         let cpu_device = Default::default();
         let gpu_device = Default::default();
         Cpu::seed(&cpu_device, 30);
         let cpu_model = Small::<Cpu>::new(&cpu_device);
+        let _ = cpu_model.devices(); // initialize the lazy parameters before the copy
         let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
         let bytes = recorder
             .record(cpu_model.clone().into_record(), ())
