@@ -130,7 +130,25 @@ fn run<B: AutodiffBackend>(name: &str, device: &B::Device) -> f64 {
     report.seconds
 }
 
+/// Prints the adapter wgpu picked (cubecl logs it at info level).
+struct AdapterLog;
+
+impl log::Log for AdapterLog {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Info && metadata.target().starts_with("cubecl_wgpu")
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            println!("wgpu: {}", record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 fn main() {
+    let _ = log::set_logger(&AdapterLog).map(|()| log::set_max_level(log::LevelFilter::Info));
     let args: Vec<String> = std::env::args().collect();
     let backend = args
         .iter()

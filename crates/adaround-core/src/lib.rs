@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 mod adaround;
+mod custom;
 mod error;
 mod persistent;
 mod quantizer;
@@ -39,6 +40,7 @@ mod schedule;
 pub use adaround::{
     AdaRoundMeta, AdaRoundParams, AdaRoundQuantizer, AdaRoundQuantizerRecord, RoundingStatus,
 };
+pub use custom::{register_quantizer, ScaleFn};
 pub use error::QuantizerError;
 pub use quantizer::{
     all_finite, quantize_with, round_ste, WeightQuantizer, DEFAULT_STD_THRESHOLD, MAX_SCALE_FACTOR,

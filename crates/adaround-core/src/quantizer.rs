@@ -55,6 +55,18 @@ pub enum WeightQuantizer {
         /// Number of standard deviations mapped to `kmax` (default 3).
         threshold: f64,
     },
+    /// A user-defined quantizer: `sf` from the function registered under `name` with
+    /// [`register_quantizer`](crate::register_quantizer).
+    Custom {
+        /// Name of the registered scale-factor function.
+        name: String,
+        /// Number of bits, `2..=16`.
+        bitwidth: u32,
+        /// One scale factor per output channel (`true`) or per tensor.
+        per_axis: bool,
+        /// Parameters passed to the function.
+        params: Vec<f64>,
+    },
 }
 
 crate::persistent_module!(WeightQuantizer);
@@ -106,6 +118,22 @@ impl WeightQuantizer {
         })
     }
 
+    /// A user-defined quantizer (see [`register_quantizer`](crate::register_quantizer)).
+    pub fn custom(
+        name: &str,
+        bitwidth: u32,
+        per_axis: bool,
+        params: Vec<f64>,
+    ) -> Result<Self, QuantizerError> {
+        let q = Self::Custom {
+            name: name.to_string(),
+            bitwidth,
+            per_axis,
+            params,
+        };
+        q.validate().map(|()| q)
+    }
+
     /// Checks the parameters (useful after deserializing a configuration).
     pub fn validate(&self) -> Result<(), QuantizerError> {
         match *self {
@@ -124,6 +152,14 @@ impl WeightQuantizer {
                 check_bitwidth(bitwidth)?;
                 check_threshold(threshold).map(|_| ())
             }
+            Self::Custom {
+                ref name, bitwidth, ..
+            } => {
+                check_bitwidth(bitwidth)?;
+                crate::custom::lookup(name)
+                    .map(|_| ())
+                    .ok_or_else(|| QuantizerError::UnknownQuantizer(name.clone()))
+            }
         }
     }
 
@@ -134,7 +170,8 @@ impl WeightQuantizer {
             Self::Max { bitwidth }
             | Self::MaxPerAxis { bitwidth }
             | Self::Std { bitwidth, .. }
-            | Self::StdPerAxis { bitwidth, .. } => Some(bitwidth),
+            | Self::StdPerAxis { bitwidth, .. }
+            | Self::Custom { bitwidth, .. } => Some(bitwidth),
         }
     }
 
@@ -145,7 +182,10 @@ impl WeightQuantizer {
 
     /// Whether the quantizer computes one scale factor per output channel.
     pub fn is_per_axis(&self) -> bool {
-        matches!(self, Self::MaxPerAxis { .. } | Self::StdPerAxis { .. })
+        matches!(
+            self,
+            Self::MaxPerAxis { .. } | Self::StdPerAxis { .. } | Self::Custom { per_axis: true, .. }
+        )
     }
 
     /// Whether the quantizer actually quantizes (everything but [`WeightQuantizer::Float`]).
@@ -167,8 +207,17 @@ impl WeightQuantizer {
         }
         let kmax = self.kmax().ok_or(QuantizerError::NoGrid)?;
         let w = weights.detach();
+        if let Self::Custom {
+            name,
+            per_axis,
+            params,
+            ..
+        } = self
+        {
+            return custom_scale(w, axis, *per_axis, kmax, name, params);
+        }
         let range = match *self {
-            Self::Float => unreachable!("checked above"),
+            Self::Float | Self::Custom { .. } => unreachable!("handled above"),
             Self::Max { .. } => w.abs().max().reshape([1; D]),
             Self::MaxPerAxis { .. } => per_axis(w, axis, |rows| rows.abs().max_dim(1)),
             Self::Std { threshold, .. } => std_all(w).mul_scalar(threshold).reshape([1; D]),
@@ -200,6 +249,39 @@ impl WeightQuantizer {
             }
         }
     }
+}
+
+/// Scale factors from a registered function, on the host.
+fn custom_scale<B: Backend, const D: usize>(
+    w: Tensor<B, D>,
+    axis: usize,
+    per_axis: bool,
+    kmax: f64,
+    name: &str,
+    params: &[f64],
+) -> Result<Tensor<B, D>, QuantizerError> {
+    let scale = crate::custom::lookup(name)
+        .ok_or_else(|| QuantizerError::UnknownQuantizer(name.to_string()))?;
+    let dims = w.dims();
+    let channels = if per_axis { dims[axis] } else { 1 };
+    let rest = dims.iter().product::<usize>() / channels.max(1);
+    let device = w.device();
+    let rows = w.swap_dims(0, axis).reshape([channels, rest]);
+    let host: Vec<f32> = rows
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap_or_default();
+    let sf = scale(&host, channels, kmax, params);
+    if sf.len() != channels || sf.iter().any(|v| !v.is_finite()) {
+        return Err(QuantizerError::InvalidScale(name.to_string(), channels));
+    }
+    let mut shape = [1; D];
+    if per_axis {
+        shape[axis] = channels;
+    }
+    let sf = Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(sf, [channels]), &device);
+    Ok(sf.reshape(shape).clamp(0.0, MAX_SCALE_FACTOR))
 }
 
 /// `clip(round_ste(w * sf), -kmax, kmax) / sf` with a given scale factor.

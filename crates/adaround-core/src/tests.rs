@@ -116,6 +116,42 @@ fn should_quantize_conv_kernels_per_output_channel_on_axis_0() {
     );
 }
 
+/// A user-defined quantizer: `sf = kmax / (fraction * max|w|)` per channel.
+fn clipped_max(weights: &[f32], channels: usize, kmax: f64, params: &[f64]) -> Vec<f32> {
+    let per = weights.len() / channels;
+    (0..channels)
+        .map(|c| {
+            let max = weights[c * per..(c + 1) * per]
+                .iter()
+                .fold(0f32, |m, w| m.max(w.abs()));
+            (kmax / (params[0] * max.max(1e-10) as f64)) as f32
+        })
+        .collect()
+}
+
+// w = [[0.5, -1.2, 0.03], [-0.25, 0.6, -0.09]]; per output channel (axis 1), fraction 0.5:
+// sf = 7 / (0.5 * np.float32([0.5, 1.2, 0.09])) = [28, 11.666667, 155.55554]
+#[test]
+fn should_quantize_with_a_user_defined_scale_function() {
+    register_quantizer("clipped-max", clipped_max);
+    let q = WeightQuantizer::custom("clipped-max", 4, true, vec![0.5]).unwrap();
+    let sf = q.scale_factor(dense_w::<B>(), 1).unwrap();
+    assert_close(sf, TensorData::from([[28.0f32, 11.666667, 155.55554]]));
+    // Clipped at half the range: 0.5 * 28 = 14 -> 7 -> 0.25.
+    let out: Vec<f32> = q.quantize(dense_w::<B>(), 1).into_data().to_vec().unwrap();
+    assert!((out[0] - 0.25).abs() < 1e-6, "{out:?}");
+    let json = serde_json::to_string(&q).unwrap();
+    assert_eq!(serde_json::from_str::<WeightQuantizer>(&json).unwrap(), q);
+    let ada = AdaRoundQuantizer::new(q, dense_w::<B>(), 1, &AdaRoundParams::new()).unwrap();
+    assert_eq!(ada.scale_factor::<2>().dims(), [1, 3]);
+    assert_eq!(
+        WeightQuantizer::custom("nobody-registered-this", 4, false, vec![]),
+        Err(QuantizerError::UnknownQuantizer(
+            "nobody-registered-this".into()
+        ))
+    );
+}
+
 #[test]
 fn should_reject_bad_bitwidths_and_thresholds() {
     assert_eq!(
