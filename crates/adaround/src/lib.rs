@@ -55,6 +55,7 @@ mod driver;
 mod error;
 mod export;
 mod gram;
+pub mod import;
 mod params;
 mod report;
 
@@ -86,3 +87,5 @@ pub mod backend {
 pub use adaround_core as core;
 /// The quantized layers.
 pub use adaround_layers as layers;
+/// Burn's model store (SafeTensors and PyTorch files), for [`import`].
+pub use burn_store as store;

@@ -1,0 +1,236 @@
+//! Burn-native quantized weights: a layer's quantized kernels as Burn quantized tensors.
+//!
+//! [`QuantizedDense::into_burn_quantized`] and its Conv2D and SeparableConv2D counterparts
+//! replace each float kernel by a Burn quantized tensor (`QFloat`, symmetric, `f32` scales)
+//! holding the layer's own integers, and the quantizer by the float pass-through: the layer
+//! then runs on Burn's quantized tensors, and a saved record holds the integers.
+//!
+//! Exactness: the integers are the layer's own (`round(w * sf)`, or AdaRound's decisions),
+//! checked one by one. Burn dequantizes with `q * scale`, the layers with `q / sf`; with
+//! `scale = 1 / sf` in `f32` the two agree to within one rounding of `f32` (relative
+//! `6e-8`), not bit for bit: no `f32` scale reproduces every `q / sf` exactly in general.
+
+use adaround_core::WeightQuantizer;
+use burn::{
+    module::Param,
+    tensor::{
+        backend::Backend,
+        quantization::{
+            BlockSize, QParams, QuantLevel, QuantMode, QuantParam, QuantScheme, QuantStore,
+            QuantValue,
+        },
+        ElementConversion, Tensor,
+    },
+};
+
+use crate::{
+    QuantizedConv2d, QuantizedDense, QuantizedSeparableConv2d, QuantizerSlot, CONV_AXIS, DENSE_AXIS,
+};
+
+/// Why a kernel cannot become a Burn quantized tensor. `kernel` is `"kernel"`, or
+/// `"depthwise"` / `"pointwise"` for a separable convolution.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NativeQuantError {
+    /// The kernel's quantizer is the float pass-through: there are no integers to hold.
+    NotQuantizing {
+        /// Which kernel.
+        kernel: &'static str,
+    },
+    /// The integers `[-kmax, kmax]` do not fit the Burn value type.
+    Range {
+        /// Which kernel.
+        kernel: &'static str,
+        /// The quantizer's bitwidth.
+        bitwidth: u32,
+        /// The requested Burn value type.
+        value: QuantValue,
+    },
+    /// Only the symmetric integer types `Q8S`, `Q4S` and `Q2S` hold these integers.
+    UnsupportedValue(QuantValue),
+    /// Per-channel scales that are not contiguous blocks of Burn's layout (a Dense kernel
+    /// `[d_input, d_output]` scaled per output column), or blocks over 255 along a dimension.
+    NotBlocks {
+        /// Which kernel.
+        kernel: &'static str,
+        /// The kernel's shape.
+        shape: Vec<usize>,
+    },
+    /// The kernel is not on its quantization grid (AdaRound still in training mode, with
+    /// soft weights): finalize it first.
+    NotOnGrid {
+        /// Which kernel.
+        kernel: &'static str,
+        /// Largest distance of `w * sf` from an integer.
+        distance: f32,
+    },
+}
+
+impl core::fmt::Display for NativeQuantError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NotQuantizing { kernel } => {
+                write!(f, "{kernel}: the float quantizer has no integers")
+            }
+            Self::Range {
+                kernel,
+                bitwidth,
+                value,
+            } => write!(f, "{kernel}: {bitwidth}-bit integers do not fit {value:?}"),
+            Self::UnsupportedValue(value) => {
+                write!(f, "{value:?} is not a symmetric integer type (Q8S, Q4S, Q2S)")
+            }
+            Self::NotBlocks { kernel, shape } => write!(
+                f,
+                "{kernel}: per-channel scales of a {shape:?} kernel are not contiguous blocks of \
+                 at most 255 per dimension; use a per-tensor quantizer"
+            ),
+            Self::NotOnGrid { kernel, distance } => write!(
+                f,
+                "{kernel}: weights are {distance} away from the integer grid; finalize AdaRound first"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for NativeQuantError {}
+
+/// The quantized kernel of `slot` as a Burn quantized tensor with `value` integers.
+fn native_kernel<B: Backend, const D: usize>(
+    kernel: &'static str,
+    weights: Tensor<B, D>,
+    slot: &QuantizerSlot<B>,
+    axis: usize,
+    value: QuantValue,
+) -> Result<Tensor<B, D>, NativeQuantError> {
+    if !matches!(value, QuantValue::Q8S | QuantValue::Q4S | QuantValue::Q2S) {
+        return Err(NativeQuantError::UnsupportedValue(value));
+    }
+    let quantizer = slot.quantizer();
+    let (Some(bitwidth), Some(kmax)) = (quantizer.bitwidth(), quantizer.kmax()) else {
+        return Err(NativeQuantError::NotQuantizing { kernel });
+    };
+    if value.range().1 < kmax as f32 {
+        return Err(NativeQuantError::Range {
+            kernel,
+            bitwidth,
+            value,
+        });
+    }
+    let shape = weights.dims();
+    let level = if quantizer.is_per_axis() {
+        // Burn's blocks are contiguous runs of the row-major kernel: one per output channel
+        // only where the output channel is the leading axis.
+        let block: Vec<usize> = shape[1..].to_vec();
+        if axis != 0 || block.iter().any(|d| *d > u8::MAX as usize) {
+            return Err(NativeQuantError::NotBlocks {
+                kernel,
+                shape: shape.to_vec(),
+            });
+        }
+        QuantLevel::Block(BlockSize::new(
+            block.iter().map(|d| *d as u8).collect::<Vec<_>>(),
+        ))
+    } else {
+        QuantLevel::Tensor
+    };
+    let effective = slot.apply(weights.clone(), axis);
+    let sf = match slot {
+        QuantizerSlot::AdaRound(ada) => ada.scale_factor::<D>(),
+        QuantizerSlot::Plain(q) => q
+            .scale_factor(weights, axis)
+            .map_err(|_| NativeQuantError::NotQuantizing { kernel })?,
+    };
+    let scaled = effective.clone() * sf.clone();
+    let distance = (scaled.clone() - scaled.round())
+        .abs()
+        .max()
+        .into_scalar()
+        .elem::<f32>();
+    if distance > 1e-3 {
+        return Err(NativeQuantError::NotOnGrid { kernel, distance });
+    }
+    let scales = (sf.ones_like() / sf).flatten::<1>(0, D - 1);
+    let scheme = QuantScheme::default()
+        .with_value(value)
+        .with_level(level)
+        .with_mode(QuantMode::Symmetric)
+        .with_param(QuantParam::F32)
+        .with_store(QuantStore::Native);
+    Ok(effective.quantize(&scheme, QParams { scales }))
+}
+
+fn native_param<B: Backend, const D: usize>(
+    param: Param<Tensor<B, D>>,
+    tensor: Tensor<B, D>,
+) -> Param<Tensor<B, D>> {
+    Param::initialized(param.id, tensor)
+}
+
+impl<B: Backend> QuantizedDense<B> {
+    /// The layer with its kernel as a Burn quantized tensor of `value` integers (`Q8S`
+    /// for up to 8 bits, `Q4S` up to 4, `Q2S` for 2) and the float pass-through quantizer;
+    /// see the [module docs](crate::native). A per-output-channel quantizer is refused
+    /// ([`NativeQuantError::NotBlocks`]): its columns are not contiguous in `[d_input, d_output]`.
+    pub fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
+        let tensor = native_kernel(
+            "kernel",
+            self.weight.val(),
+            &self.quantizer,
+            DENSE_AXIS,
+            value,
+        )?;
+        Ok(Self {
+            weight: native_param(self.weight, tensor),
+            bias: self.bias,
+            quantizer: WeightQuantizer::Float.into(),
+        })
+    }
+}
+
+impl<B: Backend> QuantizedConv2d<B> {
+    /// The layer with its kernel as a Burn quantized tensor of `value` integers, one block
+    /// per output channel for a per-axis quantizer; see
+    /// [`QuantizedDense::into_burn_quantized`].
+    pub fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
+        let tensor = native_kernel(
+            "kernel",
+            self.weight.val(),
+            &self.quantizer,
+            CONV_AXIS,
+            value,
+        )?;
+        Ok(Self {
+            weight: native_param(self.weight, tensor),
+            quantizer: WeightQuantizer::Float.into(),
+            ..self
+        })
+    }
+}
+
+impl<B: Backend> QuantizedSeparableConv2d<B> {
+    /// The layer with both kernels as Burn quantized tensors of `value` integers; see
+    /// [`QuantizedDense::into_burn_quantized`].
+    pub fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
+        let dw = native_kernel(
+            "depthwise",
+            self.weight_dw.val(),
+            &self.quantizer_dw,
+            CONV_AXIS,
+            value,
+        )?;
+        let pw = native_kernel(
+            "pointwise",
+            self.weight.val(),
+            &self.quantizer,
+            CONV_AXIS,
+            value,
+        )?;
+        Ok(Self {
+            weight_dw: native_param(self.weight_dw, dw),
+            weight: native_param(self.weight, pw),
+            quantizer_dw: WeightQuantizer::Float.into(),
+            quantizer: WeightQuantizer::Float.into(),
+            ..self
+        })
+    }
+}
