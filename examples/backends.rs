@@ -36,7 +36,7 @@ use burn::{
 struct Residual<B: Backend> {
     stem: QuantizedConv2d<B>,
     body: QuantizedConv2d<B>,
-    act: QuantizedReLU,
+    act: QuantizedReLU<B>,
     head: QuantizedDense<B>,
 }
 

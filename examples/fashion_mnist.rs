@@ -167,11 +167,11 @@ impl<B: Backend> FloatNet<B> {
 #[derive(Module, Debug)]
 struct QuantNet<B: Backend> {
     conv: QuantizedConv2d<B>,
-    act1: QuantizedReLU,
+    act1: QuantizedReLU<B>,
     sep1: QuantizedSeparableConv2d<B>,
-    act2: QuantizedReLU,
+    act2: QuantizedReLU<B>,
     sep2: QuantizedSeparableConv2d<B>,
-    act3: QuantizedReLU,
+    act3: QuantizedReLU<B>,
     fc: QuantizedDense<B>,
 }
 

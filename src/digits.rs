@@ -168,11 +168,11 @@ pub struct QuantCnn<B: Backend> {
     /// Quantized Conv2D.
     pub conv: QuantizedConv2d<B>,
     /// Quantized ReLU after the conv.
-    pub act1: QuantizedReLU,
+    pub act1: QuantizedReLU<B>,
     /// Quantized SeparableConv2D.
     pub sep: QuantizedSeparableConv2d<B>,
     /// Quantized ReLU after the separable conv.
-    pub act2: QuantizedReLU,
+    pub act2: QuantizedReLU<B>,
     /// Quantized Dense.
     pub fc: QuantizedDense<B>,
 }

@@ -38,7 +38,7 @@ macro_rules! driver_tests {
             WeightQuantizer::max_per_axis(3).unwrap()
         }
 
-        fn relu() -> QuantizedReLU {
+        fn relu<B: Backend>() -> QuantizedReLU<B> {
             QuantizedReLUConfig::new()
                 .with_bitwidth(8)
                 .with_max_value(4.0)
@@ -49,9 +49,9 @@ macro_rules! driver_tests {
         #[derive(Module, Debug)]
         struct Net<B: Backend> {
             conv: QuantizedConv2d<B>,
-            act1: QuantizedReLU,
+            act1: QuantizedReLU<B>,
             sep: QuantizedSeparableConv2d<B>,
-            act2: QuantizedReLU,
+            act2: QuantizedReLU<B>,
             fc: QuantizedDense<B>,
         }
 
@@ -86,7 +86,7 @@ macro_rules! driver_tests {
         #[derive(Module, Debug)]
         struct Residual<B: Backend> {
             stem: QuantizedConv2d<B>,
-            act: QuantizedReLU,
+            act: QuantizedReLU<B>,
             body: QuantizedConv2d<B>,
             head: QuantizedDense<B>,
         }
@@ -102,7 +102,7 @@ macro_rules! driver_tests {
         #[derive(Module, Debug)]
         struct Block<B: Backend> {
             conv: QuantizedConv2d<B>,
-            act: QuantizedReLU,
+            act: QuantizedReLU<B>,
         }
 
         /// Nested: a `Vec` of blocks, then a head.
@@ -728,7 +728,7 @@ mod agreement {
     #[derive(Module, Debug)]
     struct Small<B: Backend> {
         conv: QuantizedConv2d<B>,
-        act: QuantizedReLU,
+        act: QuantizedReLU<B>,
         fc: QuantizedDense<B>,
     }
 

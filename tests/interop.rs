@@ -336,7 +336,7 @@ fn should_refuse_integer_tensors_as_weights() {
 #[derive(Module, Debug)]
 struct Small<B: Backend> {
     conv1: QuantizedConv2d<B>,
-    act: QuantizedReLU,
+    act: QuantizedReLU<B>,
     conv2: QuantizedConv2d<B>,
     fc: QuantizedDense<B>,
 }
@@ -433,11 +433,20 @@ fn should_run_adarounded_layers_on_burn_quantized_tensors_with_the_same_integers
     let burn = values(native.forward(x.clone()));
     assert!(max_abs_diff(&ours, &burn) < 1e-5, "{ours:?} vs {burn:?}");
 
-    // A saved record keeps the quantized tensors.
+    // A saved record keeps the quantized tensors and the activation's range.
     let recorder = BinBytesRecorder::<FullPrecisionSettings>::new();
     let bytes = recorder.record(native.clone().into_record(), ()).unwrap();
     let record = recorder.load(bytes, &device).unwrap();
-    let reloaded = Small::<B>::new(2, &device).load_record(record);
+    let mut fresh = Small::<B>::new(2, &device);
+    fresh.act = QuantizedReLUConfig::new()
+        .with_bitwidth(3)
+        .with_max_value(0.5)
+        .init();
+    let reloaded = fresh.load_record(record);
+    assert_eq!(
+        reloaded.act, native.act,
+        "the activation's range is in the record"
+    );
     assert!(matches!(
         reloaded.conv1.weight.val().dtype(),
         DType::QFloat(_)

@@ -44,7 +44,7 @@ pub use conv2d::{same_padding, QuantizedConv2d, QuantizedConv2dConfig, CONV_AXIS
 pub use dense::{QuantizedDense, QuantizedDenseConfig, DENSE_AXIS};
 pub use layer::{KernelChange, LayerKind, QuantizedLayer};
 pub use native::NativeQuantError;
-pub use relu::{QuantizedReLU, QuantizedReLUConfig};
+pub use relu::{QuantizedReLU, QuantizedReLUConfig, QuantizedReLURecord};
 pub use separable::{QuantizedSeparableConv2d, QuantizedSeparableConv2dConfig};
 pub use slot::{QuantizerSlot, QuantizerSlotRecord};
 

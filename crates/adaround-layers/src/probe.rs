@@ -80,7 +80,7 @@ pub enum ProbeEvent<B: Backend> {
     /// A quantized activation ran.
     Activation {
         /// A copy of the activation.
-        activation: QuantizedReLU,
+        activation: QuantizedReLU<B>,
         /// Its input.
         input: Flow<B>,
         /// Its output.

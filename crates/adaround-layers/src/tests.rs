@@ -232,16 +232,16 @@ fn should_leave_weights_and_outputs_unchanged_when_quantizers_are_swapped() {
 #[test]
 fn should_quantize_relu_outputs_to_levels() {
     // levels = 2^2 - 1 = 3, step = 3 / 3 = 1: y = clip(ceil(x - 0.5), 0, 3)
-    let relu = QuantizedReLUConfig::new()
+    let config = QuantizedReLUConfig::new()
         .with_bitwidth(2)
-        .with_max_value(3.0)
-        .init();
+        .with_max_value(3.0);
+    let relu = config.init::<B>();
     let x = Tensor::<B, 1>::from_floats([-1.0, 0.2, 0.6, 1.5, 2.7, 9.0], &device());
     let y: Vec<f32> = relu.forward(x).into_data().to_vec().unwrap();
     assert_eq!(y, vec![0.0, 0.0, 1.0, 1.0, 3.0, 3.0]);
     // Straight-through gradient inside the range, zero where clipped.
     let x = Tensor::<AD, 1>::from_floats([-1.0, 0.6, 1.5, 9.0], &Default::default()).require_grad();
-    let grads = relu.forward(x.clone()).sum().backward();
+    let grads = config.init::<AD>().forward(x.clone()).sum().backward();
     let g: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
     assert_eq!(g, vec![0.0, 1.0, 1.0, 0.0]);
 }
@@ -334,7 +334,19 @@ fn should_round_trip_every_layer_kind_through_a_record() {
         .expect("AdaRound state restored");
     assert_eq!(ada.quantizer, WeightQuantizer::max(3).unwrap());
     assert!(!ada.is_training());
-    assert_eq!(max_diff(loaded.forward(x.clone()), armed.forward(x)), 0.0);
+    assert_eq!(
+        max_diff(loaded.forward(x.clone()), armed.forward(x.clone())),
+        0.0
+    );
+
+    // The activation's bitwidth and calibrated range are part of the record.
+    let relu = QuantizedReLUConfig::new()
+        .with_bitwidth(3)
+        .with_max_value(0.37)
+        .init();
+    let loaded = roundtrip(relu.clone(), QuantizedReLUConfig::new().init());
+    assert_eq!(loaded, relu);
+    assert_eq!(max_diff(loaded.forward(x.clone()), relu.forward(x)), 0.0);
 }
 
 #[test]

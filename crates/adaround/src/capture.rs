@@ -15,7 +15,7 @@ pub(crate) enum Seen<B: Backend> {
         output: Flow<B>,
     },
     Activation {
-        activation: QuantizedReLU,
+        activation: QuantizedReLU<B>,
         input: Flow<B>,
     },
 }

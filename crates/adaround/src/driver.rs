@@ -25,7 +25,7 @@ struct Site<B: Backend> {
     position: usize,
     name: String,
     layer: QuantizedLayer<B>,
-    activation: Option<QuantizedReLU>,
+    activation: Option<QuantizedReLU<B>>,
 }
 
 /// Optimises the rounding of every quantized layer of `model`, one layer at a time in

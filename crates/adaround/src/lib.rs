@@ -16,7 +16,7 @@
 //! #[derive(Module, Debug)]
 //! struct Mlp<B: Backend> {
 //!     fc1: QuantizedDense<B>,
-//!     act: QuantizedReLU,
+//!     act: QuantizedReLU<B>,
 //!     fc2: QuantizedDense<B>,
 //! }
 //!
