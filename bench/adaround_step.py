@@ -33,15 +33,21 @@ def soft(alpha, w_floor, sf, kmax):
     return (w_floor + h).clamp(-kmax, kmax) / sf, h
 
 
-def time_steps(step, n1=20, n2=120, sync=lambda: None):
-    for _ in range(n1):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(n2 - n1):
-        step()
-    sync()
-    return (time.perf_counter() - start) / (n2 - n1)
+def time_steps(step, sync=lambda: None, seconds=1.5):
+    """Seconds per step: 20 warm-up steps, then about `seconds` of steps (at least 100),
+    the faster of two measurements (as the Rust benchmark)."""
+
+    def run(n):
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        return time.perf_counter() - start
+
+    estimate = run(20) / 20
+    n = min(max(int(seconds / estimate), 100), 5000)
+    return min(run(n), run(n)) / n
 
 
 def bench(name, weights, forward, x, device, kmax=7):

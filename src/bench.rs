@@ -3,9 +3,11 @@
 //! calibration time of the quickstart model.
 //!
 //! A step is what the driver runs: forward with the soft AdaRound weights, reconstruction
-//! loss against the float output (MSE), rounding loss, backward, Adam on alpha. It is timed
-//! through the public driver: two runs of one layer with `N1` and `N2` iterations, the time
-//! difference over `N2 - N1` (capture and setup cancel out). `bench/adaround_step.py` runs the
+//! loss against the float output (MSE), rounding loss, gradient (analytic in the fused step
+//! of Dense and Conv2D, autodiff for the separable conv), Adam on alpha. It is timed
+//! through the public driver: runs of one layer with `N1` and `n2` iterations (`n2` chosen
+//! for about 1.5 s of steps), the time difference over `n2 - N1` (capture and setup cancel
+//! out), the faster of two measurements of each. `bench/adaround_step.py` runs the
 //! same loop in PyTorch on the same shapes.
 
 use std::{path::PathBuf, time::Instant};
@@ -26,8 +28,10 @@ use burn::{
     tensor::{backend::AutodiffBackend, Distribution, Tensor},
 };
 
+/// Iterations of the shorter run; the longer one adds enough for about
+/// [`TIMED_SECONDS`] of steps (at least 100).
 const N1: usize = 20;
-const N2: usize = 120;
+const TIMED_SECONDS: f64 = 1.5;
 
 pub(crate) fn config(iterations: usize, path: LossPath, batch: usize) -> AdaRoundConfig {
     AdaRoundConfig::new(Schedule::Iterations {
@@ -58,13 +62,18 @@ pub fn per_step<B: AutodiffBackend, M: Module<B>, const D: usize>(
             format!("{:?}", report.layers[0].path),
         )
     };
-    time(N1); // warm-up
-    let (t1, _) = time(N1);
-    let (t2, used) = time(N2);
-    ((t2 - t1) / (N2 - N1) as f64, used)
+    let (warm, _) = time(N1); // warm-up, and a first estimate
+    let estimate = warm / N1 as f64;
+    let n2 = N1 + ((TIMED_SECONDS / estimate) as usize).clamp(100, 5000);
+    // The faster of two measurements of each run: other processes only ever add time.
+    let t1 = time(N1).0.min(time(N1).0);
+    let (t2a, used) = time(n2);
+    let t2 = t2a.min(time(n2).0);
+    ((t2 - t1) / (n2 - N1) as f64, used)
 }
 
-/// Runs the benchmark on backend `B`, prints the tables and writes `out/bench/bench.json`.
+/// Runs the benchmark on backend `B`, prints the tables and writes
+/// `out/bench/bench-<backend>.json`.
 pub fn run<B: AutodiffBackend>(device: &B::Device, backend_name: &str) -> serde_json::Value {
     B::seed(device, 1);
     let device = device.clone();
@@ -159,7 +168,12 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, backend_name: &str) -> serde_
         "steps": rows.iter().map(|(l, p, s)| serde_json::json!({"layer": l, "path": p, "ms_per_step": s * 1e3})).collect::<Vec<_>>(),
         "quickstart": totals.iter().map(|(c, p, s)| serde_json::json!({"path": c, "layers": p, "seconds": s})).collect::<Vec<_>>(),
     });
-    let path = out.join("bench.json");
+    let slug: String = backend_name
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let path = out.join(format!("bench-{slug}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     println!("\n{}", path.display());
     json

@@ -668,6 +668,11 @@ macro_rules! driver_tests {
             };
             let (direct, r_direct) = run(LossPath::Direct);
             let (gram, r_gram) = run(LossPath::Gram);
+            assert_eq!(
+                r_gram.layers.iter().map(|l| l.fused).collect::<Vec<_>>(),
+                [true, false, true],
+                "the fused step runs on Dense and Conv2D"
+            );
             let paths: Vec<LossPath> = r_gram.layers.iter().map(|l| l.path).collect();
             assert_eq!(
                 paths,
@@ -690,6 +695,51 @@ macro_rules! driver_tests {
                 100.0 * fraction
             );
             assert!(fraction >= 0.99, "only {fraction} of the weights agree");
+        }
+
+        #[test]
+        fn should_take_the_same_rounding_decisions_with_the_fused_and_the_autodiff_step() {
+            let _seed = crate::seed_lock();
+            let model = net(22);
+            let cfg = config(40)
+                .with_batch_size(Some(16))
+                .with_rounding(FinalRounding::Hard)
+                .with_never_worse(false);
+            let kernels = |m: &Net<B>| -> Vec<f32> {
+                [
+                    m.conv.weight.val().flatten::<1>(0, 3),
+                    m.fc.weight.val().flatten(0, 1),
+                ]
+                .into_iter()
+                .flat_map(|t| t.into_data().to_vec::<f32>().unwrap())
+                .collect()
+            };
+            for path in [LossPath::Gram, LossPath::Direct] {
+                let cfg = cfg.clone().with_path(path);
+                let (fused, r_fused) =
+                    adaround(&model, samples(64, 23), |m, x| m.forward(x), &cfg).unwrap();
+                let (autodiff, r_autodiff) = adaround_with_optimizer(
+                    &model,
+                    samples(64, 23),
+                    |m, x| m.forward(x),
+                    &cfg,
+                    || burn::optim::AdamConfig::new().init(),
+                )
+                .unwrap();
+                assert!(r_fused.layers[0].fused && !r_autodiff.layers[0].fused);
+                let (a, b) = (kernels(&fused), kernels(&autodiff));
+                let same = a
+                    .iter()
+                    .zip(&b)
+                    .filter(|(x, y)| (*x - *y).abs() <= 1e-6 * x.abs().max(1e-6))
+                    .count();
+                println!("{path:?}: fused and autodiff agree on {same} / {}", a.len());
+                assert!(same as f64 >= 0.99 * a.len() as f64, "{same} / {}", a.len());
+                for (f, g) in r_fused.layers.iter().zip(&r_autodiff.layers) {
+                    let (x, y) = (f.final_reconstruction_loss, g.final_reconstruction_loss);
+                    assert!((x - y).abs() <= 0.05 * y.abs(), "{}: {x} vs {y}", f.name);
+                }
+            }
         }
     };
 }

@@ -14,6 +14,7 @@ use log::{debug, info};
 
 use crate::{
     capture::{self, Capture, Discover, Seen},
+    fused,
     gram::{self, LossPath},
     params::{ParamIndex, RestoreGrad, WriteBack},
     AdaRoundConfig, AdaRoundError, AdaRoundReport, KernelReport, LayerReport, ReconstructionLoss,
@@ -50,18 +51,44 @@ where
     M: Module<B>,
     F: Fn(&M, Tensor<B, D>) -> O,
 {
-    adaround_with_optimizer(model, samples, forward, config, || {
-        AdamConfig::new().init::<B, QuantizedLayer<B>>()
-    })
+    run(
+        model,
+        samples,
+        forward,
+        config,
+        || AdamConfig::new().init::<B, QuantizedLayer<B>>(),
+        true,
+    )
 }
 
 /// [`adaround`] with any Burn optimizer: `optimizer()` is called once per layer.
+///
+/// Every step then runs through Burn's autodiff and `optimizer`; [`adaround`] runs Dense and
+/// Conv2D layers without a following activation with a fused step instead (the same loss,
+/// an analytic gradient and Adam, without autodiff).
 pub fn adaround_with_optimizer<B, M, F, O, Opt, const D: usize>(
     model: &M,
     samples: Tensor<B, D>,
     forward: F,
     config: &AdaRoundConfig,
+    optimizer: impl FnMut() -> Opt,
+) -> Result<(M, AdaRoundReport), AdaRoundError>
+where
+    B: AutodiffBackend,
+    M: Module<B>,
+    F: Fn(&M, Tensor<B, D>) -> O,
+    Opt: Optimizer<QuantizedLayer<B>, B>,
+{
+    run(model, samples, forward, config, optimizer, false)
+}
+
+fn run<B, M, F, O, Opt, const D: usize>(
+    model: &M,
+    samples: Tensor<B, D>,
+    forward: F,
+    config: &AdaRoundConfig,
     mut optimizer: impl FnMut() -> Opt,
+    fused: bool,
 ) -> Result<(M, AdaRoundReport), AdaRoundError>
 where
     B: AutodiffBackend,
@@ -115,7 +142,8 @@ where
             .into_iter()
             .map(|x| activate(site, site.layer.forward_float_flow(x), float_act).detach())
             .collect();
-        let (report, finalized) = optimize_layer(site, &inputs, &targets, config, optimizer())?;
+        let (report, finalized) =
+            optimize_layer(site, &inputs, &targets, config, optimizer(), fused)?;
         let mut report = report;
         if !report.kept_nearest {
             let values = finalized
@@ -323,15 +351,32 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.into_scalar().elem::<f64>()
 }
 
+/// The layer being optimised: by the fused step where it applies, else by autodiff and `optim`.
+struct Runner<B: AutodiffBackend, Opt> {
+    layer: QuantizedLayer<B>,
+    optim: Opt,
+    fused: Option<fused::Fused<B>>,
+}
+
+impl<B: AutodiffBackend, Opt> Runner<B, Opt> {
+    fn current(&self) -> QuantizedLayer<B> {
+        match &self.fused {
+            Some(f) => f.layer(),
+            None => self.layer.clone(),
+        }
+    }
+}
+
 fn optimize_layer<B: AutodiffBackend, Opt: Optimizer<QuantizedLayer<B>, B>>(
     site: &Site<B>,
     inputs: &[Flow<B>],
     targets: &[Flow<B>],
     config: &AdaRoundConfig,
-    mut optim: Opt,
+    optim: Opt,
+    fused: bool,
 ) -> Result<(LayerReport, QuantizedLayer<B>), AdaRoundError> {
     let err_before = layer_error(site, &site.layer, inputs, targets);
-    let mut layer = site
+    let layer = site
         .layer
         .clone()
         .with_adaround(&config.params)
@@ -347,13 +392,33 @@ fn optimize_layer<B: AutodiffBackend, Opt: Optimizer<QuantizedLayer<B>, B>>(
 
     let path = choose_path(site, inputs, config);
     let grams = (path == LossPath::Gram).then(|| gram::grams(&site.layer, inputs, config.loss));
-    info!("{}: {:?} loss path", site.name, path);
 
     let reg = config.params.reg;
     let lr = config.learning_rate;
     let n_batches = inputs.len();
+    let fused = fused
+        && site.activation.is_none()
+        && gram::supports(&layer)
+        && (path == LossPath::Gram || fused::patch_bytes(&layer, inputs) <= fused::MAX_PATCH_BYTES);
+    info!(
+        "{}: {:?} loss path, {} step",
+        site.name,
+        path,
+        if fused { "fused" } else { "autodiff" }
+    );
+    let mut runner = Runner {
+        fused: fused.then(|| {
+            fused::Fused::new(layer.clone(), inputs, targets, grams.as_ref(), config.loss)
+        }),
+        layer,
+        optim,
+    };
     // One optimisation step on batch `b`; returns the (reconstruction, rounding) losses.
-    let mut step = |layer: QuantizedLayer<B>, b: usize, beta: Option<f64>| {
+    let step = |runner: &mut Runner<B, Opt>, b: usize, beta: Option<f64>| {
+        if let Some(f) = runner.fused.as_mut() {
+            return f.step(b, beta, reg, lr);
+        }
+        let layer = runner.layer.clone();
         let rec = match &grams {
             Some(grams) => gram::loss(&layer, grams, b),
             None => {
@@ -375,21 +440,21 @@ fn optimize_layer<B: AutodiffBackend, Opt: Optimizer<QuantizedLayer<B>, B>>(
             None => rec.clone(),
         };
         let grads = GradientsParams::from_grads(total.backward(), &layer);
-        let layer = optim.step(lr, layer, grads);
-        (layer, rec, round)
+        runner.layer = runner.optim.step(lr, layer, grads);
+        (rec.inner(), round.map(|r| r.inner()))
     };
 
     let mut history = Vec::new();
     let mut log_step = |step: usize,
                         beta,
-                        rec: Tensor<B, 1>,
-                        round: Option<Tensor<B, 1>>,
+                        rec: Tensor<B::InnerBackend, 1>,
+                        round: Option<Tensor<B::InnerBackend, 1>>,
                         layer: &QuantizedLayer<B>| {
         let entry = StepLog {
             step,
             beta,
-            reconstruction: scalar(rec.detach()),
-            rounding: round.map(|r| scalar(r.detach())).unwrap_or(0.0),
+            reconstruction: scalar(rec),
+            rounding: round.map(scalar).unwrap_or(0.0),
             roamers: layer
                 .adarounds()
                 .iter()
@@ -409,13 +474,11 @@ fn optimize_layer<B: AutodiffBackend, Opt: Optimizer<QuantizedLayer<B>, B>>(
                 let beta = config.schedule.beta(e, &config.params);
                 let mut losses = None;
                 for b in 0..n_batches {
-                    let (next, rec, round) = step(layer, b, beta);
-                    layer = next;
-                    losses = Some((rec, round));
+                    losses = Some(step(&mut runner, b, beta));
                 }
                 steps = e + 1;
                 let (rec, round) = losses.expect("at least one batch");
-                (last_rec, last_round) = log_step(e + 1, beta, rec, round, &layer);
+                (last_rec, last_round) = log_step(e + 1, beta, rec, round, &runner.current());
                 if beta.unwrap_or(0.0) > 0.0 && last_round == 0.0 {
                     early_stop = true;
                     break;
@@ -425,11 +488,10 @@ fn optimize_layer<B: AutodiffBackend, Opt: Optimizer<QuantizedLayer<B>, B>>(
         Schedule::Iterations { iterations, .. } => {
             for it in 0..iterations {
                 let beta = config.schedule.beta(it, &config.params);
-                let (next, rec, round) = step(layer, it % n_batches, beta);
-                layer = next;
+                let (rec, round) = step(&mut runner, it % n_batches, beta);
                 steps = it + 1;
                 if (it + 1) % config.log_every == 0 || it + 1 == iterations {
-                    (last_rec, last_round) = log_step(it + 1, beta, rec, round, &layer);
+                    (last_rec, last_round) = log_step(it + 1, beta, rec, round, &runner.current());
                     if beta.is_some() && last_round == 0.0 {
                         early_stop = true;
                         break;
@@ -439,6 +501,7 @@ fn optimize_layer<B: AutodiffBackend, Opt: Optimizer<QuantizedLayer<B>, B>>(
         }
     }
 
+    let layer = runner.current();
     let layer = layer.set_training(false);
     let err_after = layer_error(site, &layer, inputs, targets);
     let statuses: Vec<_> = layer.adarounds().iter().map(|a| a.status()).collect();
@@ -484,6 +547,7 @@ fn optimize_layer<B: AutodiffBackend, Opt: Optimizer<QuantizedLayer<B>, B>>(
         name: site.name.clone(),
         kind: site.layer.kind(),
         path,
+        fused,
         position: site.position,
         weights: site.layer.kernels().iter().map(|k| k.2).sum(),
         err_before,

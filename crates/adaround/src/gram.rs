@@ -55,7 +55,10 @@ pub(crate) fn sizes<B: Backend>(layer: &QuantizedLayer<B>, input: &Flow<B>) -> (
 }
 
 /// `[batch, C_in * kh * kw, L]` patches of a convolution's input, padding included.
-fn patches<B: Backend>(l: &adaround_layers::QuantizedConv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 3> {
+pub(crate) fn patches<B: Backend>(
+    l: &adaround_layers::QuantizedConv2d<B>,
+    x: Tensor<B, 4>,
+) -> Tensor<B, 3> {
     let [_, _, h, w] = x.dims();
     let [_, _, kh, kw] = l.weight.dims();
     let ((top, bottom), (left, right)) = l.padding_pairs([h, w]);
@@ -147,7 +150,7 @@ pub(crate) fn loss<B: Backend>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use adaround_core::{AdaRoundParams, WeightQuantizer};
     use adaround_layers::{
         probe::Flow, QuantizedConv2dConfig, QuantizedDenseConfig, QuantizedLayer, QuantizerSlot,
@@ -164,7 +167,7 @@ mod tests {
     type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
 
     /// Arms AdaRound and moves every alpha off its initial value (where `W~ == W`).
-    fn armed(layer: QuantizedLayer<B>) -> QuantizedLayer<B> {
+    pub(crate) fn armed(layer: QuantizedLayer<B>) -> QuantizedLayer<B> {
         let layer = layer.with_adaround(&AdaRoundParams::new()).unwrap();
         let perturb = |slot: QuantizerSlot<B>| match slot {
             QuantizerSlot::AdaRound(mut ada) => {

@@ -54,6 +54,7 @@ mod config;
 mod driver;
 mod error;
 mod export;
+mod fused;
 mod gram;
 pub mod import;
 mod params;

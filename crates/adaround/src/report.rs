@@ -46,6 +46,10 @@ pub struct LayerReport {
     pub kind: LayerKind,
     /// How the reconstruction loss was computed (`Gram` or `Direct`).
     pub path: LossPath,
+    /// Whether the fused step ran (analytic gradient and Adam without autodiff) rather than
+    /// Burn's autodiff and optimizer.
+    #[serde(default)]
+    pub fused: bool,
     /// Position of the layer's event in the forward pass.
     pub position: usize,
     /// Number of weights in its kernels.

@@ -1,0 +1,479 @@
+//! The fused AdaRound step: loss, analytic gradient and Adam on the inner backend.
+//!
+//! For a Dense or Conv2D layer without a following activation, the step's gradient has a
+//! closed form, so it runs without autodiff, with the kernel laid out as a matrix
+//! `[groups, C_out / groups, K]` (`K = C_in / groups * kh * kw`):
+//!
+//! - `s = sigmoid(alpha)`, `u = s (zeta - gamma) + gamma`, `h = clip(u, 0, 1)`,
+//!   `z = w_floor + h`, `W~ = clip(z, -kmax, kmax) / sf`, `dW = W~ - W`;
+//! - Gram path: `rec = sum(dW ⊙ dW G) / n`, `dL/dW~ = 2 dW G / n`; direct path on cached
+//!   im2col patches `X` and targets `T` (bias removed): `E = X W~ᵀ - T` (patches `X` and targets as rows), `rec = sum(E²) / n`,
+//!   `dL/dW~ = 2 Eᵀ X / n`;
+//! - rounding loss `reg * sum(1 - |2h - 1|^beta)`, `d/dh = -2 beta reg |2h - 1|^(beta-1) sign(2h - 1)`;
+//! - `dL/dalpha = (dL/dW~ 1[-kmax <= z <= kmax] / sf + dR/dh) 1[0 <= u <= 1] (zeta - gamma) s (1 - s)`
+//!   (the clamps pass gradient inside their bounds, bounds included, as Burn's `clamp` does);
+//! - Adam exactly as Burn's `AdamConfig::new()` (`beta_1 = 0.9`, `beta_2 = 0.999`,
+//!   `epsilon = 1e-5`).
+//!
+//! It computes what the autodiff step computes, with fewer and cheaper operations; the two
+//! agree to floating-point rounding (tested).
+
+use adaround_layers::{probe::Flow, QuantizedLayer, QuantizerSlot};
+use burn::{
+    module::Param,
+    tensor::{
+        backend::{AutodiffBackend, Backend},
+        Tensor,
+    },
+};
+
+use crate::{gram, ReconstructionLoss};
+
+const BETA_1: f64 = 0.9;
+const BETA_2: f64 = 0.999;
+const EPSILON: f64 = 1e-5;
+
+/// Largest im2col cache of the direct fused path; above it the autodiff step runs.
+pub(crate) const MAX_PATCH_BYTES: usize = 512 << 20;
+
+/// What the reconstruction loss is computed from, one entry per batch.
+enum Data<B: Backend> {
+    /// `[groups, K, K]` Gram matrices.
+    Gram(Vec<Tensor<B, 3>>),
+    /// `[groups, M, K]` patches and `[groups, M, C_out / groups]` targets minus the bias, one
+    /// row per output position.
+    Direct(Vec<(Tensor<B, 3>, Tensor<B, 3>)>),
+}
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+/// A kernel-shaped tensor of the inner backend (`[groups, C_out / groups, K]`).
+type Matrix<B> = Tensor<Inner<B>, 3>;
+/// A loss of the inner backend.
+type Loss<B> = Tensor<Inner<B>, 1>;
+
+/// A layer under optimisation by the fused step.
+pub(crate) struct Fused<B: AutodiffBackend> {
+    layer: QuantizedLayer<B>,
+    alpha: Tensor<B::InnerBackend, 3>,
+    w_floor: Tensor<B::InnerBackend, 3>,
+    sf: Tensor<B::InnerBackend, 3>,
+    weight: Tensor<B::InnerBackend, 3>,
+    kmax: f64,
+    gamma: f64,
+    zeta: f64,
+    moments: Option<(Matrix<B>, Matrix<B>)>,
+    time: i32,
+    data: Data<B::InnerBackend>,
+    divisors: Vec<f64>,
+}
+
+/// `[g, C_out / g, K]` from the kernel layout (`Dense [d_in, d_out]`, Conv2d
+/// `[c_out, k_g, kh, kw]`); a per-tensor or per-channel factor becomes `[1 | g, 1 | r, 1]`.
+fn to_matrix<B: Backend>(layer: &QuantizedLayer<impl Backend>, t: Tensor<B, 4>) -> Tensor<B, 3> {
+    let n = t.shape().num_elements();
+    match layer {
+        QuantizedLayer::Dense(l) => {
+            let [d_in, d_out] = l.weight.dims();
+            if n == d_in * d_out {
+                t.reshape([d_in, d_out]).transpose().unsqueeze_dim(0)
+            } else {
+                // A factor over the output axis ([1, d_out]) or a scalar.
+                t.reshape([1, n, 1])
+            }
+        }
+        QuantizedLayer::Conv2d(l) => {
+            let [c_out, k_g, kh, kw] = l.weight.dims();
+            let g = l.groups;
+            if n == c_out * k_g * kh * kw {
+                t.reshape([g, c_out / g, k_g * kh * kw])
+            } else if n == 1 {
+                t.reshape([1, 1, 1])
+            } else {
+                t.reshape([g, c_out / g, 1])
+            }
+        }
+        QuantizedLayer::SeparableConv2d(_) => unreachable!("not fused"),
+    }
+}
+
+/// Inverse of [`to_matrix`] for a full kernel, padded to rank 4 as AdaRound stores it.
+fn from_matrix<B: Backend>(layer: &QuantizedLayer<impl Backend>, t: Tensor<B, 3>) -> Tensor<B, 4> {
+    match layer {
+        QuantizedLayer::Dense(l) => {
+            let [d_in, d_out] = l.weight.dims();
+            t.reshape([d_out, d_in])
+                .transpose()
+                .reshape([d_in, d_out, 1, 1])
+        }
+        QuantizedLayer::Conv2d(l) => t.reshape(l.weight.dims()),
+        QuantizedLayer::SeparableConv2d(_) => unreachable!("not fused"),
+    }
+}
+
+/// Bytes of the im2col patches of the direct fused path on `inputs`.
+pub(crate) fn patch_bytes<B: Backend>(layer: &QuantizedLayer<B>, inputs: &[Flow<B>]) -> usize {
+    let (k, positions) = gram::sizes(layer, &inputs[0]);
+    let groups = match layer {
+        QuantizedLayer::Conv2d(l) => l.groups,
+        _ => 1,
+    };
+    k.saturating_mul(positions)
+        .saturating_mul(groups)
+        .saturating_mul(4)
+        .saturating_mul(inputs.len())
+}
+
+impl<B: AutodiffBackend> Fused<B> {
+    /// Takes over `layer` (AdaRound armed in its single slot). `gram`: use its Gram matrices;
+    /// else the direct path on `inputs` and `targets`.
+    pub(crate) fn new(
+        layer: QuantizedLayer<B>,
+        inputs: &[Flow<B>],
+        targets: &[Flow<B>],
+        grams: Option<&gram::Grams<B>>,
+        loss: ReconstructionLoss,
+    ) -> Self {
+        let ada = layer.adarounds()[0].clone();
+        let kmax = ada
+            .quantizer
+            .kmax()
+            .expect("AdaRound wraps a quantizing quantizer");
+        let m = |t: Tensor<B, 4>| to_matrix(&layer, t.inner());
+        let alpha = m(ada.alpha.val());
+        let w_floor = m(ada.w_floor.val());
+        let sf = m(ada.sf.val());
+        let (weight, bias) = match &layer {
+            QuantizedLayer::Dense(l) => (
+                l.weight.val().inner().transpose().unsqueeze_dim(0),
+                l.bias.as_ref().map(|b| b.val().inner()),
+            ),
+            QuantizedLayer::Conv2d(l) => {
+                let [c_out, k_g, kh, kw] = l.weight.dims();
+                let w = l.weight.val().inner();
+                (
+                    w.reshape([l.groups, c_out / l.groups, k_g * kh * kw]),
+                    l.bias.as_ref().map(|b| b.val().inner()),
+                )
+            }
+            QuantizedLayer::SeparableConv2d(_) => unreachable!("not fused"),
+        };
+        let [groups, rows, _] = weight.dims();
+        let (data, divisors) = match grams {
+            Some(g) => (
+                Data::Gram(g.grams.iter().map(|t| t.clone().inner()).collect()),
+                g.divisors.clone(),
+            ),
+            None => {
+                let mut batches = Vec::with_capacity(inputs.len());
+                let mut divisors = Vec::with_capacity(inputs.len());
+                for (x, t) in inputs.iter().zip(targets) {
+                    let (x, t) = match (&layer, x, t) {
+                        (QuantizedLayer::Dense(_), Flow::Rows(x), Flow::Rows(t)) => (
+                            x.clone().inner().unsqueeze_dim::<3>(0),
+                            t.clone().inner().unsqueeze_dim::<3>(0),
+                        ),
+                        (QuantizedLayer::Conv2d(l), Flow::Maps(x), Flow::Maps(t)) => {
+                            let p = gram::patches(l, x.clone().detach()).inner();
+                            let [b, gk, positions] = p.dims();
+                            let p = p
+                                .reshape([b, groups, gk / groups, positions])
+                                .permute([1, 0, 3, 2])
+                                .reshape([groups, b * positions, gk / groups]);
+                            let t = t
+                                .clone()
+                                .inner()
+                                .reshape([b, groups, rows, positions])
+                                .permute([1, 0, 3, 2])
+                                .reshape([groups, b * positions, rows]);
+                            (p, t)
+                        }
+                        _ => unreachable!("inputs match the layer"),
+                    };
+                    let t = match &bias {
+                        Some(b) => t - b.clone().reshape([groups, 1, rows]),
+                        None => t,
+                    };
+                    let positions = t.dims()[1];
+                    divisors.push(match loss {
+                        ReconstructionLoss::Mse => (positions * groups * rows) as f64,
+                        ReconstructionLoss::ChannelSum => positions as f64,
+                    });
+                    batches.push((x, t));
+                }
+                (Data::Direct(batches), divisors)
+            }
+        };
+        Self {
+            gamma: ada.meta.gamma,
+            zeta: ada.meta.zeta,
+            layer,
+            alpha,
+            w_floor,
+            sf,
+            weight,
+            kmax,
+            moments: None,
+            time: 0,
+            data,
+            divisors,
+        }
+    }
+
+    /// One step on batch `b`; returns the reconstruction loss and, with a `beta`, the
+    /// rounding loss times `reg`.
+    pub(crate) fn step(
+        &mut self,
+        b: usize,
+        beta: Option<f64>,
+        reg: f64,
+        lr: f64,
+    ) -> (
+        Tensor<B::InnerBackend, 1>,
+        Option<Tensor<B::InnerBackend, 1>>,
+    ) {
+        let (rec, round, grad) = self.loss_and_gradient(b, beta, reg);
+        self.adam(grad, lr);
+        (rec, round)
+    }
+
+    /// The losses of [`step`](Self::step) and the gradient of their sum with respect to
+    /// alpha (in the matrix layout).
+    fn loss_and_gradient(
+        &self,
+        b: usize,
+        beta: Option<f64>,
+        reg: f64,
+    ) -> (Loss<B>, Option<Loss<B>>, Matrix<B>) {
+        let (gamma, zeta, kmax) = (self.gamma, self.zeta, self.kmax);
+        let alpha = self.alpha.clone();
+        // Exact division for the sigmoid (as `AdaRoundQuantizer::decimals`).
+        let denom = alpha.neg().exp().add_scalar(1.0);
+        let s = denom.ones_like() / denom;
+        let u = s.clone().mul_scalar(zeta - gamma).add_scalar(gamma);
+        let h = u.clone().clamp(0.0, 1.0);
+        let outside_h = u.not_equal(h.clone());
+        let z = self.w_floor.clone() + h.clone();
+        let zc = z.clone().clamp(-kmax, kmax);
+        let outside_z = z.not_equal(zc.clone());
+        let soft = zc / self.sf.clone();
+        let dw = soft.clone() - self.weight.clone();
+        let n = self.divisors[b];
+
+        // `grad_w` is `n / 2` times the gradient with respect to W~ (the factor is applied
+        // once, at the end).
+        let (rec, grad_w) = match &self.data {
+            Data::Gram(grams) => {
+                let dg = matmul(dw.clone(), grams[b].clone());
+                ((dw * dg.clone()).sum().div_scalar(n), dg)
+            }
+            Data::Direct(batches) => {
+                let (x, t) = &batches[b];
+                // Patches and targets are cached as rows (`[g, M, K]`, `[g, M, r]`): the
+                // errors are `E = X W~ᵀ - T` and the gradient `Eᵀ X`, so no product
+                // transposes a large operand.
+                let e = matmul(x.clone(), soft.swap_dims(1, 2)) - t.clone();
+                let grad = matmul(e.clone().swap_dims(1, 2), x.clone());
+                (e.square().sum().div_scalar(n), grad)
+            }
+        };
+        let mut grad_h = (grad_w / self.sf.clone()).mask_fill(outside_z, 0.0);
+        let round = match beta {
+            Some(beta) if beta != 0.0 => {
+                let t = h.mul_scalar(2.0).sub_scalar(1.0);
+                let a = t.clone().abs();
+                let p = a.clone().powf_scalar(beta - 1.0);
+                let count = a.shape().num_elements() as f64;
+                // sum(1 - a^beta) = count - sum(a * a^(beta - 1))
+                let loss = (a * p.clone()).sum().neg().add_scalar(count);
+                let slope = p * t.sign();
+                grad_h = grad_h - slope.mul_scalar(beta * reg * n);
+                Some(loss.mul_scalar(reg))
+            }
+            Some(_) => Some(Tensor::zeros([1], &rec.device())),
+            None => None,
+        };
+        let ds = s.clone() - s.square();
+        let grad = (grad_h * ds)
+            .mask_fill(outside_h, 0.0)
+            .mul_scalar(2.0 / n * (zeta - gamma));
+
+        (rec, round, grad)
+    }
+
+    /// Adam (Burn's `AdaptiveMomentum` with `AdamConfig::new()`) on alpha.
+    fn adam(&mut self, grad: Tensor<B::InnerBackend, 3>, lr: f64) {
+        let (m, v) = match self.moments.take() {
+            Some((m, v)) => (
+                m.mul_scalar(BETA_1) + grad.clone().mul_scalar(1.0 - BETA_1),
+                v.mul_scalar(BETA_2) + grad.square().mul_scalar(1.0 - BETA_2),
+            ),
+            None => (
+                grad.clone().mul_scalar(1.0 - BETA_1),
+                grad.square().mul_scalar(1.0 - BETA_2),
+            ),
+        };
+        self.time += 1;
+        let (beta_1, beta_2) = (BETA_1 as f32, BETA_2 as f32);
+        let bias2 = (1.0 - beta_2.powi(self.time)).sqrt();
+        let factor = bias2 / (1.0 - beta_1.powi(self.time));
+        let update = m.clone().mul_scalar(factor as f64 * lr)
+            / v.clone().sqrt().add_scalar(EPSILON as f32 * bias2);
+        self.alpha = self.alpha.clone() - update;
+        self.moments = Some((m, v));
+    }
+
+    /// The layer with the current alphas.
+    pub(crate) fn layer(&self) -> QuantizedLayer<B> {
+        let alpha = from_matrix(&self.layer, self.alpha.clone());
+        let set = |slot: &QuantizerSlot<B>| match slot {
+            QuantizerSlot::AdaRound(ada) => {
+                let mut ada = ada.clone();
+                let tensor = Tensor::<B, 4>::from_inner(alpha.clone()).require_grad();
+                ada.alpha = Param::initialized(ada.alpha.id, tensor);
+                QuantizerSlot::AdaRound(ada)
+            }
+            plain => plain.clone(),
+        };
+        match &self.layer {
+            QuantizedLayer::Dense(l) => {
+                let mut l = l.clone();
+                l.quantizer = set(&l.quantizer);
+                QuantizedLayer::Dense(l)
+            }
+            QuantizedLayer::Conv2d(l) => {
+                let mut l = l.clone();
+                l.quantizer = set(&l.quantizer);
+                QuantizedLayer::Conv2d(l)
+            }
+            QuantizedLayer::SeparableConv2d(_) => unreachable!("not fused"),
+        }
+    }
+}
+
+/// `a · b` per group, as a plain 2-D matmul for one group (backends parallelise it better).
+fn matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [g, r, k] = a.dims();
+    let [_, _, c] = b.dims();
+    if g == 1 {
+        a.reshape([r, k])
+            .matmul(b.reshape([k, c]))
+            .reshape([1, r, c])
+    } else {
+        a.matmul(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use adaround_core::WeightQuantizer;
+    use adaround_layers::{
+        probe::Flow, QuantizedConv2dConfig, QuantizedDenseConfig, QuantizedLayer,
+    };
+    use burn::{
+        nn::PaddingConfig2d,
+        tensor::{backend::Backend, Distribution, Tensor},
+    };
+
+    use super::*;
+    use crate::{driver::reconstruction_loss, gram::tests::armed};
+
+    type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
+
+    fn device() -> burn::tensor::Device<B> {
+        Default::default()
+    }
+
+    fn values<const D: usize>(t: Tensor<impl Backend, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec().unwrap()
+    }
+
+    /// The fused losses and gradient against autodiff's, on the Gram and the direct data.
+    fn assert_matches_autodiff(layer: QuantizedLayer<B>, x: Flow<B>) {
+        let (beta, reg) = (4.0, 0.01);
+        for loss in [ReconstructionLoss::Mse, ReconstructionLoss::ChannelSum] {
+            let layer = armed(layer.clone());
+            let target = layer.forward_float_flow(x.clone()).detach();
+            let rec = reconstruction_loss(layer.forward_flow(x.clone()), target.clone(), loss);
+            let round = layer.adarounds()[0].rounding_loss(beta).mul_scalar(reg);
+            let alpha = layer.adarounds()[0].alpha.clone();
+            let expected = values(
+                alpha
+                    .grad(&(rec.clone() + round.clone()).backward())
+                    .unwrap(),
+            );
+            let (rec, round): (f32, f32) = (rec.into_scalar(), round.into_scalar());
+
+            let grams = gram::grams(&layer, std::slice::from_ref(&x), loss);
+            for grams in [Some(&grams), None] {
+                let fused = Fused::new(
+                    layer.clone(),
+                    std::slice::from_ref(&x),
+                    std::slice::from_ref(&target),
+                    grams,
+                    loss,
+                );
+                let (f_rec, f_round, grad) = fused.loss_and_gradient(0, Some(beta), reg);
+                let (f_rec, f_round): (f32, f32) =
+                    (f_rec.into_scalar(), f_round.unwrap().into_scalar());
+                let path = if grams.is_some() { "Gram" } else { "direct" };
+                assert!(rec > 0.0);
+                assert!(
+                    (f_rec - rec).abs() <= 1e-4 * rec,
+                    "{loss:?} {path}: {f_rec} vs {rec}"
+                );
+                assert!(
+                    (f_round - round).abs() <= 1e-5 * round,
+                    "{f_round} vs {round}"
+                );
+                let got = values(from_matrix(&fused.layer, grad));
+                let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = got
+                    .iter()
+                    .zip(&expected)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(scale > 0.0);
+                assert!(
+                    diff <= 1e-3 * scale,
+                    "{loss:?} {path}: gradients differ by {diff} (scale {scale})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn should_compute_the_autodiff_loss_and_gradient_on_dense_layers() {
+        B::seed(&device(), 11);
+        let x = Tensor::<B, 2>::random([40, 12], Distribution::Normal(0.5, 1.0), &device());
+        for quantizer in [
+            WeightQuantizer::max_per_axis(3).unwrap(),
+            WeightQuantizer::max(2).unwrap(),
+        ] {
+            let dense = QuantizedDenseConfig::new(12, 7)
+                .with_quantizer(quantizer)
+                .init::<B>(&device());
+            assert_matches_autodiff(QuantizedLayer::Dense(dense), Flow::Rows(x.clone()));
+        }
+    }
+
+    #[test]
+    fn should_compute_the_autodiff_loss_and_gradient_on_conv2d_variants() {
+        B::seed(&device(), 12);
+        let x = Tensor::<B, 4>::random([3, 4, 9, 8], Distribution::Normal(0.2, 1.0), &device());
+        let variants = [
+            (PaddingConfig2d::Valid, [1, 1], [1, 1], 1, 5),
+            (PaddingConfig2d::Same, [2, 2], [1, 1], 1, 5),
+            (PaddingConfig2d::Same, [1, 1], [2, 2], 2, 6),
+            (PaddingConfig2d::Explicit(1, 2, 0, 1), [2, 1], [1, 1], 4, 8),
+        ];
+        for (padding, stride, dilation, groups, c_out) in variants {
+            let conv = QuantizedConv2dConfig::new([4, c_out], [3, 3])
+                .with_padding(padding)
+                .with_stride(stride)
+                .with_dilation(dilation)
+                .with_groups(groups)
+                .with_quantizer(WeightQuantizer::max_per_axis(4).unwrap())
+                .init::<B>(&device());
+            assert_matches_autodiff(QuantizedLayer::Conv2d(conv), Flow::Maps(x.clone()));
+        }
+    }
+}
