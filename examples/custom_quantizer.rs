@@ -9,11 +9,10 @@
 //! function registered under a name; the layer's configuration stays plain, serializable data
 //! (`{"kind": "Custom", "name": "percentile", ...}`).
 
-use adaround::{
-    adaround, core::register_quantizer, AdaRoundConfig, BetaDecay, ReconstructionLoss, Schedule,
-    WeightQuantizer,
+use adaround::{adaround, core::register_quantizer, WeightQuantizer};
+use adaround_burn::digits::{
+    accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE,
 };
-use adaround_burn::digits::{accuracy, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE};
 use burn::{
     module::{AutodiffModule, Module},
     record::{BinFileRecorder, FullPrecisionSettings},
@@ -62,14 +61,7 @@ fn main() {
     );
 
     // 3. W3 with the max quantizer vs the custom one, nearest and AdaRound.
-    let config = AdaRoundConfig::new(Schedule::Iterations {
-        iterations: 1000,
-        warm_start: 0.2,
-        decay: BetaDecay::Cosine,
-    })
-    .with_batch_size(Some(32))
-    .with_loss(ReconstructionLoss::ChannelSum)
-    .with_learning_rate(1e-2);
+    let config = quickstart_config();
     println!("\n## 3. W3 test accuracy\n| quantizer | nearest | AdaRound |\n|---|---|---|");
     let base = QuantCnn::from_float(&float, 3, Granularity::PerAxis, 8, calibration.clone());
     let mut custom = base.clone();

@@ -17,9 +17,10 @@ use adaround::{
     adaround, export_integers,
     import::{Layout, WeightImport},
     store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore},
-    AdaRoundConfig, BetaDecay, ReconstructionLoss, Schedule,
 };
-use adaround_burn::digits::{accuracy, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE};
+use adaround_burn::digits::{
+    accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE,
+};
 use burn::{
     module::{AutodiffModule, Module},
     record::{BinFileRecorder, FullPrecisionSettings},
@@ -73,14 +74,7 @@ fn main() {
     let nearest = accuracy(model.valid().forward(x_test.clone()), y_test.clone());
     let checkpoint = format!("{OUT}/checkpoint");
     let _ = std::fs::remove_dir_all(&checkpoint);
-    let config = AdaRoundConfig::new(Schedule::Iterations {
-        iterations: 1000,
-        warm_start: 0.2,
-        decay: BetaDecay::Cosine,
-    })
-    .with_batch_size(Some(32))
-    .with_loss(ReconstructionLoss::ChannelSum)
-    .with_learning_rate(1e-2);
+    let config = quickstart_config();
     let boxed = config
         .clone()
         .with_checkpoint(Some(checkpoint.clone()))

@@ -121,14 +121,7 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, backend_name: &str) -> serde_
     let (train, _) = Digits::load().split(450, 7);
     let calibration = train.images::<B>(0..256, &device);
     let model = QuantCnn::from_float(&float, 4, Granularity::PerAxis, 8, calibration.clone());
-    let quickstart = AdaRoundConfig::new(Schedule::Iterations {
-        iterations: 1000,
-        warm_start: 0.2,
-        decay: BetaDecay::Cosine,
-    })
-    .with_batch_size(Some(32))
-    .with_loss(adaround::ReconstructionLoss::ChannelSum)
-    .with_learning_rate(1e-2);
+    let quickstart = crate::digits::quickstart_config();
     let mut totals = Vec::new();
     for path in [LossPath::Direct, LossPath::Auto] {
         let start = Instant::now();

@@ -253,3 +253,18 @@ pub fn accuracy<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> 
         burn::tensor::ElementConversion::elem(predicted.equal(labels).int().sum().into_scalar());
     100.0 * correct as f64 / n as f64
 }
+
+/// The AdaRound configuration of the quickstart (and of the examples built on it): 1000
+/// iterations, 20 % warm start, cosine beta decay, batches of 32, channel-summed MSE,
+/// learning rate 0.01.
+pub fn quickstart_config() -> adaround::AdaRoundConfig {
+    use adaround::{AdaRoundConfig, BetaDecay, ReconstructionLoss, Schedule};
+    AdaRoundConfig::new(Schedule::Iterations {
+        iterations: 1000,
+        warm_start: 0.2,
+        decay: BetaDecay::Cosine,
+    })
+    .with_batch_size(Some(32))
+    .with_loss(ReconstructionLoss::ChannelSum)
+    .with_learning_rate(1e-2)
+}
