@@ -19,7 +19,7 @@ import json
 torch = {r["layer"]: r["ms_per_step"] for r in json.load(open("out/bench/bench-torch.json"))["steps"]}
 print("\n| layer | backend | path | ms / step | PyTorch ms / step | PyTorch / ours |")
 print("|---|---|---|---|---|---|")
-for name in ["autodiffndarrayf32", "autodiffflex"]:
+for name in ["ndarrayf32", "flex"]:
     rust = json.load(open(f"out/bench/bench-{name}.json"))
     for r in rust["steps"]:
         t = torch.get(r["layer"])

@@ -103,8 +103,10 @@ fn run<B: AutodiffBackend>(name: &str, device: &B::Device) -> f64 {
         start.elapsed().as_secs_f64()
     );
 
-    let quant = model.with_weight_bits(3);
-    let nearest = accuracy(quant.valid().forward(x_test.clone()), y_test.clone());
+    // AdaRound takes the inference model (`valid()`): it wraps the layer it optimises in
+    // autodiff itself where needed.
+    let quant = model.valid().with_weight_bits(3);
+    let nearest = accuracy(quant.forward(x_test.clone()), y_test.clone());
     let config = AdaRoundConfig::new(Schedule::Iterations {
         iterations: 500,
         warm_start: 0.2,
@@ -113,10 +115,10 @@ fn run<B: AutodiffBackend>(name: &str, device: &B::Device) -> f64 {
     .with_batch_size(Some(32))
     .with_loss(ReconstructionLoss::ChannelSum)
     .with_learning_rate(1e-2);
-    let calibration = train.images::<B>(0..256, device);
+    let calibration = train.images::<B::InnerBackend>(0..256, device);
     let (rounded, report) =
         adaround(&quant, calibration, |m, x| m.forward(x), &config).expect("AdaRound");
-    let ada = accuracy(rounded.valid().forward(x_test), y_test);
+    let ada = accuracy(rounded.forward(x_test), y_test);
     for l in &report.layers {
         println!(
             "  {:<5} {:?} path, error {:.5} -> {:.5}",

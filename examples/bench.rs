@@ -3,11 +3,14 @@
 //!
 //! ```sh
 //! cargo run --release --example bench [-- --backend ndarray|flex|all]   # tables + out/bench/
+//! cargo run --release --example bench -- --xception [--backend ndarray|flex] [--samples 96] [--joint]
 //! python3 bench/adaround_step.py           # the same loop in PyTorch (pip install torch)
 //! ```
 
-type NdArray = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
-type Flex = burn_autodiff::Autodiff<burn_flex::Flex>;
+use adaround::SeparableStep;
+
+type NdArray = burn_ndarray::NdArray<f32>;
+type Flex = burn_flex::Flex;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -17,13 +20,28 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(String::as_str)
         .unwrap_or("all");
+    if args.iter().any(|a| a == "--xception") {
+        // The mini-XCEPTION-size model, per-layer times (`--samples N`, default 96).
+        let samples = args
+            .iter()
+            .position(|a| a == "--samples")
+            .and_then(|i| args.get(i + 1))
+            .map_or(96, |s| s.parse().expect("--samples N"));
+        let both = [SeparableStep::Split, SeparableStep::Joint];
+        let choices: &[SeparableStep] = if args.iter().any(|a| a == "--joint") { &both } else { &both[..1] };
+        match backend {
+            "ndarray" => drop(adaround_burn::bench::xception::<NdArray>(&Default::default(), samples, choices)),
+            _ => drop(adaround_burn::bench::xception::<Flex>(&Default::default(), samples, choices)),
+        }
+        return;
+    }
     if matches!(backend, "ndarray" | "all") {
-        println!("## Autodiff<NdArray<f32>>\n");
-        adaround_burn::bench::run::<NdArray>(&Default::default(), "Autodiff<NdArray<f32>>");
+        println!("## NdArray<f32>\n");
+        adaround_burn::bench::run::<NdArray>(&Default::default(), "NdArray<f32>");
     }
     if matches!(backend, "flex" | "all") {
-        println!("\n## Autodiff<Flex>\n");
-        adaround_burn::bench::run::<Flex>(&Default::default(), "Autodiff<Flex>");
+        println!("\n## Flex\n");
+        adaround_burn::bench::run::<Flex>(&Default::default(), "Flex");
     }
     if !matches!(backend, "ndarray" | "flex" | "all") {
         eprintln!("unknown backend {backend:?}: ndarray, flex or all");

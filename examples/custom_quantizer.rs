@@ -14,11 +14,11 @@ use adaround_burn::digits::{
     accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE,
 };
 use burn::{
-    module::{AutodiffModule, Module},
+    module::Module,
     record::{BinFileRecorder, FullPrecisionSettings},
 };
 
-type Backend = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
+type Backend = burn_ndarray::NdArray<f32>;
 
 /// `sf = kmax / percentile(|w|, params[0])` per channel (rows of `weights`).
 fn percentile(weights: &[f32], channels: usize, kmax: f64, params: &[f64]) -> Vec<f32> {
@@ -57,7 +57,7 @@ fn main() {
     let calibration = train.images::<Backend>(0..256, &device);
     println!(
         "\n## 2. Float model: {:.2} %",
-        accuracy(float.valid().forward(x_test.clone()), y_test.clone())
+        accuracy(float.forward(x_test.clone()), y_test.clone())
     );
 
     // 3. W3 with the max quantizer vs the custom one, nearest and AdaRound.
@@ -69,10 +69,10 @@ fn main() {
     custom.sep.quantizer = q.clone().into();
     custom.fc.quantizer = q.into();
     for (name, model) in [("MaxPerAxis", base), ("percentile 99 (custom)", custom)] {
-        let nearest = accuracy(model.valid().forward(x_test.clone()), y_test.clone());
+        let nearest = accuracy(model.forward(x_test.clone()), y_test.clone());
         let (rounded, _) =
             adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
-        let ada = accuracy(rounded.valid().forward(x_test.clone()), y_test.clone());
+        let ada = accuracy(rounded.forward(x_test.clone()), y_test.clone());
         println!("| {name} | {nearest:.2} % | {ada:.2} % |");
     }
 }

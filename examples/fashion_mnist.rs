@@ -310,8 +310,9 @@ fn run<B: AutodiffBackend>(device: &B::Device, train: Split, test: Split) {
     println!(
         "\n## 3. Convert to quantized layers ({CALIBRATION} calibration images, 8-bit activations)"
     );
-    let calibration = train.images::<B>(TRAIN_IMAGES..TRAIN_IMAGES + CALIBRATION, device);
-    let quant = QuantNet::from_float(&float, calibration.clone());
+    let calibration =
+        train.images::<B::InnerBackend>(TRAIN_IMAGES..TRAIN_IMAGES + CALIBRATION, device);
+    let quant = QuantNet::from_float(&float.valid(), calibration.clone());
 
     // 4. Nearest vs AdaRound
     println!("\n## 4. Nearest vs AdaRound");
@@ -332,11 +333,11 @@ fn run<B: AutodiffBackend>(device: &B::Device, train: Split, test: Split) {
                 if per_axis { "per-axis" } else { "per-tensor" }
             );
             let model = quant.clone().with_weights(bits, per_axis);
-            let nearest = eval(|x| model.valid().forward(x), &test, device);
+            let nearest = eval(|x| model.forward(x), &test, device);
             let (rounded, report) =
                 adaround(&model, calibration.clone(), |m, x| m.forward(x), &config)
                     .expect("AdaRound");
-            let ada = eval(|x| rounded.valid().forward(x), &test, device);
+            let ada = eval(|x| rounded.forward(x), &test, device);
             let recovered = if float_acc > nearest {
                 100.0 * (ada - nearest) / (float_acc - nearest)
             } else {

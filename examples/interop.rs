@@ -22,12 +22,12 @@ use adaround_burn::digits::{
     accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE,
 };
 use burn::{
-    module::{AutodiffModule, Module},
+    module::Module,
     record::{BinFileRecorder, FullPrecisionSettings},
     tensor::{quantization::QuantValue, Tensor},
 };
 
-type Backend = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
+type Backend = burn_ndarray::NdArray<f32>;
 type Inference = burn_ndarray::NdArray<f32>;
 
 const OUT: &str = "out/interop";
@@ -63,15 +63,15 @@ fn main() {
     for l in &report.loaded {
         println!("| {} | {} | {:?} |", l.tensor, l.from, l.shape);
     }
-    let float_acc = accuracy(float.valid().forward(x_test.clone()), y_test.clone());
-    let trained_acc = accuracy(trained.valid().forward(x_test.clone()), y_test.clone());
+    let float_acc = accuracy(float.forward(x_test.clone()), y_test.clone());
+    let trained_acc = accuracy(trained.forward(x_test.clone()), y_test.clone());
     println!(
         "Float accuracy: {float_acc:.2} % (the model that wrote the file: {trained_acc:.2} %)"
     );
 
     // 2. AdaRound at W4, one layer per call, resumed from the checkpoint.
     let model = QuantCnn::from_float(&float, 4, Granularity::PerTensor, 8, calibration.clone());
-    let nearest = accuracy(model.valid().forward(x_test.clone()), y_test.clone());
+    let nearest = accuracy(model.forward(x_test.clone()), y_test.clone());
     let checkpoint = format!("{OUT}/checkpoint");
     let _ = std::fs::remove_dir_all(&checkpoint);
     let config = quickstart_config();
@@ -92,12 +92,12 @@ fn main() {
     let (straight, _) =
         adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
     let same = rounded
-        .valid()
+        
         .forward(x_test.clone())
-        .equal(straight.valid().forward(x_test.clone()))
+        .equal(straight.forward(x_test.clone()))
         .all()
         .into_scalar();
-    let rounded = rounded.valid();
+    let rounded = rounded;
     let ada = accuracy(rounded.forward(x_test.clone()), y_test.clone());
     println!(
         "Accuracy: nearest {nearest:.2} %, AdaRound {ada:.2} % ({} of {} weights rounded \

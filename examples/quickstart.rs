@@ -103,9 +103,10 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
 
     // 3. Convert to quantized layers
     println!("\n## 3. Convert to quantized layers");
-    let calibration = train.images::<B>(0..CALIBRATION, device);
+    let calibration = train.images::<B::InnerBackend>(0..CALIBRATION, device);
+    // AdaRound runs on the inference model (BatchNorm, if any, in inference mode).
     let quant = QuantCnn::from_float(
-        &float,
+        &float.valid(),
         8,
         Granularity::PerAxis,
         ACTIVATION_BITS,
@@ -127,7 +128,7 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
     let mut rows = Vec::new();
     for bits in BITWIDTHS {
         let model = quant.clone().with_weight_bits(bits, Granularity::PerAxis);
-        let acc = accuracy(model.valid().forward(x_test.clone()), y_test.clone());
+        let acc = accuracy(model.forward(x_test.clone()), y_test.clone());
         println!("W{bits}: {acc:.2} %");
         rows.push((bits, acc));
     }
@@ -141,7 +142,7 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
         let model = quant.clone().with_weight_bits(bits, Granularity::PerAxis);
         let (rounded, report) =
             adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
-        let acc = accuracy(rounded.valid().forward(x_test.clone()), y_test.clone());
+        let acc = accuracy(rounded.forward(x_test.clone()), y_test.clone());
         println!("W{bits}: {:.1} s", report.seconds);
         for l in &report.layers {
             println!(

@@ -25,7 +25,7 @@ use burn::{
     module::Module,
     nn::PaddingConfig2d,
     record::{BinFileRecorder, FullPrecisionSettings},
-    tensor::{backend::AutodiffBackend, Distribution, Tensor},
+    tensor::{backend::Backend, Distribution, Tensor},
 };
 
 /// Iterations of the shorter run; the longer one adds enough for about
@@ -46,7 +46,7 @@ pub(crate) fn config(iterations: usize, path: LossPath, batch: usize) -> AdaRoun
 }
 
 /// Seconds per step of the driver's loop on `model`.
-pub fn per_step<B: AutodiffBackend, M: Module<B>, const D: usize>(
+pub fn per_step<B: Backend, M: Module<B>, const D: usize>(
     model: &M,
     samples: Tensor<B, D>,
     forward: impl Fn(&M, Tensor<B, D>) -> Tensor<B, D> + Copy,
@@ -74,7 +74,7 @@ pub fn per_step<B: AutodiffBackend, M: Module<B>, const D: usize>(
 
 /// Runs the benchmark on backend `B`, prints the tables and writes
 /// `out/bench/bench-<backend>.json`.
-pub fn run<B: AutodiffBackend>(device: &B::Device, backend_name: &str) -> serde_json::Value {
+pub fn run<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Value {
     B::seed(device, 1);
     let device = device.clone();
     let q = WeightQuantizer::max_per_axis(4).unwrap();
@@ -170,4 +170,62 @@ pub fn run<B: AutodiffBackend>(device: &B::Device, backend_name: &str) -> serde_
     std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     println!("\n{}", path.display());
     json
+}
+
+/// The mini-XCEPTION-size model ([`crate::xception`], random weights and BatchNorm
+/// statistics, folded): AdaRound at W4 per channel with the quickstart's configuration
+/// (1000 iterations per layer) on `samples` random 64x64 images, each `separable` choice.
+/// Prints per-layer seconds; returns the total seconds of each run.
+pub fn xception<B: Backend>(
+    device: &B::Device,
+    samples: usize,
+    separable: &[adaround::SeparableStep],
+) -> Vec<(String, f64)> {
+    use crate::xception::{MiniXception, QuantXception};
+    B::seed(device, 5);
+    let float = MiniXception::<B>::new(device);
+    let quantizer = WeightQuantizer::max_per_axis(4).unwrap();
+    let model = QuantXception::from_float(&float, &quantizer);
+    let x = Tensor::<B, 4>::random([samples, 1, 64, 64], Distribution::Normal(0.0, 1.0), device);
+    let mut totals = Vec::new();
+    for &choice in separable {
+        let config = crate::digits::quickstart_config().with_separable(choice);
+        let (rounded, report) = adaround::adaround_with_progress(
+            &model,
+            x.clone(),
+            |m, x| m.forward(x),
+            &config,
+            |p| {
+                if let adaround::Progress::LayerFinished { index, layers, report } = p {
+                    eprintln!("[{}/{layers}] {} {:.2} s", index + 1, report.name, report.seconds);
+                }
+            },
+        )
+        .unwrap();
+        let logits = |m: &QuantXception<B>| m.forward(x.clone());
+        let (f, r) = (float.forward(x.clone()), logits(&rounded));
+        let agree = agreement(f.clone(), r);
+        let nearest = agreement(f, logits(&model));
+        println!("\n| mini-XCEPTION W4 layer ({choice:?}) | kind | path | fused | error before -> after | seconds |");
+        println!("|---|---|---|---|---|---|");
+        for l in &report.layers {
+            println!(
+                "| {} | {:?} | {:?} | {} | {:.5} -> {:.5} | {:.2} |",
+                l.name, l.kind, l.path, l.fused, l.err_before, l.err_final, l.seconds
+            );
+        }
+        println!(
+            "| total | | | | top-1 agreement with float on the calibration images: nearest {nearest:.1} %, AdaRound {agree:.1} % | **{:.1}** |",
+            report.seconds
+        );
+        totals.push((format!("{choice:?}"), report.seconds));
+    }
+    totals
+}
+
+/// Percentage of rows whose arg-max agrees.
+fn agreement<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f64 {
+    let n = a.dims()[0] as f64;
+    let same = a.argmax(1).equal(b.argmax(1)).int().sum().into_scalar();
+    100.0 * burn::tensor::ElementConversion::elem::<f64>(same) / n
 }

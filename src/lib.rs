@@ -6,3 +6,4 @@
 pub mod bench;
 pub mod digits;
 pub mod svg;
+pub mod xception;

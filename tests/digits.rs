@@ -3,11 +3,11 @@
 use adaround::{adaround, AdaRoundConfig, BetaDecay, ReconstructionLoss, Schedule};
 use adaround_burn::digits::{accuracy, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE};
 use burn::{
-    module::{AutodiffModule, Module},
+    module::Module,
     record::{BinFileRecorder, FullPrecisionSettings},
 };
 
-type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
+type B = burn_ndarray::NdArray<f32>;
 
 #[test]
 fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
@@ -17,9 +17,9 @@ fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
         .load_file(FIXTURE, &recorder, &device)
         .expect("the committed fixture loads");
     let (train, test) = Digits::load().split(450, 7);
-    let x_test = test.images::<burn_ndarray::NdArray<f32>>(0..test.len(), &device);
-    let y_test = test.labels::<burn_ndarray::NdArray<f32>>(0..test.len(), &device);
-    let float_acc = accuracy(float.valid().forward(x_test.clone()), y_test.clone());
+    let x_test = test.images::<B>(0..test.len(), &device);
+    let y_test = test.labels::<B>(0..test.len(), &device);
+    let float_acc = accuracy(float.forward(x_test.clone()), y_test.clone());
     assert!(
         float_acc > 90.0,
         "the fixture is a trained model: {float_acc}"
@@ -27,7 +27,7 @@ fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
 
     let calibration = train.images::<B>(0..256, &device);
     let model = QuantCnn::from_float(&float, 2, Granularity::PerAxis, 8, calibration.clone());
-    let nearest = accuracy(model.valid().forward(x_test.clone()), y_test.clone());
+    let nearest = accuracy(model.forward(x_test.clone()), y_test.clone());
 
     let config = AdaRoundConfig::new(Schedule::Iterations {
         iterations: 400,
@@ -38,7 +38,7 @@ fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
     .with_loss(ReconstructionLoss::ChannelSum)
     .with_learning_rate(1e-2);
     let (rounded, report) = adaround(&model, calibration, |m, x| m.forward(x), &config).unwrap();
-    let ada = accuracy(rounded.valid().forward(x_test), y_test);
+    let ada = accuracy(rounded.forward(x_test), y_test);
     assert!(
         ada > nearest + 5.0,
         "W2 test accuracy: AdaRound {ada:.2} % vs nearest {nearest:.2} %"

@@ -1,6 +1,7 @@
 //! Integration tests of the AdaRound driver on small models, written once and run on every
-//! backend: `Autodiff<NdArray>` always, `Autodiff<Wgpu>` with the `wgpu` feature (in CI on
-//! Mesa's software Vulkan device).
+//! backend: `NdArray` always, `Wgpu` with the `wgpu` feature (in CI on Mesa's software
+//! Vulkan device). The driver takes inference models; it wraps a layer in `Autodiff` itself
+//! where a step needs gradients.
 
 /// Burn's seed is one global RNG per backend: tests that seed and then draw run one at a time.
 fn seed_lock() -> std::sync::MutexGuard<'static, ()> {
@@ -8,7 +9,7 @@ fn seed_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The driver's tests for one autodiff backend.
+/// The driver's tests for one backend.
 macro_rules! driver_tests {
     ($backend:ty) => {
         use adaround::{
@@ -19,7 +20,7 @@ macro_rules! driver_tests {
                 QuantizedSeparableConv2dConfig,
             },
             AdaRoundConfig, AdaRoundError, AdaRoundReport, FinalRounding, LossPath, ReconstructionLoss,
-            Schedule, WeightQuantizer,
+            Schedule, SeparableStep, WeightQuantizer,
         };
         use burn::{
             module::{Module, ModuleVisitor, Param, ParamId},
@@ -519,7 +520,7 @@ macro_rules! driver_tests {
             let saboteur = || {
                 AdamConfig::new()
                     .with_weight_decay(Some(WeightDecayConfig::new(1e6)))
-                    .init::<B, QuantizedLayer<B>>()
+                    .init::<burn_autodiff::Autodiff<B>, QuantizedLayer<burn_autodiff::Autodiff<B>>>()
             };
             let forward = |m: &Net<B>, x| m.forward(x);
             let (rounded, report) =
@@ -670,14 +671,22 @@ macro_rules! driver_tests {
             let (gram, r_gram) = run(LossPath::Gram);
             assert_eq!(
                 r_gram.layers.iter().map(|l| l.fused).collect::<Vec<_>>(),
-                [true, false, true],
-                "the fused step runs on Dense and Conv2D"
+                [true, true, true],
+                "the fused step runs on Dense, Conv2D and (split) SeparableConv2D"
             );
             let paths: Vec<LossPath> = r_gram.layers.iter().map(|l| l.path).collect();
             assert_eq!(
                 paths,
-                [LossPath::Gram, LossPath::Direct, LossPath::Gram],
-                "no Gram form for the separable conv"
+                [LossPath::Gram, LossPath::Gram, LossPath::Gram],
+                "split, each half of the separable conv has a Gram form"
+            );
+            let joint = cfg.clone().with_path(LossPath::Gram).with_separable(SeparableStep::Joint);
+            let (_, r_joint) = adaround(&model, samples(64, 21), |m, x| m.forward(x), &joint).unwrap();
+            let joint: Vec<(LossPath, bool)> = r_joint.layers.iter().map(|l| (l.path, l.fused)).collect();
+            assert_eq!(
+                joint,
+                [(LossPath::Gram, true), (LossPath::Direct, false), (LossPath::Gram, true)],
+                "joint, the separable conv has no Gram form and runs through autodiff"
             );
             assert!(r_direct.layers.iter().all(|l| l.path == LossPath::Direct));
             let (mut same, mut total) = (0usize, 0usize);
@@ -741,16 +750,104 @@ macro_rules! driver_tests {
                 }
             }
         }
+
+        /// Conv2D -> BatchNorm (not folded) -> ReLU -> Dense.
+        #[derive(Module, Debug)]
+        struct WithNorm<B: Backend> {
+            conv: QuantizedConv2d<B>,
+            norm: burn::nn::BatchNorm<B>,
+            act: QuantizedReLU<B>,
+            fc: QuantizedDense<B>,
+        }
+
+        impl<B: Backend> WithNorm<B> {
+            fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+                self.act.forward(self.norm.forward(self.conv.forward(x))).flatten(1, 3)
+            }
+
+            fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+                self.fc.forward(self.features(x))
+            }
+        }
+
+        /// A model whose BatchNorm statistics are far from what a batch of samples gives.
+        fn with_norm(conv_quantizer: WeightQuantizer) -> WithNorm<B> {
+            B::seed(&device(), 31);
+            let mut norm = burn::nn::BatchNormConfig::new(4).init(&device());
+            let r = |d| Tensor::<B, 1>::random([4], d, &device());
+            norm.running_mean = burn::module::RunningState::new(r(Distribution::Uniform(1.0, 2.0)));
+            norm.running_var = burn::module::RunningState::new(r(Distribution::Uniform(3.0, 5.0)));
+            materialize(WithNorm {
+                conv: conv([2, 4], &conv_quantizer),
+                norm,
+                act: relu(),
+                fc: QuantizedDenseConfig::new(4 * 8 * 8, 5)
+                    .with_quantizer(q3())
+                    .init(&device()),
+            })
+        }
+
+        #[test]
+        fn should_leave_a_batch_norm_model_untouched() {
+            let _seed = crate::seed_lock();
+            let model = with_norm(q3());
+            let stats = |m: &WithNorm<B>| -> Vec<f32> {
+                [m.norm.running_mean.value(), m.norm.running_var.value()]
+                    .into_iter()
+                    .flat_map(|t| t.into_data().to_vec::<f32>().unwrap())
+                    .collect()
+            };
+            let (params, running) = (snapshot(&model), stats(&model));
+            let cfg = config(40).with_batch_size(Some(8));
+            let (rounded, report) = adaround(&model, samples(32, 32), |m, x| m.forward(x), &cfg).unwrap();
+            assert_eq!(report.layers.len(), 2);
+            assert!(report.changed() > 0, "something was rounded");
+            assert_eq!(snapshot(&model), params, "the caller's parameters are untouched");
+            assert_eq!(stats(&model), running, "the caller's BatchNorm statistics are untouched");
+            assert_eq!(stats(&rounded), running, "the rounded model keeps the statistics");
+        }
+
+        #[test]
+        fn should_see_the_batch_norm_in_inference_mode() {
+            let _seed = crate::seed_lock();
+            // Only fc is quantized: its inputs go through the BatchNorm. The driver's error with
+            // nearest rounding must be the one on the inference-mode features.
+            let model = with_norm(WeightQuantizer::Float);
+            let x = samples(32, 33);
+            let features = model.features(x.clone());
+            let fc = &model.fc;
+            let expected = mse(fc.forward(features.clone()), fc.forward_float(features));
+            let cfg = config(1).with_never_worse(false);
+            let (_, report) = adaround(&model, x, |m, x| m.forward(x), &cfg).unwrap();
+            assert_eq!(report.layers.len(), 1);
+            let got = report.layers[0].err_before;
+            assert!(
+                (got - expected).abs() <= 1e-5 * expected,
+                "driver {got} vs inference {expected}"
+            );
+        }
     };
 }
 
 mod ndarray {
-    driver_tests!(burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>);
+    driver_tests!(burn_ndarray::NdArray<f32>);
+
+    #[test]
+    fn should_refuse_a_model_on_an_autodiff_backend() {
+        type Ad = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
+        let device = Default::default();
+        let model = QuantizedDenseConfig::new(4, 3)
+            .with_quantizer(q3())
+            .init::<Ad>(&device);
+        let x = Tensor::<Ad, 2>::random([8, 4], Distribution::Default, &device);
+        let err = adaround(&model, x, |m, x| m.forward(x), &config(1)).unwrap_err();
+        assert_eq!(err, AdaRoundError::AutodiffModel);
+    }
 }
 
 #[cfg(feature = "wgpu")]
 mod wgpu {
-    driver_tests!(burn_autodiff::Autodiff<burn_wgpu::Wgpu>);
+    driver_tests!(burn_wgpu::Wgpu);
 }
 
 /// The same model, data and configuration on NdArray and on Wgpu: per-layer errors and
@@ -772,8 +869,8 @@ mod agreement {
         tensor::{backend::Backend, Distribution, Tensor},
     };
 
-    type Cpu = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
-    type Gpu = burn_autodiff::Autodiff<burn_wgpu::Wgpu>;
+    type Cpu = burn_ndarray::NdArray<f32>;
+    type Gpu = burn_wgpu::Wgpu;
 
     #[derive(Module, Debug)]
     struct Small<B: Backend> {

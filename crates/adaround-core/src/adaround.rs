@@ -65,6 +65,27 @@ pub struct RoundingStatus {
     pub total: usize,
 }
 
+impl RoundingStatus {
+    /// The status of decimals `h` (any shape): roamers are neither exactly 0 nor exactly 1.
+    pub fn of_decimals<B: Backend, const D: usize>(h: Tensor<B, D>) -> Self {
+        let h = h.detach();
+        let total = h.shape().num_elements();
+        let count = |t: Tensor<B, D, burn::tensor::Bool>| -> usize {
+            t.int().sum().into_scalar().elem::<i64>() as usize
+        };
+        let zeros = count(h.clone().equal_elem(0.0));
+        let ones = count(h.clone().equal_elem(1.0));
+        let floor = count(h.lower_equal_elem(0.5));
+        let denom = total.max(1) as f64;
+        Self {
+            roamers: total - zeros - ones,
+            floor_fraction: floor as f64 / denom,
+            ceil_fraction: (total - floor) as f64 / denom,
+            total,
+        }
+    }
+}
+
 /// The AdaRound weight quantizer: learns, per weight, whether to round down or up.
 ///
 /// Wraps an original quantizer `q` and its weights `w` (SPEC §3):
@@ -233,21 +254,7 @@ impl<B: Backend> AdaRoundQuantizer<B> {
 
     /// Roamers (`h` not in `{0, 1}`) and the fractions rounded down (`h <= 0.5`) and up.
     pub fn status(&self) -> RoundingStatus {
-        let h = self.decimals().detach();
-        let total = h.shape().num_elements();
-        let count = |t: Tensor<B, 4, burn::tensor::Bool>| -> usize {
-            t.int().sum().into_scalar().elem::<i64>() as usize
-        };
-        let zeros = count(h.clone().equal_elem(0.0));
-        let ones = count(h.clone().equal_elem(1.0));
-        let floor = count(h.lower_equal_elem(0.5));
-        let denom = total.max(1) as f64;
-        RoundingStatus {
-            roamers: total - zeros - ones,
-            floor_fraction: floor as f64 / denom,
-            ceil_fraction: (total - floor) as f64 / denom,
-            total,
-        }
+        RoundingStatus::of_decimals(self.decimals())
     }
 
     /// Whether [`quantize`](Self::quantize) returns soft weights (`true`) or quantized ones.

@@ -33,6 +33,7 @@
 mod checks;
 mod conv2d;
 mod dense;
+mod fold;
 mod layer;
 pub mod native;
 pub mod probe;
@@ -42,6 +43,7 @@ mod slot;
 
 pub use conv2d::{same_padding, QuantizedConv2d, QuantizedConv2dConfig, CONV_AXIS};
 pub use dense::{QuantizedDense, QuantizedDenseConfig, DENSE_AXIS};
+pub use fold::{FoldBatchNorm, FoldError};
 pub use layer::{KernelChange, LayerKind, QuantizedLayer};
 pub use native::NativeQuantError;
 pub use relu::{QuantizedReLU, QuantizedReLUConfig, QuantizedReLURecord};

@@ -10,7 +10,7 @@ use crate::{
     checks,
     conv2d::{conv_with, CONV_AXIS},
     probe::{self, Flow, ProbeEvent},
-    QuantizedLayer, QuantizerSlot,
+    QuantizedConv2d, QuantizedLayer, QuantizerSlot,
 };
 
 /// Configuration of a [`QuantizedSeparableConv2d`] layer.
@@ -154,6 +154,46 @@ impl<B: Backend> QuantizedSeparableConv2d<B> {
             bias,
             quantizer_dw: quantizer_dw.into(),
             quantizer: quantizer.into(),
+            stride: depthwise.stride,
+            dilation: depthwise.dilation,
+            padding: depthwise.padding,
+            channels_in: depthwise.groups,
+        }
+    }
+
+    /// The layer as its two convolutions: the depthwise one (`groups == channels_in`, the
+    /// depthwise stride, dilation and padding, no bias) and the 1x1 pointwise one (with the
+    /// bias). `pointwise(depthwise(x))` is the layer's forward; [`join`](Self::join) undoes it.
+    pub fn split(self) -> (QuantizedConv2d<B>, QuantizedConv2d<B>) {
+        let depthwise = QuantizedConv2d {
+            weight: self.weight_dw,
+            bias: None,
+            quantizer: self.quantizer_dw,
+            stride: self.stride,
+            dilation: self.dilation,
+            groups: self.channels_in,
+            padding: self.padding,
+        };
+        let pointwise = QuantizedConv2d {
+            weight: self.weight,
+            bias: self.bias,
+            quantizer: self.quantizer,
+            stride: [1, 1],
+            dilation: [1, 1],
+            groups: 1,
+            padding: PaddingConfig2d::Valid,
+        };
+        (depthwise, pointwise)
+    }
+
+    /// The layer from the two halves of [`split`](Self::split).
+    pub fn join(depthwise: QuantizedConv2d<B>, pointwise: QuantizedConv2d<B>) -> Self {
+        Self {
+            weight_dw: depthwise.weight,
+            weight: pointwise.weight,
+            bias: pointwise.bias,
+            quantizer_dw: depthwise.quantizer,
+            quantizer: pointwise.quantizer,
             stride: depthwise.stride,
             dilation: depthwise.dilation,
             padding: depthwise.padding,

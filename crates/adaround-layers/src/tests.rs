@@ -356,3 +356,88 @@ fn should_copy_the_pointwise_quantizer_to_the_depthwise_slot_by_default() {
         .init::<B>(&device());
     assert_eq!(sep.quantizer_dw.quantizer(), &q4());
 }
+
+/// A BatchNorm with non-trivial statistics and affine parameters.
+fn trained_bn(c: usize) -> burn::nn::BatchNorm<B> {
+    use burn::module::{Param, RunningState};
+    let mut bn = burn::nn::BatchNormConfig::new(c).init::<B>(&device());
+    let r = |d| Tensor::<B, 1>::random([c], d, &device());
+    bn.gamma = Param::from_tensor(r(Distribution::Uniform(0.5, 2.0)));
+    bn.beta = Param::from_tensor(r(Distribution::Normal(0.0, 1.0)));
+    bn.running_mean = RunningState::new(r(Distribution::Normal(0.0, 1.0)));
+    bn.running_var = RunningState::new(r(Distribution::Uniform(0.1, 3.0)));
+    bn
+}
+
+#[test]
+fn should_fold_batch_norm_exactly_into_every_layer_kind() {
+    B::seed(&device(), 21);
+    let x4 = Tensor::<B, 4>::random([2, 4, 7, 7], Distribution::Normal(0.0, 1.0), &device());
+    let x2 = Tensor::<B, 2>::random([9, 6], Distribution::Normal(0.0, 1.0), &device());
+    let float = WeightQuantizer::Float;
+
+    let bn = trained_bn(5);
+    let conv = init(Conv2dConfig::new([4, 5], [3, 3]).with_bias(false).init::<B>(&device()));
+    let expected = bn.forward(conv.forward(x4.clone()));
+    let folded = conv.clone().fold_batch_norm(&bn).unwrap();
+    assert!(max_diff(folded.forward(x4.clone()), expected.clone()) < 1e-5);
+    let quantized = QuantizedConv2d::from_conv2d(conv, float.clone()).fold_batch_norm(&bn);
+    assert!(max_diff(quantized.unwrap().forward(x4.clone()), expected.clone()) < 1e-5);
+
+    let (dw, pw) = depthwise_pair::<B>(4, 2, 5, PaddingConfig2d::Same);
+    let sep = QuantizedSeparableConv2d::from_conv2d_pair(dw, pw, float.clone(), float.clone());
+    let expected = bn.forward(sep.forward(x4.clone()));
+    let folded = sep.fold_batch_norm(&bn).unwrap();
+    assert!(max_diff(folded.forward(x4.clone()), expected) < 1e-5);
+
+    let bn1 = trained_bn(3);
+    let linear = init(LinearConfig::new(6, 3).init::<B>(&device()));
+    // BatchNorm over features: rows as [n, features, 1].
+    let norm = |y: Tensor<B, 2>| bn1.forward(y.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
+    let expected = norm(linear.forward(x2.clone()));
+    let folded = linear.clone().fold_batch_norm(&bn1).unwrap();
+    assert!(max_diff(folded.forward(x2.clone()), expected.clone()) < 1e-5);
+    let quantized = QuantizedDense::from_linear(linear, float).fold_batch_norm(&bn1);
+    assert!(max_diff(quantized.unwrap().forward(x2), expected) < 1e-5);
+}
+
+#[test]
+fn should_refuse_to_fold_a_mismatched_or_armed_layer() {
+    let bn = trained_bn(5);
+    let conv = QuantizedConv2dConfig::new([4, 6], [3, 3]).init::<B>(&device());
+    assert_eq!(
+        conv.clone().fold_batch_norm(&bn).unwrap_err(),
+        FoldError::Channels { layer: 6, norm: 5 }
+    );
+    let bn = trained_bn(6);
+    let armed = QuantizedLayer::Conv2d(conv)
+        .with_adaround(&AdaRoundParams::new())
+        .unwrap();
+    let QuantizedLayer::Conv2d(armed) = armed else {
+        unreachable!()
+    };
+    assert_eq!(
+        armed.fold_batch_norm(&bn).unwrap_err(),
+        FoldError::AdaRoundArmed
+    );
+}
+
+#[test]
+fn should_split_and_join_a_separable_conv_without_changing_its_output() {
+    B::seed(&device(), 22);
+    let x = Tensor::<B, 4>::random([2, 4, 9, 8], Distribution::Normal(0.0, 1.0), &device());
+    let sep = init(
+        QuantizedSeparableConv2dConfig::new([4, 6], [3, 3])
+            .with_depth_multiplier(2)
+            .with_stride([2, 1])
+            .with_padding(PaddingConfig2d::Same)
+            .with_quantizer(q4())
+            .init::<B>(&device()),
+    );
+    let expected = sep.forward(x.clone());
+    let (dw, pw) = sep.clone().split();
+    assert_eq!(dw.groups, 4);
+    assert!(max_diff(pw.forward(dw.forward(x.clone())), expected.clone()) < 1e-5);
+    let joined = QuantizedSeparableConv2d::join(dw, pw);
+    assert!(max_diff(joined.forward(x), expected) < 1e-6);
+}

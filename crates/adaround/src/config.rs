@@ -26,6 +26,18 @@ pub enum Target {
     FloatModel,
 }
 
+/// How a SeparableConv2D layer's two kernels are optimised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeparableStep {
+    /// Both kernels together against the layer's output, by autodiff through the depthwise
+    /// and pointwise convolutions (cnn2snn).
+    Joint,
+    /// As two Conv2D problems, each with its own Gram matrices and fused step: the depthwise
+    /// kernel against the float depthwise output, then the pointwise kernel on the rounded
+    /// depthwise outputs (AIMET rounds them as two layers). Much faster on large maps.
+    Split,
+}
+
 /// How the rounded weights are written into the float kernel at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FinalRounding {
@@ -75,6 +87,9 @@ pub struct AdaRoundConfig {
     /// wherever it exists (`Gram`).
     #[config(default = "LossPath::Auto")]
     pub path: LossPath,
+    /// How a separable convolution's two kernels are optimised.
+    #[config(default = "SeparableStep::Split")]
+    pub separable: SeparableStep,
     /// A folder for checkpoints: after each layer the model record (`model.bin`) and the
     /// report so far (`progress.json`) are written there, and a run that finds them resumes
     /// after the last finished layer (same model, samples and configuration required).

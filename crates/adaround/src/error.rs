@@ -18,6 +18,12 @@ pub enum AdaRoundError {
     /// The samples hold `NaN` or infinite values.
     #[error("the calibration samples contain non-finite values (NaN or infinity)")]
     NonFiniteInputs,
+    /// The model is on an autodiff backend, where Burn's BatchNorm (and any module that
+    /// checks for autodiff) runs in training mode: pass the inference model, `model.valid()`.
+    #[error(
+        "the model is on an autodiff backend, where BatchNorm runs in training mode; pass `model.valid()` (its inference backend)"
+    )]
+    AutodiffModel,
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),

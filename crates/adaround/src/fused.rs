@@ -18,16 +18,18 @@
 //! It computes what the autodiff step computes, with fewer and cheaper operations; the two
 //! agree to floating-point rounding (tested).
 
+use adaround_core::RoundingStatus;
 use adaround_layers::{probe::Flow, QuantizedLayer, QuantizerSlot};
 use burn::{
     module::Param,
-    tensor::{
-        backend::{AutodiffBackend, Backend},
-        Tensor,
-    },
+    tensor::{backend::Backend, Tensor},
 };
 
-use crate::{gram, ReconstructionLoss};
+use crate::{
+    gram,
+    step::{Losses, Step},
+    ReconstructionLoss,
+};
 
 const BETA_1: f64 = 0.9;
 const BETA_2: f64 = 0.999;
@@ -45,26 +47,25 @@ enum Data<B: Backend> {
     Direct(Vec<(Tensor<B, 3>, Tensor<B, 3>)>),
 }
 
-type Inner<B> = <B as AutodiffBackend>::InnerBackend;
-/// A kernel-shaped tensor of the inner backend (`[groups, C_out / groups, K]`).
-type Matrix<B> = Tensor<Inner<B>, 3>;
-/// A loss of the inner backend.
-type Loss<B> = Tensor<Inner<B>, 1>;
+/// A kernel-shaped tensor (`[groups, C_out / groups, K]`).
+type Matrix<B> = Tensor<B, 3>;
 
 /// A layer under optimisation by the fused step.
-pub(crate) struct Fused<B: AutodiffBackend> {
+pub(crate) struct Fused<B: Backend> {
     layer: QuantizedLayer<B>,
-    alpha: Tensor<B::InnerBackend, 3>,
-    w_floor: Tensor<B::InnerBackend, 3>,
-    sf: Tensor<B::InnerBackend, 3>,
-    weight: Tensor<B::InnerBackend, 3>,
+    alpha: Matrix<B>,
+    w_floor: Matrix<B>,
+    sf: Matrix<B>,
+    weight: Matrix<B>,
     kmax: f64,
     gamma: f64,
     zeta: f64,
     moments: Option<(Matrix<B>, Matrix<B>)>,
     time: i32,
-    data: Data<B::InnerBackend>,
+    data: Data<B>,
     divisors: Vec<f64>,
+    /// `(reg, learning rate)`.
+    pub(crate) rates: (f64, f64),
 }
 
 /// `[g, C_out / g, K]` from the kernel layout (`Dense [d_in, d_out]`, Conv2d
@@ -123,7 +124,7 @@ pub(crate) fn patch_bytes<B: Backend>(layer: &QuantizedLayer<B>, inputs: &[Flow<
         .saturating_mul(inputs.len())
 }
 
-impl<B: AutodiffBackend> Fused<B> {
+impl<B: Backend> Fused<B> {
     /// Takes over `layer` (AdaRound armed in its single slot). `gram`: use its Gram matrices;
     /// else the direct path on `inputs` and `targets`.
     pub(crate) fn new(
@@ -138,21 +139,21 @@ impl<B: AutodiffBackend> Fused<B> {
             .quantizer
             .kmax()
             .expect("AdaRound wraps a quantizing quantizer");
-        let m = |t: Tensor<B, 4>| to_matrix(&layer, t.inner());
+        let m = |t: Tensor<B, 4>| to_matrix(&layer, t);
         let alpha = m(ada.alpha.val());
         let w_floor = m(ada.w_floor.val());
         let sf = m(ada.sf.val());
         let (weight, bias) = match &layer {
             QuantizedLayer::Dense(l) => (
-                l.weight.val().inner().transpose().unsqueeze_dim(0),
-                l.bias.as_ref().map(|b| b.val().inner()),
+                l.weight.val().transpose().unsqueeze_dim(0),
+                l.bias.as_ref().map(|b| b.val()),
             ),
             QuantizedLayer::Conv2d(l) => {
                 let [c_out, k_g, kh, kw] = l.weight.dims();
-                let w = l.weight.val().inner();
+                let w = l.weight.val();
                 (
                     w.reshape([l.groups, c_out / l.groups, k_g * kh * kw]),
-                    l.bias.as_ref().map(|b| b.val().inner()),
+                    l.bias.as_ref().map(|b| b.val()),
                 )
             }
             QuantizedLayer::SeparableConv2d(_) => unreachable!("not fused"),
@@ -160,7 +161,7 @@ impl<B: AutodiffBackend> Fused<B> {
         let [groups, rows, _] = weight.dims();
         let (data, divisors) = match grams {
             Some(g) => (
-                Data::Gram(g.grams.iter().map(|t| t.clone().inner()).collect()),
+                Data::Gram(g.grams.clone()),
                 g.divisors.clone(),
             ),
             None => {
@@ -169,11 +170,11 @@ impl<B: AutodiffBackend> Fused<B> {
                 for (x, t) in inputs.iter().zip(targets) {
                     let (x, t) = match (&layer, x, t) {
                         (QuantizedLayer::Dense(_), Flow::Rows(x), Flow::Rows(t)) => (
-                            x.clone().inner().unsqueeze_dim::<3>(0),
-                            t.clone().inner().unsqueeze_dim::<3>(0),
+                            x.clone().unsqueeze_dim::<3>(0),
+                            t.clone().unsqueeze_dim::<3>(0),
                         ),
                         (QuantizedLayer::Conv2d(l), Flow::Maps(x), Flow::Maps(t)) => {
-                            let p = gram::patches(l, x.clone().detach()).inner();
+                            let p = gram::patches(l, x.clone());
                             let [b, gk, positions] = p.dims();
                             let p = p
                                 .reshape([b, groups, gk / groups, positions])
@@ -181,7 +182,6 @@ impl<B: AutodiffBackend> Fused<B> {
                                 .reshape([groups, b * positions, gk / groups]);
                             let t = t
                                 .clone()
-                                .inner()
                                 .reshape([b, groups, rows, positions])
                                 .permute([1, 0, 3, 2])
                                 .reshape([groups, b * positions, rows]);
@@ -216,41 +216,32 @@ impl<B: AutodiffBackend> Fused<B> {
             time: 0,
             data,
             divisors,
+            rates: (0.0, 0.0),
         }
     }
 
-    /// One step on batch `b`; returns the reconstruction loss and, with a `beta`, the
-    /// rounding loss times `reg`.
-    pub(crate) fn step(
-        &mut self,
-        b: usize,
-        beta: Option<f64>,
-        reg: f64,
-        lr: f64,
-    ) -> (
-        Tensor<B::InnerBackend, 1>,
-        Option<Tensor<B::InnerBackend, 1>>,
-    ) {
-        let (rec, round, grad) = self.loss_and_gradient(b, beta, reg);
-        self.adam(grad, lr);
-        (rec, round)
+
+    /// `(s, u, h)`: the sigmoid of alpha, its stretch, and the decimals `h = clip(u, 0, 1)`.
+    fn decimals(&self) -> (Matrix<B>, Matrix<B>, Matrix<B>) {
+        let (gamma, zeta) = (self.gamma, self.zeta);
+        // Exact division for the sigmoid (as `AdaRoundQuantizer::decimals`).
+        let denom = self.alpha.clone().neg().exp().add_scalar(1.0);
+        let s = denom.ones_like() / denom;
+        let u = s.clone().mul_scalar(zeta - gamma).add_scalar(gamma);
+        let h = u.clone().clamp(0.0, 1.0);
+        (s, u, h)
     }
 
-    /// The losses of [`step`](Self::step) and the gradient of their sum with respect to
+    /// The losses of [`Step::step`] and the gradient of their sum with respect to
     /// alpha (in the matrix layout).
     fn loss_and_gradient(
         &self,
         b: usize,
         beta: Option<f64>,
         reg: f64,
-    ) -> (Loss<B>, Option<Loss<B>>, Matrix<B>) {
+    ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, Matrix<B>) {
         let (gamma, zeta, kmax) = (self.gamma, self.zeta, self.kmax);
-        let alpha = self.alpha.clone();
-        // Exact division for the sigmoid (as `AdaRoundQuantizer::decimals`).
-        let denom = alpha.neg().exp().add_scalar(1.0);
-        let s = denom.ones_like() / denom;
-        let u = s.clone().mul_scalar(zeta - gamma).add_scalar(gamma);
-        let h = u.clone().clamp(0.0, 1.0);
+        let (s, u, h) = self.decimals();
         let outside_h = u.not_equal(h.clone());
         let z = self.w_floor.clone() + h.clone();
         let zc = z.clone().clamp(-kmax, kmax);
@@ -301,7 +292,7 @@ impl<B: AutodiffBackend> Fused<B> {
     }
 
     /// Adam (Burn's `AdaptiveMomentum` with `AdamConfig::new()`) on alpha.
-    fn adam(&mut self, grad: Tensor<B::InnerBackend, 3>, lr: f64) {
+    fn adam(&mut self, grad: Matrix<B>, lr: f64) {
         let (m, v) = match self.moments.take() {
             Some((m, v)) => (
                 m.mul_scalar(BETA_1) + grad.clone().mul_scalar(1.0 - BETA_1),
@@ -328,8 +319,7 @@ impl<B: AutodiffBackend> Fused<B> {
         let set = |slot: &QuantizerSlot<B>| match slot {
             QuantizerSlot::AdaRound(ada) => {
                 let mut ada = ada.clone();
-                let tensor = Tensor::<B, 4>::from_inner(alpha.clone()).require_grad();
-                ada.alpha = Param::initialized(ada.alpha.id, tensor);
+                ada.alpha = Param::initialized(ada.alpha.id, alpha.clone());
                 QuantizerSlot::AdaRound(ada)
             }
             plain => plain.clone(),
@@ -347,6 +337,23 @@ impl<B: AutodiffBackend> Fused<B> {
             }
             QuantizedLayer::SeparableConv2d(_) => unreachable!("not fused"),
         }
+    }
+}
+
+impl<B: Backend> Step<B> for Fused<B> {
+    fn step(&mut self, b: usize, beta: Option<f64>) -> Losses<B> {
+        let (reg, lr) = self.rates;
+        let (rec, round, grad) = self.loss_and_gradient(b, beta, reg);
+        self.adam(grad, lr);
+        (rec, round)
+    }
+
+    fn status(&self) -> Vec<RoundingStatus> {
+        vec![RoundingStatus::of_decimals(self.decimals().2)]
+    }
+
+    fn into_layer(self: Box<Self>) -> QuantizedLayer<B> {
+        self.layer()
     }
 }
 
@@ -375,7 +382,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::{driver::reconstruction_loss, gram::tests::armed};
+    use crate::{gram::tests::armed, optimize::reconstruction_loss};
 
     type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
 

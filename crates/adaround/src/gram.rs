@@ -47,8 +47,14 @@ pub(crate) fn sizes<B: Backend>(layer: &QuantizedLayer<B>, input: &Flow<B>) -> (
         (QuantizedLayer::Dense(l), Flow::Rows(x)) => (l.weight.dims()[0], x.dims()[0]),
         (QuantizedLayer::Conv2d(l), Flow::Maps(x)) => {
             let [_, k_g, kh, kw] = l.weight.dims();
-            let patches = patches(l, x.clone());
-            (k_g * kh * kw, patches.dims()[0] * patches.dims()[2])
+            let [b, _, h, w] = x.dims();
+            let ((top, bottom), (left, right)) = l.padding_pairs([h, w]);
+            let out = |size: usize, pad: usize, k: usize, stride: usize, dilation: usize| {
+                (size + pad).saturating_sub(dilation * (k - 1) + 1) / stride + 1
+            };
+            let h_out = out(h, top + bottom, kh, l.stride[0], l.dilation[0]);
+            let w_out = out(w, left + right, kw, l.stride[1], l.dilation[1]);
+            (k_g * kh * kw, b * h_out * w_out)
         }
         _ => (usize::MAX, 0),
     }
@@ -162,7 +168,7 @@ pub(crate) mod tests {
     };
 
     use super::*;
-    use crate::driver::reconstruction_loss;
+    use crate::optimize::reconstruction_loss;
 
     type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
 

@@ -26,7 +26,7 @@
 //!     }
 //! }
 //!
-//! type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
+//! type B = burn_ndarray::NdArray<f32>;
 //! let device = Default::default();
 //! let q = WeightQuantizer::max_per_axis(3).unwrap();
 //! let model = Mlp::<B> {
@@ -51,21 +51,29 @@
 mod capture;
 mod checkpoint;
 mod config;
+mod discover;
 mod driver;
 mod error;
 mod export;
 mod fused;
 mod gram;
 pub mod import;
+mod optimize;
 mod params;
+mod progress;
 mod report;
+mod site;
+mod step;
 
 pub use adaround_core::{
     AdaRoundParams, AdaRoundQuantizer, BetaDecay, QuantizerError, RoundingStatus, Schedule,
     WeightQuantizer,
 };
-pub use config::{AdaRoundConfig, FinalRounding, LossPath, ReconstructionLoss, Target};
-pub use driver::{adaround, adaround_with_optimizer};
+pub use config::{
+    AdaRoundConfig, FinalRounding, LossPath, ReconstructionLoss, SeparableStep, Target,
+};
+pub use driver::{adaround, adaround_with_optimizer, adaround_with_progress};
+pub use progress::Progress;
 pub use error::AdaRoundError;
 pub use export::{export_integers, IntegerExport, IntegerKernel, INTEGER_FORMAT};
 pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};

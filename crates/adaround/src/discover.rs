@@ -1,0 +1,110 @@
+//! Finding the layers to optimise, and capturing what flows into them.
+
+use adaround_core::all_finite;
+use adaround_layers::{probe::Flow, QuantizedLayer, QuantizedReLU};
+use burn::{
+    module::Module,
+    tensor::{backend::Backend, ElementConversion, Tensor},
+};
+
+use crate::{
+    capture::{self, Capture, Discover, Seen},
+    params::ParamIndex,
+    AdaRoundConfig, AdaRoundError,
+};
+
+/// A layer to optimise, found by the discovery pass.
+pub(crate) struct Site<B: Backend> {
+    pub position: usize,
+    pub name: String,
+    pub layer: QuantizedLayer<B>,
+    pub activation: Option<QuantizedReLU<B>>,
+}
+
+/// Runs the model once and lists its quantized layers in forward order.
+pub(crate) fn discover<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>(
+    model: &M,
+    batch: &Tensor<B, D>,
+    forward: &F,
+    index: &ParamIndex,
+    config: &AdaRoundConfig,
+) -> Result<Vec<Site<B>>, AdaRoundError> {
+    let probe = capture::run(Discover { events: Vec::new() }, || {
+        forward(model, batch.clone())
+    })?;
+    let mut sites = Vec::new();
+    let mut seen_ids = Vec::new();
+    for (position, event) in probe.events.iter().enumerate() {
+        let Seen::Layer { layer, output } = event else {
+            continue;
+        };
+        let id = layer.kernels()[0].1;
+        let name = index
+            .owner(&id)
+            .unwrap_or_else(|| format!("layer{position}"));
+        if seen_ids.contains(&id) {
+            return Err(AdaRoundError::SharedLayer { layer: name });
+        }
+        seen_ids.push(id);
+        if !layer.is_quantizing() {
+            continue;
+        }
+        if !layer.kernel_values().iter().all(|(_, w)| all_finite(w)) {
+            return Err(AdaRoundError::NonFiniteWeights { layer: name });
+        }
+        let activation = match probe.events.get(position + 1) {
+            Some(Seen::Activation { activation, input }) if same_values(input, output) => {
+                Some(activation.clone())
+            }
+            _ => None,
+        };
+        if config.include_activation && activation.is_none() {
+            return Err(AdaRoundError::NoFollowingActivation { layer: name });
+        }
+        sites.push(Site {
+            position,
+            name,
+            layer: (**layer).clone(),
+            activation: activation.filter(|_| config.include_activation),
+        });
+    }
+    if sites.is_empty() {
+        return Err(AdaRoundError::NoQuantizedLayer);
+    }
+    Ok(sites)
+}
+
+fn same_values<B: Backend>(a: &Flow<B>, b: &Flow<B>) -> bool {
+    a.dims() == b.dims() && {
+        let diff = (a.clone().flatten() - b.clone().flatten())
+            .abs()
+            .max()
+            .into_scalar();
+        diff.elem::<f64>() == 0.0
+    }
+}
+
+/// The layer's input for every batch, from the model's own forward pass (`float`: every
+/// quantized layer with its float weights).
+pub(crate) fn capture_inputs<B: Backend, M, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>(
+    model: &M,
+    batches: &[Tensor<B, D>],
+    forward: &F,
+    site: &Site<B>,
+    float: bool,
+) -> Result<Vec<Flow<B>>, AdaRoundError> {
+    batches
+        .iter()
+        .map(|batch| {
+            let probe = Capture {
+                target: site.position,
+                float,
+                input: None,
+            };
+            let probe = capture::run(probe, || forward(model, batch.clone()))?;
+            probe.input.ok_or_else(|| AdaRoundError::LayerNotReached {
+                layer: site.name.clone(),
+            })
+        })
+        .collect()
+}

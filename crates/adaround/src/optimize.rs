@@ -1,0 +1,324 @@
+//! Optimising one layer: arm AdaRound, run the schedule with a [`Step`], finalize, report.
+
+use adaround_layers::{probe::Flow, QuantizedLayer, QuantizedReLU};
+use burn::{
+    module::AutodiffModule,
+    optim::{AdamConfig, Optimizer},
+    tensor::{backend::Backend, ElementConversion, Tensor},
+};
+use log::debug;
+
+use crate::{
+    fused::{self, Fused},
+    gram::{self, Grams, LossPath},
+    progress::{self, Progress},
+    step::{lift, Ad, AutodiffData, AutodiffStep, Step},
+    AdaRoundConfig, AdaRoundError, FinalRounding, KernelReport, LayerReport, ReconstructionLoss,
+    Schedule, StepLog, HISTOGRAM_BINS,
+};
+
+/// One quantized layer (or half of a separable one) with what it is optimised on.
+pub(crate) struct Unit<'a, B: Backend> {
+    /// Name for errors and progress.
+    pub name: &'a str,
+    /// The layer, not yet armed.
+    pub layer: QuantizedLayer<B>,
+    /// The quantized activation the outputs go through (`include_activation`).
+    pub activation: Option<QuantizedReLU<B>>,
+    /// The layer's inputs, one per batch.
+    pub inputs: &'a [Flow<B>],
+    /// The target outputs, one per batch (after `activation`, if any).
+    pub targets: &'a [Flow<B>],
+    /// Whether the targets are the float layer on these very inputs (the Gram form is exact).
+    pub same_inputs: bool,
+}
+
+/// How the caller wants layers optimised, and who hears about it.
+pub(crate) struct Context<'a, Opt> {
+    pub config: &'a AdaRoundConfig,
+    /// The optimizer of the autodiff step; `None` lets the fused step run where it exists.
+    pub optimizer: Option<&'a mut dyn FnMut() -> Opt>,
+    pub progress: &'a mut dyn FnMut(Progress<'_>),
+    /// Position among the layers optimised in this call, and their number.
+    pub index: usize,
+    pub layers: usize,
+}
+
+/// What the schedule loop leaves.
+struct Trace {
+    history: Vec<StepLog>,
+    steps: usize,
+    early_stop: bool,
+    last: (f64, f64),
+}
+
+/// The squared error between outputs and targets, as configured.
+pub(crate) fn reconstruction_loss<B: Backend>(
+    output: Flow<B>,
+    target: Flow<B>,
+    loss: ReconstructionLoss,
+) -> Tensor<B, 1> {
+    match (output, target, loss) {
+        (out, target, ReconstructionLoss::Mse) => {
+            (out.flatten() - target.flatten()).powi_scalar(2).mean()
+        }
+        (Flow::Rows(out), Flow::Rows(target), ReconstructionLoss::ChannelSum) => {
+            (out - target).powi_scalar(2).sum_dim(1).mean()
+        }
+        (Flow::Maps(out), Flow::Maps(target), ReconstructionLoss::ChannelSum) => {
+            (out - target).powi_scalar(2).sum_dim(1).mean()
+        }
+        (out, target, _) => panic!(
+            "output {:?} and target {:?} differ",
+            out.dims(),
+            target.dims()
+        ),
+    }
+}
+
+/// `layer` on `x`, through `activation` if any.
+pub(crate) fn apply<B: Backend>(
+    layer: &QuantizedLayer<B>,
+    activation: Option<&QuantizedReLU<B>>,
+    x: Flow<B>,
+) -> Flow<B> {
+    let out = layer.forward_flow(x);
+    match activation {
+        Some(act) => act.forward_flow(out, false),
+        None => out,
+    }
+}
+
+/// Mean over batches of the MSE between the layer's outputs and the targets.
+pub(crate) fn layer_error<B: Backend>(
+    layer: &QuantizedLayer<B>,
+    activation: Option<&QuantizedReLU<B>>,
+    inputs: &[Flow<B>],
+    targets: &[Flow<B>],
+) -> f64 {
+    let total: f64 = inputs
+        .iter()
+        .zip(targets)
+        .map(|(x, t)| {
+            let out = apply(layer, activation, x.clone());
+            let mse = reconstruction_loss(out, t.clone(), ReconstructionLoss::Mse);
+            mse.into_scalar().elem::<f64>()
+        })
+        .sum();
+    total / inputs.len() as f64
+}
+
+fn histogram<B: Backend>(decimals: Tensor<B, 4>) -> Vec<usize> {
+    let values: Vec<f32> = decimals
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap_or_default();
+    let mut bins = vec![0; HISTOGRAM_BINS];
+    for v in values {
+        let bin = ((v.clamp(0.0, 1.0) * HISTOGRAM_BINS as f32) as usize).min(HISTOGRAM_BINS - 1);
+        bins[bin] += 1;
+    }
+    bins
+}
+
+fn histograms<B: Backend>(layer: &QuantizedLayer<B>) -> Vec<Vec<usize>> {
+    layer
+        .adarounds()
+        .iter()
+        .map(|a| histogram(a.decimals()))
+        .collect()
+}
+
+/// The loss path of a unit: the Gram form needs no activation, targets from the same inputs,
+/// and a Dense or Conv2D layer; `Auto` also needs it to be cheaper.
+fn choose_path<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> LossPath {
+    let exact = unit.activation.is_none() && unit.same_inputs && gram::supports(&unit.layer);
+    match config.path {
+        LossPath::Gram | LossPath::Auto if exact => {
+            let (k, positions) = gram::sizes(&unit.layer, &unit.inputs[0]);
+            if config.path == LossPath::Gram || positions > k {
+                LossPath::Gram
+            } else {
+                LossPath::Direct
+            }
+        }
+        _ => LossPath::Direct,
+    }
+}
+
+/// The step for `layer` (armed): fused where it exists and the caller allows it, else autodiff.
+fn build_step<'a, B: Backend + 'a, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>> + 'a>(
+    unit: &Unit<'_, B>,
+    layer: QuantizedLayer<B>,
+    grams: Option<Grams<B>>,
+    ctx: &mut Context<'_, Opt>,
+) -> (Box<dyn Step<B> + 'a>, bool) {
+    let (reg, lr) = (ctx.config.params.reg, ctx.config.learning_rate);
+    let fusable = unit.activation.is_none()
+        && gram::supports(&layer)
+        && (grams.is_some() || fused::patch_bytes(&layer, unit.inputs) <= fused::MAX_PATCH_BYTES);
+    match ctx.optimizer.as_mut() {
+        None if fusable => {
+            let mut step = Fused::new(
+                layer,
+                unit.inputs,
+                unit.targets,
+                grams.as_ref(),
+                ctx.config.loss,
+            );
+            step.rates = (reg, lr);
+            (Box::new(step), true)
+        }
+        optimizer => {
+            let data = AutodiffData {
+                inputs: unit.inputs.iter().map(lift).collect(),
+                targets: unit.targets.iter().map(lift).collect(),
+                grams: grams.map(|g| Grams {
+                    grams: g.grams.into_iter().map(Tensor::from_inner).collect(),
+                    divisors: g.divisors,
+                }),
+                activation: unit
+                    .activation
+                    .clone()
+                    .map(QuantizedReLU::<Ad<B>>::from_inner),
+                loss: ctx.config.loss,
+            };
+            let step: Box<dyn Step<B> + 'a> = match optimizer {
+                Some(make) => Box::new(AutodiffStep::new(layer, make(), data, reg, lr)),
+                None => {
+                    let adam = AdamConfig::new().init::<Ad<B>, QuantizedLayer<Ad<B>>>();
+                    Box::new(AutodiffStep::new(layer, adam, data, reg, lr))
+                }
+            };
+            (step, false)
+        }
+    }
+}
+
+/// Runs the schedule: one step per batch and epoch, or one per iteration.
+fn run_schedule<B: Backend, Opt>(
+    step: &mut dyn Step<B>,
+    unit: &Unit<'_, B>,
+    ctx: &mut Context<'_, Opt>,
+) -> Trace {
+    let config = ctx.config;
+    let n_batches = unit.inputs.len();
+    let (outer, epochs) = match config.schedule {
+        Schedule::Epochs { epochs } => (epochs, true),
+        Schedule::Iterations { iterations, .. } => (iterations, false),
+    };
+    let mut trace = Trace {
+        history: Vec::new(),
+        steps: 0,
+        early_stop: false,
+        last: (f64::NAN, f64::NAN),
+    };
+    for k in 0..outer {
+        let beta = config.schedule.beta(k, &config.params);
+        let batches = if epochs { 0..n_batches } else { k % n_batches..k % n_batches + 1 };
+        let mut losses = None;
+        for b in batches {
+            losses = Some(step.step(b, beta));
+        }
+        trace.steps = k + 1;
+        if !(epochs || (k + 1) % config.log_every == 0 || k + 1 == outer) {
+            continue;
+        }
+        let (rec, round) = losses.expect("at least one batch");
+        let entry = StepLog {
+            step: k + 1,
+            beta,
+            reconstruction: rec.into_scalar().elem::<f64>(),
+            rounding: round.map_or(0.0, |r| r.into_scalar().elem::<f64>()),
+            roamers: step.status().iter().map(|s| s.roamers).collect(),
+        };
+        let event = Progress::Step {
+            index: ctx.index,
+            layers: ctx.layers,
+            name: unit.name,
+            steps: outer,
+            log: &entry,
+        };
+        debug!("{}", progress::line(&event));
+        (ctx.progress)(event);
+        trace.last = (entry.reconstruction, entry.rounding);
+        trace.history.push(entry);
+        if beta.is_some() && trace.last.1 == 0.0 {
+            trace.early_stop = true;
+            break;
+        }
+    }
+    trace
+}
+
+/// Optimises `unit` and returns its report (name, position and time left to the caller)
+/// and the finalized layer (rounded float kernels, original quantizers).
+pub(crate) fn optimize_unit<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>>(
+    unit: Unit<'_, B>,
+    ctx: &mut Context<'_, Opt>,
+) -> Result<(LayerReport, QuantizedLayer<B>), AdaRoundError> {
+    let config = ctx.config;
+    let act = unit.activation.as_ref();
+    let err_before = layer_error(&unit.layer, act, unit.inputs, unit.targets);
+    let armed = unit.layer.clone().with_adaround(&config.params).map_err(|source| {
+        AdaRoundError::Quantizer {
+            layer: unit.name.to_string(),
+            source,
+        }
+    })?;
+    let before = histograms(&armed);
+    let path = choose_path(&unit, config);
+    let grams = (path == LossPath::Gram).then(|| gram::grams(&unit.layer, unit.inputs, config.loss));
+    let (mut step, fused) = build_step(&unit, armed, grams, ctx);
+    debug!(
+        "{}: {path:?} loss path, {} step",
+        unit.name,
+        if fused { "fused" } else { "autodiff" }
+    );
+    let trace = run_schedule(step.as_mut(), &unit, ctx);
+    let statuses = step.status();
+    let layer = step.into_layer().set_training(false);
+    let err_after = layer_error(&layer, act, unit.inputs, unit.targets);
+    let after = histograms(&layer);
+    let (finalized, changes) = layer.finalize(config.rounding == FinalRounding::Hard);
+    let err_final = layer_error(&finalized, act, unit.inputs, unit.targets);
+    let kept_nearest = config.never_worse && err_final > err_before;
+    let kernels = changes
+        .into_iter()
+        .zip(statuses)
+        .zip(before.into_iter().zip(after))
+        .map(|((mut change, status), (decimals_before, decimals_after))| {
+            if kept_nearest {
+                change.changed = 0;
+            }
+            KernelReport {
+                change,
+                status,
+                decimals_before,
+                decimals_after,
+            }
+        })
+        .collect();
+    let report = LayerReport {
+        name: unit.name.to_string(),
+        kind: unit.layer.kind(),
+        path,
+        fused,
+        position: 0,
+        weights: unit.layer.kernels().iter().map(|k| k.2).sum(),
+        err_before,
+        err_after,
+        err_final: if kept_nearest { err_before } else { err_final },
+        steps: trace.steps,
+        early_stop: trace.early_stop,
+        kept_nearest,
+        final_reconstruction_loss: trace.last.0,
+        final_rounding_loss: trace.last.1,
+        kernels,
+        history: trace.history,
+        seconds: 0.0,
+    };
+    let layer = if kept_nearest { unit.layer } else { finalized };
+    Ok((report, layer))
+}

@@ -1,0 +1,88 @@
+//! Progress of a run, for a caller who shows it (a progress bar, a log line).
+
+use crate::{LayerReport, StepLog};
+
+/// What the driver reports while it runs ([`adaround_with_progress`](crate::adaround_with_progress)).
+///
+/// `index` counts the layers to optimise in this call from 0; `layers` is their number. A
+/// separable convolution optimised as two problems reports its halves as
+/// `<name>.depthwise` and `<name>.pointwise` in [`Progress::Step`].
+#[derive(Clone, Copy, Debug)]
+pub enum Progress<'a> {
+    /// A layer's optimisation starts.
+    LayerStarted {
+        /// Position of the layer among those optimised in this call.
+        index: usize,
+        /// Number of layers optimised in this call.
+        layers: usize,
+        /// The layer's name.
+        name: &'a str,
+    },
+    /// Losses read during a layer's optimisation (each epoch, or every `log_every`
+    /// iterations).
+    Step {
+        /// Position of the layer among those optimised in this call.
+        index: usize,
+        /// Number of layers optimised in this call.
+        layers: usize,
+        /// The layer (or half of a separable layer) being optimised.
+        name: &'a str,
+        /// Steps of the schedule (epochs or iterations).
+        steps: usize,
+        /// What was read.
+        log: &'a StepLog,
+    },
+    /// A layer is done.
+    LayerFinished {
+        /// Position of the layer among those optimised in this call.
+        index: usize,
+        /// Number of layers optimised in this call.
+        layers: usize,
+        /// Its report.
+        report: &'a LayerReport,
+    },
+}
+
+/// The log line of an event, as the driver writes it through `log` (`info` level).
+pub(crate) fn line(event: &Progress<'_>) -> String {
+    match *event {
+        Progress::LayerStarted {
+            index,
+            layers,
+            name,
+        } => format!("[{}/{layers}] {name}: optimizing", index + 1),
+        Progress::Step {
+            index,
+            layers,
+            name,
+            steps,
+            log,
+        } => format!(
+            "[{}/{layers}] {name}: step {}/{steps} - loss (reconstruction|rounding) {:.6} | {:.6} - roamers {:?}",
+            index + 1,
+            log.step,
+            log.reconstruction,
+            log.rounding,
+            log.roamers
+        ),
+        Progress::LayerFinished {
+            index,
+            layers,
+            report,
+        } => format!(
+            "[{}/{layers}] {}: error {:.5} -> {:.5}, {} of {} weights changed{}, {:.2} s",
+            index + 1,
+            report.name,
+            report.err_before,
+            report.err_final,
+            report.changed(),
+            report.weights,
+            if report.kept_nearest {
+                " (nearest kept)"
+            } else {
+                ""
+            },
+            report.seconds
+        ),
+    }
+}

@@ -1,0 +1,133 @@
+//! One optimisation step of a layer's rounding: by Burn's autodiff and an optimizer, or by
+//! the fused closed form ([`crate::fused`]). The schedule loop sees only [`Step`].
+
+use std::collections::HashMap;
+
+use adaround_core::RoundingStatus;
+use adaround_layers::{probe::Flow, QuantizedLayer, QuantizedReLU};
+use burn::{
+    module::{AutodiffModule, Module},
+    optim::{GradientsParams, Optimizer},
+    tensor::{backend::Backend, Tensor},
+};
+
+use crate::{
+    gram::{self, Grams},
+    params::RestoreGrad,
+    ReconstructionLoss,
+};
+
+/// The autodiff backend the driver wraps around the user's backend for the autodiff step.
+pub(crate) type Ad<B> = burn_autodiff::Autodiff<B>;
+
+/// The reconstruction loss of a step and, with a `beta`, its weighted rounding loss.
+pub(crate) type Losses<B> = (Tensor<B, 1>, Option<Tensor<B, 1>>);
+
+/// A layer under optimisation.
+pub(crate) trait Step<B: Backend> {
+    /// One optimizer step on batch `b`.
+    fn step(&mut self, b: usize, beta: Option<f64>) -> Losses<B>;
+    /// The rounding state of each armed kernel (reads the device).
+    fn status(&self) -> Vec<RoundingStatus>;
+    /// The layer with the current rounding variables.
+    fn into_layer(self: Box<Self>) -> QuantizedLayer<B>;
+}
+
+/// What the autodiff step computes its reconstruction loss from.
+pub(crate) struct AutodiffData<B: Backend> {
+    pub inputs: Vec<Flow<Ad<B>>>,
+    pub targets: Vec<Flow<Ad<B>>>,
+    pub grams: Option<Grams<Ad<B>>>,
+    pub activation: Option<QuantizedReLU<Ad<B>>>,
+    pub loss: ReconstructionLoss,
+}
+
+/// The autodiff step: the layer on `Autodiff<B>`, only its alphas tracked.
+pub(crate) struct AutodiffStep<B: Backend, Opt> {
+    layer: QuantizedLayer<Ad<B>>,
+    optim: Opt,
+    data: AutodiffData<B>,
+    reg: f64,
+    lr: f64,
+}
+
+/// `flow` on the autodiff backend, as a constant.
+pub(crate) fn lift<B: Backend>(flow: &Flow<B>) -> Flow<Ad<B>> {
+    match flow {
+        Flow::Rows(t) => Flow::Rows(Tensor::from_inner(t.clone())),
+        Flow::Maps(t) => Flow::Maps(Tensor::from_inner(t.clone())),
+    }
+}
+
+impl<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>> AutodiffStep<B, Opt> {
+    /// Takes over `layer` (AdaRound armed); only the alphas require gradients.
+    pub(crate) fn new(
+        layer: QuantizedLayer<B>,
+        optim: Opt,
+        data: AutodiffData<B>,
+        reg: f64,
+        lr: f64,
+    ) -> Self {
+        let alphas: HashMap<_, _> = layer
+            .adarounds()
+            .iter()
+            .map(|a| (a.alpha.id, true))
+            .collect();
+        let layer = QuantizedLayer::<Ad<B>>::from_inner(layer)
+            .no_grad()
+            .map(&mut RestoreGrad {
+                require_grad: alphas,
+            });
+        Self {
+            layer,
+            optim,
+            data,
+            reg,
+            lr,
+        }
+    }
+
+    fn reconstruction(&self, b: usize) -> Tensor<Ad<B>, 1> {
+        let d = &self.data;
+        match &d.grams {
+            Some(grams) => gram::loss(&self.layer, grams, b),
+            None => {
+                let out = self.layer.forward_flow(d.inputs[b].clone());
+                let out = match &d.activation {
+                    Some(act) => act.forward_flow(out, false),
+                    None => out,
+                };
+                crate::optimize::reconstruction_loss(out, d.targets[b].clone(), d.loss)
+            }
+        }
+    }
+}
+
+impl<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>> Step<B> for AutodiffStep<B, Opt> {
+    fn step(&mut self, b: usize, beta: Option<f64>) -> Losses<B> {
+        let rec = self.reconstruction(b);
+        let round = beta.and_then(|beta| {
+            self.layer
+                .adarounds()
+                .iter()
+                .map(|a| a.rounding_loss(beta))
+                .reduce(|a, b| a + b)
+                .map(|r| r.mul_scalar(self.reg))
+        });
+        let total = match &round {
+            Some(r) => rec.clone() + r.clone(),
+            None => rec.clone(),
+        };
+        let grads = GradientsParams::from_grads(total.backward(), &self.layer);
+        self.layer = self.optim.step(self.lr, self.layer.clone(), grads);
+        (rec.inner(), round.map(|r| r.inner()))
+    }
+
+    fn status(&self) -> Vec<RoundingStatus> {
+        self.layer.adarounds().iter().map(|a| a.status()).collect()
+    }
+
+    fn into_layer(self: Box<Self>) -> QuantizedLayer<B> {
+        self.layer.valid()
+    }
+}
