@@ -28,10 +28,22 @@ fn main() {
             .and_then(|i| args.get(i + 1))
             .map_or(96, |s| s.parse().expect("--samples N"));
         let both = [SeparableStep::Split, SeparableStep::Joint];
-        let choices: &[SeparableStep] = if args.iter().any(|a| a == "--joint") { &both } else { &both[..1] };
+        let choices: &[SeparableStep] = if args.iter().any(|a| a == "--joint") {
+            &both
+        } else {
+            &both[..1]
+        };
         match backend {
-            "ndarray" => drop(adaround_burn::bench::xception::<NdArray>(&Default::default(), samples, choices)),
-            _ => drop(adaround_burn::bench::xception::<Flex>(&Default::default(), samples, choices)),
+            "ndarray" => drop(adaround_burn::bench::xception::<NdArray>(
+                &Default::default(),
+                samples,
+                choices,
+            )),
+            _ => drop(adaround_burn::bench::xception::<Flex>(
+                &Default::default(),
+                samples,
+                choices,
+            )),
         }
         return;
     }

@@ -92,7 +92,6 @@ fn main() {
     let (straight, _) =
         adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
     let same = rounded
-        
         .forward(x_test.clone())
         .equal(straight.forward(x_test.clone()))
         .all()

@@ -238,11 +238,13 @@ impl<B: Backend> QuantCnn<B> {
 }
 
 fn quantizers(bits: u32, granularity: Granularity) -> (WeightQuantizer, WeightQuantizer) {
-    let per_tensor = WeightQuantizer::max(bits).expect("bitwidth in 2..=16");
-    match granularity {
-        Granularity::PerAxis => (WeightQuantizer::max_per_axis(bits).unwrap(), per_tensor),
-        Granularity::PerTensor => (per_tensor.clone(), per_tensor),
-    }
+    // The depthwise kernel gets the main quantizer, as `QuantizedSeparableConv2dConfig` does.
+    let q = match granularity {
+        Granularity::PerAxis => WeightQuantizer::max_per_axis(bits),
+        Granularity::PerTensor => WeightQuantizer::max(bits),
+    };
+    let q = q.expect("bitwidth in 2..=16");
+    (q.clone(), q)
 }
 
 /// Top-1 accuracy (in %) of `logits` against `labels`.

@@ -9,9 +9,7 @@
 //! uses (fold, then quantize, then AdaRound).
 
 use adaround::{
-    layers::{
-        FoldBatchNorm, QuantizedConv2d, QuantizedSeparableConv2d,
-    },
+    layers::{FoldBatchNorm, QuantizedConv2d, QuantizedSeparableConv2d},
     WeightQuantizer,
 };
 use burn::{
@@ -140,7 +138,11 @@ impl<B: Backend> MiniXception<B> {
         let head = Conv2dConfig::new([c_in, CLASSES], [3, 3])
             .with_padding(PaddingConfig2d::Same)
             .init(device);
-        Self { stem, blocks, head }
+        let model = Self { stem, blocks, head };
+        // Burn initializes parameters lazily, and a clone taken before would initialize
+        // again, differently: fix the values now.
+        let _ = model.devices();
+        model
     }
 
     /// Logits `[batch, 7]` of `[batch, 1, 64, 64]` images.
@@ -151,9 +153,15 @@ impl<B: Backend> MiniXception<B> {
         }
         for b in &self.blocks {
             let shortcut = b.shortcut.bn.forward(b.shortcut.conv.forward(x.clone()));
-            let y = b.sep1.bn.forward(b.sep1.pointwise.forward(b.sep1.depthwise.forward(x)));
+            let y = b
+                .sep1
+                .bn
+                .forward(b.sep1.pointwise.forward(b.sep1.depthwise.forward(x)));
             let y = relu(y);
-            let y = b.sep2.bn.forward(b.sep2.pointwise.forward(b.sep2.depthwise.forward(y)));
+            let y = b
+                .sep2
+                .bn
+                .forward(b.sep2.pointwise.forward(b.sep2.depthwise.forward(y)));
             x = pool(y) + shortcut;
         }
         self.head.forward(x).mean_dim(3).mean_dim(2).flatten(1, 3)
@@ -187,11 +195,19 @@ impl<B: Backend> QuantXception<B> {
     /// depthwise kernels too, per channel).
     pub fn from_float(float: &MiniXception<B>, quantizer: &WeightQuantizer) -> Self {
         let conv = |l: &ConvBn<B>| {
-            let folded = l.conv.clone().fold_batch_norm(&l.bn).expect("channels match");
+            let folded = l
+                .conv
+                .clone()
+                .fold_batch_norm(&l.bn)
+                .expect("channels match");
             QuantizedConv2d::from_conv2d(folded, quantizer.clone())
         };
         let sep = |l: &SepBn<B>| {
-            let pointwise = l.pointwise.clone().fold_batch_norm(&l.bn).expect("channels match");
+            let pointwise = l
+                .pointwise
+                .clone()
+                .fold_batch_norm(&l.bn)
+                .expect("channels match");
             QuantizedSeparableConv2d::from_conv2d_pair(
                 l.depthwise.clone(),
                 pointwise,

@@ -45,3 +45,22 @@ fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
     );
     assert!(report.layers.iter().all(|l| l.err_final < l.err_before));
 }
+
+#[test]
+fn should_fold_every_batch_norm_of_the_mini_xception_exactly() {
+    use adaround::WeightQuantizer;
+    use adaround_burn::xception::{MiniXception, QuantXception};
+    use burn::tensor::{backend::Backend, Distribution, Tensor};
+    let device = Default::default();
+    B::seed(&device, 3);
+    let float = MiniXception::<B>::new(&device);
+    let folded = QuantXception::from_float(&float, &WeightQuantizer::Float);
+    let x = Tensor::<B, 4>::random([4, 1, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+    let (a, b) = (float.forward(x.clone()), folded.forward(x));
+    let scale: f32 = b.clone().abs().max().into_scalar();
+    let diff: f32 = (a - b).abs().max().into_scalar();
+    assert!(
+        scale > 0.0 && diff <= 1e-5 * scale.max(1.0),
+        "folded differs by {diff} (scale {scale})"
+    );
+}

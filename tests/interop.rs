@@ -22,7 +22,6 @@ use safetensors::{serialize, tensor::TensorView, Dtype};
 
 type B = burn_ndarray::NdArray<f32>;
 
-
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
 
 fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -400,7 +399,6 @@ fn should_run_adarounded_layers_on_burn_quantized_tensors_with_the_same_integers
         .with_batch_size(Some(32))
         .with_loss(ReconstructionLoss::ChannelSum);
     let (rounded, _) = adaround(&model, samples, |m, x| m.forward(x), &config).unwrap();
-
 
     let native = rounded
         .clone()

@@ -377,7 +377,11 @@ fn should_fold_batch_norm_exactly_into_every_layer_kind() {
     let float = WeightQuantizer::Float;
 
     let bn = trained_bn(5);
-    let conv = init(Conv2dConfig::new([4, 5], [3, 3]).with_bias(false).init::<B>(&device()));
+    let conv = init(
+        Conv2dConfig::new([4, 5], [3, 3])
+            .with_bias(false)
+            .init::<B>(&device()),
+    );
     let expected = bn.forward(conv.forward(x4.clone()));
     let folded = conv.clone().fold_batch_norm(&bn).unwrap();
     assert!(max_diff(folded.forward(x4.clone()), expected.clone()) < 1e-5);

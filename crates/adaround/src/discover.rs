@@ -22,7 +22,13 @@ pub(crate) struct Site<B: Backend> {
 }
 
 /// Runs the model once and lists its quantized layers in forward order.
-pub(crate) fn discover<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>(
+pub(crate) fn discover<
+    B: Backend,
+    M: Module<B>,
+    F: Fn(&M, Tensor<B, D>) -> O,
+    O,
+    const D: usize,
+>(
     model: &M,
     batch: &Tensor<B, D>,
     forward: &F,

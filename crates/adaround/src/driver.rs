@@ -88,7 +88,14 @@ where
     F: Fn(&M, Tensor<B, D>) -> O,
     Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>,
 {
-    run(model, samples, forward, config, Some(&mut optimizer), &mut |_| {})
+    run(
+        model,
+        samples,
+        forward,
+        config,
+        Some(&mut optimizer),
+        &mut |_| {},
+    )
 }
 
 /// What a run carries from layer to layer.
@@ -99,7 +106,9 @@ struct Run<'a, B: Backend, M, F, const D: usize> {
     config: &'a AdaRoundConfig,
 }
 
-impl<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize> Run<'_, B, M, F, D> {
+impl<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>
+    Run<'_, B, M, F, D>
+{
     /// The site's inputs and targets, from `work` (and the float model).
     fn data(&self, work: &M, site: &Site<B>) -> Result<SiteData<B>, AdaRoundError> {
         let inputs = capture_inputs(work, &self.batches, &self.forward, site, false)?;
@@ -145,8 +154,14 @@ where
     let checkpoint = config.checkpoint.as_deref().map(Checkpoint::new);
     let mut layers = Vec::with_capacity(sites.len());
     if let Some(checkpoint) = &checkpoint {
-        if let Some((state, done)) = checkpoint.resume(work.clone(), &names, config, &batches[0].device())? {
-            info!("resuming after {} finished layers from {}", done.len(), checkpoint.dir.display());
+        if let Some((state, done)) =
+            checkpoint.resume(work.clone(), &names, config, &batches[0].device())?
+        {
+            info!(
+                "resuming after {} finished layers from {}",
+                done.len(),
+                checkpoint.dir.display()
+            );
             (work, layers) = (state, done);
         }
     }
@@ -157,7 +172,9 @@ where
         config,
     };
     let start_at = layers.len();
-    let end_at = config.stop_after.map_or(sites.len(), |n| (start_at + n).min(sites.len()));
+    let end_at = config
+        .stop_after
+        .map_or(sites.len(), |n| (start_at + n).min(sites.len()));
     let mut ctx = Context {
         config,
         optimizer,
@@ -207,7 +224,10 @@ where
     let data = run.data(&work, site)?;
     let (mut report, rounded) = optimize_site(site, &data, ctx)?;
     drop(data);
-    let values = rounded.kernel_values().into_iter().collect::<HashMap<_, _>>();
+    let values = rounded
+        .kernel_values()
+        .into_iter()
+        .collect::<HashMap<_, _>>();
     let work = work.map(&mut WriteBack { values });
     report.seconds = layer_start.elapsed().as_secs_f64();
     let finished = Progress::LayerFinished {

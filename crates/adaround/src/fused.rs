@@ -160,10 +160,7 @@ impl<B: Backend> Fused<B> {
         };
         let [groups, rows, _] = weight.dims();
         let (data, divisors) = match grams {
-            Some(g) => (
-                Data::Gram(g.grams.clone()),
-                g.divisors.clone(),
-            ),
+            Some(g) => (Data::Gram(g.grams.clone()), g.divisors.clone()),
             None => {
                 let mut batches = Vec::with_capacity(inputs.len());
                 let mut divisors = Vec::with_capacity(inputs.len());
@@ -219,7 +216,6 @@ impl<B: Backend> Fused<B> {
             rates: (0.0, 0.0),
         }
     }
-
 
     /// `(s, u, h)`: the sigmoid of alpha, its stretch, and the decimals `h = clip(u, 0, 1)`.
     fn decimals(&self) -> (Matrix<B>, Matrix<B>, Matrix<B>) {

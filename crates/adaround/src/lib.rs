@@ -73,9 +73,9 @@ pub use config::{
     AdaRoundConfig, FinalRounding, LossPath, ReconstructionLoss, SeparableStep, Target,
 };
 pub use driver::{adaround, adaround_with_optimizer, adaround_with_progress};
-pub use progress::Progress;
 pub use error::AdaRoundError;
 pub use export::{export_integers, IntegerExport, IntegerKernel, INTEGER_FORMAT};
+pub use progress::Progress;
 pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};
 
 /// The README's examples, compiled and run as doctests.

@@ -216,7 +216,11 @@ fn run_schedule<B: Backend, Opt>(
     };
     for k in 0..outer {
         let beta = config.schedule.beta(k, &config.params);
-        let batches = if epochs { 0..n_batches } else { k % n_batches..k % n_batches + 1 };
+        let batches = if epochs {
+            0..n_batches
+        } else {
+            k % n_batches..k % n_batches + 1
+        };
         let mut losses = None;
         for b in batches {
             losses = Some(step.step(b, beta));
@@ -261,15 +265,18 @@ pub(crate) fn optimize_unit<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad
     let config = ctx.config;
     let act = unit.activation.as_ref();
     let err_before = layer_error(&unit.layer, act, unit.inputs, unit.targets);
-    let armed = unit.layer.clone().with_adaround(&config.params).map_err(|source| {
-        AdaRoundError::Quantizer {
+    let armed = unit
+        .layer
+        .clone()
+        .with_adaround(&config.params)
+        .map_err(|source| AdaRoundError::Quantizer {
             layer: unit.name.to_string(),
             source,
-        }
-    })?;
+        })?;
     let before = histograms(&armed);
     let path = choose_path(&unit, config);
-    let grams = (path == LossPath::Gram).then(|| gram::grams(&unit.layer, unit.inputs, config.loss));
+    let grams =
+        (path == LossPath::Gram).then(|| gram::grams(&unit.layer, unit.inputs, config.loss));
     let (mut step, fused) = build_step(&unit, armed, grams, ctx);
     debug!(
         "{}: {path:?} loss path, {} step",
@@ -288,17 +295,19 @@ pub(crate) fn optimize_unit<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad
         .into_iter()
         .zip(statuses)
         .zip(before.into_iter().zip(after))
-        .map(|((mut change, status), (decimals_before, decimals_after))| {
-            if kept_nearest {
-                change.changed = 0;
-            }
-            KernelReport {
-                change,
-                status,
-                decimals_before,
-                decimals_after,
-            }
-        })
+        .map(
+            |((mut change, status), (decimals_before, decimals_after))| {
+                if kept_nearest {
+                    change.changed = 0;
+                }
+                KernelReport {
+                    change,
+                    status,
+                    decimals_before,
+                    decimals_after,
+                }
+            },
+        )
         .collect();
     let report = LayerReport {
         name: unit.name.to_string(),

@@ -52,7 +52,10 @@ pub(crate) fn optimize_site<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad
 fn conv<B: Backend>(layer: QuantizedLayer<B>) -> QuantizedConv2d<B> {
     match layer {
         QuantizedLayer::Conv2d(l) => l,
-        other => unreachable!("a half of a separable conv is a Conv2d, got {:?}", other.kind()),
+        other => unreachable!(
+            "a half of a separable conv is a Conv2d, got {:?}",
+            other.kind()
+        ),
     }
 }
 
@@ -84,7 +87,11 @@ fn optimize_split<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>>(
     let (dw_report, dw) = optimize_unit(unit, ctx)?;
     drop(dw_targets);
 
-    let pw_inputs: Vec<_> = data.inputs.iter().map(|x| dw.forward_flow(x.clone())).collect();
+    let pw_inputs: Vec<_> = data
+        .inputs
+        .iter()
+        .map(|x| dw.forward_flow(x.clone()))
+        .collect();
     let act = site.activation.as_ref();
     // Quantized-inputs targets: the float pointwise on the rounded depthwise outputs (the Gram
     // form is exact); float-model targets: the float layer's own outputs.
@@ -102,8 +109,15 @@ fn optimize_split<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>>(
         same_inputs: float_targets.is_none(),
     };
     let (pw_report, pw) = optimize_unit(unit, ctx)?;
-    let joined = QuantizedLayer::SeparableConv2d(QuantizedSeparableConv2d::join(conv(dw), conv(pw)));
-    Ok(merge(site, data, joined, [dw_report, pw_report], ctx.config.never_worse))
+    let joined =
+        QuantizedLayer::SeparableConv2d(QuantizedSeparableConv2d::join(conv(dw), conv(pw)));
+    Ok(merge(
+        site,
+        data,
+        joined,
+        [dw_report, pw_report],
+        ctx.config.never_worse,
+    ))
 }
 
 /// `layer` with float kernels on `x`, through the activation in its float mode if the
@@ -132,7 +146,8 @@ fn merge<B: Backend>(
     let act = site.activation.as_ref();
     let err_before = layer_error(&site.layer, act, &data.inputs, &data.targets);
     let err_final = layer_error(&joined, act, &data.inputs, &data.targets);
-    let kept_nearest = (dw.kept_nearest && pw.kept_nearest) || (never_worse && err_final > err_before);
+    let kept_nearest =
+        (dw.kept_nearest && pw.kept_nearest) || (never_worse && err_final > err_before);
     let roles = ["depthwise", "pointwise"];
     let kernels = [dw.kernels, pw.kernels]
         .into_iter()
@@ -164,7 +179,11 @@ fn merge<B: Backend>(
         history: dw.history.into_iter().chain(pw.history).collect(),
         seconds: 0.0,
     };
-    let layer = if kept_nearest { site.layer.clone() } else { joined };
+    let layer = if kept_nearest {
+        site.layer.clone()
+    } else {
+        joined
+    };
     (report, layer)
 }
 
