@@ -6,4 +6,14 @@
 pub mod bench;
 pub mod digits;
 pub mod svg;
+pub mod usps;
 pub mod xception;
+
+/// Shows the driver's progress (one line per layer, `[3/15] blocks.0.sep1: ...`) on stderr:
+/// `env_logger` at `info` for `adaround`, unless `RUST_LOG` says otherwise.
+pub fn init_logging() {
+    let env = env_logger::Env::default().default_filter_or("adaround=info");
+    let _ = env_logger::Builder::from_env(env)
+        .format_target(false)
+        .try_init();
+}

@@ -64,3 +64,26 @@ fn should_fold_every_batch_norm_of_the_mini_xception_exactly() {
         "folded differs by {diff} (scale {scale})"
     );
 }
+
+#[test]
+fn should_import_the_pretrained_usps_model_and_fold_its_batch_norms_exactly() {
+    use adaround::WeightQuantizer;
+    use adaround_burn::usps::{images, QuantUsps, UspsNet, WEIGHTS};
+    let device = Default::default();
+    let (float, report) = UspsNet::<B>::load(WEIGHTS, &device).expect("the committed weights load");
+    assert_eq!(
+        report.loaded.len(),
+        16,
+        "4 weights, 4 biases, 2 x 4 BatchNorm tensors"
+    );
+    let digits = Digits::load();
+    let x = images::<B>(&digits, 0..digits.len(), &device);
+    let y = digits.labels::<B>(0..digits.len(), &device);
+    let logits = float.forward(x.clone());
+    // The same model and images through PyTorch's arithmetic in NumPy: 1353 of 1797 right.
+    let acc = accuracy(logits.clone(), y);
+    assert!((acc - 75.2922).abs() < 0.06, "float accuracy {acc}");
+    let folded = QuantUsps::from_float(&float, &WeightQuantizer::Float).forward(x);
+    let diff: f32 = (folded - logits).abs().max().into_scalar();
+    assert!(diff < 1e-4, "folded model differs by {diff}");
+}

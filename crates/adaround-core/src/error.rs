@@ -18,8 +18,9 @@ pub enum QuantizerError {
     /// No scale-factor function is registered under this custom quantizer's name.
     #[error("no custom quantizer is registered as `{0}` (see register_quantizer)")]
     UnknownQuantizer(String),
-    /// A custom scale-factor function returned the wrong number of values or non-finite ones.
-    #[error("custom quantizer `{0}` must return {1} finite scale factors")]
+    /// A custom scale-factor function returned the wrong number of values, or values that
+    /// are not positive and finite.
+    #[error("custom quantizer `{0}` must return {1} positive finite scale factors")]
     InvalidScale(String, usize),
     /// The output-channel axis does not exist in the weight tensor.
     #[error("axis {axis} is out of range for a weight tensor of rank {rank}")]

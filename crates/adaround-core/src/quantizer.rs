@@ -25,8 +25,12 @@ pub const DEFAULT_STD_THRESHOLD: f64 = 3.0;
 ///
 /// The configuration is plain data: it serializes with serde (`{"kind": "MaxPerAxis",
 /// "bitwidth": 4}`) and is saved in the record of any module that holds it.
+///
+/// Deserializing validates the parameters (bitwidth in `2..=16`, a positive finite
+/// threshold): `{"kind": "Max", "bitwidth": 1}` is an error, not a quantizer. A custom
+/// quantizer's function is looked up when it is used (it may be registered after loading).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind")]
+#[serde(tag = "kind", try_from = "Unchecked")]
 pub enum WeightQuantizer {
     /// No quantization: weights pass through unchanged.
     #[default]
@@ -70,6 +74,34 @@ pub enum WeightQuantizer {
 }
 
 crate::persistent_module!(WeightQuantizer);
+
+/// [`WeightQuantizer`] as read, before its parameters are checked.
+#[derive(Deserialize)]
+#[serde(tag = "kind")]
+enum Unchecked {
+    Float,
+    Max { bitwidth: u32 },
+    MaxPerAxis { bitwidth: u32 },
+    Std { bitwidth: u32, threshold: f64 },
+    StdPerAxis { bitwidth: u32, threshold: f64 },
+    Custom { name: String, bitwidth: u32, per_axis: bool, params: Vec<f64> },
+}
+
+impl TryFrom<Unchecked> for WeightQuantizer {
+    type Error = QuantizerError;
+
+    fn try_from(q: Unchecked) -> Result<Self, QuantizerError> {
+        let q = match q {
+            Unchecked::Float => Self::Float,
+            Unchecked::Max { bitwidth } => Self::Max { bitwidth },
+            Unchecked::MaxPerAxis { bitwidth } => Self::MaxPerAxis { bitwidth },
+            Unchecked::Std { bitwidth, threshold } => Self::Std { bitwidth, threshold },
+            Unchecked::StdPerAxis { bitwidth, threshold } => Self::StdPerAxis { bitwidth, threshold },
+            Unchecked::Custom { name, bitwidth, per_axis, params } => Self::Custom { name, bitwidth, per_axis, params },
+        };
+        q.check_parameters().map(|()| q)
+    }
+}
 
 fn check_bitwidth(bitwidth: u32) -> Result<u32, QuantizerError> {
     if (2..=16).contains(&bitwidth) {
@@ -134,8 +166,19 @@ impl WeightQuantizer {
         q.validate().map(|()| q)
     }
 
-    /// Checks the parameters (useful after deserializing a configuration).
+    /// Checks the parameters and that a custom quantizer's function is registered.
     pub fn validate(&self) -> Result<(), QuantizerError> {
+        self.check_parameters()?;
+        match self {
+            Self::Custom { name, .. } => crate::custom::lookup(name)
+                .map(|_| ())
+                .ok_or_else(|| QuantizerError::UnknownQuantizer(name.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the bitwidth and threshold.
+    fn check_parameters(&self) -> Result<(), QuantizerError> {
         match *self {
             Self::Float => Ok(()),
             Self::Max { bitwidth } | Self::MaxPerAxis { bitwidth } => {
@@ -152,14 +195,7 @@ impl WeightQuantizer {
                 check_bitwidth(bitwidth)?;
                 check_threshold(threshold).map(|_| ())
             }
-            Self::Custom {
-                ref name, bitwidth, ..
-            } => {
-                check_bitwidth(bitwidth)?;
-                crate::custom::lookup(name)
-                    .map(|_| ())
-                    .ok_or_else(|| QuantizerError::UnknownQuantizer(name.clone()))
-            }
+            Self::Custom { bitwidth, .. } => check_bitwidth(bitwidth).map(|_| ()),
         }
     }
 
@@ -175,9 +211,11 @@ impl WeightQuantizer {
         }
     }
 
-    /// `kmax = 2^(bitwidth-1) - 1`, the largest integer of the grid (`None` for float).
+    /// `kmax = 2^(bitwidth-1) - 1`, the largest integer of the grid (`None` for float; 0
+    /// for a bitwidth below 2, which [`validate`](Self::validate) refuses).
     pub fn kmax(&self) -> Option<f64> {
-        self.bitwidth().map(|b| ((1u64 << (b - 1)) - 1) as f64)
+        self.bitwidth()
+            .map(|b| 2f64.powi(b.clamp(1, 64) as i32 - 1) - 1.0)
     }
 
     /// Whether the quantizer computes one scale factor per output channel.
@@ -273,7 +311,7 @@ fn custom_scale<B: Backend, const D: usize>(
         .to_vec()
         .unwrap_or_default();
     let sf = scale(&host, channels, kmax, params);
-    if sf.len() != channels || sf.iter().any(|v| !v.is_finite()) {
+    if sf.len() != channels || sf.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
         return Err(QuantizerError::InvalidScale(name.to_string(), channels));
     }
     let mut shape = [1; D];

@@ -78,13 +78,16 @@ fn affine<B: Backend>(norm: &BatchNorm<B>) -> (Tensor<B, 1>, Tensor<B, 1>) {
     (scale, shift)
 }
 
+/// A kernel and its bias.
+type Folded<B, const D: usize> = (Param<Tensor<B, D>>, Option<Param<Tensor<B, 1>>>);
+
 /// Scales `weight` along `axis` (of `D`) by `scale` and folds the shift into `bias`.
 fn fold<B: Backend, const D: usize>(
     weight: Param<Tensor<B, D>>,
     bias: Option<Param<Tensor<B, 1>>>,
     axis: usize,
     norm: &BatchNorm<B>,
-) -> Result<(Param<Tensor<B, D>>, Option<Param<Tensor<B, 1>>>), FoldError> {
+) -> Result<Folded<B, D>, FoldError> {
     let channels = weight.dims()[axis];
     let features = norm.gamma.dims()[0];
     if channels != features {

@@ -26,6 +26,12 @@ pub(crate) struct Discover<B: Backend> {
 }
 
 impl<B: Backend> Probe<B> for Discover<B> {
+    /// Float weights: a quantizer that cannot run (an unregistered custom one) is reported by
+    /// the validation that follows, naming its layer, not as a failed forward pass.
+    fn float_mode(&self) -> bool {
+        true
+    }
+
     fn wants(&self, _index: usize) -> bool {
         true
     }

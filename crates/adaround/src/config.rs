@@ -133,13 +133,16 @@ impl AdaRoundConfig {
             return Err("log_every must be at least 1".into());
         }
         let p = &self.params;
-        if !(p.gamma < 0.0 && p.zeta > 1.0) {
+        if !(p.reg.is_finite() && p.reg >= 0.0) {
+            return Err(format!("reg must be finite and >= 0, got {}", p.reg));
+        }
+        if !(p.gamma < 0.0 && p.zeta > 1.0 && p.gamma.is_finite() && p.zeta.is_finite()) {
             return Err(format!(
                 "need gamma < 0 < 1 < zeta, got {} and {}",
                 p.gamma, p.zeta
             ));
         }
-        if !(p.beta_end >= 1.0 && p.beta_start >= p.beta_end) {
+        if !(p.beta_end >= 1.0 && p.beta_start >= p.beta_end && p.beta_start.is_finite()) {
             return Err(format!(
                 "need beta_start >= beta_end >= 1 (|x|^beta at 0), got {} and {}",
                 p.beta_start, p.beta_end

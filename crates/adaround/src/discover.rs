@@ -58,6 +58,11 @@ pub(crate) fn discover<
         if !layer.kernel_values().iter().all(|(_, w)| all_finite(w)) {
             return Err(AdaRoundError::NonFiniteWeights { layer: name });
         }
+        // Every quantizer valid and its scale factors computable (a custom function
+        // registered, returning positive finite values), before any layer is optimised.
+        if let Err(source) = (**layer).clone().with_adaround(&config.params) {
+            return Err(AdaRoundError::Quantizer { layer: name, source });
+        }
         let activation = match probe.events.get(position + 1) {
             Some(Seen::Activation { activation, input }) if same_values(input, output) => {
                 Some(activation.clone())

@@ -14,7 +14,7 @@ use log::info;
 use crate::{
     checkpoint::Checkpoint,
     discover::{capture_inputs, discover, Site},
-    optimize::Context,
+    optimize::{ensure_finite, flows_finite, Context},
     params::{ParamIndex, WriteBack},
     progress::{self, Progress},
     site::{optimize_site, targets, SiteData},
@@ -222,6 +222,8 @@ where
     info!("{}", progress::line(&started));
     (ctx.progress)(started);
     let data = run.data(&work, site)?;
+    let finite = flows_finite(&data.inputs) && flows_finite(&data.targets);
+    ensure_finite(finite, &site.name, "inputs or float outputs")?;
     let (mut report, rounded) = optimize_site(site, &data, ctx)?;
     drop(data);
     let values = rounded

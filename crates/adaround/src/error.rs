@@ -64,7 +64,26 @@ pub enum AdaRoundError {
         /// The layer.
         layer: String,
     },
-    /// A checkpoint could not be written or read, or belongs to another run.
+    /// A layer's inputs, outputs, losses or rounded weights hold `NaN` or infinite values
+    /// (samples or weights too large for `f32`, a degenerate quantizer).
+    #[error("layer `{layer}`: non-finite {what} (NaN or infinity)")]
+    NonFinite {
+        /// The layer.
+        layer: String,
+        /// What was found non-finite.
+        what: &'static str,
+    },
+    /// The checkpoint folder holds a checkpoint made from another model, other samples or
+    /// another configuration.
+    #[error("checkpoint {dir} was made from other {what}; remove it or use another folder")]
+    CheckpointMismatch {
+        /// The folder.
+        dir: String,
+        /// What differs: `float weights`, `quantizers`, `configuration`, `calibration samples`
+        /// or `layers`.
+        what: &'static str,
+    },
+    /// A checkpoint could not be written or read (a damaged file: its checksum differs).
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     /// A quantizer could not be wrapped.

@@ -89,6 +89,23 @@ pub(crate) fn apply<B: Backend>(
     }
 }
 
+/// `Err(NonFinite)` naming `layer` unless `ok`.
+pub(crate) fn ensure_finite(ok: bool, layer: &str, what: &'static str) -> Result<(), AdaRoundError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(AdaRoundError::NonFinite {
+            layer: layer.to_string(),
+            what,
+        })
+    }
+}
+
+/// Whether every value of every flow is finite.
+pub(crate) fn flows_finite<B: Backend>(flows: &[Flow<B>]) -> bool {
+    flows.iter().all(|f| adaround_core::all_finite(&f.clone().flatten()))
+}
+
 /// Mean over batches of the MSE between the layer's outputs and the targets.
 pub(crate) fn layer_error<B: Backend>(
     layer: &QuantizedLayer<B>,
@@ -265,6 +282,7 @@ pub(crate) fn optimize_unit<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad
     let config = ctx.config;
     let act = unit.activation.as_ref();
     let err_before = layer_error(&unit.layer, act, unit.inputs, unit.targets);
+    ensure_finite(err_before.is_finite(), unit.name, "error with nearest rounding")?;
     let armed = unit
         .layer
         .clone()
@@ -290,6 +308,10 @@ pub(crate) fn optimize_unit<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad
     let after = histograms(&layer);
     let (finalized, changes) = layer.finalize(config.rounding == FinalRounding::Hard);
     let err_final = layer_error(&finalized, act, unit.inputs, unit.targets);
+    let (rec, round) = trace.last;
+    ensure_finite(rec.is_finite() && round.is_finite(), unit.name, "losses")?;
+    let rounded_finite = finalized.kernel_values().iter().all(|(_, w)| adaround_core::all_finite(w));
+    ensure_finite(rounded_finite && err_final.is_finite(), unit.name, "rounded weights or error")?;
     let kept_nearest = config.never_worse && err_final > err_before;
     let kernels = changes
         .into_iter()
