@@ -833,6 +833,97 @@ mod ndarray {
     driver_tests!(burn_ndarray::NdArray<f32>);
 
     #[test]
+    fn should_never_return_non_finite_weights_as_success() {
+        let _seed = crate::seed_lock();
+        let model = net(40);
+        let forward = |m: &Net<B>, x| m.forward(x);
+        // Samples too large for f32 once through the layers: a typed error naming a layer.
+        let huge = samples(16, 41).mul_scalar(1e30);
+        match adaround(&model, huge, forward, &config(2)).unwrap_err() {
+            AdaRoundError::NonFinite { layer, .. } | AdaRoundError::NonFiniteWeights { layer } => {
+                assert!(["conv", "sep", "fc"].contains(&layer.as_str()), "{layer}")
+            }
+            AdaRoundError::NonFiniteInputs => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        // A weight of 3e38: quantization overflows; never Ok with NaN weights.
+        let mut big = model.clone();
+        big.fc.weight = big.fc.weight.map(|w| w.mul_scalar(0.0).add_scalar(3e38));
+        let err = adaround(&big, samples(16, 41), forward, &config(2)).unwrap_err();
+        assert!(
+            matches!(&err, AdaRoundError::NonFinite { layer, .. } if layer == "fc"),
+            "{err:?}"
+        );
+        // reg NaN or infinite: an invalid configuration.
+        for reg in [f64::NAN, f64::INFINITY, -1.0] {
+            let mut cfg = config(2);
+            cfg.params.reg = reg;
+            let err = adaround(&model, samples(16, 41), forward, &cfg).unwrap_err();
+            assert!(
+                matches!(err, AdaRoundError::InvalidConfig(_)),
+                "{reg}: {err:?}"
+            );
+        }
+    }
+
+    fn zero_scale(_w: &[f32], channels: usize, _kmax: f64, _p: &[f64]) -> Vec<f32> {
+        vec![0.0; channels]
+    }
+
+    #[test]
+    fn should_name_the_layer_of_a_bad_or_unregistered_custom_quantizer_before_optimising() {
+        let _seed = crate::seed_lock();
+        adaround::core::register_quantizer("driver-test-zero", zero_scale);
+        for (name, expected) in [
+            ("driver-test-zero", "must return"),
+            ("driver-test-unregistered", "no custom quantizer"),
+        ] {
+            let mut model = net(42);
+            let custom = WeightQuantizer::Custom {
+                name: name.into(),
+                bitwidth: 4,
+                per_axis: true,
+                params: vec![],
+            };
+            model.fc.quantizer = custom.into();
+            let mut started = 0;
+            let err = adaround::adaround_with_progress(
+                &model,
+                samples(16, 43),
+                |m: &Net<B>, x| m.forward(x),
+                &config(2),
+                |p| started += matches!(p, adaround::Progress::LayerStarted { .. }) as usize,
+            )
+            .unwrap_err();
+            match err {
+                AdaRoundError::Quantizer { layer, source } => {
+                    assert_eq!(layer, "fc");
+                    assert!(source.to_string().contains(expected), "{source}");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            assert_eq!(started, 0, "found before any layer is optimised");
+        }
+    }
+
+    #[test]
+    fn should_refuse_invalid_quantizers_when_deserialising() {
+        for bad in [
+            r#"{"kind":"Max","bitwidth":1}"#,
+            r#"{"kind":"MaxPerAxis","bitwidth":65}"#,
+            r#"{"kind":"Max","bitwidth":0}"#,
+            r#"{"kind":"Std","bitwidth":4,"threshold":-1.0}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<WeightQuantizer>(bad).is_err(),
+                "{bad}"
+            );
+        }
+        let good: WeightQuantizer = serde_json::from_str(r#"{"kind":"Max","bitwidth":4}"#).unwrap();
+        assert_eq!(good, WeightQuantizer::max(4).unwrap());
+    }
+
+    #[test]
     fn should_refuse_a_model_on_an_autodiff_backend() {
         type Ad = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
         let device = Default::default();

@@ -80,11 +80,26 @@ crate::persistent_module!(WeightQuantizer);
 #[serde(tag = "kind")]
 enum Unchecked {
     Float,
-    Max { bitwidth: u32 },
-    MaxPerAxis { bitwidth: u32 },
-    Std { bitwidth: u32, threshold: f64 },
-    StdPerAxis { bitwidth: u32, threshold: f64 },
-    Custom { name: String, bitwidth: u32, per_axis: bool, params: Vec<f64> },
+    Max {
+        bitwidth: u32,
+    },
+    MaxPerAxis {
+        bitwidth: u32,
+    },
+    Std {
+        bitwidth: u32,
+        threshold: f64,
+    },
+    StdPerAxis {
+        bitwidth: u32,
+        threshold: f64,
+    },
+    Custom {
+        name: String,
+        bitwidth: u32,
+        per_axis: bool,
+        params: Vec<f64>,
+    },
 }
 
 impl TryFrom<Unchecked> for WeightQuantizer {
@@ -95,9 +110,31 @@ impl TryFrom<Unchecked> for WeightQuantizer {
             Unchecked::Float => Self::Float,
             Unchecked::Max { bitwidth } => Self::Max { bitwidth },
             Unchecked::MaxPerAxis { bitwidth } => Self::MaxPerAxis { bitwidth },
-            Unchecked::Std { bitwidth, threshold } => Self::Std { bitwidth, threshold },
-            Unchecked::StdPerAxis { bitwidth, threshold } => Self::StdPerAxis { bitwidth, threshold },
-            Unchecked::Custom { name, bitwidth, per_axis, params } => Self::Custom { name, bitwidth, per_axis, params },
+            Unchecked::Std {
+                bitwidth,
+                threshold,
+            } => Self::Std {
+                bitwidth,
+                threshold,
+            },
+            Unchecked::StdPerAxis {
+                bitwidth,
+                threshold,
+            } => Self::StdPerAxis {
+                bitwidth,
+                threshold,
+            },
+            Unchecked::Custom {
+                name,
+                bitwidth,
+                per_axis,
+                params,
+            } => Self::Custom {
+                name,
+                bitwidth,
+                per_axis,
+                params,
+            },
         };
         q.check_parameters().map(|()| q)
     }

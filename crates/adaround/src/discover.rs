@@ -61,7 +61,10 @@ pub(crate) fn discover<
         // Every quantizer valid and its scale factors computable (a custom function
         // registered, returning positive finite values), before any layer is optimised.
         if let Err(source) = (**layer).clone().with_adaround(&config.params) {
-            return Err(AdaRoundError::Quantizer { layer: name, source });
+            return Err(AdaRoundError::Quantizer {
+                layer: name,
+                source,
+            });
         }
         let activation = match probe.events.get(position + 1) {
             Some(Seen::Activation { activation, input }) if same_values(input, output) => {

@@ -90,7 +90,11 @@ pub(crate) fn apply<B: Backend>(
 }
 
 /// `Err(NonFinite)` naming `layer` unless `ok`.
-pub(crate) fn ensure_finite(ok: bool, layer: &str, what: &'static str) -> Result<(), AdaRoundError> {
+pub(crate) fn ensure_finite(
+    ok: bool,
+    layer: &str,
+    what: &'static str,
+) -> Result<(), AdaRoundError> {
     if ok {
         Ok(())
     } else {
@@ -103,7 +107,9 @@ pub(crate) fn ensure_finite(ok: bool, layer: &str, what: &'static str) -> Result
 
 /// Whether every value of every flow is finite.
 pub(crate) fn flows_finite<B: Backend>(flows: &[Flow<B>]) -> bool {
-    flows.iter().all(|f| adaround_core::all_finite(&f.clone().flatten()))
+    flows
+        .iter()
+        .all(|f| adaround_core::all_finite(&f.clone().flatten()))
 }
 
 /// Mean over batches of the MSE between the layer's outputs and the targets.
@@ -282,7 +288,11 @@ pub(crate) fn optimize_unit<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad
     let config = ctx.config;
     let act = unit.activation.as_ref();
     let err_before = layer_error(&unit.layer, act, unit.inputs, unit.targets);
-    ensure_finite(err_before.is_finite(), unit.name, "error with nearest rounding")?;
+    ensure_finite(
+        err_before.is_finite(),
+        unit.name,
+        "error with nearest rounding",
+    )?;
     let armed = unit
         .layer
         .clone()
@@ -310,8 +320,15 @@ pub(crate) fn optimize_unit<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad
     let err_final = layer_error(&finalized, act, unit.inputs, unit.targets);
     let (rec, round) = trace.last;
     ensure_finite(rec.is_finite() && round.is_finite(), unit.name, "losses")?;
-    let rounded_finite = finalized.kernel_values().iter().all(|(_, w)| adaround_core::all_finite(w));
-    ensure_finite(rounded_finite && err_final.is_finite(), unit.name, "rounded weights or error")?;
+    let rounded_finite = finalized
+        .kernel_values()
+        .iter()
+        .all(|(_, w)| adaround_core::all_finite(w));
+    ensure_finite(
+        rounded_finite && err_final.is_finite(),
+        unit.name,
+        "rounded weights or error",
+    )?;
     let kept_nearest = config.never_worse && err_final > err_before;
     let kernels = changes
         .into_iter()
