@@ -13,14 +13,14 @@ fn seed_lock() -> std::sync::MutexGuard<'static, ()> {
 macro_rules! driver_tests {
     ($backend:ty) => {
         use adaround::{
-            adaround, adaround_with_optimizer, export_integers, IntegerExport,
+            adaround, adaround_with_optimizer, export_integers,
             layers::{
                 QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense, QuantizedDenseConfig,
                 QuantizedLayer, QuantizedReLU, QuantizedReLUConfig, QuantizedSeparableConv2d,
                 QuantizedSeparableConv2dConfig,
             },
-            AdaRoundConfig, AdaRoundError, AdaRoundReport, FinalRounding, LossPath, ReconstructionLoss,
-            Schedule, SeparableStep, WeightQuantizer,
+            AdaRoundConfig, AdaRoundError, AdaRoundReport, FinalRounding, IntegerExport, LossPath,
+            ReconstructionLoss, Schedule, SeparableStep, WeightQuantizer,
         };
         use burn::{
             module::{Module, ModuleVisitor, Param, ParamId},
@@ -145,7 +145,8 @@ macro_rules! driver_tests {
         /// images. On i.i.d. inputs the layer's Hessian is diagonal and nearest rounding is optimal.
         fn samples(n: usize, seed: u64) -> Tensor<B, 4> {
             B::seed(&device(), seed);
-            let coarse = Tensor::<B, 4>::random([n, 2, 4, 4], Distribution::Normal(0.0, 1.0), &device());
+            let coarse =
+                Tensor::<B, 4>::random([n, 2, 4, 4], Distribution::Normal(0.0, 1.0), &device());
             let smooth = coarse
                 .reshape([n, 2, 4, 1, 4, 1])
                 .expand([n, 2, 4, 2, 4, 2])
@@ -275,7 +276,8 @@ macro_rules! driver_tests {
                     .with_quantizer(q.clone())
                     .init(&device()),
             });
-            let (_, report) = adaround(&residual, samples(16, 6), |m, x| m.forward(x), &config(5)).unwrap();
+            let (_, report) =
+                adaround(&residual, samples(16, 6), |m, x| m.forward(x), &config(5)).unwrap();
             let names: Vec<&str> = report.layers.iter().map(|l| l.name.as_str()).collect();
             assert_eq!(names, ["stem", "body", "head"]);
 
@@ -433,13 +435,15 @@ macro_rules! driver_tests {
             let _seed = crate::seed_lock();
             let cfg = config(10).with_batch_size(Some(8));
             let run = || {
-                let (m, r) = adaround(&net(15), samples(32, 16), |m, x| m.forward(x), &cfg).unwrap();
+                let (m, r) =
+                    adaround(&net(15), samples(32, 16), |m, x| m.forward(x), &cfg).unwrap();
                 (snapshot(&m), r)
             };
             let (w1, r1) = run();
             let (w2, r2) = run();
             // Parameter ids are random per model; the values must be identical.
-            let values = |w: Vec<(ParamId, Vec<f32>)>| w.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
+            let values =
+                |w: Vec<(ParamId, Vec<f32>)>| w.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
             assert_eq!(values(w1), values(w2));
             if std::any::type_name::<B>().contains("NdArray") {
                 assert_eq!(r1, r2);
@@ -447,7 +451,10 @@ macro_rules! driver_tests {
                 // GPU reductions do not fix their summation order: the same weights and
                 // decisions, and the same losses up to the last bits.
                 for (a, b) in r1.layers.iter().zip(&r2.layers) {
-                    assert_eq!((a.steps, a.changed(), a.kept_nearest), (b.steps, b.changed(), b.kept_nearest));
+                    assert_eq!(
+                        (a.steps, a.changed(), a.kept_nearest),
+                        (b.steps, b.changed(), b.kept_nearest)
+                    );
                     for (x, y) in [(a.err_before, b.err_before), (a.err_final, b.err_final)] {
                         assert!((x - y).abs() <= 1e-5 * x.abs(), "{}: {x} vs {y}", a.name);
                     }
@@ -520,7 +527,8 @@ macro_rules! driver_tests {
             let saboteur = || {
                 AdamConfig::new()
                     .with_weight_decay(Some(WeightDecayConfig::new(1e6)))
-                    .init::<burn_autodiff::Autodiff<B>, QuantizedLayer<burn_autodiff::Autodiff<B>>>()
+                    .init::<burn_autodiff::Autodiff<B>, QuantizedLayer<burn_autodiff::Autodiff<B>>>(
+                    )
             };
             let forward = |m: &Net<B>, x| m.forward(x);
             let (rounded, report) =
@@ -584,20 +592,35 @@ macro_rules! driver_tests {
             // "Interrupted" after the first layer: the checkpoint holds one finished layer.
             let (_, partial) = run(&with_dir.clone().with_stop_after(Some(1)));
             assert_eq!(partial.layers.len(), 1);
-            assert!(dir.join("progress.json").exists() && dir.join("model.bin").exists());
+            assert!(dir.join("progress.json").exists() && dir.join("model-1.bin").exists());
             // The resumed run skips it and ends where the uninterrupted run ends.
             let (resumed, report) = run(&with_dir);
             assert_eq!(report.layers.len(), 3);
-            assert_eq!(report.layers[0], partial.layers[0], "the finished layer comes from the checkpoint");
+            assert_eq!(
+                report.layers[0], partial.layers[0],
+                "the finished layer comes from the checkpoint"
+            );
             let values = |m: &Net<B>| snapshot(m).into_iter().map(|(_, v)| v).collect::<Vec<_>>();
             assert_eq!(values(&resumed), values(&full));
             for (a, b) in report.layers.iter().zip(&full_report.layers) {
-                assert_eq!((a.err_before, a.err_final, a.changed()), (b.err_before, b.err_final, b.changed()));
+                assert_eq!(
+                    (a.err_before, a.err_final, a.changed()),
+                    (b.err_before, b.err_final, b.changed())
+                );
             }
             // A checkpoint from another configuration is refused, not silently reused.
             let other = with_dir.clone().with_learning_rate(0.5);
             let err = adaround(&model, samples(32, 23), |m, x| m.forward(x), &other).unwrap_err();
-            assert!(matches!(err, AdaRoundError::Checkpoint(ref m) if m.contains("another configuration")), "{err:?}");
+            assert!(
+                matches!(
+                    err,
+                    AdaRoundError::CheckpointMismatch {
+                        what: "configuration",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
             let _ = std::fs::remove_dir_all(&dir);
         }
 
@@ -606,11 +629,23 @@ macro_rules! driver_tests {
             let _seed = crate::seed_lock();
             let model = net(24);
             let cfg = config(5).with_rounding(FinalRounding::Hard);
-            let (rounded, _) = adaround(&model, samples(16, 25), |m, x| m.forward(x), &cfg).unwrap();
+            let (rounded, _) =
+                adaround(&model, samples(16, 25), |m, x| m.forward(x), &cfg).unwrap();
             let export = export_integers(&rounded, samples(1, 26), |m, x| m.forward(x)).unwrap();
-            let names: Vec<(&str, &str)> =
-                export.kernels.iter().map(|k| (k.layer.as_str(), k.kernel.as_str())).collect();
-            assert_eq!(names, [("conv", "kernel"), ("sep", "depthwise"), ("sep", "pointwise"), ("fc", "kernel")]);
+            let names: Vec<(&str, &str)> = export
+                .kernels
+                .iter()
+                .map(|k| (k.layer.as_str(), k.kernel.as_str()))
+                .collect();
+            assert_eq!(
+                names,
+                [
+                    ("conv", "kernel"),
+                    ("sep", "depthwise"),
+                    ("sep", "pointwise"),
+                    ("fc", "kernel")
+                ]
+            );
             let quantized: Vec<Vec<f32>> = [
                 rounded.conv.quantized_weight().flatten::<1>(0, 3),
                 rounded.sep.quantized_weights().0.flatten(0, 3),
@@ -623,7 +658,12 @@ macro_rules! driver_tests {
             for (k, q) in export.kernels.iter().zip(&quantized) {
                 let kmax = (1i32 << (k.bitwidth - 1)) - 1;
                 assert_eq!(k.integers.len(), q.len());
-                assert!(k.integers.iter().all(|i| i.abs() <= kmax), "{} {}", k.layer, k.kernel);
+                assert!(
+                    k.integers.iter().all(|i| i.abs() <= kmax),
+                    "{} {}",
+                    k.layer,
+                    k.kernel
+                );
                 let channels = k.scale_factors.len();
                 for (i, (&int, &w)) in k.integers.iter().zip(q).enumerate() {
                     // Channel of element i: axis 0 is the slowest, axis 1 of [d_in, d_out] the fastest.
@@ -633,7 +673,12 @@ macro_rules! driver_tests {
                         Some(_) => i % channels,
                     };
                     let back = int as f32 / k.scale_factors[c];
-                    assert!((back - w).abs() <= 1e-6 * w.abs().max(1e-3), "{} {}[{i}]: {back} vs {w}", k.layer, k.kernel);
+                    assert!(
+                        (back - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                        "{} {}[{i}]: {back} vs {w}",
+                        k.layer,
+                        k.kernel
+                    );
                 }
             }
             let parsed: IntegerExport = serde_json::from_str(&export.to_json()).unwrap();
@@ -680,12 +725,21 @@ macro_rules! driver_tests {
                 [LossPath::Gram, LossPath::Gram, LossPath::Gram],
                 "split, each half of the separable conv has a Gram form"
             );
-            let joint = cfg.clone().with_path(LossPath::Gram).with_separable(SeparableStep::Joint);
-            let (_, r_joint) = adaround(&model, samples(64, 21), |m, x| m.forward(x), &joint).unwrap();
-            let joint: Vec<(LossPath, bool)> = r_joint.layers.iter().map(|l| (l.path, l.fused)).collect();
+            let joint = cfg
+                .clone()
+                .with_path(LossPath::Gram)
+                .with_separable(SeparableStep::Joint);
+            let (_, r_joint) =
+                adaround(&model, samples(64, 21), |m, x| m.forward(x), &joint).unwrap();
+            let joint: Vec<(LossPath, bool)> =
+                r_joint.layers.iter().map(|l| (l.path, l.fused)).collect();
             assert_eq!(
                 joint,
-                [(LossPath::Gram, true), (LossPath::Direct, false), (LossPath::Gram, true)],
+                [
+                    (LossPath::Gram, true),
+                    (LossPath::Direct, false),
+                    (LossPath::Gram, true)
+                ],
                 "joint, the separable conv has no Gram form and runs through autodiff"
             );
             assert!(r_direct.layers.iter().all(|l| l.path == LossPath::Direct));
@@ -762,7 +816,9 @@ macro_rules! driver_tests {
 
         impl<B: Backend> WithNorm<B> {
             fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-                self.act.forward(self.norm.forward(self.conv.forward(x))).flatten(1, 3)
+                self.act
+                    .forward(self.norm.forward(self.conv.forward(x)))
+                    .flatten(1, 3)
             }
 
             fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
@@ -799,12 +855,25 @@ macro_rules! driver_tests {
             };
             let (params, running) = (snapshot(&model), stats(&model));
             let cfg = config(40).with_batch_size(Some(8));
-            let (rounded, report) = adaround(&model, samples(32, 32), |m, x| m.forward(x), &cfg).unwrap();
+            let (rounded, report) =
+                adaround(&model, samples(32, 32), |m, x| m.forward(x), &cfg).unwrap();
             assert_eq!(report.layers.len(), 2);
             assert!(report.changed() > 0, "something was rounded");
-            assert_eq!(snapshot(&model), params, "the caller's parameters are untouched");
-            assert_eq!(stats(&model), running, "the caller's BatchNorm statistics are untouched");
-            assert_eq!(stats(&rounded), running, "the rounded model keeps the statistics");
+            assert_eq!(
+                snapshot(&model),
+                params,
+                "the caller's parameters are untouched"
+            );
+            assert_eq!(
+                stats(&model),
+                running,
+                "the caller's BatchNorm statistics are untouched"
+            );
+            assert_eq!(
+                stats(&rounded),
+                running,
+                "the rounded model keeps the statistics"
+            );
         }
 
         #[test]
@@ -921,6 +990,103 @@ mod ndarray {
         }
         let good: WeightQuantizer = serde_json::from_str(r#"{"kind":"Max","bitwidth":4}"#).unwrap();
         assert_eq!(good, WeightQuantizer::max(4).unwrap());
+    }
+
+    #[test]
+    fn should_bind_a_checkpoint_to_its_model_samples_and_quantizers_and_refuse_damaged_files() {
+        let _seed = crate::seed_lock();
+        let dir = std::env::temp_dir().join(format!("adaround-bound-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = config(3).with_checkpoint(Some(dir.display().to_string()));
+        let forward = |m: &Net<B>, x| m.forward(x);
+        let model = net(50);
+        let x = samples(16, 51);
+        let (_, partial) = adaround(
+            &model,
+            x.clone(),
+            forward,
+            &cfg.clone().with_stop_after(Some(2)),
+        )
+        .unwrap();
+        assert_eq!(partial.layers.len(), 2);
+        let mismatch = |m: &Net<B>, x: Tensor<B, 4>| match adaround(m, x, forward, &cfg) {
+            Err(AdaRoundError::CheckpointMismatch { what, .. }) => what,
+            other => panic!("expected a mismatch, got {:?}", other.map(|_| ())),
+        };
+        let mut w3 = model.clone();
+        w3.fc.quantizer = WeightQuantizer::max_per_axis(2).unwrap().into();
+        assert_eq!(mismatch(&w3, x.clone()), "quantizers");
+        let mut halved = model.clone();
+        halved.fc.weight = halved.fc.weight.map(|w| w.div_scalar(2.0));
+        assert_eq!(mismatch(&halved, x.clone()), "float weights");
+        assert_eq!(mismatch(&model, samples(16, 52)), "calibration samples");
+
+        // Damaged files: typed errors, never panics, and the checkpoint is not overwritten.
+        let progress = dir.join("progress.json");
+        let model_file = dir.join("model-2.bin");
+        let (good_progress, good_model) = (
+            std::fs::read(&progress).unwrap(),
+            std::fs::read(&model_file).unwrap(),
+        );
+        let text = String::from_utf8(good_progress.clone()).unwrap();
+        let extra = {
+            let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let done = v["done"].as_array().unwrap().clone();
+            v["done"] = serde_json::Value::Array([done.clone(), done.clone(), done].concat());
+            v.to_string().into_bytes()
+        };
+        let mut flipped = good_model.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x10;
+        let cases: Vec<(&std::path::Path, Vec<u8>)> = vec![
+            (&progress, good_progress[..good_progress.len() / 2].to_vec()),
+            (&progress, b"\x00\x01 not json".to_vec()),
+            (&progress, extra),
+            (&model_file, good_model[..good_model.len() / 3].to_vec()),
+            (&model_file, flipped),
+            (&model_file, vec![7; good_model.len()]),
+        ];
+        for (i, (file, bytes)) in cases.into_iter().enumerate() {
+            std::fs::write(file, &bytes).unwrap();
+            let err = adaround(&model, x.clone(), forward, &cfg)
+                .map(|_| ())
+                .unwrap_err();
+            assert!(
+                matches!(err, AdaRoundError::Checkpoint(ref m) if m.contains("damaged")),
+                "case {i}: {err:?}"
+            );
+            assert_eq!(
+                std::fs::read(file).unwrap(),
+                bytes,
+                "case {i}: the damaged file is left as it was"
+            );
+            std::fs::write(&progress, &good_progress).unwrap();
+            std::fs::write(&model_file, &good_model).unwrap();
+        }
+        // Restored, it resumes with both finished layers.
+        let (_, report) = adaround(&model, x, forward, &cfg).unwrap();
+        assert_eq!(report.layers[..2], partial.layers[..]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn should_refuse_an_unwritable_checkpoint_folder_before_optimising() {
+        let file = std::env::temp_dir().join(format!("adaround-not-a-dir-{}", std::process::id()));
+        std::fs::write(&file, b"a file").unwrap();
+        let cfg = config(2).with_checkpoint(Some(file.join("sub").display().to_string()));
+        let mut started = 0;
+        let err = adaround::adaround_with_progress(
+            &net(53),
+            samples(16, 54),
+            |m: &Net<B>, x| m.forward(x),
+            &cfg,
+            |p| started += matches!(p, adaround::Progress::LayerStarted { .. }) as usize,
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert!(matches!(err, AdaRoundError::Checkpoint(_)), "{err:?}");
+        assert_eq!(started, 0);
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

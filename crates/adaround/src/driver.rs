@@ -12,7 +12,7 @@ use burn::{
 use log::info;
 
 use crate::{
-    checkpoint::Checkpoint,
+    checkpoint::{Checkpoint, Fingerprint},
     discover::{capture_inputs, discover, Site},
     optimize::{ensure_finite, flows_finite, Context},
     params::{ParamIndex, WriteBack},
@@ -142,6 +142,11 @@ where
 {
     let start = Instant::now();
     config.validate().map_err(AdaRoundError::InvalidConfig)?;
+    let checkpoint = config
+        .checkpoint
+        .as_deref()
+        .map(Checkpoint::open)
+        .transpose()?;
     let batches = split_batches(samples, config.batch_size)?;
     if B::ad_enabled(&batches[0].device()) {
         return Err(AdaRoundError::AutodiffModel);
@@ -151,11 +156,25 @@ where
     let mut work = model.clone();
     let sites = discover(&work, &batches[0], &forward, &index, config)?;
     let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
-    let checkpoint = config.checkpoint.as_deref().map(Checkpoint::new);
     let mut layers = Vec::with_capacity(sites.len());
-    if let Some(checkpoint) = &checkpoint {
+    let fingerprint = checkpoint.as_ref().map(|_| {
+        let quantizers: Vec<_> = sites
+            .iter()
+            .map(|s| {
+                s.layer
+                    .slots()
+                    .iter()
+                    .map(|q| q.quantizer().clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let quantizers = serde_json::to_string(&quantizers).expect("quantizers serialize");
+        Fingerprint::of(&work, &quantizers, &batches)
+    });
+    if let (Some(checkpoint), Some(fingerprint)) = (&checkpoint, &fingerprint) {
+        let device = batches[0].device();
         if let Some((state, done)) =
-            checkpoint.resume(work.clone(), &names, config, &batches[0].device())?
+            checkpoint.resume(work.clone(), &names, config, fingerprint, &device)?
         {
             info!(
                 "resuming after {} finished layers from {}",
@@ -187,8 +206,8 @@ where
         let report;
         (work, report) = optimize_layer(&run, work, site, &mut ctx)?;
         layers.push(report);
-        if let Some(checkpoint) = &checkpoint {
-            checkpoint.save(&work, &layers, &names, config)?;
+        if let (Some(checkpoint), Some(fingerprint)) = (&checkpoint, &fingerprint) {
+            checkpoint.save(&work, &layers, &names, config, fingerprint)?;
         }
     }
     let report = AdaRoundReport {
