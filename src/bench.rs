@@ -62,9 +62,11 @@ pub fn per_step<B: Backend, M: Module<B>, const D: usize>(
             format!("{:?}", report.layers[0].path),
         )
     };
-    let (warm, _) = time(N1); // warm-up, and a first estimate
-    let estimate = warm / N1 as f64;
-    let n2 = N1 + ((TIMED_SECONDS / estimate) as usize).clamp(100, 5000);
+    // Warm-up, then a first estimate from two run lengths (setup cancels out; fast steps
+    // need many iterations).
+    let _ = time(N1);
+    let estimate = ((time(N1 + 200).0 - time(N1).0) / 200.0).max(1e-6);
+    let n2 = N1 + ((TIMED_SECONDS / estimate) as usize).clamp(100, 100_000);
     // The faster of two measurements of each run: other processes only ever add time.
     let t1 = time(N1).0.min(time(N1).0);
     let (t2a, used) = time(n2);
