@@ -167,8 +167,10 @@ fn should_reject_bad_bitwidths_and_thresholds() {
         Err(QuantizerError::InvalidThreshold(0.0))
     );
     assert!(WeightQuantizer::max(2).is_ok() && WeightQuantizer::max(16).is_ok());
-    let parsed: WeightQuantizer = serde_json::from_str(r#"{"kind":"Max","bitwidth":0}"#).unwrap();
-    assert_eq!(parsed.validate(), Err(QuantizerError::InvalidBitwidth(0)));
+    // Deserialising validates: an invalid bitwidth is a parse error, not a quantizer.
+    let parsed = serde_json::from_str::<WeightQuantizer>(r#"{"kind":"Max","bitwidth":0}"#);
+    let err = parsed.unwrap_err().to_string();
+    assert!(err.contains("bitwidth must be in 2..=16"), "{err}");
 }
 
 #[test]
