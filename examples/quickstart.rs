@@ -11,8 +11,9 @@
 //!    committed as `examples/data/digits_cnn.bin` (multi-threaded training is not
 //!    bit-reproducible; the committed model makes every number below reproducible);
 //! 3. convert it to quantized layers;
-//! 4. nearest rounding at W4/W3/W2;
-//! 5. AdaRound at the same bitwidths;
+//! 4. nearest rounding at W4/W3/W2, with the reference's weight scheme (scale from
+//!    `max |w|`, symmetric grid) and the error-minimising scale on the full-range grid;
+//! 5. AdaRound at the same bitwidths and schemes;
 //! 6. the results table, the report JSON and two SVG charts under `out/quickstart/`.
 //!
 //! `--train` trains a new float model (about 5 s) instead of loading the committed one;
@@ -20,9 +21,11 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use adaround::{adaround, AdaRoundConfig, AdaRoundReport, BetaDecay, ReconstructionLoss, Schedule};
+use adaround::{adaround, AdaRoundReport, Grid};
 use adaround_burn::{
-    digits::{accuracy, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE},
+    digits::{
+        accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
+    },
     svg,
 };
 use burn::{
@@ -40,18 +43,9 @@ const CALIBRATION: usize = 256;
 const BITWIDTHS: [u32; 3] = [4, 3, 2];
 const ACTIVATION_BITS: u32 = 8;
 
-/// The AdaRound settings of this example: AIMET-style iterations with warm start, batch 32,
-/// channel-summed loss; 1 000 iterations per layer at learning rate 1e-2 (AIMET: 10 000 at 1e-3).
-pub fn adaround_config() -> AdaRoundConfig {
-    AdaRoundConfig::new(Schedule::Iterations {
-        iterations: 1000,
-        warm_start: 0.2,
-        decay: BetaDecay::Cosine,
-    })
-    .with_batch_size(Some(32))
-    .with_loss(ReconstructionLoss::ChannelSum)
-    .with_learning_rate(1e-2)
-}
+/// The weight schemes compared: the reference's (max scale, symmetric grid) and the one chosen
+/// on validation data (`cargo run --release --example choose`).
+const SCHEMES: [Scheme; 2] = [Scheme::Max, Scheme::Mse(Grid::FullRange)];
 
 fn main() {
     let write_fixture = std::env::args().any(|a| a == "--write-fixture");
@@ -124,26 +118,32 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
     println!("calibration: {CALIBRATION} unlabeled training images");
 
     // 4. Nearest rounding
-    println!("\n## 4. Nearest rounding");
+    println!("\n## 4. Nearest rounding (per output channel)");
     let mut rows = Vec::new();
-    for bits in BITWIDTHS {
-        let model = quant.clone().with_weight_bits(bits, Granularity::PerAxis);
-        let acc = accuracy(model.forward(x_test.clone()), y_test.clone());
-        println!("W{bits}: {acc:.2} %");
-        rows.push((bits, acc));
+    for scheme in SCHEMES {
+        for bits in BITWIDTHS {
+            let model = quant
+                .clone()
+                .with_weights(bits, Granularity::PerAxis, scheme);
+            let acc = accuracy(model.forward(x_test.clone()), y_test.clone());
+            println!("W{bits} {}: {acc:.2} %", scheme.name());
+            rows.push((scheme, bits, acc));
+        }
     }
 
     // 5. AdaRound
     println!("\n## 5. AdaRound");
-    let config = adaround_config();
+    let config = quickstart_config();
     let mut results = Vec::new();
-    let mut reports: Vec<(u32, AdaRoundReport)> = Vec::new();
-    for (bits, nearest) in rows {
-        let model = quant.clone().with_weight_bits(bits, Granularity::PerAxis);
+    let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
+    for (scheme, bits, nearest) in rows {
+        let model = quant
+            .clone()
+            .with_weights(bits, Granularity::PerAxis, scheme);
         let (rounded, report) =
             adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
         let acc = accuracy(rounded.forward(x_test.clone()), y_test.clone());
-        println!("W{bits}: {:.1} s", report.seconds);
+        println!("W{bits} {}: {:.1} s", scheme.name(), report.seconds);
         for l in &report.layers {
             println!(
                 "  {:<5} quantization error: {:.6} -> {:.6}   changed weights: {} / {}{}",
@@ -159,28 +159,43 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
                 }
             );
         }
-        results.push((bits, nearest, acc, report.seconds));
-        reports.push((bits, report));
+        results.push((scheme, bits, nearest, acc, report.seconds));
+        reports.push((format!("W{bits} {}", scheme.name()), report));
     }
 
     // 6. Results
     println!("\n## 6. Results (test accuracy, {} images)", test.len());
-    println!("| weights | float | nearest | AdaRound | AdaRound time |");
-    println!("|---|---|---|---|---|");
-    for (bits, nearest, ada, secs) in &results {
-        println!("| W{bits} | {float_acc:.2} % | {nearest:.2} % | {ada:.2} % | {secs:.1} s |");
+    println!("| weights | scale, grid | float | nearest | AdaRound | AdaRound time |");
+    println!("|---|---|---|---|---|---|");
+    for (scheme, bits, nearest, ada, secs) in &results {
+        println!(
+            "| W{bits} | {} | {float_acc:.2} % | {nearest:.2} % | {ada:.2} % | {secs:.1} s |",
+            scheme.name()
+        );
     }
     let json = serde_json::json!({
         "float_accuracy": float_acc,
-        "results": results.iter().map(|(b, n, a, s)| serde_json::json!({
-            "bits": b, "nearest_accuracy": n, "adaround_accuracy": a, "seconds": s
-        })).collect::<Vec<_>>(),
-        "reports": reports.iter().map(|(b, r)| serde_json::json!({ "bits": b, "report": r })).collect::<Vec<_>>(),
+        "results": results.iter().map(|(scheme, b, n, a, s)| {
+            let (scale, grid) = match scheme {
+                Scheme::Max => ("max", Grid::Symmetric),
+                Scheme::Mse(grid) => ("mse", *grid),
+            };
+            serde_json::json!({
+                "bits": b, "granularity": "per-channel", "scale": scale, "grid": grid,
+                "nearest_accuracy": n, "adaround_accuracy": a, "seconds": s
+            })
+        }).collect::<Vec<_>>(),
+        "reports": reports.iter().map(|(w, r)| serde_json::json!({ "weights": w, "report": r })).collect::<Vec<_>>(),
     });
     let report_path = out.join("report.json");
     std::fs::write(&report_path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     println!("\nreport: {}", report_path.display());
-    for path in write_charts(&out, &reports) {
+    let reference: Vec<_> = reports
+        .iter()
+        .filter(|(w, _)| w.ends_with(Scheme::Max.name()))
+        .cloned()
+        .collect();
+    for path in write_charts(&out, &reference) {
         println!("chart:  {}", path.display());
     }
 }
@@ -213,14 +228,15 @@ fn train_float<B: AutodiffBackend>(train: &Digits, device: &B::Device) -> FloatC
 
 use burn::tensor::ElementConversion;
 
-fn write_charts(out: &std::path::Path, reports: &[(u32, AdaRoundReport)]) -> Vec<PathBuf> {
+fn write_charts(out: &std::path::Path, reports: &[(String, AdaRoundReport)]) -> Vec<PathBuf> {
     let mut paths = Vec::new();
     // Per-layer error at each bitwidth, relative to nearest rounding (errors span 5 decades).
     let mut labels = Vec::new();
     let (mut before, mut after) = (Vec::new(), Vec::new());
-    for (bits, report) in reports {
+    for (weights, report) in reports {
+        let bits = weights.split(' ').next().unwrap_or_default();
         for l in &report.layers {
-            labels.push(format!("W{bits} {}", l.name));
+            labels.push(format!("{bits} {}", l.name));
             before.push(1.0);
             after.push(l.err_final / l.err_before);
         }
@@ -235,12 +251,13 @@ fn write_charts(out: &std::path::Path, reports: &[(u32, AdaRoundReport)]) -> Vec
     std::fs::write(&path, chart).unwrap();
     paths.push(path);
     // Decimals of the Dense layer at the lowest bitwidth: mass moves to 0 and 1.
-    if let Some((bits, report)) = reports.last() {
+    if let Some((weights, report)) = reports.last() {
+        let bits = weights.split(' ').next().unwrap_or_default();
         if let Some(layer) = report.layers.last() {
             let k = &layer.kernels[0];
             let chart = svg::histograms(
                 &format!(
-                    "W{bits} {}: decimals h(alpha) before and after AdaRound",
+                    "{bits} {}: decimals h(alpha) before and after AdaRound",
                     layer.name
                 ),
                 &[

@@ -7,7 +7,7 @@ use adaround::{
         QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
         QuantizedSeparableConv2d,
     },
-    WeightQuantizer,
+    Grid, WeightQuantizer,
 };
 use burn::{
     module::Module,
@@ -186,6 +186,44 @@ pub enum Granularity {
     PerTensor,
 }
 
+/// How weights are mapped to integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// The reference's: `sf = kmax / max |w|`, the symmetric grid `[-kmax, kmax]`.
+    Max,
+    /// The error-minimising scale ([`WeightQuantizer::Mse`]) on `grid`.
+    Mse(Grid),
+}
+
+impl Scheme {
+    /// Every scheme, the reference's first.
+    pub const ALL: [Scheme; 3] = [
+        Scheme::Max,
+        Scheme::Mse(Grid::Symmetric),
+        Scheme::Mse(Grid::FullRange),
+    ];
+
+    /// A short name: `max`, `mse symmetric`, `mse full-range`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scheme::Max => "max",
+            Scheme::Mse(Grid::Symmetric) => "mse symmetric",
+            Scheme::Mse(Grid::FullRange) => "mse full-range",
+        }
+    }
+
+    /// The quantizer for `bits` bits at `granularity`.
+    pub fn quantizer(&self, bits: u32, granularity: Granularity) -> WeightQuantizer {
+        let per_axis = granularity == Granularity::PerAxis;
+        let q = match (self, per_axis) {
+            (Scheme::Max, true) => WeightQuantizer::max_per_axis(bits),
+            (Scheme::Max, false) => WeightQuantizer::max(bits),
+            (Scheme::Mse(grid), _) => WeightQuantizer::mse(bits, per_axis, *grid),
+        };
+        q.expect("bitwidth in 2..=16")
+    }
+}
+
 impl<B: Backend> QuantCnn<B> {
     /// Converts the float model: weights at `bits` bits, activations at `act_bits` bits with
     /// their largest value calibrated on `calibration` images.
@@ -220,8 +258,14 @@ impl<B: Backend> QuantCnn<B> {
     }
 
     /// The same model with every weight quantizer set for `bits` bits.
-    pub fn with_weight_bits(mut self, bits: u32, granularity: Granularity) -> Self {
-        let (main, dw) = quantizers(bits, granularity);
+    pub fn with_weight_bits(self, bits: u32, granularity: Granularity) -> Self {
+        self.with_weights(bits, granularity, Scheme::Max)
+    }
+
+    /// The same model with every weight quantizer set for `bits` bits on `scheme`.
+    pub fn with_weights(mut self, bits: u32, granularity: Granularity, scheme: Scheme) -> Self {
+        let main = scheme.quantizer(bits, granularity);
+        let dw = main.clone();
         self.conv.quantizer = main.clone().into();
         self.sep.quantizer_dw = dw.into();
         self.sep.quantizer = main.clone().into();
@@ -239,11 +283,7 @@ impl<B: Backend> QuantCnn<B> {
 
 fn quantizers(bits: u32, granularity: Granularity) -> (WeightQuantizer, WeightQuantizer) {
     // The depthwise kernel gets the main quantizer, as `QuantizedSeparableConv2dConfig` does.
-    let q = match granularity {
-        Granularity::PerAxis => WeightQuantizer::max_per_axis(bits),
-        Granularity::PerTensor => WeightQuantizer::max(bits),
-    };
-    let q = q.expect("bitwidth in 2..=16");
+    let q = Scheme::Max.quantizer(bits, granularity);
     (q.clone(), q)
 }
 

@@ -131,8 +131,17 @@ macro_rules! driver_tests {
         }
 
         fn net(seed: u64) -> Net<B> {
+            net_with(seed, q3())
+        }
+
+        fn net_with(seed: u64, q: WeightQuantizer) -> Net<B> {
             B::seed(&device(), seed);
-            materialize(Net::new(q3(), &device()))
+            materialize(Net::new(q, &device()))
+        }
+
+        /// 2 bits on every code of a signed integer, scale minimising the weight error.
+        fn full_range_w2() -> WeightQuantizer {
+            WeightQuantizer::mse(2, true, adaround::Grid::FullRange).unwrap()
         }
 
         /// Parameters are initialized lazily; fix their values before the model is cloned.
@@ -627,7 +636,12 @@ macro_rules! driver_tests {
         #[test]
         fn should_export_integer_weights_that_dequantize_to_the_quantized_kernels() {
             let _seed = crate::seed_lock();
-            let model = net(24);
+            for q in [q3(), full_range_w2()] {
+                export_round_trip(net_with(24, q));
+            }
+        }
+
+        fn export_round_trip(model: Net<B>) {
             let cfg = config(5).with_rounding(FinalRounding::Hard);
             let (rounded, _) =
                 adaround(&model, samples(16, 25), |m, x| m.forward(x), &cfg).unwrap();
@@ -657,9 +671,13 @@ macro_rules! driver_tests {
             .collect();
             for (k, q) in export.kernels.iter().zip(&quantized) {
                 let kmax = (1i32 << (k.bitwidth - 1)) - 1;
+                let lo = match k.grid {
+                    adaround::Grid::Symmetric => -kmax,
+                    adaround::Grid::FullRange => -kmax - 1,
+                };
                 assert_eq!(k.integers.len(), q.len());
                 assert!(
-                    k.integers.iter().all(|i| i.abs() <= kmax),
+                    k.integers.iter().all(|i| (lo..=kmax).contains(i)),
                     "{} {}",
                     k.layer,
                     k.kernel
@@ -763,7 +781,12 @@ macro_rules! driver_tests {
         #[test]
         fn should_take_the_same_rounding_decisions_with_the_fused_and_the_autodiff_step() {
             let _seed = crate::seed_lock();
-            let model = net(22);
+            for q in [q3(), full_range_w2()] {
+                fused_agrees_with_autodiff(net_with(22, q));
+            }
+        }
+
+        fn fused_agrees_with_autodiff(model: Net<B>) {
             let cfg = config(40)
                 .with_batch_size(Some(16))
                 .with_rounding(FinalRounding::Hard)
@@ -1067,6 +1090,157 @@ mod ndarray {
         let (_, report) = adaround(&model, x, forward, &cfg).unwrap();
         assert_eq!(report.layers[..2], partial.layers[..]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The finished layers a run resumed with (from its progress events).
+    fn resumed_after(model: &Net<B>, x: Tensor<B, 4>, cfg: &AdaRoundConfig) -> (Net<B>, usize) {
+        let mut started = 0;
+        let (out, report) = adaround::adaround_with_progress(
+            model,
+            x,
+            |m: &Net<B>, x| m.forward(x),
+            cfg,
+            |p| started += matches!(p, adaround::Progress::LayerStarted { .. }) as usize,
+        )
+        .unwrap();
+        (out, report.layers.len() - started)
+    }
+
+    #[test]
+    fn should_keep_the_last_complete_checkpoint_through_a_crash_between_any_two_writes() {
+        let _seed = crate::seed_lock();
+        let dir = std::env::temp_dir().join(format!("adaround-crash-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = config(3).with_checkpoint(Some(dir.display().to_string()));
+        let (model, x) = (net(60), samples(16, 61));
+        let forward = |m: &Net<B>, x| m.forward(x);
+        let (full, _) = adaround(&model, x.clone(), forward, &config(3)).unwrap();
+        let values = |m: &Net<B>| snapshot(m).into_iter().map(|(_, v)| v).collect::<Vec<_>>();
+        // The checkpoint after one layer (A), then after two (B): B's save writes
+        // `model-2.tmp`, renames it, writes `progress.tmp`, renames it, removes
+        // `model-1.bin`.
+        let one = cfg.clone().with_stop_after(Some(1));
+        adaround(&model, x.clone(), forward, &one).unwrap();
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        let (progress_a, model_a) = (read("progress.json"), read("model-1.bin"));
+        adaround(&model, x.clone(), forward, &one).unwrap();
+        let (progress_b, model_b) = (read("progress.json"), read("model-2.bin"));
+        assert!(
+            !dir.join("model-1.bin").exists(),
+            "the older model file is removed"
+        );
+        let half = |b: &[u8]| b[..b.len() / 2].to_vec();
+        type Files = Vec<(&'static str, Vec<u8>)>;
+        let crashes: Vec<(&str, Files, usize)> = vec![
+            (
+                "while writing model-2",
+                vec![("model-2.tmp", half(&model_b))],
+                1,
+            ),
+            (
+                "after renaming model-2",
+                vec![("model-2.bin", model_b.clone())],
+                1,
+            ),
+            (
+                "while writing progress",
+                vec![
+                    ("model-2.bin", model_b.clone()),
+                    ("progress.tmp", half(&progress_b)),
+                ],
+                1,
+            ),
+            (
+                "after renaming progress",
+                vec![
+                    ("model-2.bin", model_b.clone()),
+                    ("progress.json", progress_b.clone()),
+                ],
+                2,
+            ),
+        ];
+        for (when, files, finished) in crashes {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("progress.json"), &progress_a).unwrap();
+            std::fs::write(dir.join("model-1.bin"), &model_a).unwrap();
+            for (name, bytes) in files {
+                std::fs::write(dir.join(name), bytes).unwrap();
+            }
+            let (out, resumed) = resumed_after(&model, x.clone(), &cfg);
+            assert_eq!(resumed, finished, "crash {when}: finished layers kept");
+            assert_eq!(values(&out), values(&full), "crash {when}: same result");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn should_refuse_a_checkpoint_whose_model_file_holds_other_quantizers() {
+        let _seed = crate::seed_lock();
+        let base = std::env::temp_dir().join(format!("adaround-swap-{}", std::process::id()));
+        let (ours, theirs) = (base.join("ours"), base.join("theirs"));
+        let _ = std::fs::remove_dir_all(&base);
+        let with = |d: &std::path::Path| {
+            config(2)
+                .with_checkpoint(Some(d.display().to_string()))
+                .with_stop_after(Some(1))
+        };
+        let forward = |m: &Net<B>, x| m.forward(x);
+        let (model, x) = (net(62), samples(16, 63));
+        let mut other = model.clone();
+        other.fc.quantizer = WeightQuantizer::max_per_axis(2).unwrap().into();
+        adaround(&model, x.clone(), forward, &with(&ours)).unwrap();
+        adaround(&other, x.clone(), forward, &with(&theirs)).unwrap();
+        // The other run's model file, with its checksum written into our progress file: the
+        // file is intact, but what it holds is not what this run was started with.
+        let json = |d: &std::path::Path| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(d.join("progress.json")).unwrap()).unwrap()
+        };
+        let mut progress = json(&ours);
+        progress["model_checksum"] = json(&theirs)["model_checksum"].clone();
+        std::fs::write(ours.join("progress.json"), progress.to_string()).unwrap();
+        std::fs::copy(theirs.join("model-1.bin"), ours.join("model-1.bin")).unwrap();
+        let err = adaround(&model, x, forward, &with(&ours).with_stop_after(None))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AdaRoundError::CheckpointMismatch {
+                    what: "quantizers in the checkpoint",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn should_refuse_to_export_a_quantizer_built_with_an_invalid_bitwidth() {
+        let mut model = net(64);
+        for bitwidth in [0, 1, 17, 32, 65] {
+            model.fc.quantizer = WeightQuantizer::Max { bitwidth }.into();
+            let err = export_integers(&model, samples(2, 65), |m: &Net<B>, x| m.forward(x))
+                .map(|_| ())
+                .unwrap_err();
+            assert!(
+                matches!(&err, AdaRoundError::Quantizer { layer, .. } if layer == "fc"),
+                "{bitwidth}: {err:?}"
+            );
+            let err = adaround(
+                &model,
+                samples(16, 65),
+                |m: &Net<B>, x| m.forward(x),
+                &config(1),
+            )
+            .map(|_| ())
+            .unwrap_err();
+            assert!(
+                matches!(&err, AdaRoundError::Quantizer { layer, .. } if layer == "fc"),
+                "{bitwidth}: {err:?}"
+            );
+        }
     }
 
     #[test]

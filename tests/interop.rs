@@ -483,6 +483,26 @@ fn should_refuse_kernels_burn_cannot_hold() {
             value: QuantValue::Q4S,
         }
     );
+    // The full-range grid's -2^(b-1) needs a full-range Burn type.
+    let full_range = || {
+        QuantizedConv2dConfig::new([2, 4], [3, 3])
+            .with_quantizer(WeightQuantizer::mse(2, true, adaround::Grid::FullRange).unwrap())
+            .init::<B>(&device)
+    };
+    assert_eq!(
+        full_range()
+            .into_burn_quantized(QuantValue::Q2S)
+            .unwrap_err(),
+        NativeQuantError::Range {
+            kernel: "kernel",
+            bitwidth: 2,
+            value: QuantValue::Q2S,
+        }
+    );
+    let conv = full_range();
+    let expected = conv.quantized_weight();
+    let native = conv.into_burn_quantized(QuantValue::Q8F).unwrap();
+    assert_burn_quantized_like(native.weight.val(), expected);
     let sep = QuantizedSeparableConv2dConfig::new([3, 4], [3, 3])
         .with_quantizer(WeightQuantizer::max_per_axis(8).unwrap())
         .init::<B>(&device);

@@ -93,7 +93,8 @@ impl RoundingStatus {
 /// - `sf = q.scale_factor(w)` (cached), `w_floor = floor(w * sf)`, `d = w * sf - w_floor`;
 /// - `alpha = -ln((ZETA - GAMMA) / (d - GAMMA) - 1)`, so that `h(alpha) == d` at creation;
 /// - `h(alpha) = clip(sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)`;
-/// - `recons_weights = clip(w_floor + h(alpha), -kmax, kmax) / sf`;
+/// - `recons_weights = clip(w_floor + h(alpha), lo, hi) / sf` (the grid's
+///   [`levels`](WeightQuantizer::levels), `[-kmax, kmax]` on the symmetric grid);
 /// - `rounding_loss(beta) = sum(1 - |2 h(alpha) - 1|^beta)`.
 ///
 /// In training mode [`quantize`](Self::quantize) returns the soft reconstructed weights; in
@@ -191,9 +192,10 @@ impl<B: Backend> AdaRoundQuantizer<B> {
         self.alpha.val().detach().greater_equal_elem(0.0).float()
     }
 
-    fn kmax(&self) -> f64 {
+    /// The grid's smallest and largest integer.
+    pub fn levels(&self) -> (f64, f64) {
         self.quantizer
-            .kmax()
+            .levels()
             .expect("AdaRound always wraps a quantizing quantizer")
     }
 
@@ -210,12 +212,12 @@ impl<B: Backend> AdaRoundQuantizer<B> {
     }
 
     fn rebuild<const D: usize>(&self, decimals: Tensor<B, 4>) -> Tensor<B, D> {
-        let kmax = self.kmax();
-        let w = (self.w_floor.val() + decimals).clamp(-kmax, kmax) / self.sf.val();
+        let (lo, hi) = self.levels();
+        let w = (self.w_floor.val() + decimals).clamp(lo, hi) / self.sf.val();
         self.unpad(w)
     }
 
-    /// `clip(w_floor + h(alpha), -kmax, kmax) / sf`, in the shape of the original weights.
+    /// `clip(w_floor + h(alpha), lo, hi) / sf`, in the shape of the original weights.
     pub fn recons_weights<const D: usize>(&self) -> Tensor<B, D> {
         self.rebuild(self.decimals())
     }

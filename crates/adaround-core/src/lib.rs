@@ -43,8 +43,8 @@ pub use adaround::{
 pub use custom::{register_quantizer, ScaleFn};
 pub use error::QuantizerError;
 pub use quantizer::{
-    all_finite, quantize_with, round_ste, WeightQuantizer, DEFAULT_STD_THRESHOLD, MAX_SCALE_FACTOR,
-    MIN_RANGE,
+    all_finite, mse_scales, quantize_with, round_ste, Grid, WeightQuantizer, DEFAULT_STD_THRESHOLD,
+    MAX_SCALE_FACTOR, MIN_RANGE, MSE_CANDIDATES,
 };
 pub use schedule::{BetaDecay, Schedule};
 

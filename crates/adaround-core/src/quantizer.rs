@@ -59,6 +59,21 @@ pub enum WeightQuantizer {
         /// Number of standard deviations mapped to `kmax` (default 3).
         threshold: f64,
     },
+    /// The scale that minimises the squared quantization error `|Q(w) - w|^2` of the tensor
+    /// (or of each output channel): the best of [`MSE_CANDIDATES`] clipping ranges
+    /// `k/80 * max |w|`, and of every range that puts `max |w|` exactly on an integer (so that
+    /// weights already on a grid, AdaRound's included, quantize to themselves; up to 8 bits).
+    /// Clipping a few outliers buys a finer step for all other weights: at 2 to 4 bits this
+    /// is far more accurate than [`Max`](Self::Max).
+    Mse {
+        /// Number of bits, `2..=16`.
+        bitwidth: u32,
+        /// One scale factor per output channel (`true`) or per tensor.
+        per_axis: bool,
+        /// The integer grid.
+        #[serde(default)]
+        grid: Grid,
+    },
     /// A user-defined quantizer: `sf` from the function registered under `name` with
     /// [`register_quantizer`](crate::register_quantizer).
     Custom {
@@ -74,6 +89,21 @@ pub enum WeightQuantizer {
 }
 
 crate::persistent_module!(WeightQuantizer);
+
+/// The integers a quantizer rounds to, for `b` bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Grid {
+    /// `[-kmax, kmax]`, `kmax = 2^(b-1) - 1`: the reference's grid, symmetric around zero
+    /// (`2^b - 1` levels; at 2 bits `{-1, 0, 1}`).
+    #[default]
+    Symmetric,
+    /// `[-2^(b-1), 2^(b-1) - 1]`: every code of a signed `b`-bit integer (PyTorch's and
+    /// AIMET's signed grid; at 2 bits `{-2, -1, 0, 1}`).
+    FullRange,
+}
+
+/// Number of clipping ratios (`1/80 .. 80/80` of `max |w|`) [`WeightQuantizer::Mse`] tries.
+pub const MSE_CANDIDATES: usize = 80;
 
 /// [`WeightQuantizer`] as read, before its parameters are checked.
 #[derive(Deserialize)]
@@ -93,6 +123,12 @@ enum Unchecked {
     StdPerAxis {
         bitwidth: u32,
         threshold: f64,
+    },
+    Mse {
+        bitwidth: u32,
+        per_axis: bool,
+        #[serde(default)]
+        grid: Grid,
     },
     Custom {
         name: String,
@@ -123,6 +159,15 @@ impl TryFrom<Unchecked> for WeightQuantizer {
             } => Self::StdPerAxis {
                 bitwidth,
                 threshold,
+            },
+            Unchecked::Mse {
+                bitwidth,
+                per_axis,
+                grid,
+            } => Self::Mse {
+                bitwidth,
+                per_axis,
+                grid,
             },
             Unchecked::Custom {
                 name,
@@ -187,6 +232,15 @@ impl WeightQuantizer {
         })
     }
 
+    /// The error-minimising quantizer ([`WeightQuantizer::Mse`]).
+    pub fn mse(bitwidth: u32, per_axis: bool, grid: Grid) -> Result<Self, QuantizerError> {
+        Ok(Self::Mse {
+            bitwidth: check_bitwidth(bitwidth)?,
+            per_axis,
+            grid,
+        })
+    }
+
     /// A user-defined quantizer (see [`register_quantizer`](crate::register_quantizer)).
     pub fn custom(
         name: &str,
@@ -214,8 +268,9 @@ impl WeightQuantizer {
         }
     }
 
-    /// Checks the bitwidth and threshold.
-    fn check_parameters(&self) -> Result<(), QuantizerError> {
+    /// Checks the bitwidth and threshold (not the registry: a custom function may be
+    /// registered later). Constructors and deserialisation call it; a layer's `init` asserts it.
+    pub fn check_parameters(&self) -> Result<(), QuantizerError> {
         match *self {
             Self::Float => Ok(()),
             Self::Max { bitwidth } | Self::MaxPerAxis { bitwidth } => {
@@ -232,7 +287,9 @@ impl WeightQuantizer {
                 check_bitwidth(bitwidth)?;
                 check_threshold(threshold).map(|_| ())
             }
-            Self::Custom { bitwidth, .. } => check_bitwidth(bitwidth).map(|_| ()),
+            Self::Mse { bitwidth, .. } | Self::Custom { bitwidth, .. } => {
+                check_bitwidth(bitwidth).map(|_| ())
+            }
         }
     }
 
@@ -244,6 +301,7 @@ impl WeightQuantizer {
             | Self::MaxPerAxis { bitwidth }
             | Self::Std { bitwidth, .. }
             | Self::StdPerAxis { bitwidth, .. }
+            | Self::Mse { bitwidth, .. }
             | Self::Custom { bitwidth, .. } => Some(bitwidth),
         }
     }
@@ -255,11 +313,32 @@ impl WeightQuantizer {
             .map(|b| 2f64.powi(b.clamp(1, 64) as i32 - 1) - 1.0)
     }
 
+    /// The integer grid.
+    pub fn grid(&self) -> Grid {
+        match self {
+            Self::Mse { grid, .. } => *grid,
+            _ => Grid::Symmetric,
+        }
+    }
+
+    /// The smallest and largest integer of the grid: `(-kmax, kmax)`, or `(-kmax - 1, kmax)`
+    /// on the [full-range](Grid::FullRange) grid (`None` for float).
+    pub fn levels(&self) -> Option<(f64, f64)> {
+        let kmax = self.kmax()?;
+        Some(match self.grid() {
+            Grid::Symmetric => (-kmax, kmax),
+            Grid::FullRange => (-kmax - 1.0, kmax),
+        })
+    }
+
     /// Whether the quantizer computes one scale factor per output channel.
     pub fn is_per_axis(&self) -> bool {
         matches!(
             self,
-            Self::MaxPerAxis { .. } | Self::StdPerAxis { .. } | Self::Custom { per_axis: true, .. }
+            Self::MaxPerAxis { .. }
+                | Self::StdPerAxis { .. }
+                | Self::Mse { per_axis: true, .. }
+                | Self::Custom { per_axis: true, .. }
         )
     }
 
@@ -271,7 +350,8 @@ impl WeightQuantizer {
     /// The scale factor of `weights`, shaped to broadcast against them: `[1; D]` per tensor,
     /// or the size of the output channels at `axis` and `1` elsewhere per axis.
     ///
-    /// It carries no gradient. Returns [`QuantizerError::NoGrid`] for the float quantizer.
+    /// It carries no gradient. Returns [`QuantizerError::NoGrid`] for the float quantizer and
+    /// the parameter's error for an invalid bitwidth or threshold.
     pub fn scale_factor<B: Backend, const D: usize>(
         &self,
         weights: Tensor<B, D>,
@@ -280,6 +360,9 @@ impl WeightQuantizer {
         if axis >= D {
             return Err(QuantizerError::InvalidAxis { axis, rank: D });
         }
+        // A quantizer built field by field (not through a constructor or serde) is checked
+        // here, before it can divide by a zero `kmax`.
+        self.check_parameters()?;
         let kmax = self.kmax().ok_or(QuantizerError::NoGrid)?;
         let w = weights.detach();
         if let Self::Custom {
@@ -291,8 +374,15 @@ impl WeightQuantizer {
         {
             return custom_scale(w, axis, *per_axis, kmax, name, params);
         }
+        if let Self::Mse { per_axis, .. } = *self {
+            let levels = self.levels().ok_or(QuantizerError::NoGrid)?;
+            let fine_only = self.bitwidth().is_some_and(|b| b > 8);
+            return Ok(host_scale(w, axis, per_axis, |rows, channels| {
+                mse_scales(rows, channels, levels, fine_only)
+            }));
+        }
         let range = match *self {
-            Self::Float | Self::Custom { .. } => unreachable!("handled above"),
+            Self::Float | Self::Custom { .. } | Self::Mse { .. } => unreachable!("handled above"),
             Self::Max { .. } => w.abs().max().reshape([1; D]),
             Self::MaxPerAxis { .. } => per_axis(w, axis, |rows| rows.abs().max_dim(1)),
             Self::Std { threshold, .. } => std_all(w).mul_scalar(threshold).reshape([1; D]),
@@ -309,18 +399,23 @@ impl WeightQuantizer {
     ///
     /// `quantize(w) = clip(round_ste(w * sf), -kmax, kmax) / sf`. The float quantizer returns
     /// the weights unchanged.
+    ///
+    /// # Panics
+    /// When the scale factor cannot be computed: an invalid bitwidth or threshold (a quantizer
+    /// built field by field), an unregistered custom function or one returning bad values.
+    /// The layers' `try_init` and the driver report these as errors before any forward.
     pub fn quantize<B: Backend, const D: usize>(
         &self,
         weights: Tensor<B, D>,
         axis: usize,
     ) -> Tensor<B, D> {
-        match self.kmax() {
+        match self.levels() {
             None => weights,
-            Some(kmax) => {
+            Some(levels) => {
                 let sf = self
                     .scale_factor(weights.clone(), axis)
                     .unwrap_or_else(|e| panic!("cannot quantize weights: {e}"));
-                quantize_with(weights, sf, kmax)
+                quantize_with(weights, sf, levels)
             }
         }
     }
@@ -337,6 +432,32 @@ fn custom_scale<B: Backend, const D: usize>(
 ) -> Result<Tensor<B, D>, QuantizerError> {
     let scale = crate::custom::lookup(name)
         .ok_or_else(|| QuantizerError::UnknownQuantizer(name.to_string()))?;
+    let mut bad = false;
+    let sf = host_scale(w, axis, per_axis, |rows, channels| {
+        let sf = scale(rows, channels, kmax, params);
+        bad = sf.len() != channels || sf.iter().any(|v| !(v.is_finite() && *v > 0.0));
+        if bad {
+            vec![1.0; channels]
+        } else {
+            sf
+        }
+    });
+    if bad {
+        let channels = if per_axis { sf.dims()[axis] } else { 1 };
+        return Err(QuantizerError::InvalidScale(name.to_string(), channels));
+    }
+    Ok(sf)
+}
+
+/// Scale factors computed on the host by `scale(rows, channels)` from the row-major
+/// `[channels, rest]` view of `w` (channels at `axis`, or one row), shaped to broadcast
+/// against `w` and clipped to `[0, MAX_SCALE_FACTOR]`. `scale` returns one value per row.
+fn host_scale<B: Backend, const D: usize>(
+    w: Tensor<B, D>,
+    axis: usize,
+    per_axis: bool,
+    scale: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> Tensor<B, D> {
     let dims = w.dims();
     let channels = if per_axis { dims[axis] } else { 1 };
     let rest = dims.iter().product::<usize>() / channels.max(1);
@@ -347,26 +468,70 @@ fn custom_scale<B: Backend, const D: usize>(
         .convert::<f32>()
         .to_vec()
         .unwrap_or_default();
-    let sf = scale(&host, channels, kmax, params);
-    if sf.len() != channels || sf.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
-        return Err(QuantizerError::InvalidScale(name.to_string(), channels));
-    }
+    let sf = scale(&host, channels);
     let mut shape = [1; D];
     if per_axis {
         shape[axis] = channels;
     }
     let sf = Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(sf, [channels]), &device);
-    Ok(sf.reshape(shape).clamp(0.0, MAX_SCALE_FACTOR))
+    sf.reshape(shape).clamp(0.0, MAX_SCALE_FACTOR)
 }
 
-/// `clip(round_ste(w * sf), -kmax, kmax) / sf` with a given scale factor.
+/// The error-minimising scale factor of each row of the row-major `[channels, rest]` `rows`
+/// on the integer grid `levels` (see [`WeightQuantizer::Mse`]). `fine_only`: only the
+/// clipping ratios, not the ranges that put `max |w|` on an integer (above 8 bits).
+pub fn mse_scales(rows: &[f32], channels: usize, levels: (f64, f64), fine_only: bool) -> Vec<f32> {
+    let (lo, hi) = (levels.0 as f32, levels.1 as f32);
+    let rest = rows.len() / channels.max(1);
+    // Candidates as "the integer `max |w|` maps to", ascending: every integer up to the
+    // grid's magnitude, then the clipping ratios (largest range first).
+    let mut targets: Vec<f32> = if fine_only {
+        Vec::new()
+    } else {
+        (1..=(-lo) as u32).map(|l| l as f32).collect()
+    };
+    targets.extend(
+        (1..=MSE_CANDIDATES)
+            .rev()
+            .map(|k| hi * MSE_CANDIDATES as f32 / k as f32),
+    );
+    rows.chunks(rest.max(1))
+        .take(channels)
+        .map(|row| {
+            let max = row
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()))
+                .max(MIN_RANGE as f32);
+            let error = |sf: f32| -> f64 {
+                row.iter()
+                    .map(|&w| {
+                        let q = (w * sf).round_ties_even().clamp(lo, hi) / sf;
+                        f64::from(q - w).powi(2)
+                    })
+                    .sum()
+            };
+            let mut best = (f64::INFINITY, hi / max);
+            for t in &targets {
+                let sf = t / max;
+                let e = error(sf);
+                if e < best.0 {
+                    best = (e, sf);
+                }
+            }
+            best.1
+        })
+        .collect()
+}
+
+/// `clip(round_ste(w * sf), lo, hi) / sf` with a given scale factor and the grid's
+/// `levels = (lo, hi)` (see [`WeightQuantizer::levels`]).
 pub fn quantize_with<B: Backend, const D: usize>(
     weights: Tensor<B, D>,
     sf: Tensor<B, D>,
-    kmax: f64,
+    levels: (f64, f64),
 ) -> Tensor<B, D> {
     let scaled = weights * sf.clone();
-    round_ste(scaled).clamp(-kmax, kmax) / sf
+    round_ste(scaled).clamp(levels.0, levels.1) / sf
 }
 
 /// Rounds half to even in the forward pass and passes the gradient unchanged (straight-through).

@@ -494,4 +494,78 @@ proptest! {
             prop_assert!((h - lo).abs() < 1e-3 || (h - hi).abs() < 1e-3, "{s} -> {h}");
         }
     }
+
+    /// Deserialisation accepts a quantizer exactly when its parameters are valid, and what it
+    /// accepts serialises back to the same value.
+    #[test]
+    fn deserialising_accepts_exactly_the_valid_quantizers(
+        kind in 0usize..4,
+        bitwidth in 0u32..80,
+        threshold in prop_oneof![-5.0f64..5.0, Just(0.0), Just(f64::INFINITY)],
+    ) {
+        let json = match kind {
+            0 => format!(r#"{{"kind":"Max","bitwidth":{bitwidth}}}"#),
+            1 => format!(r#"{{"kind":"MaxPerAxis","bitwidth":{bitwidth}}}"#),
+            2 => format!(r#"{{"kind":"Std","bitwidth":{bitwidth},"threshold":{threshold:?}}}"#),
+            _ => format!(r#"{{"kind":"StdPerAxis","bitwidth":{bitwidth},"threshold":{threshold:?}}}"#),
+        };
+        let parsed = serde_json::from_str::<WeightQuantizer>(&json);
+        let valid = (2..=16).contains(&bitwidth)
+            && (kind < 2 || (threshold.is_finite() && threshold > 0.0));
+        prop_assert_eq!(parsed.is_ok(), valid, "{}", json);
+        if let Ok(q) = parsed {
+            prop_assert!(q.validate().is_ok());
+            let back: WeightQuantizer = serde_json::from_str(&serde_json::to_string(&q).unwrap()).unwrap();
+            prop_assert_eq!(back, q);
+        } else {
+            // Built field by field instead, the same quantizer is refused where it is used.
+            let q = match kind {
+                0 => WeightQuantizer::Max { bitwidth },
+                1 => WeightQuantizer::MaxPerAxis { bitwidth },
+                2 => WeightQuantizer::Std { bitwidth, threshold },
+                _ => WeightQuantizer::StdPerAxis { bitwidth, threshold },
+            };
+            prop_assert!(q.validate().is_err());
+            prop_assert!(q.scale_factor(dense_w::<B>(), 1).is_err());
+        }
+    }
+
+    /// The error-minimising scale is never worse than the max scale on the same grid, its
+    /// integers lie on its grid, and quantizing twice gives the same weights (what AdaRound
+    /// and a re-quantizing forward rely on).
+    #[test]
+    fn mse_quantizers_beat_max_stay_on_their_grid_and_are_idempotent(
+        bitwidth in 2u32..=8,
+        c_out in 1usize..5,
+        n in 1usize..40,
+        per_axis in any::<bool>(),
+        full_range in any::<bool>(),
+        skew in 0.0f32..2.0,
+        seed in any::<u64>(),
+    ) {
+        B::seed(&device(), seed);
+        let w = Tensor::<B, 2>::random([n, c_out], burn::tensor::Distribution::Normal(0.0, 1.0), &device());
+        // A skewed distribution: the negative side longer, where the full-range grid helps.
+        let w = w.clone() - w.clone().clamp_max(0.0).powi_scalar(2).mul_scalar(skew);
+        let grid = if full_range { Grid::FullRange } else { Grid::Symmetric };
+        let mse = WeightQuantizer::mse(bitwidth, per_axis, grid).unwrap();
+        let max = if per_axis { WeightQuantizer::max_per_axis(bitwidth) } else { WeightQuantizer::max(bitwidth) }.unwrap();
+        let err = |q: &WeightQuantizer| -> f32 {
+            use burn::tensor::ElementConversion;
+            (q.quantize(w.clone(), 1) - w.clone()).powi_scalar(2).sum().into_scalar().elem::<f32>()
+        };
+        if !full_range {
+            prop_assert!(err(&mse) <= err(&max) * (1.0 + 1e-5) + 1e-12, "{} > {}", err(&mse), err(&max));
+        }
+        let (lo, hi) = mse.levels().unwrap();
+        let sf = mse.scale_factor(w.clone(), 1).unwrap();
+        let q = mse.quantize(w.clone(), 1);
+        let ints: Vec<f32> = (q.clone() * sf).into_data().to_vec().unwrap();
+        for v in ints {
+            prop_assert!((v - v.round()).abs() < 1e-3 && v >= lo as f32 - 1e-3 && v <= hi as f32 + 1e-3, "{v} not in [{lo}, {hi}]");
+        }
+        let again = mse.quantize(q.clone(), 1);
+        let moved = max_abs(again - q.clone()) / max_abs(q).max(1e-12);
+        prop_assert!(moved < 1e-5, "re-quantizing moved weights by {moved} (relative)");
+    }
 }

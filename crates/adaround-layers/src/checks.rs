@@ -20,3 +20,9 @@ pub(crate) fn check_channels(layer: &str, dims: &[usize; 4], channels: usize) {
         dims[1]
     );
 }
+
+pub(crate) fn check_quantizer(layer: &str, quantizer: &adaround_core::WeightQuantizer) {
+    if let Err(e) = quantizer.check_parameters() {
+        panic!("{layer} expects a valid quantizer, got {quantizer:?}: {e}");
+    }
+}

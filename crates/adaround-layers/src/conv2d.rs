@@ -71,7 +71,12 @@ pub struct QuantizedConv2d<B: Backend> {
 
 impl QuantizedConv2dConfig {
     /// Initializes a new layer.
+    ///
+    /// # Panics
+    /// If the channels are not divisible by the groups, or the quantizer's bitwidth or
+    /// threshold is invalid (one built field by field).
     pub fn init<B: Backend>(&self, device: &B::Device) -> QuantizedConv2d<B> {
+        crate::checks::check_quantizer("QuantizedConv2d", &self.quantizer);
         let [c_in, c_out] = self.channels;
         assert!(
             self.groups > 0 && c_in % self.groups == 0 && c_out % self.groups == 0,

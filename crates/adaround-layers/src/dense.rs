@@ -49,7 +49,11 @@ pub struct QuantizedDense<B: Backend> {
 
 impl QuantizedDenseConfig {
     /// Initializes a new layer.
+    ///
+    /// # Panics
+    /// If the quantizer's bitwidth or threshold is invalid (one built field by field).
     pub fn init<B: Backend>(&self, device: &B::Device) -> QuantizedDense<B> {
+        checks::check_quantizer("QuantizedDense", &self.quantizer);
         let shape = [self.d_input, self.d_output];
         let fan = (Some(self.d_input), Some(self.d_output));
         let weight = self.initializer.init_with(shape, fan.0, fan.1, device);

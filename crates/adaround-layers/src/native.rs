@@ -1,7 +1,8 @@
 //! Burn-native quantized weights: a layer's quantized kernels as Burn quantized tensors.
 //!
 //! [`QuantizedDense::into_burn_quantized`] and its Conv2D and SeparableConv2D counterparts
-//! replace each float kernel by a Burn quantized tensor (`QFloat`, symmetric, `f32` scales)
+//! replace each float kernel by a Burn quantized tensor (`QFloat`, symmetric mode, `f32` scales;
+//! `Q*S` values for the symmetric grid, `Q*F` for the full-range grid)
 //! holding the layer's own integers, and the quantizer by the float pass-through: the layer
 //! then runs on Burn's quantized tensors, and a saved record holds the integers.
 //!
@@ -36,7 +37,8 @@ pub enum NativeQuantError {
         /// Which kernel.
         kernel: &'static str,
     },
-    /// The integers `[-kmax, kmax]` do not fit the Burn value type.
+    /// The grid's integers (`[-kmax, kmax]`, or `[-kmax - 1, kmax]` on the full-range grid)
+    /// do not fit the Burn value type.
     Range {
         /// Which kernel.
         kernel: &'static str,
@@ -45,7 +47,8 @@ pub enum NativeQuantError {
         /// The requested Burn value type.
         value: QuantValue,
     },
-    /// Only the symmetric integer types `Q8S`, `Q4S` and `Q2S` hold these integers.
+    /// Only the integer types hold these integers: `Q8S`, `Q4S`, `Q2S` (symmetric range) and
+    /// `Q8F`, `Q4F`, `Q2F` (full range, for the full-range grid).
     UnsupportedValue(QuantValue),
     /// Per-channel scales that are not contiguous blocks of Burn's layout (a Dense kernel
     /// `[d_input, d_output]` scaled per output column), or blocks over 255 along a dimension.
@@ -77,7 +80,7 @@ impl core::fmt::Display for NativeQuantError {
                 value,
             } => write!(f, "{kernel}: {bitwidth}-bit integers do not fit {value:?}"),
             Self::UnsupportedValue(value) => {
-                write!(f, "{value:?} is not a symmetric integer type (Q8S, Q4S, Q2S)")
+                write!(f, "{value:?} is not an integer type (Q8S, Q4S, Q2S, Q8F, Q4F, Q2F)")
             }
             Self::NotBlocks { kernel, shape } => write!(
                 f,
@@ -102,14 +105,16 @@ fn native_kernel<B: Backend, const D: usize>(
     axis: usize,
     value: QuantValue,
 ) -> Result<Tensor<B, D>, NativeQuantError> {
-    if !matches!(value, QuantValue::Q8S | QuantValue::Q4S | QuantValue::Q2S) {
+    use QuantValue::{Q2F, Q2S, Q4F, Q4S, Q8F, Q8S};
+    if !matches!(value, Q8S | Q4S | Q2S | Q8F | Q4F | Q2F) {
         return Err(NativeQuantError::UnsupportedValue(value));
     }
     let quantizer = slot.quantizer();
-    let (Some(bitwidth), Some(kmax)) = (quantizer.bitwidth(), quantizer.kmax()) else {
+    let (Some(bitwidth), Some((lo, hi))) = (quantizer.bitwidth(), quantizer.levels()) else {
         return Err(NativeQuantError::NotQuantizing { kernel });
     };
-    if value.range().1 < kmax as f32 {
+    let (min, max) = value.range();
+    if (lo as f32) < min || (hi as f32) > max {
         return Err(NativeQuantError::Range {
             kernel,
             bitwidth,

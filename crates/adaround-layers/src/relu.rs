@@ -46,7 +46,11 @@ pub struct QuantizedReLU<B: Backend> {
 }
 
 /// The record of a [`QuantizedReLU`]: its bitwidth and range.
+///
+/// Deserialising checks them as [`QuantizedReLUConfig::init`] does: a record with a bitwidth
+/// of 0 or a non-positive range is an error, not an activation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "UncheckedReLU")]
 pub struct QuantizedReLURecord {
     /// Number of bits.
     pub bitwidth: u32,
@@ -55,6 +59,36 @@ pub struct QuantizedReLURecord {
 }
 
 adaround_core::persistent_module!(QuantizedReLURecord);
+
+/// [`QuantizedReLURecord`] as read, before its values are checked.
+#[derive(Deserialize)]
+struct UncheckedReLU {
+    bitwidth: u32,
+    max_value: f64,
+}
+
+impl TryFrom<UncheckedReLU> for QuantizedReLURecord {
+    type Error = String;
+
+    fn try_from(r: UncheckedReLU) -> Result<Self, String> {
+        if !(1..=16).contains(&r.bitwidth) {
+            Err(format!(
+                "QuantizedReLU bitwidth {} is not in 1..=16",
+                r.bitwidth
+            ))
+        } else if !(r.max_value.is_finite() && r.max_value > 0.0) {
+            Err(format!(
+                "QuantizedReLU max_value {} is not positive and finite",
+                r.max_value
+            ))
+        } else {
+            Ok(Self {
+                bitwidth: r.bitwidth,
+                max_value: r.max_value,
+            })
+        }
+    }
+}
 
 impl<B: Backend> Clone for QuantizedReLU<B> {
     fn clone(&self) -> Self {

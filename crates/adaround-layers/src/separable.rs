@@ -75,7 +75,16 @@ pub struct QuantizedSeparableConv2d<B: Backend> {
 
 impl QuantizedSeparableConv2dConfig {
     /// Initializes a new layer.
+    ///
+    /// # Panics
+    /// If `depth_multiplier` is 0, or a quantizer's bitwidth or threshold is invalid (one
+    /// built field by field).
     pub fn init<B: Backend>(&self, device: &B::Device) -> QuantizedSeparableConv2d<B> {
+        let layer = "QuantizedSeparableConv2d";
+        crate::checks::check_quantizer(layer, &self.quantizer);
+        if let Some(q) = &self.quantizer_dw {
+            crate::checks::check_quantizer(layer, q);
+        }
         let [c_in, c_out] = self.channels;
         let [kh, kw] = self.kernel_size;
         let mid = c_in * self.depth_multiplier;

@@ -274,6 +274,51 @@ fn should_panic_on_wrong_separable_channels() {
     sep.forward(Tensor::<B, 4>::zeros([1, 3, 5, 5], &device()));
 }
 
+#[test]
+#[should_panic = "QuantizedDense expects a valid quantizer, got Max { bitwidth: 0 }"]
+fn should_panic_on_a_dense_quantizer_built_with_bitwidth_0() {
+    QuantizedDenseConfig::new(4, 2)
+        .with_quantizer(WeightQuantizer::Max { bitwidth: 0 })
+        .init::<B>(&device());
+}
+
+#[test]
+#[should_panic = "QuantizedConv2d expects a valid quantizer"]
+fn should_panic_on_a_conv_quantizer_built_with_a_negative_threshold() {
+    QuantizedConv2dConfig::new([2, 2], [3, 3])
+        .with_quantizer(WeightQuantizer::Std {
+            bitwidth: 4,
+            threshold: -1.0,
+        })
+        .init::<B>(&device());
+}
+
+#[test]
+#[should_panic = "QuantizedSeparableConv2d expects a valid quantizer, got MaxPerAxis { bitwidth: 17 }"]
+fn should_panic_on_a_depthwise_quantizer_built_with_bitwidth_17() {
+    QuantizedSeparableConv2dConfig::new([2, 4], [3, 3])
+        .with_quantizer_dw(Some(WeightQuantizer::MaxPerAxis { bitwidth: 17 }))
+        .init::<B>(&device());
+}
+
+#[test]
+fn should_refuse_relu_records_with_invalid_values() {
+    for bad in [
+        r#"{"bitwidth":0,"max_value":6.0}"#,
+        r#"{"bitwidth":17,"max_value":6.0}"#,
+        r#"{"bitwidth":4,"max_value":0.0}"#,
+        r#"{"bitwidth":4,"max_value":-1.0}"#,
+    ] {
+        assert!(
+            serde_json::from_str::<QuantizedReLURecord>(bad).is_err(),
+            "{bad}"
+        );
+    }
+    let good: QuantizedReLURecord =
+        serde_json::from_str(r#"{"bitwidth":4,"max_value":6.0}"#).unwrap();
+    assert_eq!((good.bitwidth, good.max_value), (4, 6.0));
+}
+
 fn roundtrip<M: Module<B>>(module: M, fresh: M) -> M {
     let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
     let bytes = recorder.record(module.into_record(), ()).unwrap();

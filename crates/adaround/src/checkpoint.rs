@@ -62,7 +62,7 @@ impl Fnv {
     }
 }
 
-fn checksum(bytes: &[u8]) -> String {
+pub(crate) fn checksum(bytes: &[u8]) -> String {
     let mut h = Fnv::new();
     h.write(bytes);
     h.hex()

@@ -1,5 +1,7 @@
 use adaround_core::{AdaRoundParams, Schedule};
 
+use crate::AdaRoundError;
+
 pub use crate::gram::LossPath;
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
@@ -115,7 +117,15 @@ impl AdaRoundConfig {
             .with_loss(ReconstructionLoss::ChannelSum)
     }
 
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    /// Checks the configuration as [`adaround`](crate::adaround) does before it starts:
+    /// a schedule with steps, positive batch size, learning rate, `stop_after` and
+    /// `log_every`, `reg >= 0`, `gamma < 0 < 1 < zeta`, `beta_start >= beta_end >= 1`, all
+    /// finite.
+    pub fn validate(&self) -> Result<(), AdaRoundError> {
+        self.check().map_err(AdaRoundError::InvalidConfig)
+    }
+
+    fn check(&self) -> Result<(), String> {
         self.schedule.validate()?;
         if self.batch_size == Some(0) {
             return Err("batch_size must be at least 1".into());
@@ -159,5 +169,59 @@ impl AdaRoundConfig {
         c.checkpoint = None;
         c.stop_after = None;
         serde_json::to_string(&c).expect("configs serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn finite_or_not() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            -10.0f64..10.0,
+            Just(0.0),
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            Just(f64::NEG_INFINITY)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A configuration is accepted exactly when every numeric setting is in its domain,
+        /// and an accepted one survives a JSON round trip unchanged.
+        #[test]
+        fn accepts_exactly_the_configurations_in_the_domain(
+            lr in finite_or_not(),
+            reg in finite_or_not(),
+            gamma in finite_or_not(),
+            zeta in finite_or_not(),
+            beta in (finite_or_not(), finite_or_not()),
+            batch in proptest::option::of(0usize..4),
+            epochs in 0usize..3,
+        ) {
+            let mut c = AdaRoundConfig::new(Schedule::epochs(epochs))
+                .with_learning_rate(lr)
+                .with_batch_size(batch);
+            c.params.reg = reg;
+            c.params.gamma = gamma;
+            c.params.zeta = zeta;
+            (c.params.beta_start, c.params.beta_end) = beta;
+            let valid = epochs > 0
+                && batch != Some(0)
+                && lr.is_finite() && lr > 0.0
+                && reg.is_finite() && reg >= 0.0
+                && gamma.is_finite() && gamma < 0.0
+                && zeta.is_finite() && zeta > 1.0
+                && beta.0.is_finite() && beta.1 >= 1.0 && beta.0 >= beta.1;
+            prop_assert_eq!(c.validate().is_ok(), valid, "{:?}", c);
+            if valid {
+                let json = serde_json::to_string(&c).unwrap();
+                let back: AdaRoundConfig = serde_json::from_str(&json).unwrap();
+                prop_assert_eq!(back.numerics(), c.numerics());
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use burn::{
 use log::info;
 
 use crate::{
-    checkpoint::{Checkpoint, Fingerprint},
+    checkpoint::{checksum, Checkpoint, Fingerprint},
     discover::{capture_inputs, discover, Site},
     optimize::{ensure_finite, flows_finite, Context},
     params::{ParamIndex, WriteBack},
@@ -141,7 +141,7 @@ where
     Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>,
 {
     let start = Instant::now();
-    config.validate().map_err(AdaRoundError::InvalidConfig)?;
+    config.validate()?;
     let checkpoint = config
         .checkpoint
         .as_deref()
@@ -156,26 +156,28 @@ where
     let mut work = model.clone();
     let sites = discover(&work, &batches[0], &forward, &index, config)?;
     let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
+    let fingerprint = checkpoint
+        .as_ref()
+        .map(|_| Fingerprint::of(&work, &quantizers_json(&sites), &batches));
     let mut layers = Vec::with_capacity(sites.len());
-    let fingerprint = checkpoint.as_ref().map(|_| {
-        let quantizers: Vec<_> = sites
-            .iter()
-            .map(|s| {
-                s.layer
-                    .slots()
-                    .iter()
-                    .map(|q| q.quantizer().clone())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let quantizers = serde_json::to_string(&quantizers).expect("quantizers serialize");
-        Fingerprint::of(&work, &quantizers, &batches)
-    });
     if let (Some(checkpoint), Some(fingerprint)) = (&checkpoint, &fingerprint) {
-        let device = batches[0].device();
-        if let Some((state, done)) =
-            checkpoint.resume(work.clone(), &names, config, fingerprint, &device)?
-        {
+        let found = checkpoint.resume(
+            work.clone(),
+            &names,
+            config,
+            fingerprint,
+            &batches[0].device(),
+        )?;
+        if let Some((state, done)) = found {
+            // What was loaded is checked like the caller's model: finite weights, valid
+            // quantizers, and the very quantizers the run was started with.
+            let loaded = discover(&state, &batches[0], &forward, &index, config)?;
+            if checksum(quantizers_json(&loaded).as_bytes()) != fingerprint.quantizers {
+                return Err(AdaRoundError::CheckpointMismatch {
+                    dir: checkpoint.dir.display().to_string(),
+                    what: "quantizers in the checkpoint",
+                });
+            }
             info!(
                 "resuming after {} finished layers from {}",
                 done.len(),
@@ -217,6 +219,21 @@ where
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok((work, report))
+}
+
+/// The quantizers of every site, as JSON (what a checkpoint's fingerprint hashes).
+fn quantizers_json<B: Backend>(sites: &[Site<B>]) -> String {
+    let quantizers: Vec<Vec<_>> = sites
+        .iter()
+        .map(|s| {
+            s.layer
+                .slots()
+                .iter()
+                .map(|q| q.quantizer().clone())
+                .collect()
+        })
+        .collect();
+    serde_json::to_string(&quantizers).expect("quantizers serialize")
 }
 
 /// Optimises one site of `work` and writes its rounded kernels back.

@@ -79,8 +79,9 @@ pub enum AdaRoundError {
     CheckpointMismatch {
         /// The folder.
         dir: String,
-        /// What differs: `float weights`, `quantizers`, `configuration`, `calibration samples`
-        /// or `layers`.
+        /// What differs: `float weights`, `quantizers`, `configuration`, `calibration samples`,
+        /// `layers`, or `quantizers in the checkpoint` (its model file holds other quantizers
+        /// than the run was started with).
         what: &'static str,
     },
     /// A checkpoint could not be written or read (a damaged file: its checksum differs).

@@ -1,5 +1,6 @@
 //! Integer export: the quantized weights of a model as integers, scale factors and bitwidths.
 
+use adaround_core::Grid;
 use adaround_layers::{QuantizedLayer, QuantizerSlot, CONV_AXIS, DENSE_AXIS};
 use burn::{
     module::Module,
@@ -13,7 +14,8 @@ use crate::{capture, AdaRoundError};
 pub const INTEGER_FORMAT: &str = "adaround-integers/1";
 
 /// One quantized kernel: `weights = integers / scale_factor` (per output channel when `axis`
-/// is set), symmetric, integers in `[-kmax, kmax]`, `kmax = 2^(bitwidth-1) - 1`.
+/// is set), zero offset, integers in `[-kmax, kmax]` (`kmax = 2^(bitwidth-1) - 1`) on the
+/// symmetric grid, in `[-kmax - 1, kmax]` on the full-range grid.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IntegerKernel {
     /// Path of the layer in the model (as in the AdaRound report).
@@ -25,6 +27,9 @@ pub struct IntegerKernel {
     pub shape: Vec<usize>,
     /// Number of bits.
     pub bitwidth: u32,
+    /// The integer grid (absent in exports written before grids existed: symmetric).
+    #[serde(default)]
+    pub grid: Grid,
     /// The output-channel axis of per-axis scale factors; `None` for one per tensor.
     pub axis: Option<usize>,
     /// Scale factors `sf` (multiply to reach the integer grid): one, or one per channel.
@@ -55,27 +60,39 @@ fn kernel<B: Backend, const D: usize>(
     weights: Tensor<B, D>,
     slot: &QuantizerSlot<B>,
     axis: usize,
-) -> Option<IntegerKernel> {
+) -> Result<Option<IntegerKernel>, AdaRoundError> {
     let q = slot.quantizer();
-    let kmax = q.kmax()?;
-    let sf = q.scale_factor(weights.clone(), axis).ok()?;
-    let ints = (weights * sf.clone()).round().clamp(-kmax, kmax);
-    Some(IntegerKernel {
+    let (Some((lo, hi)), Some(bitwidth)) = (q.levels(), q.bitwidth()) else {
+        return Ok(None);
+    };
+    let refused = |source| AdaRoundError::Quantizer {
+        layer: layer.to_string(),
+        source,
+    };
+    q.validate().map_err(refused)?;
+    let sf = q.scale_factor(weights.clone(), axis).map_err(refused)?;
+    let ints = (weights * sf.clone()).round().clamp(lo, hi);
+    let host = |t: Tensor<B, D>| t.into_data().convert::<f32>().to_vec::<f32>();
+    let (scale_factors, integers) = match (host(sf), host(ints.clone())) {
+        (Ok(sf), Ok(ints)) => (sf, ints),
+        _ => unreachable!("f32 data converts to a f32 vector"),
+    };
+    if !(scale_factors.iter().chain(&integers)).all(|v| v.is_finite()) {
+        return Err(AdaRoundError::NonFinite {
+            layer: layer.to_string(),
+            what: "exported integers or scale factors",
+        });
+    }
+    Ok(Some(IntegerKernel {
         layer: layer.to_string(),
         kernel: name.to_string(),
         shape: ints.dims().to_vec(),
-        bitwidth: q.bitwidth()?,
+        bitwidth,
+        grid: q.grid(),
         axis: q.is_per_axis().then_some(axis),
-        scale_factors: sf.into_data().convert::<f32>().to_vec().ok()?,
-        integers: ints
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .ok()?
-            .iter()
-            .map(|v| *v as i32)
-            .collect(),
-    })
+        scale_factors,
+        integers: integers.iter().map(|v| *v as i32).collect(),
+    }))
 }
 
 /// The integers of every quantizing kernel of `model`, found by running `forward` once on
@@ -102,24 +119,20 @@ where
             .owner(&layer.kernels()[0].1)
             .unwrap_or_else(|| format!("layer{position}"));
         let found = match layer.as_ref() {
-            QuantizedLayer::Dense(l) => {
-                vec![kernel(
-                    &name,
-                    "kernel",
-                    l.weight.val(),
-                    &l.quantizer,
-                    DENSE_AXIS,
-                )]
-            }
-            QuantizedLayer::Conv2d(l) => {
-                vec![kernel(
-                    &name,
-                    "kernel",
-                    l.weight.val(),
-                    &l.quantizer,
-                    CONV_AXIS,
-                )]
-            }
+            QuantizedLayer::Dense(l) => vec![kernel(
+                &name,
+                "kernel",
+                l.weight.val(),
+                &l.quantizer,
+                DENSE_AXIS,
+            )?],
+            QuantizedLayer::Conv2d(l) => vec![kernel(
+                &name,
+                "kernel",
+                l.weight.val(),
+                &l.quantizer,
+                CONV_AXIS,
+            )?],
             QuantizedLayer::SeparableConv2d(l) => vec![
                 kernel(
                     &name,
@@ -127,8 +140,8 @@ where
                     l.weight_dw.val(),
                     &l.quantizer_dw,
                     CONV_AXIS,
-                ),
-                kernel(&name, "pointwise", l.weight.val(), &l.quantizer, CONV_AXIS),
+                )?,
+                kernel(&name, "pointwise", l.weight.val(), &l.quantizer, CONV_AXIS)?,
             ],
         };
         kernels.extend(found.into_iter().flatten());

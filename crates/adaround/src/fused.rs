@@ -5,12 +5,12 @@
 //! `[groups, C_out / groups, K]` (`K = C_in / groups * kh * kw`):
 //!
 //! - `s = sigmoid(alpha)`, `u = s (zeta - gamma) + gamma`, `h = clip(u, 0, 1)`,
-//!   `z = w_floor + h`, `W~ = clip(z, -kmax, kmax) / sf`, `dW = W~ - W`;
+//!   `z = w_floor + h`, `W~ = clip(z, lo, hi) / sf` (the grid's levels), `dW = W~ - W`;
 //! - Gram path: `rec = sum(dW ⊙ dW G) / n`, `dL/dW~ = 2 dW G / n`; direct path on cached
 //!   im2col patches `X` and targets `T` (bias removed): `E = X W~ᵀ - T` (patches `X` and targets as rows), `rec = sum(E²) / n`,
 //!   `dL/dW~ = 2 Eᵀ X / n`;
 //! - rounding loss `reg * sum(1 - |2h - 1|^beta)`, `d/dh = -2 beta reg |2h - 1|^(beta-1) sign(2h - 1)`;
-//! - `dL/dalpha = (dL/dW~ 1[-kmax <= z <= kmax] / sf + dR/dh) 1[0 <= u <= 1] (zeta - gamma) s (1 - s)`
+//! - `dL/dalpha = (dL/dW~ 1[lo <= z <= hi] / sf + dR/dh) 1[0 <= u <= 1] (zeta - gamma) s (1 - s)`
 //!   (the clamps pass gradient inside their bounds, bounds included, as Burn's `clamp` does);
 //! - Adam exactly as Burn's `AdamConfig::new()` (`beta_1 = 0.9`, `beta_2 = 0.999`,
 //!   `epsilon = 1e-5`).
@@ -57,7 +57,7 @@ pub(crate) struct Fused<B: Backend> {
     w_floor: Matrix<B>,
     sf: Matrix<B>,
     weight: Matrix<B>,
-    kmax: f64,
+    levels: (f64, f64),
     gamma: f64,
     zeta: f64,
     moments: Option<(Matrix<B>, Matrix<B>)>,
@@ -135,10 +135,7 @@ impl<B: Backend> Fused<B> {
         loss: ReconstructionLoss,
     ) -> Self {
         let ada = layer.adarounds()[0].clone();
-        let kmax = ada
-            .quantizer
-            .kmax()
-            .expect("AdaRound wraps a quantizing quantizer");
+        let levels = ada.levels();
         let m = |t: Tensor<B, 4>| to_matrix(&layer, t);
         let alpha = m(ada.alpha.val());
         let w_floor = m(ada.w_floor.val());
@@ -208,7 +205,7 @@ impl<B: Backend> Fused<B> {
             w_floor,
             sf,
             weight,
-            kmax,
+            levels,
             moments: None,
             time: 0,
             data,
@@ -236,11 +233,11 @@ impl<B: Backend> Fused<B> {
         beta: Option<f64>,
         reg: f64,
     ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, Matrix<B>) {
-        let (gamma, zeta, kmax) = (self.gamma, self.zeta, self.kmax);
+        let (gamma, zeta, (lo, hi)) = (self.gamma, self.zeta, self.levels);
         let (s, u, h) = self.decimals();
         let outside_h = u.not_equal(h.clone());
         let z = self.w_floor.clone() + h.clone();
-        let zc = z.clone().clamp(-kmax, kmax);
+        let zc = z.clone().clamp(lo, hi);
         let outside_z = z.not_equal(zc.clone());
         let soft = zc / self.sf.clone();
         let dw = soft.clone() - self.weight.clone();

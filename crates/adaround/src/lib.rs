@@ -66,7 +66,7 @@ mod site;
 mod step;
 
 pub use adaround_core::{
-    AdaRoundParams, AdaRoundQuantizer, BetaDecay, QuantizerError, RoundingStatus, Schedule,
+    AdaRoundParams, AdaRoundQuantizer, BetaDecay, Grid, QuantizerError, RoundingStatus, Schedule,
     WeightQuantizer,
 };
 pub use config::{
