@@ -13,9 +13,10 @@
 
 use std::time::Instant;
 
-use adaround::{adaround, AdaRoundConfig, BetaDecay, Schedule, SeparableStep};
+use adaround::{adaround, AdaRoundConfig, SeparableStep};
 use adaround_burn::digits::{
-    accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
+    accuracy, quickstart_config, short_config, Digits, FloatCnn, Granularity, QuantCnn, Scheme,
+    FIXTURE,
 };
 use burn::{
     module::Module,
@@ -69,12 +70,7 @@ fn schemes(
     calibration: &Tensor<B, 4>,
     val: &(Tensor<B, 4>, Tensor<B, 1, Int>),
 ) {
-    let mut long = quickstart_config();
-    long.schedule = Schedule::Iterations {
-        iterations: 4000,
-        warm_start: 0.2,
-        decay: BetaDecay::Cosine,
-    };
+    let (short, long) = (short_config(), quickstart_config());
     println!("| weights | scheme | nearest | AdaRound 1000 it | AdaRound 4000 it | seconds (1000 / 4000) |");
     println!("|---|---|---|---|---|---|");
     for granularity in [Granularity::PerAxis, Granularity::PerTensor] {
@@ -82,7 +78,7 @@ fn schemes(
             for scheme in Scheme::ALL {
                 let model = base.clone().with_weights(bits, granularity, scheme);
                 let nearest = accuracy(model.forward(val.0.clone()), val.1.clone());
-                let (short, s1) = score(&model, calibration, val, &quickstart_config());
+                let (short, s1) = score(&model, calibration, val, &short);
                 let (long, s2) = score(&model, calibration, val, &long);
                 println!(
                     "| W{bits} {granularity:?} | {} | {nearest:.2} % | {short:.2} % | {long:.2} % | {s1:.1} / {s2:.1} |",
@@ -106,7 +102,7 @@ fn separable_steps(
             let model = base.clone().with_weight_bits(bits, granularity);
             let nearest = accuracy(model.forward(val.0.clone()), val.1.clone());
             for separable in [SeparableStep::Joint, SeparableStep::Split] {
-                let config = quickstart_config().with_separable(separable);
+                let config = short_config().with_separable(separable);
                 let (acc, seconds) = score(&model, calibration, val, &config);
                 println!(
                     "| W{bits} {granularity:?} | {nearest:.2} % | {separable:?} | {acc:.2} % | {seconds:.1} |"

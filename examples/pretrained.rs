@@ -13,9 +13,9 @@
 //! 256 unlabeled training images; test: the quickstart's 450 test images. Weights only are
 //! quantized (per output channel); activations stay float.
 
-use adaround::{adaround, AdaRoundReport, WeightQuantizer};
+use adaround::{adaround, AdaRoundReport, Grid};
 use adaround_burn::{
-    digits::{accuracy, quickstart_config, Digits},
+    digits::{accuracy, quickstart_config, Digits, Granularity, Scheme},
     usps::{images, QuantUsps, UspsNet, WEIGHTS},
 };
 use burn::tensor::Tensor;
@@ -53,23 +53,25 @@ fn main() {
     println!("\n## 3. Fold BatchNorm, quantize (per channel), AdaRound");
     let config = quickstart_config();
     let mut rows = Vec::new();
-    let mut reports: Vec<(u32, AdaRoundReport)> = Vec::new();
-    for bits in [4, 3, 2] {
-        let quantizer = WeightQuantizer::max_per_axis(bits).unwrap();
+    let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
+    let schemes = [Scheme::Max, Scheme::Mse(Grid::FullRange)];
+    for (scheme, bits) in schemes.iter().flat_map(|s| [4, 3, 2].map(|b| (s, b))) {
+        let quantizer = scheme.quantizer(bits, Granularity::PerAxis);
         let model = QuantUsps::from_float(&float, &quantizer);
         let nearest = model.forward(x_test.clone());
         let (rounded, report) =
             adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
         let ada = rounded.forward(x_test.clone());
+        let weights = format!("W{bits} {}", scheme.name());
         rows.push((
-            bits,
+            weights.clone(),
             accuracy(nearest.clone(), y_test.clone()),
             agreement(nearest, float_logits.clone()),
             accuracy(ada.clone(), y_test.clone()),
             agreement(ada, float_logits.clone()),
             report.seconds,
         ));
-        reports.push((bits, report));
+        reports.push((weights, report));
     }
 
     println!(
@@ -78,16 +80,16 @@ fn main() {
     );
     println!("| weights | float | nearest | AdaRound | agreement nearest | agreement AdaRound | AdaRound time |");
     println!("|---|---|---|---|---|---|---|");
-    for (bits, nearest, agree_n, ada, agree_a, seconds) in &rows {
+    for (weights, nearest, agree_n, ada, agree_a, seconds) in &rows {
         println!(
-            "| W{bits} | {float_acc:.2} % | {nearest:.2} % | **{ada:.2} %** | {agree_n:.2} % | {agree_a:.2} % | {seconds:.1} s |"
+            "| {weights} | {float_acc:.2} % | {nearest:.2} % | **{ada:.2} %** | {agree_n:.2} % | {agree_a:.2} % | {seconds:.1} s |"
         );
     }
     println!(
         "\n| layer | {} |",
         reports
             .iter()
-            .map(|(b, _)| format!("W{b} error before -> after, time"))
+            .map(|(w, _)| format!("{w}: error before -> after, time"))
             .collect::<Vec<_>>()
             .join(" | ")
     );

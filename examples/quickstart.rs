@@ -118,16 +118,20 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
     println!("calibration: {CALIBRATION} unlabeled training images");
 
     // 4. Nearest rounding
-    println!("\n## 4. Nearest rounding (per output channel)");
+    println!("\n## 4. Nearest rounding");
     let mut rows = Vec::new();
-    for scheme in SCHEMES {
-        for bits in BITWIDTHS {
-            let model = quant
-                .clone()
-                .with_weights(bits, Granularity::PerAxis, scheme);
-            let acc = accuracy(model.forward(x_test.clone()), y_test.clone());
-            println!("W{bits} {}: {acc:.2} %", scheme.name());
-            rows.push((scheme, bits, acc));
+    for granularity in [Granularity::PerAxis, Granularity::PerTensor] {
+        for scheme in SCHEMES {
+            for bits in BITWIDTHS {
+                let model = quant.clone().with_weights(bits, granularity, scheme);
+                let acc = accuracy(model.forward(x_test.clone()), y_test.clone());
+                println!(
+                    "W{bits} {} {}: {acc:.2} %",
+                    granularity.name(),
+                    scheme.name()
+                );
+                rows.push((granularity, scheme, bits, acc));
+            }
         }
     }
 
@@ -136,14 +140,13 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
     let config = quickstart_config();
     let mut results = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
-    for (scheme, bits, nearest) in rows {
-        let model = quant
-            .clone()
-            .with_weights(bits, Granularity::PerAxis, scheme);
+    for (granularity, scheme, bits, nearest) in rows {
+        let model = quant.clone().with_weights(bits, granularity, scheme);
         let (rounded, report) =
             adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
         let acc = accuracy(rounded.forward(x_test.clone()), y_test.clone());
-        println!("W{bits} {}: {:.1} s", scheme.name(), report.seconds);
+        let weights = format!("W{bits} {} {}", granularity.name(), scheme.name());
+        println!("{weights}: {:.1} s", report.seconds);
         for l in &report.layers {
             println!(
                 "  {:<5} quantization error: {:.6} -> {:.6}   changed weights: {} / {}{}",
@@ -159,29 +162,32 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
                 }
             );
         }
-        results.push((scheme, bits, nearest, acc, report.seconds));
-        reports.push((format!("W{bits} {}", scheme.name()), report));
+        results.push((granularity, scheme, bits, nearest, acc, report.seconds));
+        reports.push((weights, report));
     }
 
     // 6. Results
     println!("\n## 6. Results (test accuracy, {} images)", test.len());
-    println!("| weights | scale, grid | float | nearest | AdaRound | AdaRound time |");
-    println!("|---|---|---|---|---|---|");
-    for (scheme, bits, nearest, ada, secs) in &results {
+    println!(
+        "| weights | granularity | scale, grid | float | nearest | AdaRound | AdaRound time |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (granularity, scheme, bits, nearest, ada, secs) in &results {
         println!(
-            "| W{bits} | {} | {float_acc:.2} % | {nearest:.2} % | {ada:.2} % | {secs:.1} s |",
+            "| W{bits} | {} | {} | {float_acc:.2} % | {nearest:.2} % | {ada:.2} % | {secs:.1} s |",
+            granularity.name(),
             scheme.name()
         );
     }
     let json = serde_json::json!({
         "float_accuracy": float_acc,
-        "results": results.iter().map(|(scheme, b, n, a, s)| {
+        "results": results.iter().map(|(granularity, scheme, b, n, a, s)| {
             let (scale, grid) = match scheme {
                 Scheme::Max => ("max", Grid::Symmetric),
                 Scheme::Mse(grid) => ("mse", *grid),
             };
             serde_json::json!({
-                "bits": b, "granularity": "per-channel", "scale": scale, "grid": grid,
+                "bits": b, "granularity": granularity.name(), "scale": scale, "grid": grid,
                 "nearest_accuracy": n, "adaround_accuracy": a, "seconds": s
             })
         }).collect::<Vec<_>>(),
@@ -192,7 +198,7 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
     println!("\nreport: {}", report_path.display());
     let reference: Vec<_> = reports
         .iter()
-        .filter(|(w, _)| w.ends_with(Scheme::Max.name()))
+        .filter(|(w, _)| w.ends_with("per-channel max"))
         .cloned()
         .collect();
     for path in write_charts(&out, &reference) {

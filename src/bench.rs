@@ -123,7 +123,7 @@ pub fn run<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Va
     let (train, _) = Digits::load().split(450, 7);
     let calibration = train.images::<B>(0..256, &device);
     let model = QuantCnn::from_float(&float, 4, Granularity::PerAxis, 8, calibration.clone());
-    let quickstart = crate::digits::quickstart_config();
+    let quickstart = crate::digits::short_config();
     let mut totals = Vec::new();
     for path in [LossPath::Direct, LossPath::Auto] {
         let start = Instant::now();
@@ -191,7 +191,7 @@ pub fn xception<B: Backend>(
     let x = Tensor::<B, 4>::random([samples, 1, 64, 64], Distribution::Normal(0.0, 1.0), device);
     let mut totals = Vec::new();
     for &choice in separable {
-        let config = crate::digits::quickstart_config().with_separable(choice);
+        let config = crate::digits::short_config().with_separable(choice);
         let (rounded, report) = adaround::adaround_with_progress(
             &model,
             x.clone(),

@@ -224,6 +224,16 @@ impl Scheme {
     }
 }
 
+impl Granularity {
+    /// `per-channel` or `per-tensor`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Granularity::PerAxis => "per-channel",
+            Granularity::PerTensor => "per-tensor",
+        }
+    }
+}
+
 impl<B: Backend> QuantCnn<B> {
     /// Converts the float model: weights at `bits` bits, activations at `act_bits` bits with
     /// their largest value calibrated on `calibration` images.
@@ -296,17 +306,17 @@ pub fn accuracy<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> 
     100.0 * correct as f64 / n as f64
 }
 
-/// The AdaRound configuration of the quickstart (and of the examples built on it): 1000
-/// iterations, 20 % warm start, cosine beta decay, batches of 32, channel-summed MSE,
-/// learning rate 0.01.
+/// The AdaRound configuration of the quickstart and the examples built on it:
+/// [`AdaRoundConfig::recommended`](adaround::AdaRoundConfig::recommended) (4 000 iterations,
+/// chosen on validation images by the `choose` example).
 pub fn quickstart_config() -> adaround::AdaRoundConfig {
-    use adaround::{AdaRoundConfig, BetaDecay, ReconstructionLoss, Schedule};
-    AdaRoundConfig::new(Schedule::Iterations {
-        iterations: 1000,
-        warm_start: 0.2,
-        decay: BetaDecay::Cosine,
-    })
-    .with_batch_size(Some(32))
-    .with_loss(ReconstructionLoss::ChannelSum)
-    .with_learning_rate(1e-2)
+    adaround::AdaRoundConfig::recommended()
+}
+
+/// The configuration the `choose` example compares against, and the benchmark's per-model
+/// timing: 1 000 iterations, otherwise as [`quickstart_config`].
+pub fn short_config() -> adaround::AdaRoundConfig {
+    let mut config = quickstart_config();
+    config.schedule = adaround::Schedule::warm_cosine(1000);
+    config
 }

@@ -1,7 +1,7 @@
 //! AdaRound on the embedded digits with the committed float model (`examples/data/digits_cnn.bin`).
 
-use adaround::{adaround, AdaRoundConfig, BetaDecay, ReconstructionLoss, Schedule};
-use adaround_burn::digits::{accuracy, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE};
+use adaround::{adaround, AdaRoundConfig, Grid, ReconstructionLoss, Schedule};
+use adaround_burn::digits::{accuracy, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE};
 use burn::{
     module::Module,
     record::{BinFileRecorder, FullPrecisionSettings},
@@ -29,21 +29,31 @@ fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
     let model = QuantCnn::from_float(&float, 2, Granularity::PerAxis, 8, calibration.clone());
     let nearest = accuracy(model.forward(x_test.clone()), y_test.clone());
 
-    let config = AdaRoundConfig::new(Schedule::Iterations {
-        iterations: 400,
-        warm_start: 0.2,
-        decay: BetaDecay::Cosine,
-    })
-    .with_batch_size(Some(32))
-    .with_loss(ReconstructionLoss::ChannelSum)
-    .with_learning_rate(1e-2);
-    let (rounded, report) = adaround(&model, calibration, |m, x| m.forward(x), &config).unwrap();
-    let ada = accuracy(rounded.forward(x_test), y_test);
+    let config = AdaRoundConfig::new(Schedule::warm_cosine(400))
+        .with_batch_size(Some(32))
+        .with_loss(ReconstructionLoss::ChannelSum)
+        .with_learning_rate(1e-2);
+    let (rounded, report) =
+        adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
+    let ada = accuracy(rounded.forward(x_test.clone()), y_test.clone());
     assert!(
         ada > nearest + 5.0,
         "W2 test accuracy: AdaRound {ada:.2} % vs nearest {nearest:.2} %"
     );
     assert!(report.layers.iter().all(|l| l.err_final < l.err_before));
+
+    // The error-minimising scale on the full-range grid: far better nearest rounding at 2
+    // bits, and AdaRound improves on it again.
+    let full_range = model.with_weights(2, Granularity::PerAxis, Scheme::Mse(Grid::FullRange));
+    let nearest_fr = accuracy(full_range.forward(x_test.clone()), y_test.clone());
+    let (rounded, report) =
+        adaround(&full_range, calibration, |m, x| m.forward(x), &config).unwrap();
+    let ada_fr = accuracy(rounded.forward(x_test), y_test);
+    assert!(
+        nearest_fr > nearest + 20.0 && ada_fr > nearest_fr && ada_fr > ada,
+        "W2 full range: nearest {nearest_fr:.2} %, AdaRound {ada_fr:.2} % (max scale: {nearest:.2} %, {ada:.2} %)"
+    );
+    assert!(report.layers.iter().all(|l| l.err_final <= l.err_before));
 }
 
 #[test]

@@ -53,8 +53,14 @@ impl Schedule {
     /// AIMET's defaults: 10 000 iterations, 20 % warm start, cosine decay (AIMET uses 15 000
     /// below 8 bits; pass [`Schedule::Iterations`] to choose).
     pub fn aimet() -> Self {
+        Self::warm_cosine(10_000)
+    }
+
+    /// AIMET's shape with `iterations` steps: 20 % warm start, then cosine decay
+    /// ([`Schedule::aimet`] is `warm_cosine(10_000)`).
+    pub fn warm_cosine(iterations: usize) -> Self {
         Self::Iterations {
-            iterations: 10_000,
+            iterations,
             warm_start: 0.2,
             decay: BetaDecay::Cosine,
         }
