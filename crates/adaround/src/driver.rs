@@ -161,29 +161,9 @@ where
         .map(|_| Fingerprint::of(&work, &quantizers_json(&sites), &batches));
     let mut layers = Vec::with_capacity(sites.len());
     if let (Some(checkpoint), Some(fingerprint)) = (&checkpoint, &fingerprint) {
-        let found = checkpoint.resume(
-            work.clone(),
-            &names,
-            config,
-            fingerprint,
-            &batches[0].device(),
-        )?;
-        if let Some((state, done)) = found {
-            // What was loaded is checked like the caller's model: finite weights, valid
-            // quantizers, and the very quantizers the run was started with.
-            let loaded = discover(&state, &batches[0], &forward, &index, config)?;
-            if checksum(quantizers_json(&loaded).as_bytes()) != fingerprint.quantizers {
-                return Err(AdaRoundError::CheckpointMismatch {
-                    dir: checkpoint.dir.display().to_string(),
-                    what: "quantizers in the checkpoint",
-                });
-            }
-            info!(
-                "resuming after {} finished layers from {}",
-                done.len(),
-                checkpoint.dir.display()
-            );
-            (work, layers) = (state, done);
+        let context = (&batches[0], &forward, &index, config);
+        if let Some(found) = resume(checkpoint, fingerprint, &work, &names, context)? {
+            (work, layers) = found;
         }
     }
     let run = Run {
@@ -219,6 +199,41 @@ where
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok((work, report))
+}
+
+/// The model and finished layers of the checkpoint, if it holds one of this run. What was
+/// loaded is checked like the caller's model: finite weights, valid quantizers, and the very
+/// quantizers the run was started with.
+fn resume<B, M, F, O, const D: usize>(
+    checkpoint: &Checkpoint,
+    fingerprint: &Fingerprint,
+    work: &M,
+    names: &[String],
+    (batch, forward, index, config): (&Tensor<B, D>, &F, &ParamIndex, &AdaRoundConfig),
+) -> Result<Option<(M, Vec<LayerReport>)>, AdaRoundError>
+where
+    B: Backend,
+    M: Module<B>,
+    F: Fn(&M, Tensor<B, D>) -> O,
+{
+    let device = batch.device();
+    let found = checkpoint.resume(work.clone(), names, config, fingerprint, &device)?;
+    let Some((state, done)) = found else {
+        return Ok(None);
+    };
+    let loaded = discover(&state, batch, forward, index, config)?;
+    if checksum(quantizers_json(&loaded).as_bytes()) != fingerprint.quantizers {
+        return Err(AdaRoundError::CheckpointMismatch {
+            dir: checkpoint.dir.display().to_string(),
+            what: "quantizers in the checkpoint",
+        });
+    }
+    info!(
+        "resuming after {} finished layers from {}",
+        done.len(),
+        checkpoint.dir.display()
+    );
+    Ok(Some((state, done)))
 }
 
 /// The quantizers of every site, as JSON (what a checkpoint's fingerprint hashes).
