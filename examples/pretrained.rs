@@ -71,6 +71,9 @@ fn main() {
             agreement(ada, float_logits.clone()),
             report.seconds,
         ));
+        if let Some(check) = &report.model {
+            println!("{weights}: {check}");
+        }
         reports.push((weights, report));
     }
 

@@ -162,6 +162,9 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
                 }
             );
         }
+        if let Some(check) = &report.model {
+            println!("  {check}");
+        }
         results.push((granularity, scheme, bits, nearest, acc, report.seconds));
         reports.push((weights, report));
     }

@@ -197,10 +197,20 @@ macro_rules! driver_tests {
                 .with_loss(ReconstructionLoss::ChannelSum)
                 .with_never_worse(false)
                 .with_rounding(FinalRounding::Hard);
-            let (rounded, report) = adaround(&model, calib, |m, x| m.forward(x), &cfg).unwrap();
+            let (rounded, report) =
+                adaround(&model, calib.clone(), |m, x| m.forward(x), &cfg).unwrap();
 
             let names: Vec<&str> = report.layers.iter().map(|l| l.name.as_str()).collect();
             assert_eq!(names, ["conv", "sep", "fc"]);
+            // The model-level check: output errors against the float model on the samples.
+            let check = report.model.as_ref().expect("the model check is on by default");
+            let float_calib = model.forward_float_reference(calib.clone());
+            let nearest_calib = mse(model.forward(calib.clone()), float_calib.clone());
+            let ada_calib = mse(rounded.forward(calib), float_calib);
+            assert!((check.nearest - nearest_calib).abs() <= 1e-4 * nearest_calib);
+            assert!((check.adaround - ada_calib).abs() <= 1e-4 * ada_calib);
+            assert!(check.adaround < check.nearest, "{check}");
+            assert_eq!((check.returned, check.reverted.len()), (check.adaround, 0));
             assert_eq!(
                 report.layers[1].kernels.len(),
                 2,
@@ -601,6 +611,7 @@ macro_rules! driver_tests {
             // "Interrupted" after the first layer: the checkpoint holds one finished layer.
             let (_, partial) = run(&with_dir.clone().with_stop_after(Some(1)));
             assert_eq!(partial.layers.len(), 1);
+            assert!(partial.model.is_none(), "no model check before the last layer");
             assert!(dir.join("progress.json").exists() && dir.join("model-1.bin").exists());
             // The resumed run skips it and ends where the uninterrupted run ends.
             let (resumed, report) = run(&with_dir);
@@ -611,6 +622,8 @@ macro_rules! driver_tests {
             );
             let values = |m: &Net<B>| snapshot(m).into_iter().map(|(_, v)| v).collect::<Vec<_>>();
             assert_eq!(values(&resumed), values(&full));
+            assert!(report.model.is_some());
+            assert_eq!(report.model, full_report.model);
             for (a, b) in report.layers.iter().zip(&full_report.layers) {
                 assert_eq!(
                     (a.err_before, a.err_final, a.changed()),

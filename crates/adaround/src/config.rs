@@ -1,6 +1,6 @@
 use adaround_core::{AdaRoundParams, Schedule};
 
-use crate::AdaRoundError;
+use crate::{AdaRoundError, ModelGuard};
 
 pub use crate::gram::LossPath;
 use burn::config::Config;
@@ -105,6 +105,11 @@ pub struct AdaRoundConfig {
     /// many iterations; reading a loss waits for the device.
     #[config(default = 100)]
     pub log_every: usize,
+    /// What to do with the whole model once every layer is rounded: compare its output
+    /// error with nearest rounding's on the calibration samples, and optionally keep the
+    /// better (see [`ModelGuard`]).
+    #[config(default = "ModelGuard::Report")]
+    pub model_guard: ModelGuard,
 }
 
 impl AdaRoundConfig {
@@ -120,13 +125,16 @@ impl AdaRoundConfig {
     /// The settings chosen on validation data (`cargo run --release --example choose`: the
     /// digits CNN, 1091 validation images, every bitwidth and granularity): 4 000 iterations
     /// per layer with AIMET's 20 % warm start and cosine decay ([`Schedule::warm_cosine`]),
-    /// batches of 32, channel-summed loss, learning rate 1e-2. The fused step makes it a few
-    /// seconds per small model; AIMET's defaults take 10 000-15 000 iterations at 1e-3.
+    /// batches of 32, channel-summed loss, learning rate 1e-2; and the model-level guard
+    /// [`ModelGuard::KeepBetter`], which costs a few forward passes over the samples. The
+    /// fused step makes it a few seconds per small model; AIMET's defaults take
+    /// 10 000-15 000 iterations at 1e-3.
     pub fn recommended() -> Self {
         Self::new(Schedule::warm_cosine(4000))
             .with_batch_size(Some(32))
             .with_loss(ReconstructionLoss::ChannelSum)
             .with_learning_rate(1e-2)
+            .with_model_guard(ModelGuard::KeepBetter)
     }
 
     /// Checks the configuration as [`adaround`](crate::adaround) does before it starts:

@@ -14,12 +14,13 @@ use log::info;
 use crate::{
     checkpoint::{checksum, Checkpoint, Fingerprint},
     discover::{capture_inputs, discover, Site},
+    guard::{self, ModelOutput, Reference},
     optimize::{ensure_finite, flows_finite, Context},
     params::{ParamIndex, WriteBack},
     progress::{self, Progress},
     site::{optimize_site, targets, SiteData},
     step::Ad,
-    AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, Target,
+    AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelGuard, Target,
 };
 
 /// The optimizer [`adaround`] would use on the autodiff path (Adam, Burn's defaults).
@@ -37,6 +38,12 @@ type DefaultOptimizer<B> = OptimizerAdaptor<Adam, QuantizedLayer<Ad<B>>, Ad<B>>;
 /// `Autodiff<B>`, and only when its step needs autodiff (a following activation); Dense,
 /// Conv2D and SeparableConv2D layers otherwise run a fused closed-form step with Adam.
 ///
+/// After the last layer, [`AdaRoundConfig::model_guard`] compares the output error (against
+/// the float model, on the calibration samples) of the rounded model with nearest
+/// rounding's: reported in [`AdaRoundReport::model`], and with [`ModelGuard::KeepBetter`]
+/// the better mix is returned. The output must implement [`ModelOutput`] (tensors, tuples,
+/// vectors of them, or `()` to skip the check).
+///
 /// Returns a new model and the report; `model` itself is never modified.
 ///
 /// Memory: each layer's inputs and targets for all samples are held on the device while the
@@ -52,6 +59,7 @@ where
     B: Backend,
     M: Module<B>,
     F: Fn(&M, Tensor<B, D>) -> O,
+    O: ModelOutput<B>,
 {
     run::<B, M, F, O, DefaultOptimizer<B>, D>(model, samples, forward, config, None, &mut |_| {})
 }
@@ -69,6 +77,7 @@ where
     B: Backend,
     M: Module<B>,
     F: Fn(&M, Tensor<B, D>) -> O,
+    O: ModelOutput<B>,
 {
     run::<B, M, F, O, DefaultOptimizer<B>, D>(model, samples, forward, config, None, &mut progress)
 }
@@ -86,6 +95,7 @@ where
     B: Backend,
     M: Module<B>,
     F: Fn(&M, Tensor<B, D>) -> O,
+    O: ModelOutput<B>,
     Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>,
 {
     run(
@@ -138,6 +148,7 @@ where
     B: Backend,
     M: Module<B>,
     F: Fn(&M, Tensor<B, D>) -> O,
+    O: ModelOutput<B>,
     Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>,
 {
     let start = Instant::now();
@@ -192,11 +203,19 @@ where
             checkpoint.save(&work, &layers, &names, config, fingerprint)?;
         }
     }
+    let mut check = None;
+    if end_at == sites.len() && config.model_guard != ModelGuard::Off {
+        if let Some(reference) = Reference::new(model, &run.batches, &run.forward)? {
+            let (returned, found) = guard::apply(&reference, model, work, &sites, config.model_guard)?;
+            (work, check) = (returned, Some(found));
+        }
+    }
     let report = AdaRoundReport {
         config: config.clone(),
         samples: n_samples,
         layers,
         seconds: start.elapsed().as_secs_f64(),
+        model: check,
     };
     Ok((work, report))
 }

@@ -96,6 +96,10 @@ pub struct AdaRoundReport {
     pub layers: Vec<LayerReport>,
     /// Wall-clock seconds of the whole run.
     pub seconds: f64,
+    /// The model-level check ([`ModelGuard`](crate::ModelGuard)); `None` when it is off,
+    /// the run stopped before the last layer, or the model's output has no tensors.
+    #[serde(default)]
+    pub model: Option<crate::ModelCheck>,
 }
 
 impl AdaRoundReport {
@@ -121,7 +125,12 @@ impl PartialEq for AdaRoundReport {
         let strip = |r: &Self| {
             let mut layers = r.layers.clone();
             layers.iter_mut().for_each(|l| l.seconds = 0.0);
-            (serde_json::to_string(&r.config).ok(), r.samples, layers)
+            (
+                serde_json::to_string(&r.config).ok(),
+                r.samples,
+                layers,
+                r.model.clone(),
+            )
         };
         strip(self) == strip(other)
     }
