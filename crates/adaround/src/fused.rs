@@ -12,8 +12,7 @@
 //! - rounding loss `reg * sum(1 - |2h - 1|^beta)`, `d/dh = -2 beta reg |2h - 1|^(beta-1) sign(2h - 1)`;
 //! - `dL/dalpha = (dL/dW~ 1[lo <= z <= hi] / sf + dR/dh) 1[0 <= u <= 1] (zeta - gamma) s (1 - s)`
 //!   (the clamps pass gradient inside their bounds, bounds included, as Burn's `clamp` does);
-//! - Adam exactly as Burn's `AdamConfig::new()` (`beta_1 = 0.9`, `beta_2 = 0.999`,
-//!   `epsilon = 1e-5`).
+//! - Burn's own Adam (`AdamConfig::new().build()`, a `SimpleOptimizer` on plain tensors).
 //!
 //! It computes what the autodiff step computes, with fewer and cheaper operations; the two
 //! agree to floating-point rounding (tested).
@@ -22,6 +21,7 @@ use adaround_core::RoundingStatus;
 use adaround_layers::{probe::Flow, QuantizedLayer, QuantizerSlot};
 use burn::{
     module::Param,
+    optim::{Adam, AdamConfig, AdamState, SimpleOptimizer},
     tensor::{backend::Backend, Tensor},
 };
 
@@ -30,10 +30,6 @@ use crate::{
     step::{Losses, Step},
     ReconstructionLoss,
 };
-
-const BETA_1: f64 = 0.9;
-const BETA_2: f64 = 0.999;
-const EPSILON: f64 = 1e-5;
 
 /// Largest im2col cache of the direct fused path; above it the autodiff step runs.
 pub(crate) const MAX_PATCH_BYTES: usize = 512 << 20;
@@ -60,8 +56,8 @@ pub(crate) struct Fused<B: Backend> {
     levels: (f64, f64),
     gamma: f64,
     zeta: f64,
-    moments: Option<(Matrix<B>, Matrix<B>)>,
-    time: i32,
+    optimizer: Adam,
+    state: Option<AdamState<B, 3>>,
     data: Data<B>,
     divisors: Vec<f64>,
     /// `(reg, learning rate)`.
@@ -158,44 +154,7 @@ impl<B: Backend> Fused<B> {
         let [groups, rows, _] = weight.dims();
         let (data, divisors) = match grams {
             Some(g) => (Data::Gram(g.grams.clone()), g.divisors.clone()),
-            None => {
-                let mut batches = Vec::with_capacity(inputs.len());
-                let mut divisors = Vec::with_capacity(inputs.len());
-                for (x, t) in inputs.iter().zip(targets) {
-                    let (x, t) = match (&layer, x, t) {
-                        (QuantizedLayer::Dense(_), Flow::Rows(x), Flow::Rows(t)) => (
-                            x.clone().unsqueeze_dim::<3>(0),
-                            t.clone().unsqueeze_dim::<3>(0),
-                        ),
-                        (QuantizedLayer::Conv2d(l), Flow::Maps(x), Flow::Maps(t)) => {
-                            let p = gram::patches(l, x.clone());
-                            let [b, gk, positions] = p.dims();
-                            let p = p
-                                .reshape([b, groups, gk / groups, positions])
-                                .permute([1, 0, 3, 2])
-                                .reshape([groups, b * positions, gk / groups]);
-                            let t = t
-                                .clone()
-                                .reshape([b, groups, rows, positions])
-                                .permute([1, 0, 3, 2])
-                                .reshape([groups, b * positions, rows]);
-                            (p, t)
-                        }
-                        _ => unreachable!("inputs match the layer"),
-                    };
-                    let t = match &bias {
-                        Some(b) => t - b.clone().reshape([groups, 1, rows]),
-                        None => t,
-                    };
-                    let positions = t.dims()[1];
-                    divisors.push(match loss {
-                        ReconstructionLoss::Mse => (positions * groups * rows) as f64,
-                        ReconstructionLoss::ChannelSum => positions as f64,
-                    });
-                    batches.push((x, t));
-                }
-                (Data::Direct(batches), divisors)
-            }
+            None => direct_data(&layer, inputs, targets, bias, [groups, rows], loss),
         };
         Self {
             gamma: ada.meta.gamma,
@@ -206,8 +165,8 @@ impl<B: Backend> Fused<B> {
             sf,
             weight,
             levels,
-            moments: None,
-            time: 0,
+            optimizer: AdamConfig::new().build(),
+            state: None,
             data,
             divisors,
             rates: (0.0, 0.0),
@@ -284,26 +243,12 @@ impl<B: Backend> Fused<B> {
         (rec, round, grad)
     }
 
-    /// Adam (Burn's `AdaptiveMomentum` with `AdamConfig::new()`) on alpha.
+    /// One step of the optimizer on alpha.
     fn adam(&mut self, grad: Matrix<B>, lr: f64) {
-        let (m, v) = match self.moments.take() {
-            Some((m, v)) => (
-                m.mul_scalar(BETA_1) + grad.clone().mul_scalar(1.0 - BETA_1),
-                v.mul_scalar(BETA_2) + grad.square().mul_scalar(1.0 - BETA_2),
-            ),
-            None => (
-                grad.clone().mul_scalar(1.0 - BETA_1),
-                grad.square().mul_scalar(1.0 - BETA_2),
-            ),
-        };
-        self.time += 1;
-        let (beta_1, beta_2) = (BETA_1 as f32, BETA_2 as f32);
-        let bias2 = (1.0 - beta_2.powi(self.time)).sqrt();
-        let factor = bias2 / (1.0 - beta_1.powi(self.time));
-        let update = m.clone().mul_scalar(factor as f64 * lr)
-            / v.clone().sqrt().add_scalar(EPSILON as f32 * bias2);
-        self.alpha = self.alpha.clone() - update;
-        self.moments = Some((m, v));
+        let (alpha, state) =
+            self.optimizer
+                .step(lr, self.alpha.clone(), grad, self.state.take());
+        (self.alpha, self.state) = (alpha, state);
     }
 
     /// The layer with the current alphas.
@@ -361,6 +306,54 @@ fn matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
     } else {
         a.matmul(b)
     }
+}
+
+/// The direct path's data: per batch, `[groups, M, K]` patches and `[groups, M, rows]`
+/// targets minus the bias (one row per output position), and the loss divisor.
+fn direct_data<B: Backend>(
+    layer: &QuantizedLayer<B>,
+    inputs: &[Flow<B>],
+    targets: &[Flow<B>],
+    bias: Option<Tensor<B, 1>>,
+    [groups, rows]: [usize; 2],
+    loss: ReconstructionLoss,
+) -> (Data<B>, Vec<f64>) {
+    let mut batches = Vec::with_capacity(inputs.len());
+    let mut divisors = Vec::with_capacity(inputs.len());
+    for (x, t) in inputs.iter().zip(targets) {
+        let (x, t) = match (layer, x, t) {
+            (QuantizedLayer::Dense(_), Flow::Rows(x), Flow::Rows(t)) => (
+                x.clone().unsqueeze_dim::<3>(0),
+                t.clone().unsqueeze_dim::<3>(0),
+            ),
+            (QuantizedLayer::Conv2d(l), Flow::Maps(x), Flow::Maps(t)) => {
+                let p = gram::patches(l, x.clone());
+                let [b, gk, positions] = p.dims();
+                let p = p
+                    .reshape([b, groups, gk / groups, positions])
+                    .permute([1, 0, 3, 2])
+                    .reshape([groups, b * positions, gk / groups]);
+                let t = t
+                    .clone()
+                    .reshape([b, groups, rows, positions])
+                    .permute([1, 0, 3, 2])
+                    .reshape([groups, b * positions, rows]);
+                (p, t)
+            }
+            _ => unreachable!("inputs match the layer"),
+        };
+        let t = match &bias {
+            Some(b) => t - b.clone().reshape([groups, 1, rows]),
+            None => t,
+        };
+        let positions = t.dims()[1];
+        divisors.push(match loss {
+            ReconstructionLoss::Mse => (positions * groups * rows) as f64,
+            ReconstructionLoss::ChannelSum => positions as f64,
+        });
+        batches.push((x, t));
+    }
+    (Data::Direct(batches), divisors)
 }
 
 #[cfg(test)]
