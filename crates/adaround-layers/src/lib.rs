@@ -36,6 +36,9 @@ mod dense;
 mod fold;
 mod layer;
 pub mod native;
+/// The forward probe the `adaround` driver installs to find and capture layers. Internal:
+/// public only because the driver is another crate; not part of the API.
+#[doc(hidden)]
 pub mod probe;
 mod relu;
 mod separable;

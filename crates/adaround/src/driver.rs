@@ -20,7 +20,7 @@ use crate::{
     progress::{self, Progress},
     site::{optimize_site, targets, SiteData},
     step::Ad,
-    AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelGuard, Target,
+    AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelCheck, ModelGuard, Target,
 };
 
 /// The optimizer [`adaround`] would use on the autodiff path (Adam, Burn's defaults).
@@ -159,9 +159,6 @@ where
         .map(Checkpoint::open)
         .transpose()?;
     let batches = split_batches(samples, config.batch_size)?;
-    if B::ad_enabled(&batches[0].device()) {
-        return Err(AdaRoundError::AutodiffModel);
-    }
     let n_samples = batches.len() * batches[0].dims()[0];
     let index = ParamIndex::of::<B, M>(model);
     let mut work = model.clone();
@@ -203,13 +200,8 @@ where
             checkpoint.save(&work, &layers, &names, config, fingerprint)?;
         }
     }
-    let mut check = None;
-    if end_at == sites.len() && config.model_guard != ModelGuard::Off {
-        if let Some(reference) = Reference::new(model, &run.batches, &run.forward)? {
-            let (returned, found) = guard::apply(&reference, model, work, &sites, config.model_guard)?;
-            (work, check) = (returned, Some(found));
-        }
-    }
+    let check;
+    (work, check) = check_model(model, work, &sites, &run, end_at == sites.len())?;
     let report = AdaRoundReport {
         config: config.clone(),
         samples: n_samples,
@@ -218,6 +210,33 @@ where
         model: check,
     };
     Ok((work, report))
+}
+
+/// The model-level guard, once the last layer is `finished` (see [`ModelGuard`]).
+fn check_model<B, M, F, O, const D: usize>(
+    nearest: &M,
+    rounded: M,
+    sites: &[Site<B>],
+    run: &Run<'_, B, M, F, D>,
+    finished: bool,
+) -> Result<(M, Option<ModelCheck>), AdaRoundError>
+where
+    B: Backend,
+    M: Module<B>,
+    F: Fn(&M, Tensor<B, D>) -> O,
+    O: ModelOutput<B>,
+{
+    let mode = run.config.model_guard;
+    if mode == ModelGuard::Off || !finished {
+        return Ok((rounded, None));
+    }
+    match Reference::new(nearest, &run.batches, &run.forward)? {
+        Some(reference) => {
+            let (model, check) = guard::apply(&reference, nearest, rounded, sites, mode)?;
+            Ok((model, Some(check)))
+        }
+        None => Ok((rounded, None)),
+    }
 }
 
 /// The model and finished layers of the checkpoint, if it holds one of this run. What was
@@ -322,6 +341,9 @@ fn split_batches<B: Backend, const D: usize>(
     }
     if !all_finite(&samples) {
         return Err(AdaRoundError::NonFiniteInputs);
+    }
+    if B::ad_enabled(&samples.device()) {
+        return Err(AdaRoundError::AutodiffModel);
     }
     let batch = batch_size.unwrap_or(n);
     if batch > n {

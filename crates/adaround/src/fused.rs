@@ -245,9 +245,9 @@ impl<B: Backend> Fused<B> {
 
     /// One step of the optimizer on alpha.
     fn adam(&mut self, grad: Matrix<B>, lr: f64) {
-        let (alpha, state) =
-            self.optimizer
-                .step(lr, self.alpha.clone(), grad, self.state.take());
+        let (alpha, state) = self
+            .optimizer
+            .step(lr, self.alpha.clone(), grad, self.state.take());
         (self.alpha, self.state) = (alpha, state);
     }
 

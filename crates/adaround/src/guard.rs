@@ -50,7 +50,11 @@ impl std::fmt::Display for ModelCheck {
             self.nearest, self.adaround, self.returned
         )?;
         if !self.reverted.is_empty() {
-            write!(f, " (nearest rounding kept in {})", self.reverted.join(", "))?;
+            write!(
+                f,
+                " (nearest rounding kept in {})",
+                self.reverted.join(", ")
+            )?;
         }
         Ok(())
     }
@@ -193,9 +197,8 @@ where
     F: Fn(&M, Tensor<B, D>) -> O,
     O: ModelOutput<B>,
 {
-    let (_, run) = run_with_probe::<B, _, _>(Pass { float }, || {
-        forward(model, batch.clone()).tensors()
-    });
+    let (_, run) =
+        run_with_probe::<B, _, _>(Pass { float }, || forward(model, batch.clone()).tensors());
     match run {
         ProbeRun::Completed(tensors) => Ok(tensors),
         ProbeRun::Stopped => unreachable!("a pass that wants no event never stops"),
@@ -271,7 +274,8 @@ mod tests {
 
     impl<B: Backend> Mlp<B> {
         fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-            self.fc2.forward(burn::tensor::activation::relu(self.fc1.forward(x)))
+            self.fc2
+                .forward(burn::tensor::activation::relu(self.fc1.forward(x)))
         }
     }
 
@@ -320,13 +324,18 @@ mod tests {
             / 2.0;
         let got = reference.error(&model).unwrap();
         assert!(got > 0.0);
-        assert!((got - expected).abs() <= 1e-6 * expected, "{got} vs {expected}");
+        assert!(
+            (got - expected).abs() <= 1e-6 * expected,
+            "{got} vs {expected}"
+        );
         assert!(reference.error(&float).unwrap() < 1e-12);
         // An output without tensors: nothing to compare.
         let nothing = |m: &Mlp<B>, x: Tensor<B, 2>| {
             let _ = m.forward(x);
         };
-        assert!(Reference::new(&model, &batches, &nothing).unwrap().is_none());
+        assert!(Reference::new(&model, &batches, &nothing)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -340,8 +349,14 @@ mod tests {
         // fc1 far off its grid (putting it back must help), fc2 slightly off (putting it
         // back may or may not help).
         let bad = shifted(&shifted(&model, &model.fc1, 1.0), &model.fc2, 0.02);
-        let (returned, check) =
-            apply(&reference, &model, bad.clone(), &sites, ModelGuard::KeepBetter).unwrap();
+        let (returned, check) = apply(
+            &reference,
+            &model,
+            bad.clone(),
+            &sites,
+            ModelGuard::KeepBetter,
+        )
+        .unwrap();
         assert!(check.adaround > 10.0 * check.nearest);
         assert_eq!(check.reverted[0], "fc1");
         assert!(check.returned <= check.nearest);
@@ -360,8 +375,14 @@ mod tests {
         assert_eq!(report.returned, report.adaround);
 
         // Better than nearest: nothing is put back.
-        let (same, good) =
-            apply(&reference, &model, model.clone(), &sites, ModelGuard::KeepBetter).unwrap();
+        let (same, good) = apply(
+            &reference,
+            &model,
+            model.clone(),
+            &sites,
+            ModelGuard::KeepBetter,
+        )
+        .unwrap();
         assert!(good.reverted.is_empty());
         assert_eq!(good.adaround, good.nearest);
         assert_eq!(fc2(&same), fc2(&model));

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use burn::tensor::{backend::Backend, DType, TensorData};
-use burn_store::{ModuleSnapshot, ModuleStore, TensorSnapshot};
+use burn_store::{ApplyError, ModuleSnapshot, ModuleStore, TensorSnapshot};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -236,13 +236,14 @@ impl WeightImport {
         let mut copy = model.clone();
         let result = copy.apply(snapshots, None, None, false);
         if let Some(error) = result.errors.first() {
-            let message = error.to_string();
-            let tensor = loaded
-                .iter()
-                .find(|l| message.contains(&format!("'{}'", l.tensor)))
-                .map(|l| l.tensor.clone())
-                .unwrap_or_default();
-            return Err(ImportError::Apply { tensor, message });
+            let (ApplyError::ShapeMismatch { path, .. }
+            | ApplyError::DTypeMismatch { path, .. }
+            | ApplyError::AdapterError { path, .. }
+            | ApplyError::LoadError { path, .. }) = error;
+            return Err(ImportError::Apply {
+                tensor: path.clone(),
+                message: error.to_string(),
+            });
         }
         if let Some(l) = loaded.iter().find(|l| !result.applied.contains(&l.tensor)) {
             return Err(ImportError::Apply {

@@ -75,8 +75,8 @@ pub use config::{
 };
 pub use driver::{adaround, adaround_with_optimizer, adaround_with_progress};
 pub use error::AdaRoundError;
-pub use guard::{ModelCheck, ModelGuard, ModelOutput};
 pub use export::{export_integers, IntegerExport, IntegerKernel, INTEGER_FORMAT};
+pub use guard::{ModelCheck, ModelGuard, ModelOutput};
 pub use progress::Progress;
 pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};
 

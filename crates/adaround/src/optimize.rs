@@ -1,6 +1,7 @@
 //! Optimising one layer: arm AdaRound, run the schedule with a [`Step`], finalize, report.
 
-use adaround_layers::{probe::Flow, QuantizedLayer, QuantizedReLU};
+use adaround_core::RoundingStatus;
+use adaround_layers::{probe::Flow, KernelChange, QuantizedLayer, QuantizedReLU};
 use burn::{
     module::AutodiffModule,
     optim::{AdamConfig, Optimizer},
@@ -279,6 +280,33 @@ fn run_schedule<B: Backend, Opt>(
     trace
 }
 
+/// One report per kernel; a kernel put back to nearest rounding has no changed weights.
+fn kernel_reports(
+    changes: Vec<KernelChange>,
+    statuses: Vec<RoundingStatus>,
+    (before, after): (Vec<Vec<usize>>, Vec<Vec<usize>>),
+    kept_nearest: bool,
+) -> Vec<KernelReport> {
+    changes
+        .into_iter()
+        .zip(statuses)
+        .zip(before.into_iter().zip(after))
+        .map(
+            |((mut change, status), (decimals_before, decimals_after))| {
+                if kept_nearest {
+                    change.changed = 0;
+                }
+                KernelReport {
+                    change,
+                    status,
+                    decimals_before,
+                    decimals_after,
+                }
+            },
+        )
+        .collect()
+}
+
 /// Optimises `unit` and returns its report (name, position and time left to the caller)
 /// and the finalized layer (rounded float kernels, original quantizers).
 pub(crate) fn optimize_unit<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>>(
@@ -330,24 +358,7 @@ pub(crate) fn optimize_unit<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad
         "rounded weights or error",
     )?;
     let kept_nearest = config.never_worse && err_final > err_before;
-    let kernels = changes
-        .into_iter()
-        .zip(statuses)
-        .zip(before.into_iter().zip(after))
-        .map(
-            |((mut change, status), (decimals_before, decimals_after))| {
-                if kept_nearest {
-                    change.changed = 0;
-                }
-                KernelReport {
-                    change,
-                    status,
-                    decimals_before,
-                    decimals_after,
-                }
-            },
-        )
-        .collect();
+    let kernels = kernel_reports(changes, statuses, (before, after), kept_nearest);
     let report = LayerReport {
         name: unit.name.to_string(),
         kind: unit.layer.kind(),

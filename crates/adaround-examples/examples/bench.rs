@@ -1,10 +1,10 @@
 //! Benchmark: time per AdaRound step, direct vs Gram path, and the quickstart's calibration
-//! time (see `adaround_burn::bench`), on Burn's two CPU backends.
+//! time (see `adaround_examples::bench`), on Burn's two CPU backends.
 //!
 //! ```sh
 //! cargo run --release --example bench [-- --backend ndarray|flex|all]   # tables + out/bench/
 //! cargo run --release --example bench -- --xception [--backend ndarray|flex] [--samples 96] [--joint]
-//! python3 bench/adaround_step.py           # the same loop in PyTorch (pip install torch)
+//! python3 crates/adaround-examples/benches/adaround_step.py           # the same loop in PyTorch (pip install torch)
 //! ```
 
 use adaround::SeparableStep;
@@ -34,12 +34,12 @@ fn main() {
             &both[..1]
         };
         match backend {
-            "ndarray" => drop(adaround_burn::bench::xception::<NdArray>(
+            "ndarray" => drop(adaround_examples::bench::xception::<NdArray>(
                 &Default::default(),
                 samples,
                 choices,
             )),
-            _ => drop(adaround_burn::bench::xception::<Flex>(
+            _ => drop(adaround_examples::bench::xception::<Flex>(
                 &Default::default(),
                 samples,
                 choices,
@@ -49,11 +49,11 @@ fn main() {
     }
     if matches!(backend, "ndarray" | "all") {
         println!("## NdArray<f32>\n");
-        adaround_burn::bench::run::<NdArray>(&Default::default(), "NdArray<f32>");
+        adaround_examples::bench::run::<NdArray>(&Default::default(), "NdArray<f32>");
     }
     if matches!(backend, "flex" | "all") {
         println!("\n## Flex\n");
-        adaround_burn::bench::run::<Flex>(&Default::default(), "Flex");
+        adaround_examples::bench::run::<Flex>(&Default::default(), "Flex");
     }
     if !matches!(backend, "ndarray" | "flex" | "all") {
         eprintln!("unknown backend {backend:?}: ndarray, flex or all");

@@ -1,7 +1,9 @@
 //! AdaRound on the embedded digits with the committed float model (`examples/data/digits_cnn.bin`).
 
 use adaround::{adaround, AdaRoundConfig, Grid, ReconstructionLoss, Schedule};
-use adaround_burn::digits::{accuracy, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE};
+use adaround_examples::digits::{
+    accuracy, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
+};
 use burn::{
     module::Module,
     record::{BinFileRecorder, FullPrecisionSettings},
@@ -59,7 +61,7 @@ fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
 #[test]
 fn should_fold_every_batch_norm_of_the_mini_xception_exactly() {
     use adaround::WeightQuantizer;
-    use adaround_burn::xception::{MiniXception, QuantXception};
+    use adaround_examples::xception::{MiniXception, QuantXception};
     use burn::tensor::{backend::Backend, Distribution, Tensor};
     let device = Default::default();
     B::seed(&device, 3);
@@ -78,7 +80,7 @@ fn should_fold_every_batch_norm_of_the_mini_xception_exactly() {
 #[test]
 fn should_import_the_pretrained_usps_model_and_fold_its_batch_norms_exactly() {
     use adaround::WeightQuantizer;
-    use adaround_burn::usps::{images, QuantUsps, UspsNet, WEIGHTS};
+    use adaround_examples::usps::{images, QuantUsps, UspsNet, WEIGHTS};
     let device = Default::default();
     let (float, report) = UspsNet::<B>::load(WEIGHTS, &device).expect("the committed weights load");
     assert_eq!(

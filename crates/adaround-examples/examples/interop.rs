@@ -18,7 +18,7 @@ use adaround::{
     import::{Layout, WeightImport},
     store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore},
 };
-use adaround_burn::digits::{
+use adaround_examples::digits::{
     accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE,
 };
 use burn::{

@@ -22,7 +22,7 @@
 use std::{path::PathBuf, time::Instant};
 
 use adaround::{adaround, AdaRoundReport, Grid};
-use adaround_burn::{
+use adaround_examples::{
     digits::{
         accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
     },
@@ -54,7 +54,7 @@ fn main() {
 }
 
 fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: bool) {
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("out/quickstart");
+    let out = PathBuf::from("out/quickstart");
     std::fs::create_dir_all(&out).expect("create out/quickstart");
 
     // 1. Load data

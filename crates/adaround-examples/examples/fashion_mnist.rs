@@ -19,9 +19,9 @@ use adaround::{
         QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
         QuantizedSeparableConv2d,
     },
-    AdaRoundConfig, AdaRoundReport, BetaDecay, ReconstructionLoss, Schedule, WeightQuantizer,
+    AdaRoundConfig, AdaRoundReport, Grid, WeightQuantizer,
 };
-use adaround_burn::{digits::accuracy, svg};
+use adaround_examples::{digits::accuracy, svg};
 use burn::{
     module::{AutodiffModule, Module},
     nn::{
@@ -208,14 +208,19 @@ impl<B: Backend> QuantNet<B> {
     }
 
     /// Every weight quantizer at `bits`: per-axis (depthwise per tensor, SPEC defaults) or
-    /// per-tensor everywhere.
-    fn with_weights(mut self, bits: u32, per_axis: bool) -> Self {
-        let tensor = WeightQuantizer::max(bits).unwrap();
-        let main = if per_axis {
-            WeightQuantizer::max_per_axis(bits).unwrap()
-        } else {
-            tensor.clone()
+    /// per-tensor everywhere; the max scale on the symmetric grid, or with `mse` the
+    /// error-minimising scale on the full-range grid.
+    fn with_weights(mut self, bits: u32, per_axis: bool, mse: bool) -> Self {
+        let quantizer = |per_axis: bool| {
+            match (mse, per_axis) {
+                (true, _) => WeightQuantizer::mse(bits, per_axis, Grid::FullRange),
+                (false, true) => WeightQuantizer::max_per_axis(bits),
+                (false, false) => WeightQuantizer::max(bits),
+            }
+            .unwrap()
         };
+        let tensor = quantizer(false);
+        let main = quantizer(per_axis);
         self.conv.quantizer = main.clone().into();
         for sep in [&mut self.sep1, &mut self.sep2] {
             sep.quantizer_dw = tensor.clone().into();
@@ -268,7 +273,7 @@ fn eval<B: Backend>(
 }
 
 fn run<B: AutodiffBackend>(device: &B::Device, train: Split, test: Split) {
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("out/fashion_mnist");
+    let out = PathBuf::from("out/fashion_mnist");
     std::fs::create_dir_all(&out).unwrap();
     // 1. Data
     println!(
@@ -316,23 +321,21 @@ fn run<B: AutodiffBackend>(device: &B::Device, train: Split, test: Split) {
 
     // 4. Nearest vs AdaRound
     println!("\n## 4. Nearest vs AdaRound");
-    let config = AdaRoundConfig::new(Schedule::Iterations {
-        iterations: 1000,
-        warm_start: 0.2,
-        decay: BetaDecay::Cosine,
-    })
-    .with_batch_size(Some(32))
-    .with_loss(ReconstructionLoss::ChannelSum)
-    .with_learning_rate(1e-2);
+    let config = AdaRoundConfig::recommended();
     let mut rows = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
-    for per_axis in [true, false] {
+    let settings = [(true, false), (false, false), (true, true), (false, true)];
+    for (per_axis, mse) in settings {
         for bits in [4, 3, 2] {
+            if mse && bits == 4 {
+                continue;
+            }
             let label = format!(
-                "W{bits} {}",
-                if per_axis { "per-axis" } else { "per-tensor" }
+                "W{bits} {}{}",
+                if per_axis { "per-axis" } else { "per-tensor" },
+                if mse { " mse full-range" } else { "" }
             );
-            let model = quant.clone().with_weights(bits, per_axis);
+            let model = quant.clone().with_weights(bits, per_axis, mse);
             let nearest = eval(|x| model.forward(x), &test, device);
             let (rounded, report) =
                 adaround(&model, calibration.clone(), |m, x| m.forward(x), &config)

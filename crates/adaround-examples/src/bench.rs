@@ -7,7 +7,7 @@
 //! of Dense and Conv2D, autodiff for the separable conv), Adam on alpha. It is timed
 //! through the public driver: runs of one layer with `N1` and `n2` iterations (`n2` chosen
 //! for about 1.5 s of steps), the time difference over `n2 - N1` (capture and setup cancel
-//! out), the faster of two measurements of each. `bench/adaround_step.py` runs the
+//! out), the faster of two measurements of each. `benches/adaround_step.py` runs the
 //! same loop in PyTorch on the same shapes.
 
 use std::{path::PathBuf, time::Instant};
@@ -156,7 +156,7 @@ pub fn run<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Va
     for (choice, paths, s) in &totals {
         println!("| path {choice} | {paths} | {s:.2} |");
     }
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("out/bench");
+    let out = PathBuf::from("out/bench");
     std::fs::create_dir_all(&out).unwrap();
     let json = serde_json::json!({
         "backend": backend_name,

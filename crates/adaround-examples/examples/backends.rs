@@ -3,8 +3,8 @@
 //!
 //! ```sh
 //! cargo run --release --example backends                                   # NdArray
-//! cargo run --release --features wgpu --example backends -- --backend wgpu # + Wgpu
-//! cargo run --release --features wgpu --example backends -- --backend all
+//! cargo run --release -p adaround-examples --features wgpu --example backends -- --backend wgpu # + Wgpu
+//! cargo run --release -p adaround-examples --features wgpu --example backends -- --backend all
 //! ```
 //!
 //! The model has a skip connection (`y = relu(conv2(relu(conv1(x))) + relu(conv1(x)))`): the
@@ -20,7 +20,7 @@ use adaround::{
     },
     AdaRoundConfig, BetaDecay, ReconstructionLoss, Schedule, WeightQuantizer,
 };
-use adaround_burn::digits::{accuracy, Digits};
+use adaround_examples::digits::{accuracy, Digits};
 use burn::{
     module::{AutodiffModule, Module},
     nn::{loss::CrossEntropyLossConfig, PaddingConfig2d},
@@ -176,7 +176,7 @@ fn main() {
         }
         #[cfg(not(feature = "wgpu"))]
         {
-            eprintln!("the wgpu backend needs the `wgpu` feature: cargo run --release --features wgpu --example backends -- --backend wgpu");
+            eprintln!("the wgpu backend needs the `wgpu` feature: cargo run --release -p adaround-examples --features wgpu --example backends -- --backend wgpu");
             std::process::exit(2);
         }
     }

@@ -1,7 +1,7 @@
 """The AdaRound step in PyTorch (what AIMET runs per step), on the shapes of `examples/bench.rs`.
 
     pip install torch
-    python3 bench/adaround_step.py [--threads 2] [--device cpu|cuda]
+    python3 crates/adaround-examples/benches/adaround_step.py [--threads 2] [--device cpu|cuda]
 
 A step: soft weights from alpha (rectified sigmoid), forward, MSE to the float output,
 rounding loss (beta = 20), backward, Adam on alpha. Prints ms per step and a JSON line.

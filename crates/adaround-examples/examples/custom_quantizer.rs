@@ -10,7 +10,7 @@
 //! (`{"kind": "Custom", "name": "percentile", ...}`).
 
 use adaround::{adaround, core::register_quantizer, WeightQuantizer};
-use adaround_burn::digits::{
+use adaround_examples::digits::{
     accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE,
 };
 use burn::{

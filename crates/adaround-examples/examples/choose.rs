@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use adaround::{adaround, AdaRoundConfig, SeparableStep};
-use adaround_burn::digits::{
+use adaround_examples::digits::{
     accuracy, quickstart_config, short_config, Digits, FloatCnn, Granularity, QuantCnn, Scheme,
     FIXTURE,
 };

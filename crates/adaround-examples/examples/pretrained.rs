@@ -14,7 +14,7 @@
 //! quantized (per output channel); activations stay float.
 
 use adaround::{adaround, AdaRoundReport, Grid};
-use adaround_burn::{
+use adaround_examples::{
     digits::{accuracy, quickstart_config, Digits, Granularity, Scheme},
     usps::{images, QuantUsps, UspsNet, WEIGHTS},
 };
@@ -29,7 +29,7 @@ fn agreement(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f64 {
 }
 
 fn main() {
-    adaround_burn::init_logging();
+    adaround_examples::init_logging();
     let device = Default::default();
     println!("## 1. Import {WEIGHTS}");
     let (float, report) = UspsNet::<B>::load(WEIGHTS, &device).expect("import");

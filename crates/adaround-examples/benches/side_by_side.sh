@@ -3,16 +3,17 @@
 # layers and shapes, in one run on this machine:
 #
 #     python3 -m pip install torch numpy     # any recent torch; only the CPU is used
-#     bash bench/side_by_side.sh [python]
+#     bash crates/adaround-examples/benches/side_by_side.sh [python]
 #
 # Prints both tables and the ratios; the JSON goes to out/bench/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."
+bench_dir=crates/adaround-examples/benches
 python="${1:-python3}"
 cargo build --release --example bench
 mkdir -p out/bench
 ./target/release/examples/bench --backend all
-"$python" bench/adaround_step.py --threads "$(nproc)" | tee out/bench/torch.txt
+"$python" "$bench_dir/adaround_step.py" --threads "$(nproc)" | tee out/bench/torch.txt
 tail -n 1 out/bench/torch.txt > out/bench/bench-torch.json
 "$python" - <<'PY'
 import json

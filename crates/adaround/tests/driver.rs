@@ -203,7 +203,10 @@ macro_rules! driver_tests {
             let names: Vec<&str> = report.layers.iter().map(|l| l.name.as_str()).collect();
             assert_eq!(names, ["conv", "sep", "fc"]);
             // The model-level check: output errors against the float model on the samples.
-            let check = report.model.as_ref().expect("the model check is on by default");
+            let check = report
+                .model
+                .as_ref()
+                .expect("the model check is on by default");
             let float_calib = model.forward_float_reference(calib.clone());
             let nearest_calib = mse(model.forward(calib.clone()), float_calib.clone());
             let ada_calib = mse(rounded.forward(calib), float_calib);
@@ -611,7 +614,10 @@ macro_rules! driver_tests {
             // "Interrupted" after the first layer: the checkpoint holds one finished layer.
             let (_, partial) = run(&with_dir.clone().with_stop_after(Some(1)));
             assert_eq!(partial.layers.len(), 1);
-            assert!(partial.model.is_none(), "no model check before the last layer");
+            assert!(
+                partial.model.is_none(),
+                "no model check before the last layer"
+            );
             assert!(dir.join("progress.json").exists() && dir.join("model-1.bin").exists());
             // The resumed run skips it and ends where the uninterrupted run ends.
             let (resumed, report) = run(&with_dir);
