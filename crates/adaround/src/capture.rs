@@ -76,14 +76,43 @@ impl<B: Backend> Probe<B> for Capture<B> {
     }
 }
 
+/// A forward pass that records nothing: float weights and activations everywhere, or the
+/// model as it is.
+pub(crate) struct Pass {
+    pub float: bool,
+}
+
+impl<B: Backend> Probe<B> for Pass {
+    fn float_mode(&self) -> bool {
+        self.float
+    }
+
+    fn wants(&self, _index: usize) -> bool {
+        false
+    }
+
+    fn record(&mut self, _index: usize, _event: ProbeEvent<B>) -> ProbeAction {
+        ProbeAction::Continue
+    }
+}
+
 /// Runs `forward` under `probe`; a panic becomes [`AdaRoundError::Forward`].
 pub(crate) fn run<B: Backend, P: Probe<B>, R>(
     probe: P,
     forward: impl FnOnce() -> R,
 ) -> Result<P, AdaRoundError> {
+    run_returning(probe, forward).map(|(probe, _)| probe)
+}
+
+/// [`run`] that also returns what `forward` returned (`None` when the probe stopped it).
+pub(crate) fn run_returning<B: Backend, P: Probe<B>, R>(
+    probe: P,
+    forward: impl FnOnce() -> R,
+) -> Result<(P, Option<R>), AdaRoundError> {
     let (probe, run) = run_with_probe::<B, P, R>(probe, forward);
     match run {
-        ProbeRun::Completed(_) | ProbeRun::Stopped => Ok(probe),
+        ProbeRun::Completed(returned) => Ok((probe, Some(returned))),
+        ProbeRun::Stopped => Ok((probe, None)),
         ProbeRun::Panicked(message) => Err(AdaRoundError::Forward(message)),
     }
 }

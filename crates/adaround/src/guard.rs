@@ -1,6 +1,5 @@
 //! The model-level guard: the rounded model's output error against nearest rounding's.
 
-use adaround_layers::probe::{run_with_probe, Probe, ProbeAction, ProbeEvent, ProbeRun};
 use burn::{
     module::Module,
     tensor::{backend::Backend, ElementConversion, Tensor},
@@ -8,7 +7,12 @@ use burn::{
 use log::info;
 use serde::{Deserialize, Serialize};
 
-use crate::{discover::Site, params::WriteBack, AdaRoundError};
+use crate::{
+    capture::{self, Pass},
+    discover::Site,
+    params::WriteBack,
+    AdaRoundError,
+};
 
 /// What the driver does with the whole model once every layer is rounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,26 +108,6 @@ impl<B: Backend, T1: ModelOutput<B>, T2: ModelOutput<B>, T3: ModelOutput<B>> Mod
     }
 }
 
-/// A forward pass that records nothing: float weights and activations everywhere, or the
-/// model as it is.
-struct Pass {
-    float: bool,
-}
-
-impl<B: Backend> Probe<B> for Pass {
-    fn float_mode(&self) -> bool {
-        self.float
-    }
-
-    fn wants(&self, _index: usize) -> bool {
-        false
-    }
-
-    fn record(&mut self, _index: usize, _event: ProbeEvent<B>) -> ProbeAction {
-        ProbeAction::Continue
-    }
-}
-
 /// The calibration batches, the user's forward and the float outputs of every batch.
 pub(crate) struct Reference<'a, B: Backend, F, const D: usize> {
     batches: &'a [Tensor<B, D>],
@@ -197,13 +181,10 @@ where
     F: Fn(&M, Tensor<B, D>) -> O,
     O: ModelOutput<B>,
 {
-    let (_, run) =
-        run_with_probe::<B, _, _>(Pass { float }, || forward(model, batch.clone()).tensors());
-    match run {
-        ProbeRun::Completed(tensors) => Ok(tensors),
-        ProbeRun::Stopped => unreachable!("a pass that wants no event never stops"),
-        ProbeRun::Panicked(message) => Err(AdaRoundError::Forward(message)),
-    }
+    let (_, tensors) = capture::run_returning::<B, _, _>(Pass { float }, || {
+        forward(model, batch.clone()).tensors()
+    })?;
+    Ok(tensors.expect("a pass that wants no event never stops"))
 }
 
 /// Compares `rounded` with `nearest` (the caller's model) and applies `mode`; returns the
