@@ -3,7 +3,10 @@
 //!
 //! ```sh
 //! cargo run --release --example bench [-- --backend ndarray|flex|all]   # tables + out/bench/
-//! cargo run --release --example bench -- --xception [--backend ndarray|flex] [--samples 96] [--joint]
+//! cargo run --release --example bench -- --scaling [--backend ndarray|flex]  # cost against samples, C_out, K
+//! cargo run --release -p adaround-examples --features wgpu --example bench -- --backend wgpu
+//! cargo run --release -p adaround-examples --features wgpu-fusion --example bench -- --backend wgpu,wgpu-plain
+//! cargo run --release --example bench -- --xception [--backend ndarray|flex|wgpu] [--samples 96] [--joint]
 //! python3 crates/adaround-examples/benches/adaround_step.py           # the same loop in PyTorch (pip install torch)
 //! ```
 
@@ -11,6 +14,12 @@ use adaround::SeparableStep;
 
 type NdArray = burn_ndarray::NdArray<f32>;
 type Flex = burn_flex::Flex;
+/// Burn's wgpu backend as the features build it (with kernel fusion under `wgpu-fusion`).
+#[cfg(feature = "wgpu")]
+type Wgpu = burn_wgpu::Wgpu;
+/// The wgpu backend without kernel fusion, whatever the features.
+#[cfg(feature = "wgpu")]
+type WgpuPlain = burn_wgpu::CubeBackend<burn_wgpu::WgpuRuntime, f32, i32, u32>;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -39,6 +48,12 @@ fn main() {
                 samples,
                 choices,
             )),
+            #[cfg(feature = "wgpu")]
+            "wgpu" => drop(adaround_examples::bench::xception::<Wgpu>(
+                &Default::default(),
+                samples,
+                choices,
+            )),
             _ => drop(adaround_examples::bench::xception::<Flex>(
                 &Default::default(),
                 samples,
@@ -47,16 +62,58 @@ fn main() {
         }
         return;
     }
-    if matches!(backend, "ndarray" | "all") {
-        println!("## NdArray<f32>\n");
-        adaround_examples::bench::run::<NdArray>(&Default::default(), "NdArray<f32>");
+    if args.iter().any(|a| a == "--scaling") {
+        // Step time and memory against samples, output channels and K (direct and Gram).
+        match backend {
+            "ndarray" => drop(adaround_examples::bench::scaling::<NdArray>(
+                &Default::default(),
+                "NdArray<f32>",
+            )),
+            _ => drop(adaround_examples::bench::scaling::<Flex>(
+                &Default::default(),
+                "Flex",
+            )),
+        }
+        return;
     }
-    if matches!(backend, "flex" | "all") {
-        println!("\n## Flex\n");
-        adaround_examples::bench::run::<Flex>(&Default::default(), "Flex");
-    }
-    if !matches!(backend, "ndarray" | "flex" | "all") {
-        eprintln!("unknown backend {backend:?}: ndarray, flex or all");
-        std::process::exit(2);
+    // A comma-separated list: `--backend ndarray,flex`; `all` is the two CPU backends.
+    let chosen: Vec<&str> = match backend {
+        "all" => vec!["ndarray", "flex"],
+        list => list.split(',').collect(),
+    };
+    for name in chosen {
+        match name {
+            "ndarray" => {
+                println!("## NdArray<f32>\n");
+                adaround_examples::bench::run::<NdArray>(&Default::default(), "NdArray<f32>");
+            }
+            "flex" => {
+                println!("\n## Flex\n");
+                adaround_examples::bench::run::<Flex>(&Default::default(), "Flex");
+            }
+            #[cfg(feature = "wgpu")]
+            "wgpu" => {
+                let fused = cfg!(feature = "wgpu-fusion");
+                let label = if fused { "Wgpu fusion" } else { "Wgpu" };
+                println!("\n## {label}\n");
+                adaround_examples::bench::run::<Wgpu>(&Default::default(), label);
+            }
+            #[cfg(feature = "wgpu")]
+            "wgpu-plain" => {
+                println!("\n## Wgpu without fusion\n");
+                adaround_examples::bench::run::<WgpuPlain>(&Default::default(), "Wgpu plain");
+            }
+            other => {
+                eprintln!(
+                    "unknown backend {other:?}: ndarray, flex, all{}",
+                    if cfg!(feature = "wgpu") {
+                        ", wgpu, wgpu-plain"
+                    } else {
+                        " (wgpu needs --features wgpu)"
+                    }
+                );
+                std::process::exit(2);
+            }
+        }
     }
 }

@@ -243,3 +243,140 @@ fn relative_error<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f64 {
     use burn::tensor::ElementConversion;
     num.elem::<f64>() / den.elem::<f64>()
 }
+
+/// One point of [`scaling`]: a Conv2D 3x3 (same) on 16x16 maps.
+struct Point {
+    samples: usize,
+    c_in: usize,
+    c_out: usize,
+}
+
+impl Point {
+    /// Patch size `K`.
+    fn k(&self) -> usize {
+        self.c_in * 9
+    }
+
+    /// Bytes the direct (fused) step holds: every sample's im2col patch rows and targets.
+    fn direct_bytes(&self) -> usize {
+        self.samples * 16 * 16 * (self.k() + self.c_out) * 4
+    }
+
+    /// Bytes the Gram step holds: one `K x K` matrix (one batch of all samples).
+    fn gram_bytes(&self) -> usize {
+        self.k() * self.k() * 4
+    }
+}
+
+/// How the cost of a step grows: ms per step of the direct and Gram paths (both fused) of a
+/// Conv2D 3x3 on 16x16 maps, one batch of all samples per step, against calibration samples,
+/// output channels and patch size `K = 9 C_in`, with the bytes each path holds (from the
+/// shapes). Prints the tables, writes `out/bench/scaling-<backend>.json` and one SVG per sweep
+/// (`out/bench/scaling-{samples,channels,k}.svg`).
+pub fn scaling<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Value {
+    B::seed(device, 3);
+    let q = WeightQuantizer::max_per_axis(4).unwrap();
+    let sweeps: [(&str, &str, Vec<Point>); 3] = [
+        (
+            "samples",
+            "calibration samples (C_in 32, C_out 32)",
+            [32, 64, 128, 256, 512]
+                .map(|samples| Point {
+                    samples,
+                    c_in: 32,
+                    c_out: 32,
+                })
+                .into(),
+        ),
+        (
+            "channels",
+            "output channels (64 samples, C_in 32)",
+            [16, 32, 64, 128]
+                .map(|c_out| Point {
+                    samples: 64,
+                    c_in: 32,
+                    c_out,
+                })
+                .into(),
+        ),
+        (
+            "k",
+            "patch size K = 9 C_in (64 samples, C_out 32)",
+            [8, 16, 32, 64]
+                .map(|c_in| Point {
+                    samples: 64,
+                    c_in,
+                    c_out: 32,
+                })
+                .into(),
+        ),
+    ];
+    let out = PathBuf::from("out/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut json = Vec::new();
+    for (slug, what, points) in &sweeps {
+        println!("\n### Step time against {what}, {backend_name}\n");
+        println!("| samples | C_in | C_out | K | direct ms / step | Gram ms / step | direct / Gram | direct MiB held | Gram MiB held |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        let (mut direct, mut gram, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+        for p in points {
+            let conv: QuantizedConv2d<B> = QuantizedConv2dConfig::new([p.c_in, p.c_out], [3, 3])
+                .with_padding(PaddingConfig2d::Same)
+                .with_quantizer(q.clone())
+                .init(device);
+            let maps = Tensor::<B, 4>::random(
+                [p.samples, p.c_in, 16, 16],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            );
+            let mut ms = [LossPath::Direct, LossPath::Gram].map(|path| {
+                per_step(&conv, maps.clone(), |m, x| m.forward(x), path, p.samples).0 * 1e3
+            });
+            ms.iter_mut().for_each(|v| *v = (*v * 1e4).round() / 1e4);
+            let mib = |b: usize| b as f64 / (1 << 20) as f64;
+            println!(
+                "| {} | {} | {} | {} | {:.3} | {:.3} | {:.1}x | {:.2} | {:.3} |",
+                p.samples,
+                p.c_in,
+                p.c_out,
+                p.k(),
+                ms[0],
+                ms[1],
+                ms[0] / ms[1],
+                mib(p.direct_bytes()),
+                mib(p.gram_bytes())
+            );
+            labels.push(match *slug {
+                "samples" => p.samples.to_string(),
+                "channels" => p.c_out.to_string(),
+                _ => p.k().to_string(),
+            });
+            direct.push(ms[0]);
+            gram.push(ms[1]);
+            json.push(serde_json::json!({
+                "sweep": slug, "samples": p.samples, "c_in": p.c_in, "c_out": p.c_out, "k": p.k(),
+                "direct_ms": ms[0], "gram_ms": ms[1],
+                "direct_bytes": p.direct_bytes(), "gram_bytes": p.gram_bytes(),
+            }));
+        }
+        let svg = crate::svg::bars(
+            &format!("AdaRound step of a Conv2D 3x3 against {what}, {backend_name}"),
+            &labels,
+            &[("direct (fused)", direct), ("Gram (fused)", gram)],
+            "ms per step",
+        );
+        let file = out.join(format!("scaling-{slug}.svg"));
+        std::fs::write(&file, svg).unwrap();
+        println!("\n{}", file.display());
+    }
+    let slug: String = backend_name
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let json = serde_json::json!({ "backend": backend_name, "points": json });
+    let file = out.join(format!("scaling-{slug}.json"));
+    std::fs::write(&file, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("{}", file.display());
+    json
+}

@@ -1,0 +1,412 @@
+#!/usr/bin/env python3
+"""AIMET's AdaRound next to this project's, on the quickstart's digits CNN, in one run.
+
+    python3 -m venv .venv && .venv/bin/pip install torch aimet-torch safetensors
+    .venv/bin/python crates/adaround-examples/benches/aimet_side_by_side.py [--seeds 3]
+
+What it does, from the repository root:
+1. runs `cargo run --release --example quickstart` (this project: nearest and AdaRound for
+   every bitwidth, granularity and grid, with times, in out/quickstart/report.json) and, if
+   out/interop/digits_float.safetensors is missing, the `interop` example that writes the
+   float model in PyTorch layout (`--skip-ours` reuses both files);
+2. rebuilds the same float CNN in PyTorch from that file, the same split of the embedded
+   UCI digits (450 test images, 256 calibration images) and the same 8-bit activation
+   quantization, and checks that its float and nearest-rounding accuracies equal the
+   project's, cell by cell (so both sides round on the same grid with the same scales);
+3. runs AIMET's AdaRound (`aimet_torch.adaround.Adaround`, its default iterations and
+   hyper-parameters) with its weight encodings set to the project's scales, each seed, and
+   evaluates the rounded weights on the same model;
+4. prints one table and writes out/aimet/side_by_side.json.
+
+Grids: `max` is the reference's symmetric grid `[-kmax, kmax]` with `step = max|w| / kmax`;
+AIMET's signed grid has one more negative level, which neither nearest rounding nor
+AdaRound can reach with that step (`|w| <= kmax * step`), so both sides round on the same
+levels. `mse-fr` is the full-range signed grid `[-2^(b-1), 2^(b-1)-1]` with the scale that
+minimises the weight's quantization error (`WeightQuantizer::Mse`), computed here the same
+way in float32.
+
+Not like for like (see the README): AIMET rounds the depthwise and pointwise kernels of the
+separable layer as two layers and targets the float model's outputs of each layer; it
+optimises with its own fixed learning rate (1e-3) and batch size; the project's
+configuration is `AdaRoundConfig::recommended()`.
+"""
+
+import argparse
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+DIGITS = os.path.join(ROOT, "crates/adaround-examples/examples/data/digits.csv.gz")
+FLOAT = os.path.join(ROOT, "out/interop/digits_float.safetensors")
+REPORT = os.path.join(ROOT, "out/quickstart/report.json")
+OUT = os.path.join(ROOT, "out/aimet")
+
+TEST_SIZE = 450
+CALIBRATION = 256
+ACT_BITS = 8
+MSE_CANDIDATES = 80
+MIN_RANGE = np.float32(1e-10)
+MAX_SCALE_FACTOR = np.float32(1e3)
+MULT = 6364136223846793005
+INC = 1442695040888963407
+MASK = (1 << 64) - 1
+
+
+def load_digits():
+    """The embedded UCI digits: images [n, 1, 8, 8] in [0, 1] (float32) and labels."""
+    rows = [
+        [float(v) for v in line.split(",")]
+        for line in gzip.open(DIGITS, "rt")
+        if line.strip()
+    ]
+    data = np.array(rows, dtype=np.float32)
+    return data[:, :64], data[:, 64].astype(np.int64)
+
+
+def split(n, test_size, seed):
+    """The project's deterministic split (`Digits::split`): Fisher-Yates with a 64-bit LCG."""
+    order = list(range(n))
+    state = (seed * MULT + INC) & MASK
+    for i in range(n - 1, 0, -1):
+        state = (state * MULT + INC) & MASK
+        j = (state >> 33) % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order[test_size:], order[:test_size]
+
+
+class DigitsCnn(nn.Module):
+    """The quickstart's float CNN: conv 1->16, separable 16->32 (stride 2), dense 512->10."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.depthwise = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)
+        self.pointwise = nn.Conv2d(16, 32, 1)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(512, 10)
+
+    def forward(self, x):
+        x = self.relu1(self.conv(x))
+        x = self.relu2(self.pointwise(self.depthwise(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def load_float():
+    from safetensors.torch import load_file
+
+    tensors = load_file(FLOAT)
+    model = DigitsCnn()
+    model.load_state_dict(
+        {
+            "conv.weight": tensors["conv.weight"],
+            "conv.bias": tensors["conv.bias"],
+            "depthwise.weight": tensors["sep.depthwise.weight"],
+            "pointwise.weight": tensors["sep.pointwise.weight"],
+            "pointwise.bias": tensors["sep.pointwise.bias"],
+            "fc.weight": tensors["fc.weight"],
+            "fc.bias": tensors["fc.bias"],
+        }
+    )
+    return model.eval()
+
+
+def quantized_relu(x, max_value):
+    """`QuantizedReLU::forward_quantized`: `clip(ceil((x - step/2) / step), 0, 2^b - 1) * step`."""
+    levels = float(2**ACT_BITS - 1)
+    step = max_value / levels
+    return torch.clamp(torch.ceil((x - step / 2) / step), 0, levels) * step
+
+
+def quantized_forward(model, x, act_max):
+    """The project's `QuantCnn::forward`: the model's weights, activations at 8 bits."""
+    x = quantized_relu(model.conv(x), act_max[0])
+    x = quantized_relu(model.pointwise(model.depthwise(x)), act_max[1])
+    return model.fc(torch.flatten(x, 1))
+
+
+def accuracy(logits, labels):
+    return 100.0 * (logits.argmax(1) == labels).double().mean().item()
+
+
+def levels(bits, grid):
+    if grid == "Symmetric":
+        kmax = 2 ** (bits - 1) - 1
+        return -kmax, kmax
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def mse_scales(rows, lo, hi):
+    """`adaround_core::mse_scales` (bitwidths up to 8): the error-minimising scale factor per row."""
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    targets = [np.float32(t) for t in range(1, -lo + 1)]
+    targets += [
+        hi32 * np.float32(MSE_CANDIDATES) / np.float32(k)
+        for k in range(MSE_CANDIDATES, 0, -1)
+    ]
+    out = []
+    for row in rows:
+        peak = max(np.float32(np.abs(row).max()), MIN_RANGE)
+        best = (math.inf, hi32 / peak)
+        for t in targets:
+            sf = np.float32(t / peak)
+            q = np.clip(np.round(row * sf), lo32, hi32) / sf
+            err = float(np.sum((q - row).astype(np.float64) ** 2))
+            if err < best[0]:
+                best = (err, sf)
+        out.append(best[1])
+    return np.array(out, dtype=np.float32)
+
+
+def scale_factors(weight, bits, per_channel, scale):
+    """The project's scale factor `sf` (`q = clip(round(w * sf), lo, hi) / sf`), one per output
+    channel (axis 0 in PyTorch's layout) or one for the tensor, shaped to broadcast."""
+    w = weight.detach().numpy().astype(np.float32)
+    rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    if scale == "max":
+        kmax = np.float32(2 ** (bits - 1) - 1)
+        peak = np.maximum(np.abs(rows).max(axis=1).astype(np.float32), MIN_RANGE)
+        sf = kmax / peak
+    else:
+        lo, hi = levels(bits, "FullRange")
+        sf = mse_scales(rows, lo, hi)
+    sf = np.clip(sf, 0, MAX_SCALE_FACTOR).astype(np.float32)
+    shape = [-1] + [1] * (w.ndim - 1) if per_channel else [1] * w.ndim
+    return torch.from_numpy(sf.reshape(shape))
+
+
+WEIGHTED = ["conv", "depthwise", "pointwise", "fc"]
+
+
+def nearest(model, scales, lo, hi):
+    """A copy of `model` with every kernel rounded to nearest on the given scales."""
+    rounded = DigitsCnn()
+    rounded.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name in WEIGHTED:
+            w = getattr(rounded, name).weight
+            sf = scales[name]
+            w.copy_(torch.clamp(torch.round(w * sf), lo, hi) / sf)
+    return rounded.eval()
+
+
+def aimet_config(per_channel):
+    return {
+        "defaults": {
+            "ops": {"is_output_quantized": "True"},
+            "params": {"is_quantized": "True", "is_symmetric": "True"},
+            "strict_symmetric": "False",
+            "unsigned_symmetric": "False",
+            "per_channel_quantization": "True" if per_channel else "False",
+        },
+        "params": {"bias": {"is_quantized": "False"}},
+        "op_type": {},
+        "supergroups": [],
+        "model_input": {"is_input_quantized": "True"},
+        "model_output": {},
+    }
+
+
+def aimet_adaround(model, calibration, bits, per_channel, scales, seed, iterations, tmp):
+    """AIMET's AdaRound with its weight encodings set to `scales`; returns the model with the
+    rounded weights (on the grid) and the seconds AIMET took."""
+    try:
+        from aimet_torch.common.defs import QuantScheme
+    except ImportError:  # aimet-torch before 2.20
+        from aimet_common.defs import QuantScheme
+    from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
+    from aimet_torch.quantsim import QuantizationSimModel
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    fp = DigitsCnn()
+    fp.load_state_dict(model.state_dict())
+    fp.eval()
+    config = os.path.join(tmp, f"config-{per_channel}.json")
+    with open(config, "w") as f:
+        json.dump(aimet_config(per_channel), f)
+    dummy = torch.zeros(1, 1, 8, 8)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(calibration), batch_size=32, shuffle=False
+    )
+    params = AdaroundParameters(
+        data_loader=[(b[0],) for b in loader],
+        num_batches=len(loader),
+        default_num_iterations=iterations,
+        forward_fn=lambda m, inputs: m(inputs[0]),
+    )
+    start = time.perf_counter()
+    sim = QuantizationSimModel(
+        fp,
+        dummy_input=dummy,
+        quant_scheme=QuantScheme.post_training_tf,
+        default_param_bw=bits,
+        config_file=config,
+    )
+    Adaround._compute_param_encodings(sim)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    for name in WEIGHTED:
+        quantizer = getattr(sim.model, name).param_quantizers["weight"]
+        step = (1.0 / scales[name]).reshape(quantizer.min.shape)
+        quantizer.set_range(qmin * step, qmax * step)
+        got = quantizer.get_scale().reshape(-1)
+        if not torch.allclose(got, step.reshape(-1), rtol=1e-5, atol=0):
+            raise SystemExit(f"AIMET did not take the scale of {name}: {got} vs {step}")
+    rounded = Adaround._apply_adaround(sim, fp, dummy, params, tmp, f"w{bits}")
+    seconds = time.perf_counter() - start
+    return rounded.eval(), seconds
+
+
+def aimet_job(job):
+    """One AIMET run in its own process (`--jobs`): returns the test accuracy and seconds."""
+    import logging
+
+    logging.disable(logging.INFO)
+    torch.set_num_threads(job["threads"])
+    model = load_float()
+    with tempfile.TemporaryDirectory() as tmp:
+        rounded, seconds = aimet_adaround(
+            model, job["calibration"], job["bits"], job["per_channel"], job["scales"],
+            job["seed"], job["iterations"], tmp,
+        )
+    with torch.no_grad():
+        on_grid = nearest(rounded, job["scales"], job["lo"], job["hi"])
+        acc = accuracy(quantized_forward(on_grid, job["x_test"], job["act_max"]), job["y_test"])
+    return {"seed": job["seed"], "accuracy": acc, "seconds": seconds}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=1, help="AIMET runs per cell (best reported)")
+    parser.add_argument("--iterations", type=int, default=None, help="AIMET iterations (default: AIMET's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each AIMET run")
+    parser.add_argument("--jobs", type=int, default=1, help="AIMET runs at a time (processes)")
+    parser.add_argument("--bits", default="4,3,2")
+    parser.add_argument("--skip-ours", action="store_true", help="reuse out/quickstart/report.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if not args.skip_ours:
+        run = lambda example: subprocess.run(
+            ["cargo", "run", "--release", "--example", example], cwd=ROOT, check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        run("quickstart")
+        if not os.path.exists(FLOAT):
+            run("interop")
+    ours = json.load(open(REPORT))
+
+    images, labels = load_digits()
+    train, test = split(len(labels), TEST_SIZE, 7)
+    x_test = torch.from_numpy(images[test] / 16.0).reshape(-1, 1, 8, 8).float()
+    y_test = torch.from_numpy(labels[test])
+    calibration = torch.from_numpy(images[train[:CALIBRATION]] / 16.0).reshape(-1, 1, 8, 8).float()
+
+    model = load_float()
+    with torch.no_grad():
+        float_acc = accuracy(model(x_test), y_test)
+        a1 = torch.relu(model.conv(calibration))
+        a2 = torch.relu(model.pointwise(model.depthwise(a1)))
+        act_max = (float(a1.max()), float(a2.max()))
+    print(f"float accuracy: PyTorch {float_acc:.2f} %, project {ours['float_accuracy']:.2f} %")
+    if abs(float_acc - ours["float_accuracy"]) > 1e-9:
+        raise SystemExit("the PyTorch model is not the project's float model")
+
+    bits_list = [int(b) for b in args.bits.split(",")]
+    cells, jobs = [], []
+    for cell in ours["results"]:
+        bits = cell["bits"]
+        if bits not in bits_list:
+            continue
+        per_channel = cell["granularity"] == "per-channel"
+        lo, hi = levels(bits, cell["grid"])
+        scales = {
+            n: scale_factors(getattr(model, n).weight, bits, per_channel, cell["scale"])
+            for n in WEIGHTED
+        }
+        with torch.no_grad():
+            near = accuracy(quantized_forward(nearest(model, scales, lo, hi), x_test, act_max), y_test)
+        cells.append((cell, near))
+        for seed in range(args.seeds):
+            jobs.append({
+                "cell": len(cells) - 1, "seed": seed, "bits": bits, "per_channel": per_channel,
+                "scales": scales, "lo": lo, "hi": hi, "iterations": args.iterations,
+                "threads": args.threads, "calibration": calibration, "x_test": x_test,
+                "y_test": y_test, "act_max": act_max,
+            })
+    print(f"{len(jobs)} AIMET runs, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            results = list(pool.map(aimet_job, jobs))
+    else:
+        results = [aimet_job(job) for job in jobs]
+    rows = []
+    for i, (cell, near) in enumerate(cells):
+        aimet = [r for job, r in zip(jobs, results) if job["cell"] == i]
+        rows.append({
+            "bits": cell["bits"],
+            "granularity": cell["granularity"],
+            "scale": cell["scale"],
+            "grid": cell["grid"],
+            "nearest_project": cell["nearest_accuracy"],
+            "nearest_pytorch": near,
+            "adaround_project": cell["adaround_accuracy"],
+            "seconds_project": cell["seconds"],
+            "aimet": aimet,
+        })
+
+    print(f"\nTest accuracy (%), {TEST_SIZE} images; float {float_acc:.2f} %; AIMET: best of {args.seeds} seed(s)")
+    print("| weights | granularity | scale, grid | nearest (both) | this project | AIMET AdaRound | project s | AIMET s | time ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    mismatched = 0
+    for r in rows:
+        best = max(a["accuracy"] for a in r["aimet"])
+        spread = sorted(a["accuracy"] for a in r["aimet"])
+        aimet_s = np.mean([a["seconds"] for a in r["aimet"]])
+        same = abs(r["nearest_project"] - r["nearest_pytorch"]) < 1e-9
+        mismatched += not same
+        near = f"{r['nearest_pytorch']:.2f}" if same else f"{r['nearest_pytorch']:.2f} / {r['nearest_project']:.2f} (differ)"
+        aimet_txt = f"{best:.2f}" if len(spread) == 1 else f"{best:.2f} ({spread[0]:.2f}-{spread[-1]:.2f})"
+        print(
+            f"| W{r['bits']} | {r['granularity']} | {r['scale']}, {r['grid']} | {near} | "
+            f"{r['adaround_project']:.2f} | {aimet_txt} | {r['seconds_project']:.1f} | {aimet_s:.1f} | "
+            f"{aimet_s / r['seconds_project']:.0f}x |"
+        )
+    os.makedirs(OUT, exist_ok=True)
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "seeds": args.seeds,
+        "aimet_iterations": args.iterations or "AIMET default",
+        "float_accuracy": float_acc,
+        "rows": rows,
+    }
+    try:
+        from importlib.metadata import version
+
+        meta["aimet_torch"] = version("aimet-torch")
+    except Exception:  # noqa: BLE001 - the version is informative only
+        pass
+    with open(os.path.join(OUT, "side_by_side.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"\n{os.path.join(OUT, 'side_by_side.json')}")
+    if mismatched:
+        print(f"{mismatched} cell(s) where nearest rounding differs: not the same grid", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
