@@ -5,7 +5,7 @@ use adaround::{
     adaround,
     import::{ImportError, Layout, WeightImport},
     layers::{
-        NativeQuantError, QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense,
+        KernelRole, NativeQuantError, QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense,
         QuantizedDenseConfig, QuantizedReLU, QuantizedReLUConfig, QuantizedSeparableConv2d,
         QuantizedSeparableConv2dConfig,
     },
@@ -461,7 +461,7 @@ fn should_refuse_kernels_burn_cannot_hold() {
     assert_eq!(
         per_column.into_burn_quantized(QuantValue::Q8S).unwrap_err(),
         NativeQuantError::NotBlocks {
-            kernel: "kernel",
+            kernel: KernelRole::Kernel,
             shape: vec![8, 4],
         }
     );
@@ -470,7 +470,9 @@ fn should_refuse_kernels_burn_cannot_hold() {
         .init::<B>(&device);
     assert_eq!(
         float.into_burn_quantized(QuantValue::Q8S).unwrap_err(),
-        NativeQuantError::NotQuantizing { kernel: "kernel" }
+        NativeQuantError::NotQuantizing {
+            kernel: KernelRole::Kernel
+        }
     );
     let eight_bit = QuantizedConv2dConfig::new([2, 4], [3, 3])
         .with_quantizer(WeightQuantizer::max(8).unwrap())
@@ -478,7 +480,7 @@ fn should_refuse_kernels_burn_cannot_hold() {
     assert_eq!(
         eight_bit.into_burn_quantized(QuantValue::Q4S).unwrap_err(),
         NativeQuantError::Range {
-            kernel: "kernel",
+            kernel: KernelRole::Kernel,
             bitwidth: 8,
             value: QuantValue::Q4S,
         }
@@ -494,7 +496,7 @@ fn should_refuse_kernels_burn_cannot_hold() {
             .into_burn_quantized(QuantValue::Q2S)
             .unwrap_err(),
         NativeQuantError::Range {
-            kernel: "kernel",
+            kernel: KernelRole::Kernel,
             bitwidth: 2,
             value: QuantValue::Q2S,
         }

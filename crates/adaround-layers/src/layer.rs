@@ -33,11 +33,42 @@ pub enum LayerKind {
     SeparableConv2d,
 }
 
+/// Which kernel of a layer: the one kernel of a Dense or Conv2D layer, or one of the two of
+/// a separable convolution. Serialized (reports, integer exports) as `"kernel"`,
+/// `"depthwise"` and `"pointwise"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelRole {
+    /// The kernel of a Dense or Conv2D layer.
+    Kernel,
+    /// The depthwise kernel of a separable convolution.
+    Depthwise,
+    /// The pointwise kernel of a separable convolution.
+    Pointwise,
+}
+
+impl KernelRole {
+    /// `"kernel"`, `"depthwise"` or `"pointwise"`, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Depthwise => "depthwise",
+            Self::Pointwise => "pointwise",
+        }
+    }
+}
+
+impl core::fmt::Display for KernelRole {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How the rounding of one kernel changed when AdaRound was finalized.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KernelChange {
-    /// `"kernel"`, or `"depthwise"` / `"pointwise"` for a separable convolution.
-    pub kernel: String,
+    /// Which kernel of the layer.
+    pub kernel: KernelRole,
     /// Quantized weights that differ from nearest rounding of the original weights.
     pub changed: usize,
     /// Number of weights.
@@ -61,7 +92,7 @@ fn finalize_kernel<B: Backend, const D: usize>(
     slot: QuantizerSlot<B>,
     axis: usize,
     hard: bool,
-    name: &str,
+    role: KernelRole,
 ) -> (Param<Tensor<B, D>>, QuantizerSlot<B>, KernelChange) {
     let total = weight.shape().num_elements();
     match slot {
@@ -69,7 +100,7 @@ fn finalize_kernel<B: Backend, const D: usize>(
             weight,
             QuantizerSlot::Plain(q),
             KernelChange {
-                kernel: name.into(),
+                kernel: role,
                 changed: 0,
                 total,
             },
@@ -91,7 +122,7 @@ fn finalize_kernel<B: Backend, const D: usize>(
                 weight,
                 QuantizerSlot::Plain(q),
                 KernelChange {
-                    kernel: name.into(),
+                    kernel: role,
                     changed,
                     total,
                 },
@@ -141,18 +172,23 @@ impl<B: Backend> QuantizedLayer<B> {
         }
     }
 
-    /// The layer's kernels: `(name, parameter id, number of weights)`.
-    pub fn kernels(&self) -> Vec<(&'static str, ParamId, usize)> {
+    /// The layer's kernels: `(role, parameter id, number of weights)`.
+    pub fn kernels(&self) -> Vec<(KernelRole, ParamId, usize)> {
+        let role = KernelRole::Kernel;
         match self {
-            Self::Dense(l) => vec![("kernel", l.weight.id, l.weight.shape().num_elements())],
-            Self::Conv2d(l) => vec![("kernel", l.weight.id, l.weight.shape().num_elements())],
+            Self::Dense(l) => vec![(role, l.weight.id, l.weight.shape().num_elements())],
+            Self::Conv2d(l) => vec![(role, l.weight.id, l.weight.shape().num_elements())],
             Self::SeparableConv2d(l) => vec![
                 (
-                    "depthwise",
+                    KernelRole::Depthwise,
                     l.weight_dw.id,
                     l.weight_dw.shape().num_elements(),
                 ),
-                ("pointwise", l.weight.id, l.weight.shape().num_elements()),
+                (
+                    KernelRole::Pointwise,
+                    l.weight.id,
+                    l.weight.shape().num_elements(),
+                ),
             ],
         }
     }
@@ -242,21 +278,33 @@ impl<B: Backend> QuantizedLayer<B> {
     pub fn finalize(self, hard: bool) -> (Self, Vec<KernelChange>) {
         match self {
             Self::Dense(mut l) => {
-                let (w, s, c) = finalize_kernel(l.weight, l.quantizer, DENSE_AXIS, hard, "kernel");
+                let (w, s, c) =
+                    finalize_kernel(l.weight, l.quantizer, DENSE_AXIS, hard, KernelRole::Kernel);
                 (l.weight, l.quantizer) = (w, s);
                 (Self::Dense(l), vec![c])
             }
             Self::Conv2d(mut l) => {
-                let (w, s, c) = finalize_kernel(l.weight, l.quantizer, CONV_AXIS, hard, "kernel");
+                let (w, s, c) =
+                    finalize_kernel(l.weight, l.quantizer, CONV_AXIS, hard, KernelRole::Kernel);
                 (l.weight, l.quantizer) = (w, s);
                 (Self::Conv2d(l), vec![c])
             }
             Self::SeparableConv2d(mut l) => {
-                let (w, s, c_dw) =
-                    finalize_kernel(l.weight_dw, l.quantizer_dw, CONV_AXIS, hard, "depthwise");
+                let (w, s, c_dw) = finalize_kernel(
+                    l.weight_dw,
+                    l.quantizer_dw,
+                    CONV_AXIS,
+                    hard,
+                    KernelRole::Depthwise,
+                );
                 (l.weight_dw, l.quantizer_dw) = (w, s);
-                let (w, s, c_pw) =
-                    finalize_kernel(l.weight, l.quantizer, CONV_AXIS, hard, "pointwise");
+                let (w, s, c_pw) = finalize_kernel(
+                    l.weight,
+                    l.quantizer,
+                    CONV_AXIS,
+                    hard,
+                    KernelRole::Pointwise,
+                );
                 (l.weight, l.quantizer) = (w, s);
                 (Self::SeparableConv2d(l), vec![c_dw, c_pw])
             }

@@ -25,23 +25,24 @@ use burn::{
 };
 
 use crate::{
-    QuantizedConv2d, QuantizedDense, QuantizedSeparableConv2d, QuantizerSlot, CONV_AXIS, DENSE_AXIS,
+    KernelRole, QuantizedConv2d, QuantizedDense, QuantizedSeparableConv2d, QuantizerSlot,
+    CONV_AXIS, DENSE_AXIS,
 };
 
-/// Why a kernel cannot become a Burn quantized tensor. `kernel` is `"kernel"`, or
-/// `"depthwise"` / `"pointwise"` for a separable convolution.
+/// Why a kernel cannot become a Burn quantized tensor; `kernel` says which kernel of the
+/// layer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NativeQuantError {
     /// The kernel's quantizer is the float pass-through: there are no integers to hold.
     NotQuantizing {
         /// Which kernel.
-        kernel: &'static str,
+        kernel: KernelRole,
     },
     /// The grid's integers (`[-kmax, kmax]`, or `[-kmax - 1, kmax]` on the full-range grid)
     /// do not fit the Burn value type.
     Range {
         /// Which kernel.
-        kernel: &'static str,
+        kernel: KernelRole,
         /// The quantizer's bitwidth.
         bitwidth: u32,
         /// The requested Burn value type.
@@ -54,7 +55,7 @@ pub enum NativeQuantError {
     /// `[d_input, d_output]` scaled per output column), or blocks over 255 along a dimension.
     NotBlocks {
         /// Which kernel.
-        kernel: &'static str,
+        kernel: KernelRole,
         /// The kernel's shape.
         shape: Vec<usize>,
     },
@@ -62,7 +63,7 @@ pub enum NativeQuantError {
     /// soft weights): finalize it first.
     NotOnGrid {
         /// Which kernel.
-        kernel: &'static str,
+        kernel: KernelRole,
         /// Largest distance of `w * sf` from an integer.
         distance: f32,
     },
@@ -99,7 +100,7 @@ impl std::error::Error for NativeQuantError {}
 
 /// The quantized kernel of `slot` as a Burn quantized tensor with `value` integers.
 fn native_kernel<B: Backend, const D: usize>(
-    kernel: &'static str,
+    kernel: KernelRole,
     weights: Tensor<B, D>,
     slot: &QuantizerSlot<B>,
     axis: usize,
@@ -178,7 +179,7 @@ impl<B: Backend> QuantizedDense<B> {
     /// ([`NativeQuantError::NotBlocks`]): its columns are not contiguous in `[d_input, d_output]`.
     pub fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
         let tensor = native_kernel(
-            "kernel",
+            KernelRole::Kernel,
             self.weight.val(),
             &self.quantizer,
             DENSE_AXIS,
@@ -198,7 +199,7 @@ impl<B: Backend> QuantizedConv2d<B> {
     /// [`QuantizedDense::into_burn_quantized`].
     pub fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
         let tensor = native_kernel(
-            "kernel",
+            KernelRole::Kernel,
             self.weight.val(),
             &self.quantizer,
             CONV_AXIS,
@@ -217,14 +218,14 @@ impl<B: Backend> QuantizedSeparableConv2d<B> {
     /// [`QuantizedDense::into_burn_quantized`].
     pub fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
         let dw = native_kernel(
-            "depthwise",
+            KernelRole::Depthwise,
             self.weight_dw.val(),
             &self.quantizer_dw,
             CONV_AXIS,
             value,
         )?;
         let pw = native_kernel(
-            "pointwise",
+            KernelRole::Pointwise,
             self.weight.val(),
             &self.quantizer,
             CONV_AXIS,

@@ -490,3 +490,48 @@ fn should_split_and_join_a_separable_conv_without_changing_its_output() {
     let joined = QuantizedSeparableConv2d::join(dw, pw);
     assert!(max_diff(joined.forward(x), expected) < 1e-6);
 }
+
+#[test]
+fn kernel_roles_are_typed_and_serialize_as_their_names() {
+    let sep: QuantizedSeparableConv2d<B> = QuantizedSeparableConv2dConfig::new([4, 6], [3, 3])
+        .with_quantizer(q4())
+        .init(&device());
+    let dense: QuantizedDense<B> = QuantizedDenseConfig::new(4, 3)
+        .with_quantizer(q4())
+        .init(&device());
+    let roles = |layer: QuantizedLayer<B>| -> Vec<(KernelRole, usize)> {
+        layer.kernels().iter().map(|k| (k.0, k.2)).collect()
+    };
+    assert_eq!(
+        roles(QuantizedLayer::SeparableConv2d(sep.clone())),
+        [
+            (KernelRole::Depthwise, 4 * 9),
+            (KernelRole::Pointwise, 6 * 4)
+        ]
+    );
+    assert_eq!(
+        roles(QuantizedLayer::Dense(dense)),
+        [(KernelRole::Kernel, 12)]
+    );
+    // The finalize report names its kernels by role, in kernel order.
+    let (_, changes) = QuantizedLayer::SeparableConv2d(sep)
+        .with_adaround(&AdaRoundParams::new())
+        .unwrap()
+        .finalize(true);
+    let names: Vec<KernelRole> = changes.iter().map(|c| c.kernel).collect();
+    assert_eq!(names, [KernelRole::Depthwise, KernelRole::Pointwise]);
+    // JSON (reports, integer exports) keeps the names of the string form.
+    for (role, name) in [
+        (KernelRole::Kernel, "kernel"),
+        (KernelRole::Depthwise, "depthwise"),
+        (KernelRole::Pointwise, "pointwise"),
+    ] {
+        assert_eq!(serde_json::to_string(&role).unwrap(), format!("\"{name}\""));
+        assert_eq!(
+            serde_json::from_str::<KernelRole>(&format!("\"{name}\"")).unwrap(),
+            role
+        );
+        assert_eq!(role.to_string(), name);
+    }
+    assert!(serde_json::from_str::<KernelRole>("\"bias\"").is_err());
+}

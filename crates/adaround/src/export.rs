@@ -1,7 +1,7 @@
 //! Integer export: the quantized weights of a model as integers, scale factors and bitwidths.
 
 use adaround_core::Grid;
-use adaround_layers::{QuantizedLayer, QuantizerSlot, CONV_AXIS, DENSE_AXIS};
+use adaround_layers::{KernelRole, QuantizedLayer, QuantizerSlot, CONV_AXIS, DENSE_AXIS};
 use burn::{
     module::Module,
     tensor::{backend::Backend, Tensor},
@@ -20,8 +20,9 @@ pub const INTEGER_FORMAT: &str = "adaround-integers/1";
 pub struct IntegerKernel {
     /// Path of the layer in the model (as in the AdaRound report).
     pub layer: String,
-    /// `"kernel"`, or `"depthwise"` / `"pointwise"` for a separable convolution.
-    pub kernel: String,
+    /// Which kernel of the layer (`"kernel"`, or `"depthwise"` / `"pointwise"` for a
+    /// separable convolution, in JSON).
+    pub kernel: KernelRole,
     /// Shape of the kernel in Burn's layout (Dense `[d_input, d_output]`, Conv2d
     /// `[c_out, c_in / groups, kh, kw]`).
     pub shape: Vec<usize>,
@@ -56,7 +57,7 @@ impl IntegerExport {
 
 fn kernel<B: Backend, const D: usize>(
     layer: &str,
-    name: &str,
+    role: KernelRole,
     weights: Tensor<B, D>,
     slot: &QuantizerSlot<B>,
     axis: usize,
@@ -85,7 +86,7 @@ fn kernel<B: Backend, const D: usize>(
     }
     Ok(Some(IntegerKernel {
         layer: layer.to_string(),
-        kernel: name.to_string(),
+        kernel: role,
         shape: ints.dims().to_vec(),
         bitwidth,
         grid: q.grid(),
@@ -121,14 +122,14 @@ where
         let found = match layer.as_ref() {
             QuantizedLayer::Dense(l) => vec![kernel(
                 &name,
-                "kernel",
+                KernelRole::Kernel,
                 l.weight.val(),
                 &l.quantizer,
                 DENSE_AXIS,
             )?],
             QuantizedLayer::Conv2d(l) => vec![kernel(
                 &name,
-                "kernel",
+                KernelRole::Kernel,
                 l.weight.val(),
                 &l.quantizer,
                 CONV_AXIS,
@@ -136,12 +137,18 @@ where
             QuantizedLayer::SeparableConv2d(l) => vec![
                 kernel(
                     &name,
-                    "depthwise",
+                    KernelRole::Depthwise,
                     l.weight_dw.val(),
                     &l.quantizer_dw,
                     CONV_AXIS,
                 )?,
-                kernel(&name, "pointwise", l.weight.val(), &l.quantizer, CONV_AXIS)?,
+                kernel(
+                    &name,
+                    KernelRole::Pointwise,
+                    l.weight.val(),
+                    &l.quantizer,
+                    CONV_AXIS,
+                )?,
             ],
         };
         kernels.extend(found.into_iter().flatten());

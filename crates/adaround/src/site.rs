@@ -2,7 +2,8 @@
 //! or as two.
 
 use adaround_layers::{
-    probe::Flow, QuantizedConv2d, QuantizedLayer, QuantizedReLU, QuantizedSeparableConv2d,
+    probe::Flow, KernelRole, QuantizedConv2d, QuantizedLayer, QuantizedReLU,
+    QuantizedSeparableConv2d,
 };
 use burn::{optim::Optimizer, tensor::backend::Backend};
 
@@ -148,13 +149,13 @@ fn merge<B: Backend>(
     let err_final = layer_error(&joined, act, &data.inputs, &data.targets);
     let kept_nearest =
         (dw.kept_nearest && pw.kept_nearest) || (never_worse && err_final > err_before);
-    let roles = ["depthwise", "pointwise"];
+    let roles = [KernelRole::Depthwise, KernelRole::Pointwise];
     let kernels = [dw.kernels, pw.kernels]
         .into_iter()
         .zip(roles)
         .flat_map(|(kernels, role)| {
             kernels.into_iter().map(move |mut kernel| {
-                kernel.change.kernel = role.to_string();
+                kernel.change.kernel = role;
                 kernel.change.changed *= usize::from(!kept_nearest);
                 kernel
             })
