@@ -245,15 +245,17 @@ fn run_schedule<B: Backend, Opt>(
         } else {
             k % n_batches..k % n_batches + 1
         };
+        let log = epochs || (k + 1) % config.log_every == 0 || k + 1 == outer;
+        let last = batches.end - 1;
         let mut losses = None;
         for b in batches {
-            losses = Some(step.step(b, beta));
+            losses = step.step(b, beta, log && b == last);
         }
         trace.steps = k + 1;
-        if !(epochs || (k + 1) % config.log_every == 0 || k + 1 == outer) {
+        if !log {
             continue;
         }
-        let (rec, round) = losses.expect("at least one batch");
+        let (rec, round) = losses.expect("the last batch of a log point reports");
         let entry = StepLog {
             step: k + 1,
             beta,

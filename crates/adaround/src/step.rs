@@ -25,8 +25,9 @@ pub(crate) type Losses<B> = (Tensor<B, 1>, Option<Tensor<B, 1>>);
 
 /// A layer under optimisation.
 pub(crate) trait Step<B: Backend> {
-    /// One optimizer step on batch `b`.
-    fn step(&mut self, b: usize, beta: Option<f64>) -> Losses<B>;
+    /// One optimizer step on batch `b`; its losses when `report` (the schedule loop asks at
+    /// log points only: the fused step then skips the reductions that only report).
+    fn step(&mut self, b: usize, beta: Option<f64>, report: bool) -> Option<Losses<B>>;
     /// The rounding state of each armed kernel (reads the device).
     fn status(&self) -> Vec<RoundingStatus>;
     /// The layer with the current rounding variables.
@@ -104,7 +105,7 @@ impl<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>> AutodiffStep<B, O
 }
 
 impl<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>> Step<B> for AutodiffStep<B, Opt> {
-    fn step(&mut self, b: usize, beta: Option<f64>) -> Losses<B> {
+    fn step(&mut self, b: usize, beta: Option<f64>, report: bool) -> Option<Losses<B>> {
         let rec = self.reconstruction(b);
         let round = beta.and_then(|beta| {
             self.layer
@@ -120,7 +121,7 @@ impl<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>> Step<B> for Autod
         };
         let grads = GradientsParams::from_grads(total.backward(), &self.layer);
         self.layer = self.optim.step(self.lr, self.layer.clone(), grads);
-        (rec.inner(), round.map(|r| r.inner()))
+        report.then(|| (rec.inner(), round.map(|r| r.inner())))
     }
 
     fn status(&self) -> Vec<RoundingStatus> {
