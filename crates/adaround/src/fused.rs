@@ -201,13 +201,14 @@ impl<B: Backend> Fused<B> {
         let zc = z.clone().clamp(lo, hi);
         let outside_z = z.not_equal(zc.clone());
         let soft = zc / self.sf.clone();
-        let dw = soft.clone() - self.weight.clone();
         let n = self.divisors[b];
 
         // `grad_w` is `n / 2` times the gradient with respect to W~ (the factor is applied
-        // once, at the end).
+        // once, at the end). Tensors are moved, not cloned, wherever a value has no later
+        // use: a backend can then update them in place instead of allocating.
         let (rec, grad_w) = match &self.data {
             Data::Gram(grams) => {
+                let dw = soft - self.weight.clone();
                 let dg = matmul(dw.clone(), grams[b].clone());
                 (report.then(|| (dw * dg.clone()).sum().div_scalar(n)), dg)
             }
@@ -226,10 +227,15 @@ impl<B: Backend> Fused<B> {
             Some(beta) if beta != 0.0 => {
                 let t = h.mul_scalar(2.0).sub_scalar(1.0);
                 let a = t.clone().abs();
-                let p = a.clone().powf_scalar(beta - 1.0);
                 let count = a.shape().num_elements() as f64;
                 // sum(1 - a^beta) = count - sum(a * a^(beta - 1))
-                let loss = report.then(|| (a * p.clone()).sum().neg().add_scalar(count));
+                let (p, loss) = if report {
+                    let p = a.clone().powf_scalar(beta - 1.0);
+                    let loss = (a * p.clone()).sum().neg().add_scalar(count);
+                    (p, Some(loss))
+                } else {
+                    (a.powf_scalar(beta - 1.0), None)
+                };
                 let slope = p * t.sign();
                 grad_h = grad_h - slope.mul_scalar(beta * reg * n);
                 loss.map(|l| Some(l.mul_scalar(reg)))
@@ -237,7 +243,10 @@ impl<B: Backend> Fused<B> {
             Some(_) => report.then(|| Some(Tensor::zeros([1], &self.weight.device()))),
             None => report.then_some(None),
         };
-        let ds = s.clone() - s.square();
+        let ds = {
+            let square = s.clone().square();
+            s - square
+        };
         let grad = (grad_h * ds)
             .mask_fill(outside_h, 0.0)
             .mul_scalar(2.0 / n * (zeta - gamma));
