@@ -6,7 +6,7 @@ use adaround_core::all_finite;
 use adaround_layers::QuantizedLayer;
 use burn::{
     module::Module,
-    optim::{adaptor::OptimizerAdaptor, Adam, Optimizer},
+    optim::{AdamConfig, Optimizer, SimpleOptimizer},
     tensor::{backend::Backend, Tensor},
 };
 use log::info;
@@ -19,12 +19,9 @@ use crate::{
     params::{ParamIndex, WriteBack},
     progress::{self, Progress},
     site::{optimize_site, targets, SiteData},
-    step::Ad,
+    step::{Ad, ModuleOptimizers, Optimizers, SimpleOptimizers},
     AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelCheck, ModelGuard, Target,
 };
-
-/// The optimizer [`adaround`] would use on the autodiff path (Adam, Burn's defaults).
-type DefaultOptimizer<B> = OptimizerAdaptor<Adam, QuantizedLayer<Ad<B>>, Ad<B>>;
 
 /// Optimises the rounding of every quantized layer of `model`, one layer at a time in
 /// forward order.
@@ -61,7 +58,10 @@ where
     F: Fn(&M, Tensor<B, D>) -> O,
     O: ModelOutput<B>,
 {
-    run::<B, M, F, O, DefaultOptimizer<B>, D>(model, samples, forward, config, None, &mut |_| {})
+    // Burn's Adam with its defaults.
+    adaround_with_simple_optimizer(model, samples, forward, config, || {
+        AdamConfig::new().build()
+    })
 }
 
 /// [`adaround`] that reports its progress to `progress` (layer started, losses read, layer
@@ -79,31 +79,72 @@ where
     F: Fn(&M, Tensor<B, D>) -> O,
     O: ModelOutput<B>,
 {
-    run::<B, M, F, O, DefaultOptimizer<B>, D>(model, samples, forward, config, None, &mut progress)
+    let mut optimizers = SimpleOptimizers(|| AdamConfig::new().build());
+    run(
+        model,
+        samples,
+        forward,
+        config,
+        &mut optimizers,
+        &mut progress,
+    )
 }
 
 /// [`adaround`] with any Burn optimizer: `optimizer()` is called once per layer, and every
-/// step runs through Burn's autodiff (on `Autodiff<B>`) and `optimizer`.
+/// step runs through Burn's autodiff (on `Autodiff<B>`) and `optimizer`. With an optimizer
+/// Burn also ships as a [`SimpleOptimizer`], [`adaround_with_simple_optimizer`] keeps the
+/// fused step.
 pub fn adaround_with_optimizer<B, M, F, O, Opt, const D: usize>(
     model: &M,
     samples: Tensor<B, D>,
     forward: F,
     config: &AdaRoundConfig,
-    mut optimizer: impl FnMut() -> Opt,
+    optimizer: impl FnMut() -> Opt,
 ) -> Result<(M, AdaRoundReport), AdaRoundError>
 where
     B: Backend,
     M: Module<B>,
     F: Fn(&M, Tensor<B, D>) -> O,
     O: ModelOutput<B>,
-    Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>,
+    Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>> + 'static,
 {
+    let mut optimizers = ModuleOptimizers(optimizer);
     run(
         model,
         samples,
         forward,
         config,
-        Some(&mut optimizer),
+        &mut optimizers,
+        &mut |_| {},
+    )
+}
+
+/// [`adaround`] with any [`SimpleOptimizer`] (a Burn optimizer on plain tensors, e.g.
+/// `AdamWConfig::new().build()` or `SgdConfig::new().build()`): `optimizer()` is called once
+/// per layer. Layers with a fused step run it on the plain tensors of `B`; the others step
+/// through autodiff with it, wrapped in Burn's `OptimizerAdaptor`.
+/// [`adaround`] is this function with `|| AdamConfig::new().build()`.
+pub fn adaround_with_simple_optimizer<B, M, F, O, S, const D: usize>(
+    model: &M,
+    samples: Tensor<B, D>,
+    forward: F,
+    config: &AdaRoundConfig,
+    optimizer: impl FnMut() -> S,
+) -> Result<(M, AdaRoundReport), AdaRoundError>
+where
+    B: Backend,
+    M: Module<B>,
+    F: Fn(&M, Tensor<B, D>) -> O,
+    O: ModelOutput<B>,
+    S: SimpleOptimizer<B> + 'static,
+{
+    let mut optimizers = SimpleOptimizers(optimizer);
+    run(
+        model,
+        samples,
+        forward,
+        config,
+        &mut optimizers,
         &mut |_| {},
     )
 }
@@ -136,12 +177,12 @@ impl<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>
     }
 }
 
-fn run<'a, B, M, F, O, Opt, const D: usize>(
+fn run<'a, B, M, F, O, const D: usize>(
     model: &M,
     samples: Tensor<B, D>,
     forward: F,
     config: &'a AdaRoundConfig,
-    optimizer: Option<&'a mut (dyn FnMut() -> Opt + 'a)>,
+    optimizers: &'a mut dyn Optimizers<B>,
     progress: &'a mut (dyn FnMut(Progress<'_>) + 'a),
 ) -> Result<(M, AdaRoundReport), AdaRoundError>
 where
@@ -149,7 +190,6 @@ where
     M: Module<B>,
     F: Fn(&M, Tensor<B, D>) -> O,
     O: ModelOutput<B>,
-    Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>,
 {
     let start = Instant::now();
     config.validate()?;
@@ -186,7 +226,7 @@ where
         .map_or(sites.len(), |n| (start_at + n).min(sites.len()));
     let mut ctx = Context {
         config,
-        optimizer,
+        optimizers,
         progress,
         index: 0,
         layers: end_at - start_at,
@@ -290,17 +330,16 @@ fn quantizers_json<B: Backend>(sites: &[Site<B>]) -> String {
 }
 
 /// Optimises one site of `work` and writes its rounded kernels back.
-fn optimize_layer<B, M, F, O, Opt, const D: usize>(
+fn optimize_layer<B, M, F, O, const D: usize>(
     run: &Run<'_, B, M, F, D>,
     work: M,
     site: &Site<B>,
-    ctx: &mut Context<'_, Opt>,
+    ctx: &mut Context<'_, B>,
 ) -> Result<(M, LayerReport), AdaRoundError>
 where
     B: Backend,
     M: Module<B>,
     F: Fn(&M, Tensor<B, D>) -> O,
-    Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>,
 {
     let layer_start = Instant::now();
     let started = Progress::LayerStarted {

@@ -12,7 +12,7 @@
 //! - rounding loss `reg * sum(1 - |2h - 1|^beta)`, `d/dh = -2 beta reg |2h - 1|^(beta-1) sign(2h - 1)`;
 //! - `dL/dalpha = (dL/dW~ 1[lo <= z <= hi] / sf + dR/dh) 1[0 <= u <= 1] (zeta - gamma) s (1 - s)`
 //!   (the clamps pass gradient inside their bounds, bounds included, as Burn's `clamp` does);
-//! - Burn's own Adam (`AdamConfig::new().build()`, a `SimpleOptimizer` on plain tensors).
+//! - the caller's `SimpleOptimizer` on plain tensors (Burn's own Adam by default).
 //!
 //! It computes what the autodiff step computes, with fewer and cheaper operations; the two
 //! agree to floating-point rounding (tested).
@@ -21,13 +21,12 @@ use adaround_core::RoundingStatus;
 use adaround_layers::{probe::Flow, QuantizedLayer, QuantizerSlot};
 use burn::{
     module::Param,
-    optim::{Adam, AdamConfig, AdamState, SimpleOptimizer},
     tensor::{backend::Backend, Tensor},
 };
 
 use crate::{
     gram,
-    step::{Losses, Step},
+    step::{AlphaOptimizer, Losses, Step},
     ReconstructionLoss,
 };
 
@@ -56,8 +55,7 @@ pub(crate) struct Fused<B: Backend> {
     levels: (f64, f64),
     gamma: f64,
     zeta: f64,
-    optimizer: Adam,
-    state: Option<AdamState<B, 3>>,
+    optimizer: Box<dyn AlphaOptimizer<B>>,
     data: Data<B>,
     divisors: Vec<f64>,
     /// `(reg, learning rate)`.
@@ -121,14 +119,14 @@ pub(crate) fn patch_bytes<B: Backend>(layer: &QuantizedLayer<B>, inputs: &[Flow<
 }
 
 impl<B: Backend> Fused<B> {
-    /// Takes over `layer` (AdaRound armed in its single slot). `gram`: use its Gram matrices;
-    /// else the direct path on `inputs` and `targets`.
+    /// Takes over `layer` (AdaRound armed in its single slot), to step with `optimizer`.
+    /// `grams`: use its Gram matrices; else the direct path on `inputs` and `targets`.
     pub(crate) fn new(
         layer: QuantizedLayer<B>,
-        inputs: &[Flow<B>],
-        targets: &[Flow<B>],
+        (inputs, targets): (&[Flow<B>], &[Flow<B>]),
         grams: Option<&gram::Grams<B>>,
         loss: ReconstructionLoss,
+        optimizer: Box<dyn AlphaOptimizer<B>>,
     ) -> Self {
         let ada = layer.adarounds()[0].clone();
         let levels = ada.levels();
@@ -165,8 +163,7 @@ impl<B: Backend> Fused<B> {
             sf,
             weight,
             levels,
-            optimizer: AdamConfig::new().build(),
-            state: None,
+            optimizer,
             data,
             divisors,
             rates: (0.0, 0.0),
@@ -254,14 +251,6 @@ impl<B: Backend> Fused<B> {
         (rec.zip(round), grad)
     }
 
-    /// One step of the optimizer on alpha.
-    fn adam(&mut self, grad: Matrix<B>, lr: f64) {
-        let (alpha, state) = self
-            .optimizer
-            .step(lr, self.alpha.clone(), grad, self.state.take());
-        (self.alpha, self.state) = (alpha, state);
-    }
-
     /// The layer with the current alphas.
     pub(crate) fn layer(&self) -> QuantizedLayer<B> {
         let alpha = from_matrix(&self.layer, self.alpha.clone());
@@ -293,7 +282,7 @@ impl<B: Backend> Step<B> for Fused<B> {
     fn step(&mut self, b: usize, beta: Option<f64>, report: bool) -> Option<Losses<B>> {
         let (reg, lr) = self.rates;
         let (losses, grad) = self.loss_and_gradient(b, beta, reg, report);
-        self.adam(grad, lr);
+        self.alpha = self.optimizer.step(lr, self.alpha.clone(), grad);
         losses
     }
 
@@ -375,11 +364,16 @@ mod tests {
     };
     use burn::{
         nn::PaddingConfig2d,
+        optim::AdamConfig,
         tensor::{backend::Backend, Distribution, Tensor},
     };
 
     use super::*;
-    use crate::{gram::tests::armed, optimize::reconstruction_loss};
+    use crate::{
+        gram::tests::armed,
+        optimize::reconstruction_loss,
+        step::{Optimizers, SimpleOptimizers},
+    };
 
     type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
 
@@ -411,10 +405,12 @@ mod tests {
             for grams in [Some(&grams), None] {
                 let fused = Fused::new(
                     layer.clone(),
-                    std::slice::from_ref(&x),
-                    std::slice::from_ref(&target),
+                    (std::slice::from_ref(&x), std::slice::from_ref(&target)),
                     grams,
                     loss,
+                    SimpleOptimizers(|| AdamConfig::new().build())
+                        .fused()
+                        .unwrap(),
                 );
                 let (losses, grad) = fused.loss_and_gradient(0, Some(beta), reg, true);
                 let (f_rec, f_round) = losses.expect("report asked");

@@ -73,7 +73,9 @@ pub use adaround_core::{
 pub use config::{
     AdaRoundConfig, FinalRounding, LossPath, ReconstructionLoss, SeparableStep, Target,
 };
-pub use driver::{adaround, adaround_with_optimizer, adaround_with_progress};
+pub use driver::{
+    adaround, adaround_with_optimizer, adaround_with_progress, adaround_with_simple_optimizer,
+};
 pub use error::AdaRoundError;
 pub use export::{export_integers, IntegerExport, IntegerKernel, INTEGER_FORMAT};
 pub use guard::{ModelCheck, ModelGuard, ModelOutput};

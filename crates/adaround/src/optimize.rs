@@ -4,7 +4,6 @@ use adaround_core::RoundingStatus;
 use adaround_layers::{probe::Flow, KernelChange, QuantizedLayer, QuantizedReLU};
 use burn::{
     module::AutodiffModule,
-    optim::{AdamConfig, Optimizer},
     tensor::{backend::Backend, ElementConversion, Tensor},
 };
 use log::debug;
@@ -13,7 +12,7 @@ use crate::{
     fused::{self, Fused},
     gram::{self, Grams, LossPath},
     progress::{self, Progress},
-    step::{lift, Ad, AutodiffData, AutodiffStep, Step},
+    step::{lift, Ad, AutodiffData, Optimizers, Step},
     AdaRoundConfig, AdaRoundError, FinalRounding, KernelReport, LayerReport, ReconstructionLoss,
     Schedule, StepLog, HISTOGRAM_BINS,
 };
@@ -35,10 +34,10 @@ pub(crate) struct Unit<'a, B: Backend> {
 }
 
 /// How the caller wants layers optimised, and who hears about it.
-pub(crate) struct Context<'a, Opt> {
+pub(crate) struct Context<'a, B: Backend> {
     pub config: &'a AdaRoundConfig,
-    /// The optimizer of the autodiff step; `None` lets the fused step run where it exists.
-    pub optimizer: Option<&'a mut dyn FnMut() -> Opt>,
+    /// Each layer's optimizer, and so its step (fused or autodiff).
+    pub optimizers: &'a mut dyn Optimizers<B>,
     pub progress: &'a mut dyn FnMut(Progress<'_>),
     /// Position among the layers optimised in this call, and their number.
     pub index: usize,
@@ -171,60 +170,45 @@ fn choose_path<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> LossP
     }
 }
 
-/// The step for `layer` (armed): fused where it exists and the caller allows it, else autodiff.
-fn build_step<'a, B: Backend + 'a, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>> + 'a>(
+/// The step for `layer` (armed): fused where it exists and the optimizer runs on it, else
+/// autodiff.
+fn build_step<B: Backend>(
     unit: &Unit<'_, B>,
     layer: QuantizedLayer<B>,
     grams: Option<Grams<B>>,
-    ctx: &mut Context<'_, Opt>,
-) -> (Box<dyn Step<B> + 'a>, bool) {
-    let (reg, lr) = (ctx.config.params.reg, ctx.config.learning_rate);
+    ctx: &mut Context<'_, B>,
+) -> (Box<dyn Step<B>>, bool) {
+    let rates = (ctx.config.params.reg, ctx.config.learning_rate);
     let fusable = unit.activation.is_none()
         && gram::supports(&layer)
         && (grams.is_some() || fused::patch_bytes(&layer, unit.inputs) <= fused::MAX_PATCH_BYTES);
-    match ctx.optimizer.as_mut() {
-        None if fusable => {
-            let mut step = Fused::new(
-                layer,
-                unit.inputs,
-                unit.targets,
-                grams.as_ref(),
-                ctx.config.loss,
-            );
-            step.rates = (reg, lr);
-            (Box::new(step), true)
-        }
-        optimizer => {
-            let data = AutodiffData {
-                inputs: unit.inputs.iter().map(lift).collect(),
-                targets: unit.targets.iter().map(lift).collect(),
-                grams: grams.map(|g| Grams {
-                    grams: g.grams.into_iter().map(Tensor::from_inner).collect(),
-                    divisors: g.divisors,
-                }),
-                activation: unit
-                    .activation
-                    .clone()
-                    .map(QuantizedReLU::<Ad<B>>::from_inner),
-                loss: ctx.config.loss,
-            };
-            let step: Box<dyn Step<B> + 'a> = match optimizer {
-                Some(make) => Box::new(AutodiffStep::new(layer, make(), data, reg, lr)),
-                None => {
-                    let adam = AdamConfig::new().init::<Ad<B>, QuantizedLayer<Ad<B>>>();
-                    Box::new(AutodiffStep::new(layer, adam, data, reg, lr))
-                }
-            };
-            (step, false)
-        }
+    if let Some(optimizer) = fusable.then(|| ctx.optimizers.fused()).flatten() {
+        let data = (unit.inputs, unit.targets);
+        let mut step = Fused::new(layer, data, grams.as_ref(), ctx.config.loss, optimizer);
+        step.rates = rates;
+        return (Box::new(step), true);
     }
+    let data = AutodiffData {
+        inputs: unit.inputs.iter().map(lift).collect(),
+        targets: unit.targets.iter().map(lift).collect(),
+        grams: grams.map(|g| Grams {
+            grams: g.grams.into_iter().map(Tensor::from_inner).collect(),
+            divisors: g.divisors,
+        }),
+        activation: unit
+            .activation
+            .clone()
+            .map(QuantizedReLU::<Ad<B>>::from_inner),
+        loss: ctx.config.loss,
+    };
+    (ctx.optimizers.autodiff(layer, data, rates), false)
 }
 
 /// Runs the schedule: one step per batch and epoch, or one per iteration.
-fn run_schedule<B: Backend, Opt>(
+fn run_schedule<B: Backend>(
     step: &mut dyn Step<B>,
     unit: &Unit<'_, B>,
-    ctx: &mut Context<'_, Opt>,
+    ctx: &mut Context<'_, B>,
 ) -> Trace {
     let config = ctx.config;
     let n_batches = unit.inputs.len();
@@ -311,9 +295,9 @@ fn kernel_reports(
 
 /// Optimises `unit` and returns its report (name, position and time left to the caller)
 /// and the finalized layer (rounded float kernels, original quantizers).
-pub(crate) fn optimize_unit<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>>(
+pub(crate) fn optimize_unit<B: Backend>(
     unit: Unit<'_, B>,
-    ctx: &mut Context<'_, Opt>,
+    ctx: &mut Context<'_, B>,
 ) -> Result<(LayerReport, QuantizedLayer<B>), AdaRoundError> {
     let config = ctx.config;
     let act = unit.activation.as_ref();

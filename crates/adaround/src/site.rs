@@ -5,12 +5,11 @@ use adaround_layers::{
     probe::Flow, KernelRole, QuantizedConv2d, QuantizedLayer, QuantizedReLU,
     QuantizedSeparableConv2d,
 };
-use burn::{optim::Optimizer, tensor::backend::Backend};
+use burn::tensor::backend::Backend;
 
 use crate::{
     discover::Site,
     optimize::{layer_error, optimize_unit, Context, Unit},
-    step::Ad,
     AdaRoundError, LayerReport, SeparableStep,
 };
 
@@ -25,10 +24,10 @@ pub(crate) struct SiteData<B: Backend> {
 }
 
 /// Optimises `site` and returns its report and the rounded layer.
-pub(crate) fn optimize_site<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>>(
+pub(crate) fn optimize_site<B: Backend>(
     site: &Site<B>,
     data: &SiteData<B>,
-    ctx: &mut Context<'_, Opt>,
+    ctx: &mut Context<'_, B>,
 ) -> Result<(LayerReport, QuantizedLayer<B>), AdaRoundError> {
     let (mut report, layer) = match (&site.layer, ctx.config.separable) {
         (QuantizedLayer::SeparableConv2d(l), SeparableStep::Split) => {
@@ -62,11 +61,11 @@ fn conv<B: Backend>(layer: QuantizedLayer<B>) -> QuantizedConv2d<B> {
 
 /// The depthwise half, then the pointwise half on the rounded depthwise outputs (AIMET's
 /// treatment): each a Conv2D problem with its own Gram matrices and fused step.
-fn optimize_split<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>>(
+fn optimize_split<B: Backend>(
     site: &Site<B>,
     layer: &QuantizedSeparableConv2d<B>,
     data: &SiteData<B>,
-    ctx: &mut Context<'_, Opt>,
+    ctx: &mut Context<'_, B>,
 ) -> Result<(LayerReport, QuantizedLayer<B>), AdaRoundError> {
     let (dw, pw) = layer.clone().split();
     let (dw, pw) = (QuantizedLayer::Conv2d(dw), QuantizedLayer::Conv2d(pw));

@@ -1,5 +1,6 @@
 //! One optimisation step of a layer's rounding: by Burn's autodiff and an optimizer, or by
-//! the fused closed form ([`crate::fused`]). The schedule loop sees only [`Step`].
+//! the fused closed form ([`crate::fused`]). The schedule loop sees only [`Step`]; where each
+//! layer's optimizer comes from is an [`Optimizers`].
 
 use std::collections::HashMap;
 
@@ -7,7 +8,7 @@ use adaround_core::RoundingStatus;
 use adaround_layers::{probe::Flow, QuantizedLayer, QuantizedReLU};
 use burn::{
     module::{AutodiffModule, Module},
-    optim::{GradientsParams, Optimizer},
+    optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer, SimpleOptimizer},
     tensor::{backend::Backend, Tensor},
 };
 
@@ -32,6 +33,91 @@ pub(crate) trait Step<B: Backend> {
     fn status(&self) -> Vec<RoundingStatus>;
     /// The layer with the current rounding variables.
     fn into_layer(self: Box<Self>) -> QuantizedLayer<B>;
+}
+
+/// A [`SimpleOptimizer`] and its state, on the fused step's alphas (`[g, C_out / g, K]`).
+pub(crate) trait AlphaOptimizer<B: Backend> {
+    /// `alpha` after one step on `grad` with learning rate `lr`.
+    fn step(&mut self, lr: f64, alpha: Tensor<B, 3>, grad: Tensor<B, 3>) -> Tensor<B, 3>;
+}
+
+/// `S` with the state it carries from step to step.
+struct Stateful<B: Backend, S: SimpleOptimizer<B>> {
+    optimizer: S,
+    state: Option<S::State<3>>,
+}
+
+impl<B: Backend, S: SimpleOptimizer<B>> AlphaOptimizer<B> for Stateful<B, S> {
+    fn step(&mut self, lr: f64, alpha: Tensor<B, 3>, grad: Tensor<B, 3>) -> Tensor<B, 3> {
+        let (alpha, state) = self.optimizer.step(lr, alpha, grad, self.state.take());
+        self.state = state;
+        alpha
+    }
+}
+
+/// Where each layer's optimizer comes from.
+pub(crate) trait Optimizers<B: Backend> {
+    /// A new optimizer for the fused step, or `None` where this source only runs through
+    /// autodiff.
+    fn fused(&mut self) -> Option<Box<dyn AlphaOptimizer<B>>>;
+    /// The autodiff step on `layer` (armed), with a new optimizer.
+    fn autodiff(
+        &mut self,
+        layer: QuantizedLayer<B>,
+        data: AutodiffData<B>,
+        rates: (f64, f64),
+    ) -> Box<dyn Step<B>>;
+}
+
+/// A [`SimpleOptimizer`] factory: the fused step runs it on plain tensors wherever a layer
+/// has a fused step; elsewhere autodiff runs it through Burn's [`OptimizerAdaptor`].
+pub(crate) struct SimpleOptimizers<F>(pub F);
+
+impl<B, S, F> Optimizers<B> for SimpleOptimizers<F>
+where
+    B: Backend,
+    S: SimpleOptimizer<B> + 'static,
+    F: FnMut() -> S,
+{
+    fn fused(&mut self) -> Option<Box<dyn AlphaOptimizer<B>>> {
+        Some(Box::new(Stateful {
+            optimizer: (self.0)(),
+            state: None,
+        }))
+    }
+
+    fn autodiff(
+        &mut self,
+        layer: QuantizedLayer<B>,
+        data: AutodiffData<B>,
+        (reg, lr): (f64, f64),
+    ) -> Box<dyn Step<B>> {
+        let optim: OptimizerAdaptor<S, QuantizedLayer<Ad<B>>, Ad<B>> = (self.0)().into();
+        Box::new(AutodiffStep::new(layer, optim, data, reg, lr))
+    }
+}
+
+/// A module-optimizer factory: every layer steps through autodiff.
+pub(crate) struct ModuleOptimizers<F>(pub F);
+
+impl<B, Opt, F> Optimizers<B> for ModuleOptimizers<F>
+where
+    B: Backend,
+    Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>> + 'static,
+    F: FnMut() -> Opt,
+{
+    fn fused(&mut self) -> Option<Box<dyn AlphaOptimizer<B>>> {
+        None
+    }
+
+    fn autodiff(
+        &mut self,
+        layer: QuantizedLayer<B>,
+        data: AutodiffData<B>,
+        (reg, lr): (f64, f64),
+    ) -> Box<dyn Step<B>> {
+        Box::new(AutodiffStep::new(layer, (self.0)(), data, reg, lr))
+    }
 }
 
 /// What the autodiff step computes its reconstruction loss from.

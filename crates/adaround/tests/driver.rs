@@ -13,7 +13,7 @@ fn seed_lock() -> std::sync::MutexGuard<'static, ()> {
 macro_rules! driver_tests {
     ($backend:ty) => {
         use adaround::{
-            adaround, adaround_with_optimizer, export_integers,
+            adaround, adaround_with_optimizer, adaround_with_simple_optimizer, export_integers,
             layers::{
                 QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense, QuantizedDenseConfig,
                 QuantizedLayer, QuantizedReLU, QuantizedReLUConfig, QuantizedSeparableConv2d,
@@ -25,7 +25,7 @@ macro_rules! driver_tests {
         use burn::{
             module::{Module, ModuleVisitor, Param, ParamId},
             nn::PaddingConfig2d,
-            optim::{decay::WeightDecayConfig, AdamConfig},
+            optim::{decay::WeightDecayConfig, AdaGradConfig, AdamConfig},
             tensor::{backend::Backend, Distribution, ElementConversion, Tensor},
         };
 
@@ -810,6 +810,29 @@ macro_rules! driver_tests {
                 .with_batch_size(Some(16))
                 .with_rounding(FinalRounding::Hard)
                 .with_never_worse(false);
+            for path in [LossPath::Gram, LossPath::Direct] {
+                let cfg = cfg.clone().with_path(path);
+                let fused = adaround(&model, samples(64, 23), |m, x| m.forward(x), &cfg).unwrap();
+                let autodiff = adaround_with_optimizer(
+                    &model,
+                    samples(64, 23),
+                    |m, x| m.forward(x),
+                    &cfg,
+                    || burn::optim::AdamConfig::new().init(),
+                )
+                .unwrap();
+                assert!(fused.1.layers[0].fused && !autodiff.1.layers[0].fused);
+                println!("{path:?}:");
+                assert_same_rounding(&fused, &autodiff);
+            }
+        }
+
+        /// The conv and Dense kernels of both runs are the same in at least 99 % of the weights,
+        /// and the final losses of each layer within 5 %.
+        fn assert_same_rounding(
+            (a, ra): &(Net<B>, AdaRoundReport),
+            (b, rb): &(Net<B>, AdaRoundReport),
+        ) {
             let kernels = |m: &Net<B>| -> Vec<f32> {
                 [
                     m.conv.weight.val().flatten::<1>(0, 3),
@@ -819,32 +842,50 @@ macro_rules! driver_tests {
                 .flat_map(|t| t.into_data().to_vec::<f32>().unwrap())
                 .collect()
             };
-            for path in [LossPath::Gram, LossPath::Direct] {
-                let cfg = cfg.clone().with_path(path);
-                let (fused, r_fused) =
-                    adaround(&model, samples(64, 23), |m, x| m.forward(x), &cfg).unwrap();
-                let (autodiff, r_autodiff) = adaround_with_optimizer(
-                    &model,
-                    samples(64, 23),
-                    |m, x| m.forward(x),
-                    &cfg,
-                    || burn::optim::AdamConfig::new().init(),
-                )
-                .unwrap();
-                assert!(r_fused.layers[0].fused && !r_autodiff.layers[0].fused);
-                let (a, b) = (kernels(&fused), kernels(&autodiff));
-                let same = a
-                    .iter()
-                    .zip(&b)
-                    .filter(|(x, y)| (*x - *y).abs() <= 1e-6 * x.abs().max(1e-6))
-                    .count();
-                println!("{path:?}: fused and autodiff agree on {same} / {}", a.len());
-                assert!(same as f64 >= 0.99 * a.len() as f64, "{same} / {}", a.len());
-                for (f, g) in r_fused.layers.iter().zip(&r_autodiff.layers) {
-                    let (x, y) = (f.final_reconstruction_loss, g.final_reconstruction_loss);
-                    assert!((x - y).abs() <= 0.05 * y.abs(), "{}: {x} vs {y}", f.name);
-                }
+            let (a, b) = (kernels(a), kernels(b));
+            let same = a
+                .iter()
+                .zip(&b)
+                .filter(|(x, y)| (*x - *y).abs() <= 1e-6 * x.abs().max(1e-6))
+                .count();
+            println!("the runs agree on {same} / {} weights", a.len());
+            assert!(same as f64 >= 0.99 * a.len() as f64, "{same} / {}", a.len());
+            for (f, g) in ra.layers.iter().zip(&rb.layers) {
+                let (x, y) = (f.final_reconstruction_loss, g.final_reconstruction_loss);
+                assert!((x - y).abs() <= 0.05 * y.abs(), "{}: {x} vs {y}", f.name);
             }
+        }
+
+        #[test]
+        fn should_take_the_fused_step_with_any_simple_optimizer() {
+            let _seed = crate::seed_lock();
+            let model = net_with(22, q3());
+            let cfg = config(40)
+                .with_batch_size(Some(16))
+                .with_rounding(FinalRounding::Hard)
+                .with_never_worse(false);
+            let forward = |m: &Net<B>, x| m.forward(x);
+            let fused =
+                adaround_with_simple_optimizer(&model, samples(64, 23), forward, &cfg, || {
+                    AdaGradConfig::new().build()
+                })
+                .unwrap();
+            let autodiff = adaround_with_optimizer(&model, samples(64, 23), forward, &cfg, || {
+                AdaGradConfig::new().init()
+            })
+            .unwrap();
+            assert!(fused.1.layers.iter().all(|l| l.fused));
+            assert!(autodiff.1.layers.iter().all(|l| !l.fused));
+            assert_same_rounding(&fused, &autodiff);
+            // AdaGrad's trajectory, not Adam's.
+            let (_, adam) = adaround(&model, samples(64, 23), forward, &cfg).unwrap();
+            let losses = |r: &AdaRoundReport| -> Vec<f64> {
+                r.layers
+                    .iter()
+                    .map(|l| l.final_reconstruction_loss)
+                    .collect()
+            };
+            assert_ne!(losses(&fused.1), losses(&adam));
         }
 
         /// Conv2D -> BatchNorm (not folded) -> ReLU -> Dense.
