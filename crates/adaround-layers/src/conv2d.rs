@@ -1,15 +1,22 @@
-use adaround_core::WeightQuantizer;
+use adaround_core::{AdaRoundParams, QuantizerError, WeightQuantizer};
 use burn::{
     config::Config,
     module::{Module, Param},
     nn::{conv::Conv2d, Initializer, PaddingConfig2d},
-    tensor::{backend::Backend, module::conv2d, ops::PaddedConvOptions, Tensor},
+    tensor::{
+        backend::Backend,
+        module::{conv2d, unfold4d},
+        ops::{PadMode, PaddedConvOptions, UnfoldOptions},
+        Tensor,
+    },
 };
 
 use crate::{
     checks,
+    layer::{arm, finalize_kernel},
     probe::{self, Flow, ProbeEvent},
-    QuantizedLayer, QuantizerSlot,
+    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer, QuantizedLayer,
+    QuantizerSlot,
 };
 
 /// Output-channel axis of a Conv2d kernel `[channels_out, channels_in / groups, kh, kw]`.
@@ -187,6 +194,22 @@ impl<B: Backend> QuantizedConv2d<B> {
         padding_pairs(&self.padding, size, [kh, kw], self.stride, self.dilation)
     }
 
+    /// The im2col patches of `input`, padding included: `[batch, channels_in * kh * kw, L]`
+    /// with `L` the output positions per sample (channels outermost, as the kernel's
+    /// `[channels_in / groups, kh, kw]` flattens).
+    pub fn patches(&self, input: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [_, _, h, w] = input.dims();
+        let [_, _, kh, kw] = self.weight.dims();
+        let ((top, bottom), (left, right)) = self.padding_pairs([h, w]);
+        let x = if top + bottom + left + right > 0 {
+            input.pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
+        } else {
+            input
+        };
+        let options = UnfoldOptions::new(self.stride, [0, 0], self.dilation);
+        unfold4d(x, [kh, kw], options)
+    }
+
     /// Applies the layer with its quantized kernel.
     ///
     /// # Shapes
@@ -230,5 +253,133 @@ impl<B: Backend> QuantizedConv2d<B> {
             self.dilation,
             self.groups,
         )
+    }
+}
+
+impl<B: Backend> AdaRoundLayer<B> for QuantizedConv2d<B> {
+    const KIND: LayerKind = LayerKind::Conv2d;
+
+    fn kernels(&self) -> Vec<Kernel<'_, B>> {
+        vec![Kernel::new(
+            KernelRole::Kernel,
+            &self.weight,
+            &self.quantizer,
+            CONV_AXIS,
+        )]
+    }
+
+    fn forward_flow(&self, input: Flow<B>, float: bool) -> Option<Flow<B>> {
+        match input {
+            Flow::Maps(x) => Some(Flow::Maps(self.forward_with(x, float))),
+            Flow::Rows(_) => None,
+        }
+    }
+
+    fn map_slots(mut self, f: &mut dyn FnMut(QuantizerSlot<B>) -> QuantizerSlot<B>) -> Self {
+        self.quantizer = f(self.quantizer);
+        self
+    }
+
+    fn with_adaround(mut self, params: &AdaRoundParams) -> Result<Self, QuantizerError> {
+        if self.quantizer.quantizer().is_quantizing() {
+            self.quantizer = arm(&self.weight, self.quantizer, CONV_AXIS, params)?;
+        }
+        Ok(self)
+    }
+
+    fn finalize(mut self, hard: bool) -> (Self, Vec<KernelChange>) {
+        let role = KernelRole::Kernel;
+        let (w, s, c) = finalize_kernel(self.weight, self.quantizer, CONV_AXIS, hard, role);
+        (self.weight, self.quantizer) = (w, s);
+        (self, vec![c])
+    }
+
+    fn matrix(&self) -> Option<&dyn MatrixLayer<B>> {
+        Some(self)
+    }
+}
+
+/// The `[batch, channels, height, width]` maps of a convolution's flow.
+fn maps_of<B: Backend>(flow: &Flow<B>) -> &Tensor<B, 4> {
+    match flow {
+        Flow::Maps(x) => x,
+        Flow::Rows(x) => panic!("a convolution takes maps, not rows {:?}", x.dims()),
+    }
+}
+
+/// One matrix `[channels_out / groups, channels_in / groups * kh * kw]` per group: the
+/// kernel `[channels_out, channels_in / groups, kh, kw]` reshaped.
+impl<B: Backend> MatrixLayer<B> for QuantizedConv2d<B> {
+    fn matrix_dims(&self) -> [usize; 3] {
+        let [c_out, k_g, kh, kw] = self.weight.dims();
+        [self.groups, c_out / self.groups, k_g * kh * kw]
+    }
+
+    fn positions(&self, input: &[usize]) -> usize {
+        let &[b, _, h, w] = input else {
+            panic!("a convolution takes maps, not {input:?}")
+        };
+        let [_, _, kh, kw] = self.weight.dims();
+        let ((top, bottom), (left, right)) = self.padding_pairs([h, w]);
+        let out = |size: usize, pad: usize, k: usize, stride: usize, dilation: usize| {
+            (size + pad).saturating_sub(dilation * (k - 1) + 1) / stride + 1
+        };
+        let h_out = out(h, top + bottom, kh, self.stride[0], self.dilation[0]);
+        let w_out = out(w, left + right, kw, self.stride[1], self.dilation[1]);
+        b * h_out * w_out
+    }
+
+    fn to_matrix(&self, t: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [groups, rows, k] = self.matrix_dims();
+        let n = t.shape().num_elements();
+        if n == groups * rows * k {
+            t.reshape([groups, rows, k])
+        } else if n == 1 {
+            t.reshape([1, 1, 1])
+        } else {
+            t.reshape([groups, rows, 1])
+        }
+    }
+
+    fn to_kernel(&self, t: Tensor<B, 3>) -> Tensor<B, 4> {
+        t.reshape(self.weight.dims())
+    }
+
+    fn float_matrix(&self) -> Tensor<B, 3> {
+        self.weight.val().reshape(self.matrix_dims())
+    }
+
+    fn delta_matrix(&self) -> Tensor<B, 3> {
+        (self.quantized_weight() - self.weight.val()).reshape(self.matrix_dims())
+    }
+
+    fn bias(&self) -> Option<Tensor<B, 1>> {
+        self.bias.as_ref().map(|b| b.val())
+    }
+
+    fn gram(&self, input: &Flow<B>) -> Tensor<B, 3> {
+        let [groups, _, k] = self.matrix_dims();
+        let p = self.patches(maps_of(input).clone().detach());
+        let [b, _, positions] = p.dims();
+        // [b, groups, K, L] -> [groups, K, b * L]
+        let p = p.reshape([b, groups, k, positions]).permute([1, 2, 0, 3]);
+        let p = p.reshape([groups, k, b * positions]);
+        p.clone().matmul(p.swap_dims(1, 2))
+    }
+
+    fn rows(&self, input: &Flow<B>, output: &Flow<B>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [groups, rows, k] = self.matrix_dims();
+        let p = self.patches(maps_of(input).clone());
+        let [b, _, positions] = p.dims();
+        let p = p
+            .reshape([b, groups, k, positions])
+            .permute([1, 0, 3, 2])
+            .reshape([groups, b * positions, k]);
+        let t = maps_of(output)
+            .clone()
+            .reshape([b, groups, rows, positions])
+            .permute([1, 0, 3, 2])
+            .reshape([groups, b * positions, rows]);
+        (p, t)
     }
 }

@@ -1,4 +1,4 @@
-use adaround_core::WeightQuantizer;
+use adaround_core::{AdaRoundParams, QuantizerError, WeightQuantizer};
 use burn::{
     config::Config,
     module::{Module, Param},
@@ -8,8 +8,10 @@ use burn::{
 
 use crate::{
     checks,
+    layer::{arm, finalize_kernel},
     probe::{self, Flow, ProbeEvent},
-    QuantizedLayer, QuantizerSlot,
+    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer, QuantizedLayer,
+    QuantizerSlot,
 };
 
 /// Output-channel axis of a Dense kernel `[d_input, d_output]`.
@@ -137,4 +139,111 @@ impl<B: Backend> QuantizedDense<B> {
 fn to_rows<B: Backend, const D: usize>(t: Tensor<B, D>, features: usize) -> Tensor<B, 2> {
     let n = t.shape().num_elements() / features.max(1);
     t.reshape([n, features])
+}
+
+impl<B: Backend> AdaRoundLayer<B> for QuantizedDense<B> {
+    const KIND: LayerKind = LayerKind::Dense;
+
+    fn kernels(&self) -> Vec<Kernel<'_, B>> {
+        vec![Kernel::new(
+            KernelRole::Kernel,
+            &self.weight,
+            &self.quantizer,
+            DENSE_AXIS,
+        )]
+    }
+
+    fn forward_flow(&self, input: Flow<B>, float: bool) -> Option<Flow<B>> {
+        match input {
+            Flow::Rows(x) => Some(Flow::Rows(self.forward_with(x, float))),
+            Flow::Maps(_) => None,
+        }
+    }
+
+    fn map_slots(mut self, f: &mut dyn FnMut(QuantizerSlot<B>) -> QuantizerSlot<B>) -> Self {
+        self.quantizer = f(self.quantizer);
+        self
+    }
+
+    fn with_adaround(mut self, params: &AdaRoundParams) -> Result<Self, QuantizerError> {
+        if self.quantizer.quantizer().is_quantizing() {
+            self.quantizer = arm(&self.weight, self.quantizer, DENSE_AXIS, params)?;
+        }
+        Ok(self)
+    }
+
+    fn finalize(mut self, hard: bool) -> (Self, Vec<KernelChange>) {
+        let role = KernelRole::Kernel;
+        let (w, s, c) = finalize_kernel(self.weight, self.quantizer, DENSE_AXIS, hard, role);
+        (self.weight, self.quantizer) = (w, s);
+        (self, vec![c])
+    }
+
+    fn matrix(&self) -> Option<&dyn MatrixLayer<B>> {
+        Some(self)
+    }
+}
+
+/// The `[n, features]` rows of a Dense layer's flow.
+fn rows_of<B: Backend>(flow: &Flow<B>) -> &Tensor<B, 2> {
+    match flow {
+        Flow::Rows(x) => x,
+        Flow::Maps(x) => panic!("a Dense layer takes rows, not maps {:?}", x.dims()),
+    }
+}
+
+/// One group; the kernel `[d_input, d_output]` transposed is the matrix `[d_output, d_input]`.
+impl<B: Backend> MatrixLayer<B> for QuantizedDense<B> {
+    fn matrix_dims(&self) -> [usize; 3] {
+        let [d_input, d_output] = self.weight.dims();
+        [1, d_output, d_input]
+    }
+
+    fn positions(&self, input: &[usize]) -> usize {
+        input[..input.len().saturating_sub(1)].iter().product()
+    }
+
+    fn to_matrix(&self, t: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [d_input, d_output] = self.weight.dims();
+        let n = t.shape().num_elements();
+        if n == d_input * d_output {
+            t.reshape([d_input, d_output]).transpose().unsqueeze_dim(0)
+        } else {
+            // A factor over the output axis ([1, d_output]) or a scalar.
+            t.reshape([1, n, 1])
+        }
+    }
+
+    fn to_kernel(&self, t: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [d_input, d_output] = self.weight.dims();
+        t.reshape([d_output, d_input])
+            .transpose()
+            .reshape([d_input, d_output, 1, 1])
+    }
+
+    fn float_matrix(&self) -> Tensor<B, 3> {
+        self.weight.val().transpose().unsqueeze_dim(0)
+    }
+
+    fn delta_matrix(&self) -> Tensor<B, 3> {
+        (self.quantized_weight() - self.weight.val())
+            .transpose()
+            .unsqueeze_dim(0)
+    }
+
+    fn bias(&self) -> Option<Tensor<B, 1>> {
+        self.bias.as_ref().map(|b| b.val())
+    }
+
+    fn gram(&self, input: &Flow<B>) -> Tensor<B, 3> {
+        let x = rows_of(input).clone().detach();
+        x.clone().transpose().matmul(x).unsqueeze_dim(0)
+    }
+
+    fn rows(&self, input: &Flow<B>, output: &Flow<B>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        (
+            rows_of(input).clone().unsqueeze_dim(0),
+            rows_of(output).clone().unsqueeze_dim(0),
+        )
+    }
 }

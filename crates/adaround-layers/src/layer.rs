@@ -6,9 +6,121 @@ use burn::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    conv2d::CONV_AXIS, dense::DENSE_AXIS, probe::Flow, QuantizedConv2d, QuantizedDense,
-    QuantizedSeparableConv2d, QuantizerSlot,
+    probe::Flow, QuantizedConv2d, QuantizedDense, QuantizedSeparableConv2d, QuantizerSlot,
 };
+
+/// What AdaRound needs of one layer kind, implemented next to the layer (`dense.rs`,
+/// `conv2d.rs`, `separable.rs`). [`QuantizedLayer`] and everything built on it (the
+/// driver's Gram and fused paths, the integer export, finalizing) dispatch through it.
+///
+/// Adding a layer kind: implement this trait (and [`MatrixLayer`] when the layer is one
+/// matrix product per group of output positions) in the layer's file, then add one variant
+/// to [`QuantizedLayer`] and [`LayerKind`] and one arm to the dispatch macro in `layer.rs`.
+/// Nothing else names a layer kind.
+pub trait AdaRoundLayer<B: Backend>: Module<B> + Into<QuantizedLayer<B>> {
+    /// The kind of layer.
+    const KIND: LayerKind;
+
+    /// The layer's kernels, in order (a separable convolution: depthwise, then pointwise).
+    fn kernels(&self) -> Vec<Kernel<'_, B>>;
+
+    /// Applies the layer as its slots say (`float`: with the float kernels) to an input of
+    /// the layer's flow kind; `None` for the other kind.
+    fn forward_flow(&self, input: Flow<B>, float: bool) -> Option<Flow<B>>;
+
+    /// The layer with each quantizer slot replaced by `f(slot)`, in kernel order.
+    fn map_slots(self, f: &mut dyn FnMut(QuantizerSlot<B>) -> QuantizerSlot<B>) -> Self;
+
+    /// Puts an AdaRound quantizer, wrapping the current one, in every quantizing slot.
+    fn with_adaround(self, params: &AdaRoundParams) -> Result<Self, QuantizerError>;
+
+    /// Writes AdaRound's rounded weights (`hard`: `1[alpha >= 0]`) into the float kernels,
+    /// restores the original quantizers, and counts the quantized weights that differ from
+    /// nearest rounding of the previous kernels.
+    fn finalize(self, hard: bool) -> (Self, Vec<KernelChange>);
+
+    /// The layer as one matrix product per group, where it is one (Dense, Conv2D).
+    fn matrix(&self) -> Option<&dyn MatrixLayer<B>> {
+        None
+    }
+}
+
+/// A layer whose output is, per group of channels, the matrix product of its kernel
+/// `[C_out / groups, K]` with input patches of size `K` (`K = C_in / groups * kh * kw` for a
+/// convolution, `d_input` for a Dense layer), plus the bias: the form of the driver's Gram
+/// matrices and fused step.
+pub trait MatrixLayer<B: Backend> {
+    /// `[groups, C_out / groups, K]`.
+    fn matrix_dims(&self) -> [usize; 3];
+
+    /// Output positions (rows of the product) of the layer on an input of shape `input`, by
+    /// arithmetic.
+    fn positions(&self, input: &[usize]) -> usize;
+
+    /// `[groups, C_out / groups, K]` from a tensor in AdaRound's rank-4 kernel layout; a
+    /// per-channel factor becomes `[1 | groups, 1 | C_out / groups, 1]`, a scalar `[1, 1, 1]`.
+    fn to_matrix(&self, t: Tensor<B, 4>) -> Tensor<B, 3>;
+
+    /// Inverse of [`to_matrix`](Self::to_matrix) for a full kernel: AdaRound's rank-4 layout.
+    fn to_kernel(&self, t: Tensor<B, 3>) -> Tensor<B, 4>;
+
+    /// The float kernel as a matrix.
+    fn float_matrix(&self) -> Tensor<B, 3>;
+
+    /// The kernel the layer uses now (quantized, or AdaRound's weights) minus its float
+    /// kernel, as a matrix.
+    fn delta_matrix(&self) -> Tensor<B, 3>;
+
+    /// The float bias `[C_out]`.
+    fn bias(&self) -> Option<Tensor<B, 1>>;
+
+    /// `X^T X` of the input patches `X` (`[groups, K, K]`, summed over all output positions).
+    fn gram(&self, input: &Flow<B>) -> Tensor<B, 3>;
+
+    /// The input patches `[groups, M, K]` and the outputs `[groups, M, C_out / groups]` as
+    /// rows, one per output position (`M` over the whole batch).
+    fn rows(&self, input: &Flow<B>, output: &Flow<B>) -> (Tensor<B, 3>, Tensor<B, 3>);
+}
+
+/// One kernel of a layer.
+#[derive(Debug)]
+pub struct Kernel<'a, B: Backend> {
+    /// Which kernel of the layer.
+    pub role: KernelRole,
+    /// Its parameter id.
+    pub id: ParamId,
+    /// The float kernel in Burn's layout, padded with trailing 1s to rank 4 (a Dense
+    /// kernel `[d_input, d_output]` is `[d_input, d_output, 1, 1]`).
+    pub weight: Tensor<B, 4>,
+    /// The kernel's own shape (rank 2 for a Dense kernel).
+    pub shape: Vec<usize>,
+    /// Its quantizer slot.
+    pub slot: &'a QuantizerSlot<B>,
+    /// The output-channel axis of per-channel quantization.
+    pub axis: usize,
+}
+
+impl<'a, B: Backend> Kernel<'a, B> {
+    /// The kernel of `weight` (rank 2 or 4) quantized by `slot` along `axis`.
+    pub(crate) fn new<const D: usize>(
+        role: KernelRole,
+        weight: &Param<Tensor<B, D>>,
+        slot: &'a QuantizerSlot<B>,
+        axis: usize,
+    ) -> Self {
+        let shape = weight.dims().to_vec();
+        let mut padded = [1; 4];
+        padded[..D].copy_from_slice(&shape);
+        Self {
+            role,
+            id: weight.id,
+            weight: weight.val().reshape(padded),
+            shape,
+            slot,
+            axis,
+        }
+    }
+}
 
 /// Any quantized neural layer: what a driver optimises one at a time.
 #[allow(clippy::large_enum_variant)] // Burn modules are held by value (as burn-nn's `Activation`); tensors inside are shared handles
@@ -20,6 +132,36 @@ pub enum QuantizedLayer<B: Backend> {
     Conv2d(QuantizedConv2d<B>),
     /// A [`QuantizedSeparableConv2d`].
     SeparableConv2d(QuantizedSeparableConv2d<B>),
+}
+
+/// Runs `$body` with `$l` bound to the layer inside any [`QuantizedLayer`]: the one place
+/// that lists the variants.
+macro_rules! each_layer {
+    ($layer:expr, $l:ident => $body:expr) => {
+        match $layer {
+            QuantizedLayer::Dense($l) => $body,
+            QuantizedLayer::Conv2d($l) => $body,
+            QuantizedLayer::SeparableConv2d($l) => $body,
+        }
+    };
+}
+
+impl<B: Backend> From<QuantizedDense<B>> for QuantizedLayer<B> {
+    fn from(layer: QuantizedDense<B>) -> Self {
+        Self::Dense(layer)
+    }
+}
+
+impl<B: Backend> From<QuantizedConv2d<B>> for QuantizedLayer<B> {
+    fn from(layer: QuantizedConv2d<B>) -> Self {
+        Self::Conv2d(layer)
+    }
+}
+
+impl<B: Backend> From<QuantizedSeparableConv2d<B>> for QuantizedLayer<B> {
+    fn from(layer: QuantizedSeparableConv2d<B>) -> Self {
+        Self::SeparableConv2d(layer)
+    }
 }
 
 /// The kind of a [`QuantizedLayer`].
@@ -76,7 +218,7 @@ pub struct KernelChange {
 }
 
 /// Replaces the slot by AdaRound over `weight`.
-fn arm<B: Backend, const D: usize>(
+pub(crate) fn arm<B: Backend, const D: usize>(
     weight: &Param<Tensor<B, D>>,
     slot: QuantizerSlot<B>,
     axis: usize,
@@ -87,7 +229,7 @@ fn arm<B: Backend, const D: usize>(
 }
 
 /// Writes the rounded weights into `weight` and restores the original quantizer.
-fn finalize_kernel<B: Backend, const D: usize>(
+pub(crate) fn finalize_kernel<B: Backend, const D: usize>(
     weight: Param<Tensor<B, D>>,
     slot: QuantizerSlot<B>,
     axis: usize,
@@ -131,21 +273,21 @@ fn finalize_kernel<B: Backend, const D: usize>(
     }
 }
 
-fn set_training<B: Backend>(slot: QuantizerSlot<B>, training: bool) -> QuantizerSlot<B> {
+pub(crate) fn set_training<B: Backend>(slot: QuantizerSlot<B>, training: bool) -> QuantizerSlot<B> {
     match slot {
         QuantizerSlot::AdaRound(ada) => QuantizerSlot::AdaRound(ada.set_training(training)),
         plain => plain,
     }
 }
 
+fn kind_of<B: Backend, L: AdaRoundLayer<B>>(_: &L) -> LayerKind {
+    L::KIND
+}
+
 impl<B: Backend> QuantizedLayer<B> {
     /// The kind of layer.
     pub fn kind(&self) -> LayerKind {
-        match self {
-            Self::Dense(_) => LayerKind::Dense,
-            Self::Conv2d(_) => LayerKind::Conv2d,
-            Self::SeparableConv2d(_) => LayerKind::SeparableConv2d,
-        }
+        each_layer!(self, l => kind_of::<B, _>(l))
     }
 
     /// Applies the layer as its slots say (quantized, or AdaRound's weights), without
@@ -160,47 +302,26 @@ impl<B: Backend> QuantizedLayer<B> {
     }
 
     fn run(&self, input: Flow<B>, float: bool) -> Flow<B> {
-        match (self, input) {
-            (Self::Dense(l), Flow::Rows(x)) => Flow::Rows(l.forward_with(x, float)),
-            (Self::Conv2d(l), Flow::Maps(x)) => Flow::Maps(l.forward_with(x, float)),
-            (Self::SeparableConv2d(l), Flow::Maps(x)) => Flow::Maps(l.forward_with(x, float)),
-            (layer, input) => panic!(
-                "{:?} layer cannot take an input of shape {:?}",
-                layer.kind(),
-                input.dims()
-            ),
-        }
+        let dims = input.dims();
+        each_layer!(self, l => l.forward_flow(input, float)).unwrap_or_else(|| {
+            panic!(
+                "{:?} layer cannot take an input of shape {dims:?}",
+                self.kind()
+            )
+        })
     }
 
-    /// The layer's kernels: `(role, parameter id, number of weights)`.
-    pub fn kernels(&self) -> Vec<(KernelRole, ParamId, usize)> {
-        let role = KernelRole::Kernel;
-        match self {
-            Self::Dense(l) => vec![(role, l.weight.id, l.weight.shape().num_elements())],
-            Self::Conv2d(l) => vec![(role, l.weight.id, l.weight.shape().num_elements())],
-            Self::SeparableConv2d(l) => vec![
-                (
-                    KernelRole::Depthwise,
-                    l.weight_dw.id,
-                    l.weight_dw.shape().num_elements(),
-                ),
-                (
-                    KernelRole::Pointwise,
-                    l.weight.id,
-                    l.weight.shape().num_elements(),
-                ),
-            ],
-        }
+    /// The layer's kernels, in order.
+    pub fn kernels(&self) -> Vec<Kernel<'_, B>> {
+        each_layer!(self, l => l.kernels())
     }
 
     /// The float kernels, flattened, with their parameter ids.
     pub fn kernel_values(&self) -> Vec<(ParamId, Tensor<B, 1>)> {
-        let flat4 = |p: &Param<Tensor<B, 4>>| (p.id, p.val().flatten(0, 3));
-        match self {
-            Self::Dense(l) => vec![(l.weight.id, l.weight.val().flatten(0, 1))],
-            Self::Conv2d(l) => vec![flat4(&l.weight)],
-            Self::SeparableConv2d(l) => vec![flat4(&l.weight_dw), flat4(&l.weight)],
-        }
+        self.kernels()
+            .into_iter()
+            .map(|k| (k.id, k.weight.flatten(0, 3)))
+            .collect()
     }
 
     /// Whether any kernel is quantized (not the float pass-through).
@@ -210,11 +331,7 @@ impl<B: Backend> QuantizedLayer<B> {
 
     /// The quantizer slots, in kernel order.
     pub fn slots(&self) -> Vec<&QuantizerSlot<B>> {
-        match self {
-            Self::Dense(l) => vec![&l.quantizer],
-            Self::Conv2d(l) => vec![&l.quantizer],
-            Self::SeparableConv2d(l) => vec![&l.quantizer_dw, &l.quantizer],
-        }
+        self.kernels().into_iter().map(|k| k.slot).collect()
     }
 
     /// The AdaRound quantizers in the slots, in kernel order.
@@ -225,89 +342,33 @@ impl<B: Backend> QuantizedLayer<B> {
             .collect()
     }
 
+    /// The layer with each quantizer slot replaced by `f(slot)`, in kernel order.
+    pub fn map_slots(self, mut f: impl FnMut(QuantizerSlot<B>) -> QuantizerSlot<B>) -> Self {
+        each_layer!(self, l => l.map_slots(&mut f).into())
+    }
+
     /// Puts an AdaRound quantizer, wrapping the current one, in every quantizing slot.
     pub fn with_adaround(self, params: &AdaRoundParams) -> Result<Self, QuantizerError> {
-        let arm4 = |w: &Param<Tensor<B, 4>>, s: QuantizerSlot<B>| -> Result<_, QuantizerError> {
-            if s.quantizer().is_quantizing() {
-                arm(w, s, CONV_AXIS, params)
-            } else {
-                Ok(s)
-            }
-        };
-        Ok(match self {
-            Self::Dense(mut l) => {
-                if l.quantizer.quantizer().is_quantizing() {
-                    l.quantizer = arm(&l.weight, l.quantizer, DENSE_AXIS, params)?;
-                }
-                Self::Dense(l)
-            }
-            Self::Conv2d(mut l) => {
-                l.quantizer = arm4(&l.weight, l.quantizer)?;
-                Self::Conv2d(l)
-            }
-            Self::SeparableConv2d(mut l) => {
-                l.quantizer_dw = arm4(&l.weight_dw, l.quantizer_dw)?;
-                l.quantizer = arm4(&l.weight, l.quantizer)?;
-                Self::SeparableConv2d(l)
-            }
-        })
+        each_layer!(self, l => l.with_adaround(params).map(Into::into))
     }
 
     /// Sets every AdaRound quantizer to training (soft) or evaluation (quantized) mode.
     pub fn set_training(self, training: bool) -> Self {
-        match self {
-            Self::Dense(mut l) => {
-                l.quantizer = set_training(l.quantizer, training);
-                Self::Dense(l)
-            }
-            Self::Conv2d(mut l) => {
-                l.quantizer = set_training(l.quantizer, training);
-                Self::Conv2d(l)
-            }
-            Self::SeparableConv2d(mut l) => {
-                l.quantizer_dw = set_training(l.quantizer_dw, training);
-                l.quantizer = set_training(l.quantizer, training);
-                Self::SeparableConv2d(l)
-            }
-        }
+        self.map_slots(|slot| set_training(slot, training))
     }
 
     /// Writes AdaRound's rounded weights (`hard`: `1[alpha >= 0]`) into the float kernels,
     /// restores the original quantizers, and counts the quantized weights that differ from
     /// nearest rounding of the previous kernels.
     pub fn finalize(self, hard: bool) -> (Self, Vec<KernelChange>) {
-        match self {
-            Self::Dense(mut l) => {
-                let (w, s, c) =
-                    finalize_kernel(l.weight, l.quantizer, DENSE_AXIS, hard, KernelRole::Kernel);
-                (l.weight, l.quantizer) = (w, s);
-                (Self::Dense(l), vec![c])
-            }
-            Self::Conv2d(mut l) => {
-                let (w, s, c) =
-                    finalize_kernel(l.weight, l.quantizer, CONV_AXIS, hard, KernelRole::Kernel);
-                (l.weight, l.quantizer) = (w, s);
-                (Self::Conv2d(l), vec![c])
-            }
-            Self::SeparableConv2d(mut l) => {
-                let (w, s, c_dw) = finalize_kernel(
-                    l.weight_dw,
-                    l.quantizer_dw,
-                    CONV_AXIS,
-                    hard,
-                    KernelRole::Depthwise,
-                );
-                (l.weight_dw, l.quantizer_dw) = (w, s);
-                let (w, s, c_pw) = finalize_kernel(
-                    l.weight,
-                    l.quantizer,
-                    CONV_AXIS,
-                    hard,
-                    KernelRole::Pointwise,
-                );
-                (l.weight, l.quantizer) = (w, s);
-                (Self::SeparableConv2d(l), vec![c_dw, c_pw])
-            }
-        }
+        each_layer!(self, l => {
+            let (l, changes) = l.finalize(hard);
+            (l.into(), changes)
+        })
+    }
+
+    /// The layer as one matrix product per group, where it is one (Dense, Conv2D).
+    pub fn matrix(&self) -> Option<&dyn MatrixLayer<B>> {
+        each_layer!(self, l => l.matrix())
     }
 }

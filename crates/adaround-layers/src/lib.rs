@@ -47,7 +47,9 @@ mod slot;
 pub use conv2d::{same_padding, QuantizedConv2d, QuantizedConv2dConfig, CONV_AXIS};
 pub use dense::{QuantizedDense, QuantizedDenseConfig, DENSE_AXIS};
 pub use fold::{FoldBatchNorm, FoldError};
-pub use layer::{KernelChange, KernelRole, LayerKind, QuantizedLayer};
+pub use layer::{
+    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer, QuantizedLayer,
+};
 pub use native::NativeQuantError;
 pub use relu::{QuantizedReLU, QuantizedReLUConfig, QuantizedReLURecord};
 pub use separable::{QuantizedSeparableConv2d, QuantizedSeparableConv2dConfig};

@@ -1,4 +1,4 @@
-use adaround_core::WeightQuantizer;
+use adaround_core::{AdaRoundParams, QuantizerError, WeightQuantizer};
 use burn::{
     config::Config,
     module::{Module, Param},
@@ -9,8 +9,10 @@ use burn::{
 use crate::{
     checks,
     conv2d::{conv_with, CONV_AXIS},
+    layer::{arm, finalize_kernel},
     probe::{self, Flow, ProbeEvent},
-    QuantizedConv2d, QuantizedLayer, QuantizerSlot,
+    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, QuantizedConv2d, QuantizedLayer,
+    QuantizerSlot,
 };
 
 /// Configuration of a [`QuantizedSeparableConv2d`] layer.
@@ -276,5 +278,72 @@ impl<B: Backend> QuantizedSeparableConv2d<B> {
         );
         let bias = self.bias.as_ref().map(|b| b.val());
         conv_with(x, pw, bias, &PaddingConfig2d::Valid, [1, 1], [1, 1], 1)
+    }
+}
+
+/// Two kernels, depthwise then pointwise. No [`MatrixLayer`](crate::MatrixLayer) form: the
+/// driver splits the layer into its two convolutions for that (see
+/// [`split`](QuantizedSeparableConv2d::split)).
+impl<B: Backend> AdaRoundLayer<B> for QuantizedSeparableConv2d<B> {
+    const KIND: LayerKind = LayerKind::SeparableConv2d;
+
+    fn kernels(&self) -> Vec<Kernel<'_, B>> {
+        vec![
+            Kernel::new(
+                KernelRole::Depthwise,
+                &self.weight_dw,
+                &self.quantizer_dw,
+                CONV_AXIS,
+            ),
+            Kernel::new(
+                KernelRole::Pointwise,
+                &self.weight,
+                &self.quantizer,
+                CONV_AXIS,
+            ),
+        ]
+    }
+
+    fn forward_flow(&self, input: Flow<B>, float: bool) -> Option<Flow<B>> {
+        match input {
+            Flow::Maps(x) => Some(Flow::Maps(self.forward_with(x, float))),
+            Flow::Rows(_) => None,
+        }
+    }
+
+    fn map_slots(mut self, f: &mut dyn FnMut(QuantizerSlot<B>) -> QuantizerSlot<B>) -> Self {
+        self.quantizer_dw = f(self.quantizer_dw);
+        self.quantizer = f(self.quantizer);
+        self
+    }
+
+    fn with_adaround(mut self, params: &AdaRoundParams) -> Result<Self, QuantizerError> {
+        if self.quantizer_dw.quantizer().is_quantizing() {
+            self.quantizer_dw = arm(&self.weight_dw, self.quantizer_dw, CONV_AXIS, params)?;
+        }
+        if self.quantizer.quantizer().is_quantizing() {
+            self.quantizer = arm(&self.weight, self.quantizer, CONV_AXIS, params)?;
+        }
+        Ok(self)
+    }
+
+    fn finalize(mut self, hard: bool) -> (Self, Vec<KernelChange>) {
+        let (w, s, dw) = finalize_kernel(
+            self.weight_dw,
+            self.quantizer_dw,
+            CONV_AXIS,
+            hard,
+            KernelRole::Depthwise,
+        );
+        (self.weight_dw, self.quantizer_dw) = (w, s);
+        let (w, s, pw) = finalize_kernel(
+            self.weight,
+            self.quantizer,
+            CONV_AXIS,
+            hard,
+            KernelRole::Pointwise,
+        );
+        (self.weight, self.quantizer) = (w, s);
+        (self, vec![dw, pw])
     }
 }

@@ -500,7 +500,11 @@ fn kernel_roles_are_typed_and_serialize_as_their_names() {
         .with_quantizer(q4())
         .init(&device());
     let roles = |layer: QuantizedLayer<B>| -> Vec<(KernelRole, usize)> {
-        layer.kernels().iter().map(|k| (k.0, k.2)).collect()
+        layer
+            .kernels()
+            .iter()
+            .map(|k| (k.role, k.weight.shape().num_elements()))
+            .collect()
     };
     assert_eq!(
         roles(QuantizedLayer::SeparableConv2d(sep.clone())),
@@ -534,4 +538,63 @@ fn kernel_roles_are_typed_and_serialize_as_their_names() {
         assert_eq!(role.to_string(), name);
     }
     assert!(serde_json::from_str::<KernelRole>("\"bias\"").is_err());
+}
+
+/// The matrix form reproduces the layer: `X W^T + b` on the rows is the float forward, the
+/// positions are the rows' count, the Gram matrix is `X^T X`, and the matrix layout of the
+/// kernel round-trips.
+#[test]
+fn should_reproduce_the_float_forward_from_the_matrix_form() {
+    B::seed(&device(), 11);
+    let check = |layer: QuantizedLayer<B>, x: probe::Flow<B>| {
+        let m = layer.matrix().expect("Dense and Conv2D have a matrix form");
+        let y = layer.forward_float_flow(x.clone());
+        let (rows, targets) = m.rows(&x, &y);
+        let [groups, c_g, k] = m.matrix_dims();
+        let positions = m.positions(&x.dims());
+        assert_eq!(rows.dims(), [groups, positions, k]);
+        assert_eq!(targets.dims(), [groups, positions, c_g]);
+        let bias = m.bias().map_or_else(
+            || targets.zeros_like(),
+            |b| b.reshape([groups, 1, c_g]) + targets.zeros_like(),
+        );
+        let product = rows.clone().matmul(m.float_matrix().swap_dims(1, 2)) + bias;
+        assert!(max_diff(product, targets) < 1e-4, "{:?}", layer.kind());
+        let gram = rows.clone().swap_dims(1, 2).matmul(rows);
+        assert!(max_diff(m.gram(&x), gram) < 1e-3, "{:?}", layer.kind());
+        let kernel = &layer.kernels()[0];
+        let w = kernel.weight.clone();
+        assert_eq!(
+            max_diff(m.to_kernel(m.to_matrix(w.clone())), w.clone()),
+            0.0
+        );
+        // The delta is the quantization error of the kernel, in the matrix layout.
+        let quantized = kernel.slot.apply(w, kernel.axis);
+        let error = m.to_matrix(quantized) - m.float_matrix();
+        assert!(error.clone().abs().max().into_scalar().elem::<f32>() > 0.0);
+        assert!(max_diff(m.delta_matrix(), error) < 1e-6);
+    };
+    let dense = QuantizedDenseConfig::new(6, 5)
+        .with_quantizer(q4())
+        .init::<B>(&device());
+    let x = Tensor::<B, 2>::random([7, 6], Distribution::Normal(0.0, 1.0), &device());
+    check(QuantizedLayer::Dense(dense), probe::Flow::Rows(x));
+    let x = Tensor::<B, 4>::random([2, 4, 9, 8], Distribution::Normal(0.0, 1.0), &device());
+    for (padding, stride, dilation, groups) in [
+        (PaddingConfig2d::Valid, [1, 1], [1, 1], 1),
+        (PaddingConfig2d::Same, [2, 2], [1, 1], 2),
+        (PaddingConfig2d::Same, [1, 1], [2, 2], 4),
+        (PaddingConfig2d::Explicit(1, 2, 0, 1), [2, 1], [1, 1], 1),
+    ] {
+        let conv = QuantizedConv2dConfig::new([4, 8], [3, 3])
+            .with_padding(padding)
+            .with_stride(stride)
+            .with_dilation(dilation)
+            .with_groups(groups)
+            .with_quantizer(q4())
+            .init::<B>(&device());
+        check(QuantizedLayer::Conv2d(conv), probe::Flow::Maps(x.clone()));
+    }
+    let sep = QuantizedSeparableConv2dConfig::new([4, 6], [3, 3]).init::<B>(&device());
+    assert!(QuantizedLayer::SeparableConv2d(sep).matrix().is_none());
 }

@@ -44,7 +44,7 @@ pub(crate) fn discover<
         let Seen::Layer { layer, output } = event else {
             continue;
         };
-        let id = layer.kernels()[0].1;
+        let id = layer.kernels()[0].id;
         let name = index
             .owner(&id)
             .unwrap_or_else(|| format!("layer{position}"));

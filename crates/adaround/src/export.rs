@@ -1,7 +1,7 @@
 //! Integer export: the quantized weights of a model as integers, scale factors and bitwidths.
 
 use adaround_core::Grid;
-use adaround_layers::{KernelRole, QuantizedLayer, QuantizerSlot, CONV_AXIS, DENSE_AXIS};
+use adaround_layers::{KernelRole, QuantizerSlot};
 use burn::{
     module::Module,
     tensor::{backend::Backend, Tensor},
@@ -117,41 +117,18 @@ where
             continue;
         };
         let name = index
-            .owner(&layer.kernels()[0].1)
+            .owner(&layer.kernels()[0].id)
             .unwrap_or_else(|| format!("layer{position}"));
-        let found = match layer.as_ref() {
-            QuantizedLayer::Dense(l) => vec![kernel(
-                &name,
-                KernelRole::Kernel,
-                l.weight.val(),
-                &l.quantizer,
-                DENSE_AXIS,
-            )?],
-            QuantizedLayer::Conv2d(l) => vec![kernel(
-                &name,
-                KernelRole::Kernel,
-                l.weight.val(),
-                &l.quantizer,
-                CONV_AXIS,
-            )?],
-            QuantizedLayer::SeparableConv2d(l) => vec![
-                kernel(
-                    &name,
-                    KernelRole::Depthwise,
-                    l.weight_dw.val(),
-                    &l.quantizer_dw,
-                    CONV_AXIS,
-                )?,
-                kernel(
-                    &name,
-                    KernelRole::Pointwise,
-                    l.weight.val(),
-                    &l.quantizer,
-                    CONV_AXIS,
-                )?,
-            ],
-        };
-        kernels.extend(found.into_iter().flatten());
+        for k in layer.kernels() {
+            let found = match k.shape[..] {
+                [rows, cols] => {
+                    let weight = k.weight.reshape([rows, cols]);
+                    kernel(&name, k.role, weight, k.slot, k.axis)?
+                }
+                _ => kernel(&name, k.role, k.weight, k.slot, k.axis)?,
+            };
+            kernels.extend(found);
+        }
     }
     Ok(IntegerExport {
         format: INTEGER_FORMAT.to_string(),

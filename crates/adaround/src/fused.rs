@@ -18,7 +18,7 @@
 //! agree to floating-point rounding (tested).
 
 use adaround_core::RoundingStatus;
-use adaround_layers::{probe::Flow, QuantizedLayer, QuantizerSlot};
+use adaround_layers::{probe::Flow, MatrixLayer, QuantizedLayer, QuantizerSlot};
 use burn::{
     module::Param,
     tensor::{backend::Backend, Tensor},
@@ -62,56 +62,10 @@ pub(crate) struct Fused<B: Backend> {
     pub(crate) rates: (f64, f64),
 }
 
-/// `[g, C_out / g, K]` from the kernel layout (`Dense [d_in, d_out]`, Conv2d
-/// `[c_out, k_g, kh, kw]`); a per-tensor or per-channel factor becomes `[1 | g, 1 | r, 1]`.
-fn to_matrix<B: Backend>(layer: &QuantizedLayer<impl Backend>, t: Tensor<B, 4>) -> Tensor<B, 3> {
-    let n = t.shape().num_elements();
-    match layer {
-        QuantizedLayer::Dense(l) => {
-            let [d_in, d_out] = l.weight.dims();
-            if n == d_in * d_out {
-                t.reshape([d_in, d_out]).transpose().unsqueeze_dim(0)
-            } else {
-                // A factor over the output axis ([1, d_out]) or a scalar.
-                t.reshape([1, n, 1])
-            }
-        }
-        QuantizedLayer::Conv2d(l) => {
-            let [c_out, k_g, kh, kw] = l.weight.dims();
-            let g = l.groups;
-            if n == c_out * k_g * kh * kw {
-                t.reshape([g, c_out / g, k_g * kh * kw])
-            } else if n == 1 {
-                t.reshape([1, 1, 1])
-            } else {
-                t.reshape([g, c_out / g, 1])
-            }
-        }
-        QuantizedLayer::SeparableConv2d(_) => unreachable!("not fused"),
-    }
-}
-
-/// Inverse of [`to_matrix`] for a full kernel, padded to rank 4 as AdaRound stores it.
-fn from_matrix<B: Backend>(layer: &QuantizedLayer<impl Backend>, t: Tensor<B, 3>) -> Tensor<B, 4> {
-    match layer {
-        QuantizedLayer::Dense(l) => {
-            let [d_in, d_out] = l.weight.dims();
-            t.reshape([d_out, d_in])
-                .transpose()
-                .reshape([d_in, d_out, 1, 1])
-        }
-        QuantizedLayer::Conv2d(l) => t.reshape(l.weight.dims()),
-        QuantizedLayer::SeparableConv2d(_) => unreachable!("not fused"),
-    }
-}
-
 /// Bytes of the im2col patches of the direct fused path on `inputs`.
 pub(crate) fn patch_bytes<B: Backend>(layer: &QuantizedLayer<B>, inputs: &[Flow<B>]) -> usize {
     let (k, positions) = gram::sizes(layer, &inputs[0]);
-    let groups = match layer {
-        QuantizedLayer::Conv2d(l) => l.groups,
-        _ => 1,
-    };
+    let groups = layer.matrix().map_or(1, |m| m.matrix_dims()[0]);
     k.saturating_mul(positions)
         .saturating_mul(groups)
         .saturating_mul(4)
@@ -130,29 +84,14 @@ impl<B: Backend> Fused<B> {
     ) -> Self {
         let ada = layer.adarounds()[0].clone();
         let levels = ada.levels();
-        let m = |t: Tensor<B, 4>| to_matrix(&layer, t);
-        let alpha = m(ada.alpha.val());
-        let w_floor = m(ada.w_floor.val());
-        let sf = m(ada.sf.val());
-        let (weight, bias) = match &layer {
-            QuantizedLayer::Dense(l) => (
-                l.weight.val().transpose().unsqueeze_dim(0),
-                l.bias.as_ref().map(|b| b.val()),
-            ),
-            QuantizedLayer::Conv2d(l) => {
-                let [c_out, k_g, kh, kw] = l.weight.dims();
-                let w = l.weight.val();
-                (
-                    w.reshape([l.groups, c_out / l.groups, k_g * kh * kw]),
-                    l.bias.as_ref().map(|b| b.val()),
-                )
-            }
-            QuantizedLayer::SeparableConv2d(_) => unreachable!("not fused"),
-        };
-        let [groups, rows, _] = weight.dims();
+        let matrix = matrix_of(&layer);
+        let alpha = matrix.to_matrix(ada.alpha.val());
+        let w_floor = matrix.to_matrix(ada.w_floor.val());
+        let sf = matrix.to_matrix(ada.sf.val());
+        let weight = matrix.float_matrix();
         let (data, divisors) = match grams {
             Some(g) => (Data::Gram(g.grams.clone()), g.divisors.clone()),
-            None => direct_data(&layer, inputs, targets, bias, [groups, rows], loss),
+            None => direct_data(matrix, inputs, targets, loss),
         };
         Self {
             gamma: ada.meta.gamma,
@@ -253,28 +192,14 @@ impl<B: Backend> Fused<B> {
 
     /// The layer with the current alphas.
     pub(crate) fn layer(&self) -> QuantizedLayer<B> {
-        let alpha = from_matrix(&self.layer, self.alpha.clone());
-        let set = |slot: &QuantizerSlot<B>| match slot {
-            QuantizerSlot::AdaRound(ada) => {
-                let mut ada = ada.clone();
+        let alpha = matrix_of(&self.layer).to_kernel(self.alpha.clone());
+        self.layer.clone().map_slots(|slot| match slot {
+            QuantizerSlot::AdaRound(mut ada) => {
                 ada.alpha = Param::initialized(ada.alpha.id, alpha.clone());
                 QuantizerSlot::AdaRound(ada)
             }
-            plain => plain.clone(),
-        };
-        match &self.layer {
-            QuantizedLayer::Dense(l) => {
-                let mut l = l.clone();
-                l.quantizer = set(&l.quantizer);
-                QuantizedLayer::Dense(l)
-            }
-            QuantizedLayer::Conv2d(l) => {
-                let mut l = l.clone();
-                l.quantizer = set(&l.quantizer);
-                QuantizedLayer::Conv2d(l)
-            }
-            QuantizedLayer::SeparableConv2d(_) => unreachable!("not fused"),
-        }
+            plain => plain,
+        })
     }
 }
 
@@ -308,40 +233,27 @@ fn matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
     }
 }
 
+/// The matrix form of a layer the fused step took over.
+fn matrix_of<B: Backend>(layer: &QuantizedLayer<B>) -> &dyn MatrixLayer<B> {
+    layer
+        .matrix()
+        .expect("the fused step is chosen only for layers with a matrix form")
+}
+
 /// The direct path's data: per batch, `[groups, M, K]` patches and `[groups, M, rows]`
 /// targets minus the bias (one row per output position), and the loss divisor.
 fn direct_data<B: Backend>(
-    layer: &QuantizedLayer<B>,
+    layer: &dyn MatrixLayer<B>,
     inputs: &[Flow<B>],
     targets: &[Flow<B>],
-    bias: Option<Tensor<B, 1>>,
-    [groups, rows]: [usize; 2],
     loss: ReconstructionLoss,
 ) -> (Data<B>, Vec<f64>) {
+    let [groups, rows, _] = layer.matrix_dims();
+    let bias = layer.bias();
     let mut batches = Vec::with_capacity(inputs.len());
     let mut divisors = Vec::with_capacity(inputs.len());
     for (x, t) in inputs.iter().zip(targets) {
-        let (x, t) = match (layer, x, t) {
-            (QuantizedLayer::Dense(_), Flow::Rows(x), Flow::Rows(t)) => (
-                x.clone().unsqueeze_dim::<3>(0),
-                t.clone().unsqueeze_dim::<3>(0),
-            ),
-            (QuantizedLayer::Conv2d(l), Flow::Maps(x), Flow::Maps(t)) => {
-                let p = gram::patches(l, x.clone());
-                let [b, gk, positions] = p.dims();
-                let p = p
-                    .reshape([b, groups, gk / groups, positions])
-                    .permute([1, 0, 3, 2])
-                    .reshape([groups, b * positions, gk / groups]);
-                let t = t
-                    .clone()
-                    .reshape([b, groups, rows, positions])
-                    .permute([1, 0, 3, 2])
-                    .reshape([groups, b * positions, rows]);
-                (p, t)
-            }
-            _ => unreachable!("inputs match the layer"),
-        };
+        let (x, t) = layer.rows(x, t);
         let t = match &bias {
             Some(b) => t - b.clone().reshape([groups, 1, rows]),
             None => t,
@@ -401,7 +313,7 @@ mod tests {
             );
             let (rec, round): (f32, f32) = (rec.into_scalar(), round.into_scalar());
 
-            let grams = gram::grams(&layer, std::slice::from_ref(&x), loss);
+            let grams = gram::grams(&layer, std::slice::from_ref(&x), loss).unwrap();
             for grams in [Some(&grams), None] {
                 let fused = Fused::new(
                     layer.clone(),
@@ -420,8 +332,8 @@ mod tests {
                 let (none, quiet) = fused.loss_and_gradient(0, Some(beta), reg, false);
                 assert!(none.is_none());
                 assert_eq!(
-                    values(from_matrix(&fused.layer, quiet)),
-                    values(from_matrix(&fused.layer, grad.clone()))
+                    values(matrix_of(&fused.layer).to_kernel(quiet)),
+                    values(matrix_of(&fused.layer).to_kernel(grad.clone()))
                 );
                 let path = if grams.is_some() { "Gram" } else { "direct" };
                 assert!(rec > 0.0);
@@ -433,7 +345,7 @@ mod tests {
                     (f_round - round).abs() <= 1e-5 * round,
                     "{f_round} vs {round}"
                 );
-                let got = values(from_matrix(&fused.layer, grad));
+                let got = values(matrix_of(&fused.layer).to_kernel(grad));
                 let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let diff = got
                     .iter()

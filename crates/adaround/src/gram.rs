@@ -12,7 +12,7 @@
 //! floating-point rounding.
 
 use adaround_layers::{probe::Flow, QuantizedLayer};
-use burn::tensor::{backend::Backend, module::unfold4d, ops::UnfoldOptions, Tensor};
+use burn::tensor::{backend::Backend, Tensor};
 
 use crate::ReconstructionLoss;
 
@@ -38,102 +38,38 @@ pub(crate) struct Grams<B: Backend> {
 
 /// Whether the Gram form exists for `layer` (the caller checks activation and targets).
 pub(crate) fn supports<B: Backend>(layer: &QuantizedLayer<B>) -> bool {
-    matches!(layer, QuantizedLayer::Dense(_) | QuantizedLayer::Conv2d(_))
+    layer.matrix().is_some()
 }
 
 /// Patch size `K` and output positions per batch `M` of the layer on `input`.
 pub(crate) fn sizes<B: Backend>(layer: &QuantizedLayer<B>, input: &Flow<B>) -> (usize, usize) {
-    match (layer, input) {
-        (QuantizedLayer::Dense(l), Flow::Rows(x)) => (l.weight.dims()[0], x.dims()[0]),
-        (QuantizedLayer::Conv2d(l), Flow::Maps(x)) => {
-            let [_, k_g, kh, kw] = l.weight.dims();
-            let [b, _, h, w] = x.dims();
-            let ((top, bottom), (left, right)) = l.padding_pairs([h, w]);
-            let out = |size: usize, pad: usize, k: usize, stride: usize, dilation: usize| {
-                (size + pad).saturating_sub(dilation * (k - 1) + 1) / stride + 1
-            };
-            let h_out = out(h, top + bottom, kh, l.stride[0], l.dilation[0]);
-            let w_out = out(w, left + right, kw, l.stride[1], l.dilation[1]);
-            (k_g * kh * kw, b * h_out * w_out)
-        }
-        _ => (usize::MAX, 0),
+    match layer.matrix() {
+        Some(m) => (m.matrix_dims()[2], m.positions(&input.dims())),
+        None => (usize::MAX, 0),
     }
 }
 
-/// `[batch, C_in * kh * kw, L]` patches of a convolution's input, padding included.
-pub(crate) fn patches<B: Backend>(
-    l: &adaround_layers::QuantizedConv2d<B>,
-    x: Tensor<B, 4>,
-) -> Tensor<B, 3> {
-    let [_, _, h, w] = x.dims();
-    let [_, _, kh, kw] = l.weight.dims();
-    let ((top, bottom), (left, right)) = l.padding_pairs([h, w]);
-    let x = if top + bottom + left + right > 0 {
-        x.pad(
-            [(top, bottom), (left, right)],
-            burn::tensor::ops::PadMode::Constant(0.0),
-        )
-    } else {
-        x
-    };
-    unfold4d(
-        x,
-        [kh, kw],
-        UnfoldOptions::new(l.stride, [0, 0], l.dilation),
-    )
-}
-
-/// The Gram matrices of `layer` on each batch of `inputs`.
+/// The Gram matrices of `layer` on each batch of `inputs`; `None` without a
+/// [`MatrixLayer`](adaround_layers::MatrixLayer) form.
 pub(crate) fn grams<B: Backend>(
     layer: &QuantizedLayer<B>,
     inputs: &[Flow<B>],
     loss: ReconstructionLoss,
-) -> Grams<B> {
-    let mut grams = Vec::with_capacity(inputs.len());
-    let mut divisors = Vec::with_capacity(inputs.len());
-    for input in inputs {
-        let (gram, positions, c_out) = match (layer, input) {
-            (QuantizedLayer::Dense(l), Flow::Rows(x)) => {
-                let x = x.clone().detach();
-                let gram = x.clone().transpose().matmul(x).unsqueeze_dim::<3>(0);
-                (gram, input.dims()[0], l.weight.dims()[1])
+) -> Option<Grams<B>> {
+    let layer = layer.matrix()?;
+    let [groups, rows, _] = layer.matrix_dims();
+    let grams = inputs.iter().map(|input| layer.gram(input)).collect();
+    let divisors = inputs
+        .iter()
+        .map(|input| {
+            let positions = layer.positions(&input.dims());
+            match loss {
+                ReconstructionLoss::Mse => (positions * groups * rows) as f64,
+                ReconstructionLoss::ChannelSum => positions as f64,
             }
-            (QuantizedLayer::Conv2d(l), Flow::Maps(x)) => {
-                let [c_out, k_g, kh, kw] = l.weight.dims();
-                let groups = l.groups;
-                let p = patches(l, x.clone().detach());
-                let [b, _, positions] = p.dims();
-                // [b, groups, K, L] -> [groups, K, b * L]
-                let k = k_g * kh * kw;
-                let p = p.reshape([b, groups, k, positions]).permute([1, 2, 0, 3]);
-                let p = p.reshape([groups, k, b * positions]);
-                (p.clone().matmul(p.swap_dims(1, 2)), b * positions, c_out)
-            }
-            _ => unreachable!("the Gram path is only chosen for Dense and Conv2d"),
-        };
-        grams.push(gram);
-        divisors.push(match loss {
-            ReconstructionLoss::Mse => (positions * c_out) as f64,
-            ReconstructionLoss::ChannelSum => positions as f64,
-        });
-    }
-    Grams { grams, divisors }
-}
-
-/// `dW = W~ - W` as `[groups, C_out / groups, K]`: the kernel the layer uses now (AdaRound's
-/// soft weights while training) minus its float kernel.
-fn delta<B: Backend>(layer: &QuantizedLayer<B>) -> Tensor<B, 3> {
-    match layer {
-        QuantizedLayer::Dense(l) => (l.quantized_weight() - l.weight.val())
-            .transpose()
-            .unsqueeze_dim::<3>(0),
-        QuantizedLayer::Conv2d(l) => {
-            let [c_out, k_g, kh, kw] = l.weight.dims();
-            let d = l.quantized_weight() - l.weight.val();
-            d.reshape([l.groups, c_out / l.groups, k_g * kh * kw])
-        }
-        QuantizedLayer::SeparableConv2d(_) => unreachable!("no Gram form for separable convs"),
-    }
+        })
+        .collect();
+    Some(Grams { grams, divisors })
 }
 
 /// The reconstruction loss of `layer` on batch `b`, from its Gram matrix.
@@ -142,7 +78,10 @@ pub(crate) fn loss<B: Backend>(
     grams: &Grams<B>,
     b: usize,
 ) -> Tensor<B, 1> {
-    let d = delta(layer);
+    let d = layer
+        .matrix()
+        .expect("Gram matrices exist only for layers with a matrix form")
+        .delta_matrix();
     let gram = grams.grams[b].clone();
     let [groups, rows, k] = d.dims();
     let quad = if groups == 1 {
@@ -186,17 +125,7 @@ pub(crate) mod tests {
             }
             plain => plain,
         };
-        match layer {
-            QuantizedLayer::Dense(mut l) => {
-                l.quantizer = perturb(l.quantizer);
-                QuantizedLayer::Dense(l)
-            }
-            QuantizedLayer::Conv2d(mut l) => {
-                l.quantizer = perturb(l.quantizer);
-                QuantizedLayer::Conv2d(l)
-            }
-            other => other,
-        }
+        layer.map_slots(perturb)
     }
 
     /// Loss and alpha gradient, direct and Gram, for `loss`.
@@ -208,7 +137,7 @@ pub(crate) mod tests {
         let target = layer.forward_float_flow(x.clone()).detach();
         let alpha = |l: &QuantizedLayer<B>| l.adarounds()[0].alpha.clone();
         let direct = reconstruction_loss(layer.forward_flow(x.clone()), target, loss);
-        let grams = grams(layer, &[x], loss);
+        let grams = grams(layer, &[x], loss).expect("a matrix layer");
         let gram = super::loss(layer, &grams, 0);
         [direct, gram].map(|l| {
             let value: f32 = l.clone().into_scalar();

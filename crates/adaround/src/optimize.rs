@@ -317,8 +317,9 @@ pub(crate) fn optimize_unit<B: Backend>(
         })?;
     let before = histograms(&armed);
     let path = choose_path(&unit, config);
-    let grams =
-        (path == LossPath::Gram).then(|| gram::grams(&unit.layer, unit.inputs, config.loss));
+    let grams = (path == LossPath::Gram)
+        .then(|| gram::grams(&unit.layer, unit.inputs, config.loss))
+        .flatten();
     let (mut step, fused) = build_step(&unit, armed, grams, ctx);
     debug!(
         "{}: {path:?} loss path, {} step",
@@ -351,7 +352,12 @@ pub(crate) fn optimize_unit<B: Backend>(
         path,
         fused,
         position: 0,
-        weights: unit.layer.kernels().iter().map(|k| k.2).sum(),
+        weights: unit
+            .layer
+            .kernels()
+            .iter()
+            .map(|k| k.weight.shape().num_elements())
+            .sum(),
         err_before,
         err_after,
         err_final: if kept_nearest { err_before } else { err_final },
