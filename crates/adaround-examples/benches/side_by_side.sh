@@ -7,7 +7,7 @@
 #     bash crates/adaround-examples/benches/side_by_side.sh --gpu        # GPU: Wgpu (fusion, plain) vs PyTorch CUDA
 #
 # Options: --python PY (default python3); --bin PATH, a `bench` binary built beforehand
-# (`cargo build --release --example bench`, with `-p adaround-examples --features wgpu-fusion`
+# (`cargo build --release -p adaround-examples --features flex --example bench`, `--features wgpu-fusion`
 # for --gpu), so that no cargo runs here. PyTorch uses as many threads as the machine has cores.
 # Prints both tables and the ratios (PyTorch's time over ours); the JSON goes to out/bench/.
 set -euo pipefail
@@ -34,7 +34,7 @@ else
     backends=ndarray,flex
     names="ndarrayf32 flex"
     device=cpu
-    features=()
+    features=(-p adaround-examples --features flex)
 fi
 if [ -z "$bin" ]; then
     cargo build --release "${features[@]}" --example bench

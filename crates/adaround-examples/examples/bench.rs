@@ -2,11 +2,11 @@
 //! time (see `adaround_examples::bench`), on Burn's two CPU backends.
 //!
 //! ```sh
-//! cargo run --release --example bench [-- --backend ndarray|flex|all]   # tables + out/bench/
-//! cargo run --release --example bench -- --scaling [--backend ndarray|flex]  # cost against samples, C_out, K
+//! cargo run --release --features adaround-examples/flex --example bench [-- --backend ndarray|flex|all]   # tables + out/bench/
+//! cargo run --release --features adaround-examples/flex --example bench -- --scaling [--backend ndarray|flex]  # cost against samples, C_out, K
 //! cargo run --release -p adaround-examples --features wgpu --example bench -- --backend wgpu
 //! cargo run --release -p adaround-examples --features wgpu-fusion --example bench -- --backend wgpu,wgpu-plain
-//! cargo run --release --example bench -- --xception [--backend ndarray|flex|wgpu] [--samples 96] [--joint]
+//! cargo run --release --features adaround-examples/flex --example bench -- --xception [--backend ndarray|flex|wgpu] [--samples 96] [--joint]
 //! python3 crates/adaround-examples/benches/adaround_step.py           # the same loop in PyTorch (pip install torch)
 //! ```
 
