@@ -16,6 +16,7 @@
 use adaround::{
     adaround, export_integers,
     import::{Layout, WeightImport},
+    layers::AdaRoundLayer,
     store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore},
 };
 use adaround_examples::digits::{

@@ -1,4 +1,5 @@
 use adaround_core::{AdaRoundParams, QuantizerError, WeightQuantizer};
+use burn::tensor::quantization::QuantValue;
 use burn::{
     config::Config,
     module::{Module, Param},
@@ -13,10 +14,12 @@ use burn::{
 
 use crate::{
     checks,
+    file_layout::{Conversion, Layout},
     layer::{arm, finalize_kernel},
+    native::{native_kernel, native_param},
     probe::{self, Flow, ProbeEvent},
-    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer, QuantizedLayer,
-    QuantizerSlot,
+    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer, NativeQuantError,
+    QuantizedLayer, QuantizerSlot,
 };
 
 /// Output-channel axis of a Conv2d kernel `[channels_out, channels_in / groups, kh, kw]`.
@@ -258,6 +261,31 @@ impl<B: Backend> QuantizedConv2d<B> {
 
 impl<B: Backend> AdaRoundLayer<B> for QuantizedConv2d<B> {
     const KIND: LayerKind = LayerKind::Conv2d;
+    const CONTAINER: &'static str = "Struct:QuantizedConv2d";
+
+    /// PyTorch's names and layout are Burn's; Keras' `kernel` is channels-last.
+    fn file_names(layout: Layout, param: &str) -> &'static [(&'static str, Conversion)] {
+        match (layout, param) {
+            (Layout::Keras, "weight") => &[("kernel", Conversion::KerasConv)],
+            _ => &[],
+        }
+    }
+
+    /// One block per output channel for a per-axis quantizer.
+    fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
+        let tensor = native_kernel(
+            KernelRole::Kernel,
+            self.weight.val(),
+            &self.quantizer,
+            CONV_AXIS,
+            value,
+        )?;
+        Ok(Self {
+            weight: native_param(self.weight, tensor),
+            quantizer: WeightQuantizer::Float.into(),
+            ..self
+        })
+    }
 
     fn kernels(&self) -> Vec<Kernel<'_, B>> {
         vec![Kernel::new(
@@ -281,9 +309,7 @@ impl<B: Backend> AdaRoundLayer<B> for QuantizedConv2d<B> {
     }
 
     fn with_adaround(mut self, params: &AdaRoundParams) -> Result<Self, QuantizerError> {
-        if self.quantizer.quantizer().is_quantizing() {
-            self.quantizer = arm(&self.weight, self.quantizer, CONV_AXIS, params)?;
-        }
+        self.quantizer = arm(&self.weight, self.quantizer, CONV_AXIS, params)?;
         Ok(self)
     }
 

@@ -1,4 +1,5 @@
 use adaround_core::{AdaRoundParams, QuantizerError, WeightQuantizer};
+use burn::tensor::quantization::QuantValue;
 use burn::{
     config::Config,
     module::{Module, Param},
@@ -8,10 +9,12 @@ use burn::{
 
 use crate::{
     checks,
+    file_layout::{Conversion, Layout},
     layer::{arm, finalize_kernel},
+    native::{native_kernel, native_param},
     probe::{self, Flow, ProbeEvent},
-    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer, QuantizedLayer,
-    QuantizerSlot,
+    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer, NativeQuantError,
+    QuantizedLayer, QuantizerSlot,
 };
 
 /// Output-channel axis of a Dense kernel `[d_input, d_output]`.
@@ -143,6 +146,33 @@ fn to_rows<B: Backend, const D: usize>(t: Tensor<B, D>, features: usize) -> Tens
 
 impl<B: Backend> AdaRoundLayer<B> for QuantizedDense<B> {
     const KIND: LayerKind = LayerKind::Dense;
+    const CONTAINER: &'static str = "Struct:QuantizedDense";
+
+    /// PyTorch's `weight` is `[d_output, d_input]`; Keras names the kernel `kernel`.
+    fn file_names(layout: Layout, param: &str) -> &'static [(&'static str, Conversion)] {
+        match (layout, param) {
+            (Layout::PyTorch, "weight") => &[("weight", Conversion::Transpose)],
+            (Layout::Keras, "weight") => &[("kernel", Conversion::Identity)],
+            _ => &[],
+        }
+    }
+
+    /// A per-output-channel quantizer is refused ([`NativeQuantError::NotBlocks`]): its
+    /// columns are not contiguous in `[d_input, d_output]`.
+    fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
+        let tensor = native_kernel(
+            KernelRole::Kernel,
+            self.weight.val(),
+            &self.quantizer,
+            DENSE_AXIS,
+            value,
+        )?;
+        Ok(Self {
+            weight: native_param(self.weight, tensor),
+            bias: self.bias,
+            quantizer: WeightQuantizer::Float.into(),
+        })
+    }
 
     fn kernels(&self) -> Vec<Kernel<'_, B>> {
         vec![Kernel::new(
@@ -166,9 +196,7 @@ impl<B: Backend> AdaRoundLayer<B> for QuantizedDense<B> {
     }
 
     fn with_adaround(mut self, params: &AdaRoundParams) -> Result<Self, QuantizerError> {
-        if self.quantizer.quantizer().is_quantizing() {
-            self.quantizer = arm(&self.weight, self.quantizer, DENSE_AXIS, params)?;
-        }
+        self.quantizer = arm(&self.weight, self.quantizer, DENSE_AXIS, params)?;
         Ok(self)
     }
 

@@ -5,8 +5,12 @@ use burn::{
 };
 use serde::{Deserialize, Serialize};
 
+use burn::tensor::quantization::QuantValue;
+
 use crate::{
-    probe::Flow, QuantizedConv2d, QuantizedDense, QuantizedSeparableConv2d, QuantizerSlot,
+    file_layout::{Conversion, Layout},
+    probe::Flow,
+    NativeQuantError, QuantizedConv2d, QuantizedDense, QuantizedSeparableConv2d, QuantizerSlot,
 };
 
 /// What AdaRound needs of one layer kind, implemented next to the layer (`dense.rs`,
@@ -15,11 +19,19 @@ use crate::{
 ///
 /// Adding a layer kind: implement this trait (and [`MatrixLayer`] when the layer is one
 /// matrix product per group of output positions) in the layer's file, then add one variant
-/// to [`QuantizedLayer`] and [`LayerKind`] and one arm to the dispatch macro in `layer.rs`.
-/// Nothing else names a layer kind.
+/// to [`QuantizedLayer`] and [`LayerKind`], one arm to the dispatch macro and one line to
+/// [`file_names`] in `layer.rs`. Nothing else names a layer kind.
 pub trait AdaRoundLayer<B: Backend>: Module<B> + Into<QuantizedLayer<B>> {
     /// The kind of layer.
     const KIND: LayerKind;
+
+    /// The container type burn-store records for the layer (`"Struct:QuantizedDense"`).
+    const CONTAINER: &'static str;
+
+    /// The file tensors to try, in order, for the layer's parameter `param` (a field name)
+    /// in a file of `layout`, each with its conversion to Burn's layout. Empty: the
+    /// parameter's own name, unconverted.
+    fn file_names(layout: Layout, param: &str) -> &'static [(&'static str, Conversion)];
 
     /// The layer's kernels, in order (a separable convolution: depthwise, then pointwise).
     fn kernels(&self) -> Vec<Kernel<'_, B>>;
@@ -39,10 +51,35 @@ pub trait AdaRoundLayer<B: Backend>: Module<B> + Into<QuantizedLayer<B>> {
     /// nearest rounding of the previous kernels.
     fn finalize(self, hard: bool) -> (Self, Vec<KernelChange>);
 
+    /// The layer with each kernel as a Burn quantized tensor of `value` integers (`Q8S` for
+    /// up to 8 bits, `Q4S` up to 4, `Q2S` for 2; `Q*F` on the full-range grid) and the
+    /// float pass-through quantizers; see the [`native`](crate::native) module.
+    fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError>;
+
     /// The layer as one matrix product per group, where it is one (Dense, Conv2D).
     fn matrix(&self) -> Option<&dyn MatrixLayer<B>> {
         None
     }
+}
+
+/// The file names ([`AdaRoundLayer::file_names`]) of the parameter `param` of the layer
+/// kind whose burn-store container type is `container`; `None` for a container that is no
+/// layer kind of this crate.
+pub fn file_names<B: Backend>(
+    container: &str,
+    layout: Layout,
+    param: &str,
+) -> Option<&'static [(&'static str, Conversion)]> {
+    fn of<B: Backend, L: AdaRoundLayer<B>>(
+        container: &str,
+        layout: Layout,
+        param: &str,
+    ) -> Option<&'static [(&'static str, Conversion)]> {
+        (container == L::CONTAINER).then(|| L::file_names(layout, param))
+    }
+    of::<B, QuantizedDense<B>>(container, layout, param)
+        .or_else(|| of::<B, QuantizedConv2d<B>>(container, layout, param))
+        .or_else(|| of::<B, QuantizedSeparableConv2d<B>>(container, layout, param))
 }
 
 /// A layer whose output is, per group of channels, the matrix product of its kernel
@@ -217,13 +254,17 @@ pub struct KernelChange {
     pub total: usize,
 }
 
-/// Replaces the slot by AdaRound over `weight`.
+/// Replaces the slot by AdaRound over `weight` where it quantizes (the float pass-through
+/// stays as it is).
 pub(crate) fn arm<B: Backend, const D: usize>(
     weight: &Param<Tensor<B, D>>,
     slot: QuantizerSlot<B>,
     axis: usize,
     params: &AdaRoundParams,
 ) -> Result<QuantizerSlot<B>, QuantizerError> {
+    if !slot.quantizer().is_quantizing() {
+        return Ok(slot);
+    }
     let q = slot.quantizer().clone();
     Ok(AdaRoundQuantizer::new(q, weight.val(), axis, params)?.into())
 }
@@ -370,5 +411,11 @@ impl<B: Backend> QuantizedLayer<B> {
     /// The layer as one matrix product per group, where it is one (Dense, Conv2D).
     pub fn matrix(&self) -> Option<&dyn MatrixLayer<B>> {
         each_layer!(self, l => l.matrix())
+    }
+
+    /// The layer with its kernels as Burn quantized tensors; see
+    /// [`AdaRoundLayer::into_burn_quantized`].
+    pub fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
+        each_layer!(self, l => l.into_burn_quantized(value).map(Into::into))
     }
 }

@@ -33,6 +33,7 @@
 mod checks;
 mod conv2d;
 mod dense;
+pub mod file_layout;
 mod fold;
 mod layer;
 pub mod native;
@@ -48,7 +49,8 @@ pub use conv2d::{same_padding, QuantizedConv2d, QuantizedConv2dConfig, CONV_AXIS
 pub use dense::{QuantizedDense, QuantizedDenseConfig, DENSE_AXIS};
 pub use fold::{FoldBatchNorm, FoldError};
 pub use layer::{
-    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer, QuantizedLayer,
+    file_names, AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer,
+    QuantizedLayer,
 };
 pub use native::NativeQuantError;
 pub use relu::{QuantizedReLU, QuantizedReLUConfig, QuantizedReLURecord};

@@ -1,7 +1,7 @@
 //! Burn-native quantized weights: a layer's quantized kernels as Burn quantized tensors.
 //!
-//! [`QuantizedDense::into_burn_quantized`] and its Conv2D and SeparableConv2D counterparts
-//! replace each float kernel by a Burn quantized tensor (`QFloat`, symmetric mode, `f32` scales;
+//! [`AdaRoundLayer::into_burn_quantized`](crate::AdaRoundLayer::into_burn_quantized), on
+//! each layer kind and on [`QuantizedLayer`](crate::QuantizedLayer), replaces each float kernel by a Burn quantized tensor (`QFloat`, symmetric mode, `f32` scales;
 //! `Q*S` values for the symmetric grid, `Q*F` for the full-range grid)
 //! holding the layer's own integers, and the quantizer by the float pass-through: the layer
 //! then runs on Burn's quantized tensors, and a saved record holds the integers.
@@ -11,7 +11,6 @@
 //! `scale = 1 / sf` in `f32` the two agree to within one rounding of `f32` (relative
 //! `6e-8`), not bit for bit: no `f32` scale reproduces every `q / sf` exactly in general.
 
-use adaround_core::WeightQuantizer;
 use burn::{
     module::Param,
     tensor::{
@@ -24,10 +23,7 @@ use burn::{
     },
 };
 
-use crate::{
-    KernelRole, QuantizedConv2d, QuantizedDense, QuantizedSeparableConv2d, QuantizerSlot,
-    CONV_AXIS, DENSE_AXIS,
-};
+use crate::{KernelRole, QuantizerSlot};
 
 /// Why a kernel cannot become a Burn quantized tensor; `kernel` says which kernel of the
 /// layer.
@@ -99,7 +95,7 @@ impl core::fmt::Display for NativeQuantError {
 impl std::error::Error for NativeQuantError {}
 
 /// The quantized kernel of `slot` as a Burn quantized tensor with `value` integers.
-fn native_kernel<B: Backend, const D: usize>(
+pub(crate) fn native_kernel<B: Backend, const D: usize>(
     kernel: KernelRole,
     weights: Tensor<B, D>,
     slot: &QuantizerSlot<B>,
@@ -165,78 +161,10 @@ fn native_kernel<B: Backend, const D: usize>(
     Ok(effective.quantize(&scheme, QParams { scales }))
 }
 
-fn native_param<B: Backend, const D: usize>(
+/// `param` holding `tensor`, under the same id.
+pub(crate) fn native_param<B: Backend, const D: usize>(
     param: Param<Tensor<B, D>>,
     tensor: Tensor<B, D>,
 ) -> Param<Tensor<B, D>> {
     Param::initialized(param.id, tensor)
-}
-
-impl<B: Backend> QuantizedDense<B> {
-    /// The layer with its kernel as a Burn quantized tensor of `value` integers (`Q8S`
-    /// for up to 8 bits, `Q4S` up to 4, `Q2S` for 2) and the float pass-through quantizer;
-    /// see the [module docs](crate::native). A per-output-channel quantizer is refused
-    /// ([`NativeQuantError::NotBlocks`]): its columns are not contiguous in `[d_input, d_output]`.
-    pub fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
-        let tensor = native_kernel(
-            KernelRole::Kernel,
-            self.weight.val(),
-            &self.quantizer,
-            DENSE_AXIS,
-            value,
-        )?;
-        Ok(Self {
-            weight: native_param(self.weight, tensor),
-            bias: self.bias,
-            quantizer: WeightQuantizer::Float.into(),
-        })
-    }
-}
-
-impl<B: Backend> QuantizedConv2d<B> {
-    /// The layer with its kernel as a Burn quantized tensor of `value` integers, one block
-    /// per output channel for a per-axis quantizer; see
-    /// [`QuantizedDense::into_burn_quantized`].
-    pub fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
-        let tensor = native_kernel(
-            KernelRole::Kernel,
-            self.weight.val(),
-            &self.quantizer,
-            CONV_AXIS,
-            value,
-        )?;
-        Ok(Self {
-            weight: native_param(self.weight, tensor),
-            quantizer: WeightQuantizer::Float.into(),
-            ..self
-        })
-    }
-}
-
-impl<B: Backend> QuantizedSeparableConv2d<B> {
-    /// The layer with both kernels as Burn quantized tensors of `value` integers; see
-    /// [`QuantizedDense::into_burn_quantized`].
-    pub fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
-        let dw = native_kernel(
-            KernelRole::Depthwise,
-            self.weight_dw.val(),
-            &self.quantizer_dw,
-            CONV_AXIS,
-            value,
-        )?;
-        let pw = native_kernel(
-            KernelRole::Pointwise,
-            self.weight.val(),
-            &self.quantizer,
-            CONV_AXIS,
-            value,
-        )?;
-        Ok(Self {
-            weight_dw: native_param(self.weight_dw, dw),
-            weight: native_param(self.weight, pw),
-            quantizer_dw: WeightQuantizer::Float.into(),
-            quantizer: WeightQuantizer::Float.into(),
-            ..self
-        })
-    }
 }

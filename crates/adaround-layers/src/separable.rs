@@ -1,4 +1,5 @@
 use adaround_core::{AdaRoundParams, QuantizerError, WeightQuantizer};
+use burn::tensor::quantization::QuantValue;
 use burn::{
     config::Config,
     module::{Module, Param},
@@ -9,10 +10,12 @@ use burn::{
 use crate::{
     checks,
     conv2d::{conv_with, CONV_AXIS},
+    file_layout::{Conversion, Layout},
     layer::{arm, finalize_kernel},
+    native::{native_kernel, native_param},
     probe::{self, Flow, ProbeEvent},
-    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, QuantizedConv2d, QuantizedLayer,
-    QuantizerSlot,
+    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, NativeQuantError, QuantizedConv2d,
+    QuantizedLayer, QuantizerSlot,
 };
 
 /// Configuration of a [`QuantizedSeparableConv2d`] layer.
@@ -286,6 +289,58 @@ impl<B: Backend> QuantizedSeparableConv2d<B> {
 /// [`split`](QuantizedSeparableConv2d::split)).
 impl<B: Backend> AdaRoundLayer<B> for QuantizedSeparableConv2d<B> {
     const KIND: LayerKind = LayerKind::SeparableConv2d;
+    const CONTAINER: &'static str = "Struct:QuantizedSeparableConv2d";
+
+    /// PyTorch: this layer's own names, or those of a module holding two `Conv2d`s
+    /// (`depthwise` / `pointwise`, or `conv_dw` / `conv_pw`). Keras: `depthwise_kernel`
+    /// `[kh, kw, c, m]` and `pointwise_kernel` `[1, 1, c * m, c_out]`.
+    fn file_names(layout: Layout, param: &str) -> &'static [(&'static str, Conversion)] {
+        use Conversion::{Identity, KerasConv, KerasDepthwise};
+        match (layout, param) {
+            (Layout::PyTorch, "weight_dw") => &[
+                ("weight_dw", Identity),
+                ("depthwise.weight", Identity),
+                ("conv_dw.weight", Identity),
+            ],
+            (Layout::PyTorch, "weight") => &[
+                ("weight", Identity),
+                ("pointwise.weight", Identity),
+                ("conv_pw.weight", Identity),
+            ],
+            (Layout::PyTorch, "bias") => &[
+                ("bias", Identity),
+                ("pointwise.bias", Identity),
+                ("conv_pw.bias", Identity),
+            ],
+            (Layout::Keras, "weight_dw") => &[("depthwise_kernel", KerasDepthwise)],
+            (Layout::Keras, "weight") => &[("pointwise_kernel", KerasConv)],
+            _ => &[],
+        }
+    }
+
+    fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
+        let dw = native_kernel(
+            KernelRole::Depthwise,
+            self.weight_dw.val(),
+            &self.quantizer_dw,
+            CONV_AXIS,
+            value,
+        )?;
+        let pw = native_kernel(
+            KernelRole::Pointwise,
+            self.weight.val(),
+            &self.quantizer,
+            CONV_AXIS,
+            value,
+        )?;
+        Ok(Self {
+            weight_dw: native_param(self.weight_dw, dw),
+            weight: native_param(self.weight, pw),
+            quantizer_dw: WeightQuantizer::Float.into(),
+            quantizer: WeightQuantizer::Float.into(),
+            ..self
+        })
+    }
 
     fn kernels(&self) -> Vec<Kernel<'_, B>> {
         vec![
@@ -318,12 +373,8 @@ impl<B: Backend> AdaRoundLayer<B> for QuantizedSeparableConv2d<B> {
     }
 
     fn with_adaround(mut self, params: &AdaRoundParams) -> Result<Self, QuantizerError> {
-        if self.quantizer_dw.quantizer().is_quantizing() {
-            self.quantizer_dw = arm(&self.weight_dw, self.quantizer_dw, CONV_AXIS, params)?;
-        }
-        if self.quantizer.quantizer().is_quantizing() {
-            self.quantizer = arm(&self.weight, self.quantizer, CONV_AXIS, params)?;
-        }
+        self.quantizer_dw = arm(&self.weight_dw, self.quantizer_dw, CONV_AXIS, params)?;
+        self.quantizer = arm(&self.weight, self.quantizer, CONV_AXIS, params)?;
         Ok(self)
     }
 

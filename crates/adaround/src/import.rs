@@ -3,47 +3,49 @@
 //!
 //! The model's tensors are named by their field paths (`conv1.weight`, `blocks.0.fc.bias`),
 //! as [`burn_store`] names them. For each one, [`WeightImport::load`] looks up the file's
-//! tensor under the name its [`Layout`] gives (see the table on [`Layout`]), converts it to
-//! Burn's layout and checks it: shape, dtype, finiteness. Only when every tensor passed are
+//! tensor under the name its [`Layout`] gives (see the table below) and checks it, converted to
+//! Burn's layout: shape, dtype, finiteness. Only when every tensor passed are
 //! they applied, to a copy of the model; on any error the caller's model is untouched and
 //! the error names the tensor. Names that differ otherwise (a prefix, a renamed layer) are
 //! mapped with the store's own key remapping, e.g.
 //! `SafetensorsStore::from_file(path).with_key_remapping(r"^model\.", "")`.
+//!
+//! The conversion to Burn's layout runs inside burn-store's `apply`, as a
+//! [`ModuleAdapter`]; each layer kind of `adaround-layers` declares its own file names
+//! ([`AdaRoundLayer::file_names`](adaround_layers::AdaRoundLayer::file_names)), and this
+//! module those of Burn's `Linear`, `Conv2d` and `BatchNorm`:
+//!
+//! | model tensor | `Burn` | `PyTorch` | `Keras` |
+//! |---|---|---|---|
+//! | `QuantizedDense.weight` `[d_in, d_out]` | same | `weight` `[d_out, d_in]` | `kernel` `[d_in, d_out]` |
+//! | `QuantizedConv2d.weight` `[c_out, c_in/g, kh, kw]` | same | `weight`, same layout | `kernel` `[kh, kw, c_in, c_out]` |
+//! | `QuantizedSeparableConv2d.weight_dw` `[c*m, 1, kh, kw]` | same | `weight_dw`, `depthwise.weight` or `conv_dw.weight` | `depthwise_kernel` `[kh, kw, c, m]` |
+//! | `QuantizedSeparableConv2d.weight` `[c_out, c*m, 1, 1]` | same | `weight`, `pointwise.weight` or `conv_pw.weight` | `pointwise_kernel` `[1, 1, c*m, c_out]` |
+//! | `bias` of the layers above | same | `bias` (`pointwise.bias`, `conv_pw.bias`) | `bias` |
+//! | burn `Linear.weight` | same | `weight`, transposed | `kernel` |
+//! | burn `Conv2d.weight` | same | `weight` | `kernel` or `depthwise_kernel`, converted |
+//! | burn `BatchNorm` `gamma`, `beta`, `running_mean`, `running_var` | same | `weight`, `bias`, `running_mean`, `running_var` | `gamma`, `beta`, `moving_mean`, `moving_variance` |
+//!
+//! Keras names are read with `/` as `.` and without a `:0` suffix, so `conv1/kernel:0`
+//! is `conv1.kernel`. Other tensors are looked up under their own path, unconverted.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    rc::Rc,
+};
 
+use adaround_layers::{file_layout::permute, file_names};
 use burn::tensor::{backend::Backend, DType, TensorData};
-use burn_store::{ApplyError, ModuleSnapshot, ModuleStore, TensorSnapshot};
+use burn_store::{
+    ApplyError, ModuleAdapter, ModuleSnapshot, ModuleStore, TensorSnapshot, TensorSnapshotError,
+};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Container type of the quantizer slots; their tensors (AdaRound state) are not float weights.
 const SLOT_CONTAINER: &str = "Enum:QuantizerSlot";
 
-/// How the file names and lays out its tensors.
-///
-/// | model tensor | `Burn` | `PyTorch` | `Keras` |
-/// |---|---|---|---|
-/// | `QuantizedDense.weight` `[d_in, d_out]` | same | `weight` `[d_out, d_in]` | `kernel` `[d_in, d_out]` |
-/// | `QuantizedConv2d.weight` `[c_out, c_in/g, kh, kw]` | same | `weight`, same layout | `kernel` `[kh, kw, c_in, c_out]` |
-/// | `QuantizedSeparableConv2d.weight_dw` `[c*m, 1, kh, kw]` | same | `weight_dw`, `depthwise.weight` or `conv_dw.weight` | `depthwise_kernel` `[kh, kw, c, m]` |
-/// | `QuantizedSeparableConv2d.weight` `[c_out, c*m, 1, 1]` | same | `weight`, `pointwise.weight` or `conv_pw.weight` | `pointwise_kernel` `[1, 1, c*m, c_out]` |
-/// | `bias` of the layers above | same | `bias` (`pointwise.bias`, `conv_pw.bias`) | `bias` |
-/// | burn `Linear.weight` | same | `weight`, transposed | `kernel` |
-/// | burn `Conv2d.weight` | same | `weight` | `kernel` or `depthwise_kernel`, converted |
-/// | burn `BatchNorm` `gamma`, `beta`, `running_mean`, `running_var` | same | `weight`, `bias`, `running_mean`, `running_var` | `gamma`, `beta`, `moving_mean`, `moving_variance` |
-///
-/// Keras names are read with `/` as `.` and without a `:0` suffix, so `conv1/kernel:0`
-/// is `conv1.kernel`. Other tensors are looked up under their own path, unconverted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Layout {
-    /// Burn's names and layouts (a file saved from this model).
-    Burn,
-    /// PyTorch's `state_dict` names and layouts.
-    PyTorch,
-    /// Keras' weight names and layouts (channels-last kernels).
-    Keras,
-}
+pub use adaround_layers::file_layout::{Conversion, Layout};
 
 /// Why loading stopped. Each variant names the model tensor (`tensor`) and, where one was
 /// found, the file's tensor (`from`).
@@ -144,19 +146,6 @@ pub struct WeightImport {
     allow_unused: bool,
 }
 
-/// How a file tensor becomes a model tensor.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Conversion {
-    /// Same layout.
-    Identity,
-    /// `[a, b]` to `[b, a]`.
-    Transpose,
-    /// Keras `[kh, kw, c_in, c_out]` to `[c_out, c_in, kh, kw]`.
-    KerasConv,
-    /// Keras depthwise `[kh, kw, c, m]` to `[c * m, 1, kh, kw]`.
-    KerasDepthwise,
-}
-
 impl WeightImport {
     /// Reads files in `layout`; unused file tensors are an error.
     pub fn new(layout: Layout) -> Self {
@@ -190,6 +179,7 @@ impl WeightImport {
         let mut used = BTreeSet::new();
         let mut loaded = Vec::new();
         let mut snapshots = Vec::new();
+        let mut adapter = LayoutAdapter::default();
         for target in model.collect(None, None, false) {
             let in_slot = target
                 .container_stack
@@ -199,7 +189,7 @@ impl WeightImport {
                 continue;
             }
             let tensor = target.full_path();
-            let candidates = self.candidates(&tensor, target.module_type().as_deref());
+            let candidates = self.candidates::<B>(&tensor, target.module_type().as_deref());
             let Some((from, conversion, source)) = candidates
                 .iter()
                 .find_map(|(name, conv)| file.get(name).map(|s| (name.clone(), *conv, *s)))
@@ -209,15 +199,20 @@ impl WeightImport {
                     tried: candidates.into_iter().map(|(name, _)| name).collect(),
                 });
             };
-            let data = self.convert(&tensor, &from, source, conversion, &target.shape)?;
+            let perm = self.check(&tensor, &from, source, conversion, &target.shape)?;
             used.insert(from.clone());
             loaded.push(LoadedTensor {
                 tensor: tensor.clone(),
                 from,
                 shape: target.shape.to_vec(),
             });
-            snapshots.push(TensorSnapshot::from_data(
-                data.convert_dtype(target.dtype),
+            adapter
+                .plans
+                .insert(tensor, (perm, target.shape.to_vec(), target.dtype));
+            snapshots.push(TensorSnapshot::from_closure(
+                source.clone_data_fn(),
+                source.dtype,
+                source.shape.clone(),
                 target.path_stack.clone().unwrap_or_default(),
                 target.container_stack.clone().unwrap_or_default(),
                 target.tensor_id.unwrap_or_default(),
@@ -234,7 +229,7 @@ impl WeightImport {
         }
 
         let mut copy = model.clone();
-        let result = copy.apply(snapshots, None, None, false);
+        let result = copy.apply(snapshots, None, Some(Box::new(adapter)), false);
         if let Some(error) = result.errors.first() {
             let (ApplyError::ShapeMismatch { path, .. }
             | ApplyError::DTypeMismatch { path, .. }
@@ -262,83 +257,43 @@ impl WeightImport {
         }
     }
 
-    /// File names to try for the model tensor `path`, in order, with their conversion.
-    fn candidates(&self, path: &str, module: Option<&str>) -> Vec<(String, Conversion)> {
-        use Conversion::*;
+    /// File names to try for the model tensor `path`, in order, with their conversion: the
+    /// layer kind's own ([`file_names`]) or those of Burn's layers.
+    fn candidates<B: Backend>(
+        &self,
+        path: &str,
+        module: Option<&str>,
+    ) -> Vec<(String, Conversion)> {
         let (prefix, param) = match path.rsplit_once('.') {
             Some((prefix, param)) => (format!("{prefix}."), param),
             None => (String::new(), path),
         };
         let module = module.unwrap_or("");
-        let at = |names: &[(&str, Conversion)]| -> Vec<(String, Conversion)> {
-            names
-                .iter()
-                .map(|(name, conv)| (format!("{prefix}{name}"), *conv))
-                .collect()
+        let names = match file_names::<B>(module, self.layout, param) {
+            _ if self.layout == Layout::Burn => &[][..],
+            Some(names) => names,
+            None => burn_file_names(self.layout, module, param),
         };
-        match (self.layout, module, param) {
-            (Layout::Burn, _, _) => vec![(path.to_string(), Identity)],
-
-            (Layout::PyTorch, "Struct:QuantizedDense" | "Struct:Linear", "weight") => {
-                at(&[("weight", Transpose)])
-            }
-            (Layout::PyTorch, "Struct:QuantizedSeparableConv2d", "weight_dw") => at(&[
-                ("weight_dw", Identity),
-                ("depthwise.weight", Identity),
-                ("conv_dw.weight", Identity),
-            ]),
-            (Layout::PyTorch, "Struct:QuantizedSeparableConv2d", "weight") => at(&[
-                ("weight", Identity),
-                ("pointwise.weight", Identity),
-                ("conv_pw.weight", Identity),
-            ]),
-            (Layout::PyTorch, "Struct:QuantizedSeparableConv2d", "bias") => at(&[
-                ("bias", Identity),
-                ("pointwise.bias", Identity),
-                ("conv_pw.bias", Identity),
-            ]),
-            (Layout::PyTorch, "Struct:BatchNorm", "gamma") => at(&[("weight", Identity)]),
-            (Layout::PyTorch, "Struct:BatchNorm", "beta") => at(&[("bias", Identity)]),
-
-            (Layout::Keras, "Struct:QuantizedDense" | "Struct:Linear", "weight") => {
-                at(&[("kernel", Identity)])
-            }
-            (Layout::Keras, "Struct:QuantizedConv2d", "weight") => at(&[("kernel", KerasConv)]),
-            (Layout::Keras, "Struct:Conv2d", "weight") => {
-                at(&[("kernel", KerasConv), ("depthwise_kernel", KerasDepthwise)])
-            }
-            (Layout::Keras, "Struct:QuantizedSeparableConv2d", "weight_dw") => {
-                at(&[("depthwise_kernel", KerasDepthwise)])
-            }
-            (Layout::Keras, "Struct:QuantizedSeparableConv2d", "weight") => {
-                at(&[("pointwise_kernel", KerasConv)])
-            }
-            (Layout::Keras, "Struct:BatchNorm", "running_mean") => at(&[("moving_mean", Identity)]),
-            (Layout::Keras, "Struct:BatchNorm", "running_var") => {
-                at(&[("moving_variance", Identity)])
-            }
-            _ => vec![(path.to_string(), Identity)],
+        if names.is_empty() {
+            return vec![(path.to_string(), Conversion::Identity)];
         }
+        names
+            .iter()
+            .map(|(name, conv)| (format!("{prefix}{name}"), *conv))
+            .collect()
     }
 
-    /// The checked, converted data of the file tensor `from` for the model tensor `tensor`.
-    fn convert(
+    /// Checks the file tensor `from` for the model tensor `tensor` (dtype, shape after the
+    /// conversion, finiteness); the axis permutation of the conversion.
+    fn check(
         &self,
         tensor: &str,
         from: &str,
         source: &TensorSnapshot,
         conversion: Conversion,
         expected: &[usize],
-    ) -> Result<TensorData, ImportError> {
+    ) -> Result<Vec<usize>, ImportError> {
         let found: Vec<usize> = source.shape.to_vec();
-        let shape_error = || ImportError::Shape {
-            tensor: tensor.to_string(),
-            from: from.to_string(),
-            layout: self.layout,
-            found: found.clone(),
-            expected: expected.to_vec(),
-            detail: in_file(conversion, expected),
-        };
         if !source.dtype.is_float() {
             return Err(ImportError::DType {
                 tensor: tensor.to_string(),
@@ -346,29 +301,21 @@ impl WeightImport {
                 dtype: source.dtype,
             });
         }
-        let (perm, converted): (Vec<usize>, Vec<usize>) = match (conversion, found.as_slice()) {
-            (Conversion::Identity, _) => ((0..found.len()).collect(), found.clone()),
-            (Conversion::Transpose, [a, b]) => (vec![1, 0], vec![*b, *a]),
-            (Conversion::KerasConv, [kh, kw, ci, co]) => {
-                (vec![3, 2, 0, 1], vec![*co, *ci, *kh, *kw])
-            }
-            (Conversion::KerasDepthwise, [kh, kw, c, m]) => {
-                (vec![2, 3, 0, 1], vec![c * m, 1, *kh, *kw])
-            }
-            (Conversion::Transpose | Conversion::KerasConv | Conversion::KerasDepthwise, _) => {
-                return Err(shape_error())
-            }
+        let Some((perm, _)) = conversion
+            .plan(&found)
+            .filter(|(_, converted)| converted == expected)
+        else {
+            return Err(ImportError::Shape {
+                tensor: tensor.to_string(),
+                from: from.to_string(),
+                layout: self.layout,
+                found,
+                expected: expected.to_vec(),
+                detail: conversion.in_file(expected),
+            });
         };
-        if converted != expected {
-            return Err(shape_error());
-        }
-        let data = source
-            .to_data()
-            .map_err(|e| ImportError::Store(format!("`{from}`: {e}")))?;
-        let values: Vec<f32> = data
-            .convert::<f32>()
-            .to_vec()
-            .map_err(|e| ImportError::Store(format!("`{from}`: {e:?}")))?;
+        let values =
+            f32_values(source).map_err(|e| ImportError::Store(format!("`{from}`: {e}")))?;
         if let Some((index, value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(ImportError::NonFinite {
                 tensor: tensor.to_string(),
@@ -377,76 +324,81 @@ impl WeightImport {
                 value: *value,
             });
         }
-        Ok(TensorData::new(permute(&values, &found, &perm), converted))
+        Ok(perm)
     }
 }
 
-/// What the file should hold for a model tensor of shape `expected`.
-fn in_file(conversion: Conversion, expected: &[usize]) -> String {
-    match (conversion, expected) {
-        (Conversion::Identity, _) => String::new(),
-        (Conversion::Transpose, [a, b]) => format!(", i.e. {:?} in the file", [b, a]),
-        (Conversion::KerasConv, [co, ci, kh, kw]) => {
-            format!(", i.e. {:?} in the file", [kh, kw, ci, co])
+/// The file names of Burn's own layers' parameters; see [`candidates`](WeightImport::candidates).
+fn burn_file_names(
+    layout: Layout,
+    module: &str,
+    param: &str,
+) -> &'static [(&'static str, Conversion)] {
+    use Conversion::*;
+    match (layout, module, param) {
+        (Layout::PyTorch, "Struct:Linear", "weight") => &[("weight", Transpose)],
+        (Layout::PyTorch, "Struct:BatchNorm", "gamma") => &[("weight", Identity)],
+        (Layout::PyTorch, "Struct:BatchNorm", "beta") => &[("bias", Identity)],
+        (Layout::Keras, "Struct:Linear", "weight") => &[("kernel", Identity)],
+        (Layout::Keras, "Struct:Conv2d", "weight") => {
+            &[("kernel", KerasConv), ("depthwise_kernel", KerasDepthwise)]
         }
-        (Conversion::KerasDepthwise, [cm, _, kh, kw]) => {
-            format!(", i.e. [{kh}, {kw}, c, m] with c * m = {cm} in the file")
-        }
-        _ => String::new(),
+        (Layout::Keras, "Struct:BatchNorm", "running_mean") => &[("moving_mean", Identity)],
+        (Layout::Keras, "Struct:BatchNorm", "running_var") => &[("moving_variance", Identity)],
+        _ => &[],
     }
 }
 
-/// `values` of row-major `shape`, with axis `perm[i]` of the input as axis `i` of the output.
-fn permute(values: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
-    if perm.iter().enumerate().all(|(i, p)| i == *p) {
-        return values.to_vec();
+/// The values of a snapshot as `f32`.
+fn f32_values(source: &TensorSnapshot) -> Result<Vec<f32>, String> {
+    let data = source.to_data().map_err(|e| e.to_string())?;
+    data.convert::<f32>().to_vec().map_err(|e| format!("{e:?}"))
+}
+
+/// Converts checked file tensors to Burn's layout and the model's dtype inside burn-store's
+/// `apply`: per model tensor path, the axis permutation, the shape in Burn's layout and the
+/// dtype.
+#[derive(Clone, Default)]
+struct LayoutAdapter {
+    plans: HashMap<String, (Vec<usize>, Vec<usize>, DType)>,
+}
+
+impl ModuleAdapter for LayoutAdapter {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        let Some((perm, shape, dtype)) = self.plans.get(&snapshot.full_path()).cloned() else {
+            return snapshot.clone();
+        };
+        let found = snapshot.shape.to_vec();
+        let converted_shape = shape.clone();
+        let read = snapshot.clone_data_fn();
+        let converted = move || -> Result<TensorData, TensorSnapshotError> {
+            let data = read()?.convert::<f32>();
+            let values: Vec<f32> = data
+                .to_vec()
+                .map_err(|e| TensorSnapshotError::DataError(format!("{e:?}")))?;
+            Ok(
+                TensorData::new(permute(&values, &found, &perm), shape.clone())
+                    .convert_dtype(dtype),
+            )
+        };
+        TensorSnapshot::from_closure(
+            Rc::new(converted),
+            dtype,
+            converted_shape.into(),
+            snapshot.path_stack.clone().unwrap_or_default(),
+            snapshot.container_stack.clone().unwrap_or_default(),
+            snapshot.tensor_id.unwrap_or_default(),
+        )
     }
-    let rank = shape.len();
-    let mut strides = vec![1; rank];
-    for axis in (0..rank.saturating_sub(1)).rev() {
-        strides[axis] = strides[axis + 1] * shape[axis + 1];
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
     }
-    let out_shape: Vec<usize> = perm.iter().map(|p| shape[*p]).collect();
-    let mut out = Vec::with_capacity(values.len());
-    let mut index = vec![0; rank];
-    for _ in 0..values.len() {
-        let offset: usize = (0..rank).map(|i| index[i] * strides[perm[i]]).sum();
-        out.push(values[offset]);
-        for axis in (0..rank).rev() {
-            index[axis] += 1;
-            if index[axis] < out_shape[axis] {
-                break;
-            }
-            index[axis] = 0;
-        }
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn should_permute_like_a_transpose_of_axes() {
-        // [2, 3] transposed.
-        let v = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
-        assert_eq!(
-            permute(&v, &[2, 3], &[1, 0]),
-            vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
-        );
-        // Keras [kh=1, kw=2, c_in=2, c_out=3] to [c_out, c_in, kh, kw]: element
-        // (0, w, i, o) sits at w*6 + i*3 + o and must land at o*4 + i*2 + w.
-        let v: Vec<f32> = (0..12).map(|x| x as f32).collect();
-        let out = permute(&v, &[1, 2, 2, 3], &[3, 2, 0, 1]);
-        for w in 0..2 {
-            for i in 0..2 {
-                for o in 0..3 {
-                    assert_eq!(out[o * 4 + i * 2 + w], (w * 6 + i * 3 + o) as f32);
-                }
-            }
-        }
-    }
 
     #[test]
     fn should_read_keras_names_with_dots_and_without_the_variable_suffix() {
@@ -458,5 +410,53 @@ mod tests {
         assert_eq!(import.file_name("dense/bias"), "dense.bias");
         let pytorch = WeightImport::new(Layout::PyTorch);
         assert_eq!(pytorch.file_name("a/b:0"), "a/b:0");
+    }
+
+    #[test]
+    fn every_layer_kind_names_the_container_burn_store_records() {
+        use adaround_core::WeightQuantizer;
+        use adaround_layers::{
+            QuantizedConv2dConfig, QuantizedDenseConfig, QuantizedLayer,
+            QuantizedSeparableConv2dConfig,
+        };
+        type B = burn_ndarray::NdArray<f32>;
+        let device = Default::default();
+        let q = || WeightQuantizer::max_per_axis(4).unwrap();
+        let layers: Vec<QuantizedLayer<B>> = vec![
+            QuantizedDenseConfig::new(3, 2)
+                .with_quantizer(q())
+                .init::<B>(&device)
+                .into(),
+            QuantizedConv2dConfig::new([2, 3], [3, 3])
+                .with_quantizer(q())
+                .init::<B>(&device)
+                .into(),
+            QuantizedSeparableConv2dConfig::new([2, 3], [3, 3])
+                .with_quantizer(q())
+                .init::<B>(&device)
+                .into(),
+        ];
+        for layer in layers {
+            let weights: Vec<TensorSnapshot> = layer
+                .collect(None, None, false)
+                .into_iter()
+                .filter(|t| t.full_path().ends_with("weight"))
+                .collect();
+            assert!(!weights.is_empty());
+            for weight in weights {
+                let container = weight.module_type().unwrap();
+                let param = weight.path_stack.as_ref().unwrap().last().unwrap().clone();
+                let names = file_names::<B>(&container, Layout::Keras, &param);
+                assert!(
+                    names.is_some_and(|n| !n.is_empty()),
+                    "{:?}: no Keras names for `{param}` of `{container}`",
+                    layer.kind()
+                );
+            }
+        }
+        assert_eq!(
+            file_names::<B>("Struct:Linear", Layout::Keras, "weight"),
+            None
+        );
     }
 }

@@ -5,9 +5,9 @@ use adaround::{
     adaround,
     import::{ImportError, Layout, WeightImport},
     layers::{
-        KernelRole, NativeQuantError, QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense,
-        QuantizedDenseConfig, QuantizedReLU, QuantizedReLUConfig, QuantizedSeparableConv2d,
-        QuantizedSeparableConv2dConfig,
+        AdaRoundLayer, KernelRole, NativeQuantError, QuantizedConv2d, QuantizedConv2dConfig,
+        QuantizedDense, QuantizedDenseConfig, QuantizedReLU, QuantizedReLUConfig,
+        QuantizedSeparableConv2d, QuantizedSeparableConv2dConfig,
     },
     store::{ModuleSnapshot, PytorchStore, SafetensorsStore},
     AdaRoundConfig, ReconstructionLoss, Schedule, WeightQuantizer,
