@@ -5,47 +5,91 @@
 //! ```sh
 //! cargo run --release --example choose            # schemes x iterations, split separable step
 //! cargo run --release --example choose -- --joint # split vs joint separable step
+//! cargo run --release --example choose -- --sweep # variants of the recommended preset
 //! ```
 //!
 //! Calibration: training images 0..256 (as the quickstart); validation: training images
-//! 256..1347. The float model saw the validation images in training, so its validation
-//! accuracy is high; the comparison is between roundings of the same model.
+//! 256..1347. The committed float model saw the validation images in training, so its
+//! validation accuracy is 100 %; the comparison is between roundings of the same model.
+//! `--held-out` instead trains a float model (about 5 s) on the training images less 400,
+//! which are the validation images: its validation accuracy is that of unseen images.
 
 use std::time::Instant;
 
-use adaround::{adaround, AdaRoundConfig, SeparableStep};
+use adaround::{
+    adaround, AdaRoundConfig, FinalRounding, Grid, ReconstructionLoss, Schedule, SeparableStep,
+    Target,
+};
 use adaround_examples::digits::{
-    accuracy, quickstart_config, short_config, Digits, FloatCnn, Granularity, QuantCnn, Scheme,
-    FIXTURE,
+    accuracy, quickstart_config, short_config, train_float, Digits, FloatCnn, Granularity,
+    QuantCnn, Scheme, FIXTURE,
 };
 use burn::{
-    module::Module,
+    module::{AutodiffModule, Module},
     record::{BinFileRecorder, FullPrecisionSettings},
     tensor::{Int, Tensor},
 };
 
 type B = burn_ndarray::NdArray<f32>;
+type Autodiff<B> = burn_autodiff::Autodiff<B>;
 
 fn main() {
     let device = Default::default();
     let (train, _test) = Digits::load().split(450, 7);
-    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
-    let float = FloatCnn::<B>::new(&device)
-        .load_file(FIXTURE, &recorder, &device)
-        .expect("the committed fixture loads");
+    let held_out = std::env::args().any(|a| a == "--held-out");
+    let (float, train, val) = if held_out {
+        // A float model that never saw the validation images: trained on the rest.
+        let (fit, val) = train.split(400, 11);
+        // Training is not bit-reproducible across threads: the first run saves the model
+        // and later runs compare on that same model.
+        let path = "out/choose/held_out_cnn";
+        let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+        let float = match FloatCnn::<B>::new(&device).load_file(path, &recorder, &device) {
+            Ok(float) => {
+                println!("float model trained on {} images: {path}.bin", fit.len());
+                float
+            }
+            Err(_) => {
+                let start = Instant::now();
+                let float = train_float::<Autodiff<B>>(&fit, &device).valid();
+                println!(
+                    "float model trained on {} images in {:.1} s, saved as {path}.bin",
+                    fit.len(),
+                    start.elapsed().as_secs_f64()
+                );
+                std::fs::create_dir_all("out/choose").expect("create out/choose");
+                float.clone().save_file(path, &recorder).expect("save the model");
+                float
+            }
+        };
+        (float, fit, val)
+    } else {
+        let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+        let float = FloatCnn::<B>::new(&device)
+            .load_file(FIXTURE, &recorder, &device)
+            .expect("the committed fixture loads");
+        let val = Digits {
+            images: train.images[256..].to_vec(),
+            labels: train.labels[256..].to_vec(),
+        };
+        (float, train, val)
+    };
     let calibration = train.images::<B>(0..256, &device);
     let val = (
-        train.images::<B>(256..train.len(), &device),
-        train.labels::<B>(256..train.len(), &device),
+        val.images::<B>(0..val.len(), &device),
+        val.labels::<B>(0..val.len(), &device),
     );
     println!(
-        "validation: {} training images not used for calibration; float {:.2} %\n",
-        train.len() - 256,
+        "validation: {} training images not used for calibration{}; float {:.2} %\n",
+        val.1.dims()[0],
+        if held_out { " nor for training" } else { "" },
         accuracy(float.forward(val.0.clone()), val.1.clone())
     );
     let base = QuantCnn::from_float(&float, 8, Granularity::PerAxis, 8, calibration.clone());
     if std::env::args().any(|a| a == "--joint") {
         separable_steps(&base, &calibration, &val);
+    } else if std::env::args().any(|a| a == "--sweep") {
+        sweep(&base, &calibration, &val);
     } else {
         schemes(&base, &calibration, &val);
     }
@@ -109,5 +153,106 @@ fn separable_steps(
                 );
             }
         }
+    }
+}
+
+/// The quickstart's twelve cells: two schemes, two granularities, three bitwidths.
+const CELLS: [(Scheme, Granularity); 4] = [
+    (Scheme::Max, Granularity::PerAxis),
+    (Scheme::Mse(Grid::FullRange), Granularity::PerAxis),
+    (Scheme::Max, Granularity::PerTensor),
+    (Scheme::Mse(Grid::FullRange), Granularity::PerTensor),
+];
+
+/// Mean cross-entropy of `logits` against `labels`.
+fn cross_entropy(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> f64 {
+    let loss = burn::nn::loss::CrossEntropyLossConfig::new()
+        .init(&logits.device())
+        .forward(logits, labels);
+    loss.into_scalar() as f64
+}
+
+/// Variants of the recommended preset, one change at a time, on the quickstart's twelve
+/// cells: validation accuracy and cross-entropy per cell, their sums, and the cells below
+/// nearest rounding.
+fn sweep(
+    base: &QuantCnn<B>,
+    calibration: &Tensor<B, 4>,
+    (x, y): &(Tensor<B, 4>, Tensor<B, 1, Int>),
+) {
+    let recommended = quickstart_config;
+    let iterations = |n| {
+        let mut c = recommended();
+        c.schedule = Schedule::warm_cosine(n);
+        c
+    };
+    let mse = || recommended().with_loss(ReconstructionLoss::Mse);
+    let with_reg = |c: AdaRoundConfig, reg| {
+        let params = c.params.clone().with_reg(reg);
+        c.with_params(params)
+    };
+    let variants: Vec<(&str, AdaRoundConfig)> = vec![
+        ("recommended", recommended()),
+        (
+            "target float",
+            recommended().with_target(Target::FloatModel),
+        ),
+        (
+            "hard rounding",
+            recommended().with_rounding(FinalRounding::Hard),
+        ),
+        ("mse loss", recommended().with_loss(ReconstructionLoss::Mse)),
+        ("lr 3e-3", recommended().with_learning_rate(3e-3)),
+        ("lr 3e-2", recommended().with_learning_rate(3e-2)),
+        ("10000 it", iterations(10_000)),
+        (
+            "10000 it lr 3e-3",
+            iterations(10_000).with_learning_rate(3e-3),
+        ),
+        ("batch 64", recommended().with_batch_size(Some(64))),
+        ("reg 0.1", with_reg(recommended(), 0.1)),
+        ("reg 0.3", with_reg(recommended(), 0.3)),
+        ("mse + target float", mse().with_target(Target::FloatModel)),
+        ("mse + lr 3e-2", mse().with_learning_rate(3e-2)),
+        ("mse + hard", mse().with_rounding(FinalRounding::Hard)),
+        ("mse + batch 64", mse().with_batch_size(Some(64))),
+        ("mse + 10000 it", {
+            let mut c = mse();
+            c.schedule = Schedule::warm_cosine(10_000);
+            c
+        }),
+    ];
+    // `--only a,b`: the variants whose names are listed.
+    let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
+    println!("| variant | cells W4 W3 W2 (max pc, mse pc, max pt, mse pt): val acc % | sum acc | sum CE | below nearest | seconds |");
+    println!("|---|---|---|---|---|---|");
+    for (name, config) in variants {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|n| n == name))
+        {
+            continue;
+        }
+        let start = Instant::now();
+        let (mut accs, mut sum_acc, mut sum_ce, mut below) = (Vec::new(), 0.0, 0.0, 0);
+        for (scheme, granularity) in CELLS {
+            for bits in [4, 3, 2] {
+                let model = base.clone().with_weights(bits, granularity, scheme);
+                let nearest = accuracy(model.forward(x.clone()), y.clone());
+                let (rounded, _) =
+                    adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
+                let logits = rounded.forward(x.clone());
+                let acc = accuracy(logits.clone(), y.clone());
+                sum_acc += acc;
+                sum_ce += cross_entropy(logits, y.clone());
+                below += usize::from(acc < nearest);
+                accs.push(format!("{acc:.2}"));
+            }
+        }
+        println!(
+            "| {name} | {} | {sum_acc:.2} | {sum_ce:.4} | {below} | {:.0} |",
+            accs.join(" "),
+            start.elapsed().as_secs_f64()
+        );
     }
 }

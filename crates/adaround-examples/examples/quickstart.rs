@@ -24,14 +24,13 @@ use std::{path::PathBuf, time::Instant};
 use adaround::{adaround, AdaRoundReport, Grid};
 use adaround_examples::{
     digits::{
-        accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
+        accuracy, quickstart_config, train_float, Digits, FloatCnn, Granularity, QuantCnn, Scheme,
+        FIXTURE,
     },
     svg,
 };
 use burn::{
     module::{AutodiffModule, Module},
-    nn::loss::CrossEntropyLossConfig,
-    optim::{AdamConfig, GradientsParams, Optimizer},
     record::{BinFileRecorder, FullPrecisionSettings},
     tensor::backend::AutodiffBackend,
 };
@@ -208,34 +207,6 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
         println!("chart:  {}", path.display());
     }
 }
-
-fn train_float<B: AutodiffBackend>(train: &Digits, device: &B::Device) -> FloatCnn<B> {
-    B::seed(device, 42);
-    let mut model = FloatCnn::<B>::new(device);
-    let mut optim = AdamConfig::new().init();
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let batch = 64;
-    for epoch in 1..=30 {
-        let mut total = 0.0;
-        for start in (0..train.len() - batch + 1).step_by(batch) {
-            let x = train.images::<B>(start..start + batch, device);
-            let y = train.labels::<B>(start..start + batch, device);
-            let loss = loss_fn.forward(model.forward(x), y);
-            total += loss.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(3e-3, model, grads);
-        }
-        if epoch % 10 == 0 {
-            println!(
-                "epoch {epoch:>2}: mean loss {:.4}",
-                total / (train.len() / batch) as f64
-            );
-        }
-    }
-    model
-}
-
-use burn::tensor::ElementConversion;
 
 fn write_charts(out: &std::path::Path, reports: &[(String, AdaRoundReport)]) -> Vec<PathBuf> {
     let mut paths = Vec::new();

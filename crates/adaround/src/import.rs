@@ -188,35 +188,16 @@ impl WeightImport {
             if in_slot || !target.dtype.is_float() {
                 continue;
             }
+            let (from, snapshot, plan) = self.take::<B>(&target, &file)?;
             let tensor = target.full_path();
-            let candidates = self.candidates::<B>(&tensor, target.module_type().as_deref());
-            let Some((from, conversion, source)) = candidates
-                .iter()
-                .find_map(|(name, conv)| file.get(name).map(|s| (name.clone(), *conv, *s)))
-            else {
-                return Err(ImportError::Missing {
-                    tensor,
-                    tried: candidates.into_iter().map(|(name, _)| name).collect(),
-                });
-            };
-            let perm = self.check(&tensor, &from, source, conversion, &target.shape)?;
             used.insert(from.clone());
             loaded.push(LoadedTensor {
                 tensor: tensor.clone(),
                 from,
                 shape: target.shape.to_vec(),
             });
-            adapter
-                .plans
-                .insert(tensor, (perm, target.shape.to_vec(), target.dtype));
-            snapshots.push(TensorSnapshot::from_closure(
-                source.clone_data_fn(),
-                source.dtype,
-                source.shape.clone(),
-                target.path_stack.clone().unwrap_or_default(),
-                target.container_stack.clone().unwrap_or_default(),
-                target.tensor_id.unwrap_or_default(),
-            ));
+            adapter.plans.insert(tensor, plan);
+            snapshots.push(snapshot);
         }
 
         let unused: Vec<String> = file
@@ -247,6 +228,36 @@ impl WeightImport {
             });
         }
         Ok((copy, ImportReport { loaded, unused }))
+    }
+
+    /// For the model tensor `target`: the name of the file tensor it takes, that tensor
+    /// under the model's path (in the file's layout), and its checked conversion plan.
+    fn take<B: Backend>(
+        &self,
+        target: &TensorSnapshot,
+        file: &BTreeMap<String, &TensorSnapshot>,
+    ) -> Result<(String, TensorSnapshot, Plan), ImportError> {
+        let tensor = target.full_path();
+        let candidates = self.candidates::<B>(&tensor, target.module_type().as_deref());
+        let Some((from, conversion, source)) = candidates
+            .iter()
+            .find_map(|(name, conv)| file.get(name).map(|s| (name.clone(), *conv, *s)))
+        else {
+            return Err(ImportError::Missing {
+                tensor,
+                tried: candidates.into_iter().map(|(name, _)| name).collect(),
+            });
+        };
+        let perm = self.check(&tensor, &from, source, conversion, &target.shape)?;
+        let snapshot = TensorSnapshot::from_closure(
+            source.clone_data_fn(),
+            source.dtype,
+            source.shape.clone(),
+            target.path_stack.clone().unwrap_or_default(),
+            target.container_stack.clone().unwrap_or_default(),
+            target.tensor_id.unwrap_or_default(),
+        );
+        Ok((from, snapshot, (perm, target.shape.to_vec(), target.dtype)))
     }
 
     /// The name a file tensor is looked up under.
@@ -360,8 +371,11 @@ fn f32_values(source: &TensorSnapshot) -> Result<Vec<f32>, String> {
 /// dtype.
 #[derive(Clone, Default)]
 struct LayoutAdapter {
-    plans: HashMap<String, (Vec<usize>, Vec<usize>, DType)>,
+    plans: HashMap<String, Plan>,
 }
+
+/// The axis permutation from the file's layout, the shape in Burn's layout and the dtype.
+type Plan = (Vec<usize>, Vec<usize>, DType);
 
 impl ModuleAdapter for LayoutAdapter {
     fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
