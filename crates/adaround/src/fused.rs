@@ -25,7 +25,7 @@ use burn::{
 };
 
 use crate::{
-    gram,
+    gram::{self, matmul},
     step::{AlphaOptimizer, Losses, Step},
     ReconstructionLoss,
 };
@@ -35,8 +35,8 @@ pub(crate) const MAX_PATCH_BYTES: usize = 512 << 20;
 
 /// What the reconstruction loss is computed from, one entry per batch.
 enum Data<B: Backend> {
-    /// `[groups, K, K]` Gram matrices.
-    Gram(Vec<Tensor<B, 3>>),
+    /// `[groups, K, K]` Gram matrices, and the residuals of targets from other inputs.
+    Gram(Vec<Tensor<B, 3>>, Option<Vec<gram::Residual<B>>>),
     /// `[groups, M, K]` patches and `[groups, M, C_out / groups]` targets minus the bias, one
     /// row per output position.
     Direct(Vec<(Tensor<B, 3>, Tensor<B, 3>)>),
@@ -90,7 +90,10 @@ impl<B: Backend> Fused<B> {
         let sf = matrix.to_matrix(ada.sf.val());
         let weight = matrix.float_matrix();
         let (data, divisors) = match grams {
-            Some(g) => (Data::Gram(g.grams.clone()), g.divisors.clone()),
+            Some(g) => (
+                Data::Gram(g.grams.clone(), g.residuals.clone()),
+                g.divisors.clone(),
+            ),
             None => direct_data(matrix, inputs, targets, loss),
         };
         Self {
@@ -143,10 +146,21 @@ impl<B: Backend> Fused<B> {
         // once, at the end). Tensors are moved, not cloned, wherever a value has no later
         // use: a backend can then update them in place instead of allocating.
         let (rec, grad_w) = match &self.data {
-            Data::Gram(grams) => {
+            Data::Gram(grams, residuals) => {
                 let dw = soft - self.weight.clone();
                 let dg = matmul(dw.clone(), grams[b].clone());
-                (report.then(|| (dw * dg.clone()).sum().div_scalar(n)), dg)
+                match residuals {
+                    // Targets from other inputs: gradient `dW G + R`, loss
+                    // `sum(dW ⊙ (dW G + 2 R)) + c0`.
+                    Some(residuals) => {
+                        let (r, c0) = residuals[b].clone();
+                        let grad = dg + r.clone();
+                        let rec =
+                            report.then(|| ((dw * (grad.clone() + r)).sum() + c0).div_scalar(n));
+                        (rec, grad)
+                    }
+                    None => (report.then(|| (dw * dg.clone()).sum().div_scalar(n)), dg),
+                }
             }
             Data::Direct(batches) => {
                 let (x, t) = &batches[b];
@@ -220,19 +234,6 @@ impl<B: Backend> Step<B> for Fused<B> {
     }
 }
 
-/// `a · b` per group, as a plain 2-D matmul for one group (backends parallelise it better).
-fn matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
-    let [g, r, k] = a.dims();
-    let [_, _, c] = b.dims();
-    if g == 1 {
-        a.reshape([r, k])
-            .matmul(b.reshape([k, c]))
-            .reshape([1, r, c])
-    } else {
-        a.matmul(b)
-    }
-}
-
 /// The matrix form of a layer the fused step took over.
 fn matrix_of<B: Backend>(layer: &QuantizedLayer<B>) -> &dyn MatrixLayer<B> {
     layer
@@ -249,15 +250,10 @@ fn direct_data<B: Backend>(
     loss: ReconstructionLoss,
 ) -> (Data<B>, Vec<f64>) {
     let [groups, rows, _] = layer.matrix_dims();
-    let bias = layer.bias();
     let mut batches = Vec::with_capacity(inputs.len());
     let mut divisors = Vec::with_capacity(inputs.len());
     for (x, t) in inputs.iter().zip(targets) {
-        let (x, t) = layer.rows(x, t);
-        let t = match &bias {
-            Some(b) => t - b.clone().reshape([groups, 1, rows]),
-            None => t,
-        };
+        let (x, t) = gram::rows_less_bias(layer, x, t);
         let positions = t.dims()[1];
         divisors.push(match loss {
             ReconstructionLoss::Mse => (positions * groups * rows) as f64,
@@ -297,12 +293,23 @@ mod tests {
         t.into_data().convert::<f32>().to_vec().unwrap()
     }
 
-    /// The fused losses and gradient against autodiff's, on the Gram and the direct data.
+    /// The fused losses and gradient against autodiff's, on the Gram and the direct data,
+    /// with targets from the same inputs and from other inputs (the float model's).
     fn assert_matches_autodiff(layer: QuantizedLayer<B>, x: Flow<B>) {
         let (beta, reg) = (4.0, 0.01);
-        for loss in [ReconstructionLoss::Mse, ReconstructionLoss::ChannelSum] {
+        let shifted = match &x {
+            Flow::Rows(t) => Flow::Rows(t.clone() + t.random_like(Distribution::Normal(0.0, 0.3))),
+            Flow::Maps(t) => Flow::Maps(t.clone() + t.random_like(Distribution::Normal(0.0, 0.3))),
+        };
+        let cases = [ReconstructionLoss::Mse, ReconstructionLoss::ChannelSum]
+            .into_iter()
+            .flat_map(|loss| [(loss, None), (loss, Some(shifted.clone()))]);
+        for (loss, target_x) in cases {
             let layer = armed(layer.clone());
-            let target = layer.forward_float_flow(x.clone()).detach();
+            let other = target_x.is_some();
+            let target = layer
+                .forward_float_flow(target_x.unwrap_or_else(|| x.clone()))
+                .detach();
             let rec = reconstruction_loss(layer.forward_flow(x.clone()), target.clone(), loss);
             let round = layer.adarounds()[0].rounding_loss(beta).mul_scalar(reg);
             let alpha = layer.adarounds()[0].alpha.clone();
@@ -313,7 +320,14 @@ mod tests {
             );
             let (rec, round): (f32, f32) = (rec.into_scalar(), round.into_scalar());
 
-            let grams = gram::grams(&layer, std::slice::from_ref(&x), loss).unwrap();
+            let targets = std::slice::from_ref(&target);
+            let grams = gram::grams(
+                &layer,
+                std::slice::from_ref(&x),
+                other.then_some(targets),
+                loss,
+            )
+            .unwrap();
             for grams in [Some(&grams), None] {
                 let fused = Fused::new(
                     layer.clone(),
@@ -335,7 +349,11 @@ mod tests {
                     values(matrix_of(&fused.layer).to_kernel(quiet)),
                     values(matrix_of(&fused.layer).to_kernel(grad.clone()))
                 );
-                let path = if grams.is_some() { "Gram" } else { "direct" };
+                let path = match (grams.is_some(), other) {
+                    (true, false) => "Gram",
+                    (true, true) => "Gram with residuals",
+                    (false, _) => "direct",
+                };
                 assert!(rec > 0.0);
                 assert!(
                     (f_rec - rec).abs() <= 1e-4 * rec,

@@ -7,11 +7,17 @@
 //!
 //! `sum((W~ x - W x)^2) = sum(dW ⊙ (dW G))` (one `G` per group of a grouped convolution).
 //!
+//! With targets `T` from other inputs (the float model's activations, [`Target::FloatModel`]
+//! (crate::Target::FloatModel)), the float kernel leaves a residual `D0 = X Wᵀ + b - T` on
+//! these inputs, and with `R = D0ᵀ X` (`C_out x K`) and `c0 = sum(D0²)`, both once per batch,
+//!
+//! `sum((X W~ᵀ + b - T)^2) = sum(dW ⊙ (dW G)) + 2 sum(dW ⊙ R) + c0`, gradient `2 (dW G + R)`.
+//!
 //! `G` is computed once per batch; a step then costs `O(C_out * K^2)` whatever the number of
 //! samples and positions. The loss and its gradient are those of the direct path up to
 //! floating-point rounding.
 
-use adaround_layers::{probe::Flow, QuantizedLayer};
+use adaround_layers::{probe::Flow, MatrixLayer, QuantizedLayer};
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::ReconstructionLoss;
@@ -25,7 +31,7 @@ pub enum LossPath {
     /// Run the layer on its cached inputs at every step.
     Direct,
     /// Use the precomputed Gram matrices where exact (Dense and Conv2D without
-    /// `include_activation`, targets from the same inputs); the direct path elsewhere.
+    /// `include_activation`); the direct path elsewhere.
     Gram,
 }
 
@@ -34,6 +40,29 @@ pub enum LossPath {
 pub(crate) struct Grams<B: Backend> {
     pub grams: Vec<Tensor<B, 3>>,
     pub divisors: Vec<f64>,
+    /// With targets from other inputs, per batch: `R = D0ᵀ X` (`[groups, C_out / groups,
+    /// K]`) and `c0 = sum(D0²)` (see the [module docs](self)).
+    pub residuals: Option<Vec<Residual<B>>>,
+}
+
+/// `R = D0ᵀ X` and `c0 = sum(D0²)` of one batch.
+pub(crate) type Residual<B> = (Tensor<B, 3>, Tensor<B, 1>);
+
+impl<B: Backend> Grams<B> {
+    /// The same matrices on another backend.
+    pub(crate) fn map<C: Backend>(
+        self,
+        f: impl Fn(Tensor<B, 3>) -> Tensor<C, 3>,
+        g: impl Fn(Tensor<B, 1>) -> Tensor<C, 1>,
+    ) -> Grams<C> {
+        Grams {
+            grams: self.grams.into_iter().map(&f).collect(),
+            divisors: self.divisors,
+            residuals: self
+                .residuals
+                .map(|r| r.into_iter().map(|(r, c)| (f(r), g(c))).collect()),
+        }
+    }
 }
 
 /// Whether the Gram form exists for `layer` (the caller checks activation and targets).
@@ -49,14 +78,25 @@ pub(crate) fn sizes<B: Backend>(layer: &QuantizedLayer<B>, input: &Flow<B>) -> (
     }
 }
 
-/// The Gram matrices of `layer` on each batch of `inputs`; `None` without a
-/// [`MatrixLayer`](adaround_layers::MatrixLayer) form.
+/// The Gram matrices of `layer` on each batch of `inputs`, with the residuals of the float
+/// kernel against `targets` when these come from other inputs; `None` without a
+/// [`MatrixLayer`] form.
 pub(crate) fn grams<B: Backend>(
     layer: &QuantizedLayer<B>,
     inputs: &[Flow<B>],
+    other_targets: Option<&[Flow<B>]>,
     loss: ReconstructionLoss,
 ) -> Option<Grams<B>> {
     let layer = layer.matrix()?;
+    let residuals = other_targets.map(|targets| {
+        let w = layer.float_matrix().swap_dims(1, 2);
+        let residual = |(x, t): (&Flow<B>, &Flow<B>)| {
+            let (x, t) = rows_less_bias(layer, x, t);
+            let d0 = matmul(x.clone(), w.clone()) - t;
+            (matmul(d0.clone().swap_dims(1, 2), x), d0.square().sum())
+        };
+        inputs.iter().zip(targets).map(residual).collect()
+    });
     let [groups, rows, _] = layer.matrix_dims();
     let grams = inputs.iter().map(|input| layer.gram(input)).collect();
     let divisors = inputs
@@ -69,7 +109,39 @@ pub(crate) fn grams<B: Backend>(
             }
         })
         .collect();
-    Some(Grams { grams, divisors })
+    Some(Grams {
+        grams,
+        divisors,
+        residuals,
+    })
+}
+
+/// The input patches `[groups, M, K]` and the targets less the bias `[groups, M, C_out /
+/// groups]` as rows, one per output position.
+pub(crate) fn rows_less_bias<B: Backend>(
+    layer: &dyn MatrixLayer<B>,
+    input: &Flow<B>,
+    target: &Flow<B>,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let [groups, rows, _] = layer.matrix_dims();
+    let (x, t) = layer.rows(input, target);
+    match layer.bias() {
+        Some(b) => (x, t - b.reshape([groups, 1, rows])),
+        None => (x, t),
+    }
+}
+
+/// `a · b` per group, as a plain 2-D matmul for one group (backends parallelise it better).
+pub(crate) fn matmul<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [g, r, k] = a.dims();
+    let [_, _, c] = b.dims();
+    if g == 1 {
+        a.reshape([r, k])
+            .matmul(b.reshape([k, c]))
+            .reshape([1, r, c])
+    } else {
+        a.matmul(b)
+    }
 }
 
 /// The reconstruction loss of `layer` on batch `b`, from its Gram matrix.
@@ -82,14 +154,13 @@ pub(crate) fn loss<B: Backend>(
         .matrix()
         .expect("Gram matrices exist only for layers with a matrix form")
         .delta_matrix();
-    let gram = grams.grams[b].clone();
-    let [groups, rows, k] = d.dims();
-    let quad = if groups == 1 {
-        // A plain 2-D matmul: backends parallelise it better than a batch of one.
-        let d = d.reshape([rows, k]);
-        (d.clone().matmul(gram.reshape([k, k])) * d).sum()
-    } else {
-        (d.clone().matmul(gram) * d).sum()
+    let dg = matmul(d.clone(), grams.grams[b].clone());
+    let quad = match &grams.residuals {
+        Some(residuals) => {
+            let (r, c0) = residuals[b].clone();
+            (d * (dg + r.mul_scalar(2.0))).sum() + c0
+        }
+        None => (d * dg).sum(),
     };
     quad.div_scalar(grams.divisors[b])
 }
@@ -128,16 +199,24 @@ pub(crate) mod tests {
         layer.map_slots(perturb)
     }
 
-    /// Loss and alpha gradient, direct and Gram, for `loss`.
+    /// Loss and alpha gradient, direct and Gram, for `loss`; the targets are the float
+    /// layer on `target_x` (other inputs) or on `x`.
     fn both(
         layer: &QuantizedLayer<B>,
         x: Flow<B>,
+        target_x: Option<Flow<B>>,
         loss: ReconstructionLoss,
     ) -> [(f32, Vec<f32>); 2] {
-        let target = layer.forward_float_flow(x.clone()).detach();
+        let other = target_x.is_some();
+        let target = layer
+            .forward_float_flow(target_x.unwrap_or_else(|| x.clone()))
+            .detach();
         let alpha = |l: &QuantizedLayer<B>| l.adarounds()[0].alpha.clone();
-        let direct = reconstruction_loss(layer.forward_flow(x.clone()), target, loss);
-        let grams = grams(layer, &[x], loss).expect("a matrix layer");
+        let direct = reconstruction_loss(layer.forward_flow(x.clone()), target.clone(), loss);
+        let targets = [target];
+        let grams =
+            grams(layer, &[x], other.then_some(&targets[..]), loss).expect("a matrix layer");
+        assert_eq!(grams.residuals.is_some(), other);
         let gram = super::loss(layer, &grams, 0);
         [direct, gram].map(|l| {
             let value: f32 = l.clone().into_scalar();
@@ -147,8 +226,16 @@ pub(crate) mod tests {
     }
 
     fn assert_agree(layer: QuantizedLayer<B>, x: Flow<B>) {
-        for loss in [ReconstructionLoss::Mse, ReconstructionLoss::ChannelSum] {
-            let [(d, gd), (g, gg)] = both(&armed(layer.clone()), x.clone(), loss);
+        // Targets from the same inputs, then from other inputs (as the float model's).
+        let shifted = match &x {
+            Flow::Rows(t) => Flow::Rows(t.clone() + t.random_like(Distribution::Normal(0.0, 0.3))),
+            Flow::Maps(t) => Flow::Maps(t.clone() + t.random_like(Distribution::Normal(0.0, 0.3))),
+        };
+        let cases = [ReconstructionLoss::Mse, ReconstructionLoss::ChannelSum]
+            .into_iter()
+            .flat_map(|loss| [(loss, None), (loss, Some(shifted.clone()))]);
+        for (loss, target_x) in cases {
+            let [(d, gd), (g, gg)] = both(&armed(layer.clone()), x.clone(), target_x, loss);
             assert!(d > 0.0, "the perturbed rounding has a loss");
             assert!(
                 (d - g).abs() <= 1e-4 * d.abs(),

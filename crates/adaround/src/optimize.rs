@@ -29,7 +29,8 @@ pub(crate) struct Unit<'a, B: Backend> {
     pub inputs: &'a [Flow<B>],
     /// The target outputs, one per batch (after `activation`, if any).
     pub targets: &'a [Flow<B>],
-    /// Whether the targets are the float layer on these very inputs (the Gram form is exact).
+    /// Whether the targets are the float layer on these very inputs (else the Gram form
+    /// carries the float kernel's residuals).
     pub same_inputs: bool,
 }
 
@@ -153,10 +154,10 @@ fn histograms<B: Backend>(layer: &QuantizedLayer<B>) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// The loss path of a unit: the Gram form needs no activation, targets from the same inputs,
-/// and a Dense or Conv2D layer; `Auto` also needs it to be cheaper.
+/// The loss path of a unit: the Gram form needs no activation and a Dense or Conv2D layer;
+/// `Auto` also needs it to be cheaper.
 fn choose_path<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> LossPath {
-    let exact = unit.activation.is_none() && unit.same_inputs && gram::supports(&unit.layer);
+    let exact = unit.activation.is_none() && gram::supports(&unit.layer);
     match config.path {
         LossPath::Gram | LossPath::Auto if exact => {
             let (k, positions) = gram::sizes(&unit.layer, &unit.inputs[0]);
@@ -191,10 +192,7 @@ fn build_step<B: Backend>(
     let data = AutodiffData {
         inputs: unit.inputs.iter().map(lift).collect(),
         targets: unit.targets.iter().map(lift).collect(),
-        grams: grams.map(|g| Grams {
-            grams: g.grams.into_iter().map(Tensor::from_inner).collect(),
-            divisors: g.divisors,
-        }),
+        grams: grams.map(|g| g.map(Tensor::from_inner, Tensor::from_inner)),
         activation: unit
             .activation
             .clone()
@@ -318,7 +316,10 @@ pub(crate) fn optimize_unit<B: Backend>(
     let before = histograms(&armed);
     let path = choose_path(&unit, config);
     let grams = (path == LossPath::Gram)
-        .then(|| gram::grams(&unit.layer, unit.inputs, config.loss))
+        .then(|| {
+            let other = (!unit.same_inputs).then_some(unit.targets);
+            gram::grams(&unit.layer, unit.inputs, other, config.loss)
+        })
         .flatten();
     let (mut step, fused) = build_step(&unit, armed, grams, ctx);
     debug!(
