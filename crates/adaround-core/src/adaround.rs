@@ -277,6 +277,10 @@ impl<B: Backend> AdaRoundQuantizer<B> {
 }
 
 /// The record of an [`AdaRoundQuantizer`]: its tensors and its configuration.
+///
+/// Written by hand with the `Module` impl below: `#[derive(Module)]` treats the fields
+/// without a backend parameter (`quantizer`, `meta`) as constants and records them as
+/// `EmptyRecord`, so a saved AdaRound state would lose its grid and axis.
 #[derive(Record)]
 pub struct AdaRoundQuantizerRecord<B: Backend> {
     /// See [`AdaRoundQuantizer::alpha`].

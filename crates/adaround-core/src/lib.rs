@@ -6,8 +6,6 @@
 //!   weight that learns whether the weight rounds down or up
 //!   ([Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training
 //!   Quantization"](https://arxiv.org/abs/2004.10568)).
-//! - [`Schedule`]: the `beta` annealing of the rounding loss (cnn2snn epochs, AIMET/BRECQ
-//!   iterations with warm start).
 //!
 //! ```
 //! use adaround_core::{AdaRoundParams, AdaRoundQuantizer, WeightQuantizer};
@@ -35,7 +33,6 @@ mod custom;
 mod error;
 mod persistent;
 mod quantizer;
-mod schedule;
 
 pub use adaround::{
     AdaRoundMeta, AdaRoundParams, AdaRoundQuantizer, AdaRoundQuantizerRecord, RoundingStatus,
@@ -46,7 +43,6 @@ pub use quantizer::{
     all_finite, mse_scales, quantize_with, round_ste, Grid, WeightQuantizer, DEFAULT_STD_THRESHOLD,
     MAX_SCALE_FACTOR, MIN_RANGE, MSE_CANDIDATES,
 };
-pub use schedule::{BetaDecay, Schedule};
 
 #[doc(hidden)]
 pub mod __private {

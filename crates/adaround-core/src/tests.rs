@@ -437,28 +437,6 @@ fn should_save_adaround_state_in_the_record() {
     assert!(max_abs(fresh.quantize::<2>() - ada.quantize::<2>()) == 0.0);
 }
 
-// import numpy as np; e = np.arange(4); 2 + 18 * 0.5 * (1 + np.cos(np.pi * e / 4))
-// -> [20, 17.363961, 11, 4.636039]
-#[test]
-fn should_anneal_beta_like_the_references() {
-    let p = AdaRoundParams::new();
-    let betas: Vec<f64> = (0..4)
-        .map(|e| Schedule::epochs(4).beta(e, &p).unwrap())
-        .collect();
-    for (got, want) in betas.iter().zip([20.0, 17.363961, 11.0, 4.636039]) {
-        assert!((got - want).abs() < 1e-5, "{betas:?}");
-    }
-    let aimet = Schedule::aimet();
-    assert_eq!(aimet.beta(1999, &p), None, "warm start: no rounding loss");
-    assert!((aimet.beta(2000, &p).unwrap() - 20.0).abs() < 1e-12);
-    assert!((aimet.beta(6000, &p).unwrap() - 11.0).abs() < 1e-9);
-    let brecq = Schedule::brecq(100);
-    assert!((brecq.beta(60, &p).unwrap() - 11.0).abs() < 1e-9);
-    assert!(Schedule::epochs(0).validate().is_err());
-    let json = serde_json::to_string(&aimet).unwrap();
-    assert_eq!(serde_json::from_str::<Schedule>(&json).unwrap(), aimet);
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 

@@ -1,4 +1,6 @@
-use adaround_core::{AdaRoundParams, Schedule};
+use adaround_core::AdaRoundParams;
+
+use crate::Schedule;
 
 use crate::{AdaRoundError, ModelGuard};
 

@@ -63,12 +63,12 @@ mod optimize;
 mod params;
 mod progress;
 mod report;
+mod schedule;
 mod site;
 mod step;
 
 pub use adaround_core::{
-    AdaRoundParams, AdaRoundQuantizer, BetaDecay, Grid, QuantizerError, RoundingStatus, Schedule,
-    WeightQuantizer,
+    AdaRoundParams, AdaRoundQuantizer, Grid, QuantizerError, RoundingStatus, WeightQuantizer,
 };
 pub use config::{
     AdaRoundConfig, FinalRounding, LossPath, ReconstructionLoss, SeparableStep, Target,
@@ -81,6 +81,7 @@ pub use export::{export_integers, IntegerExport, IntegerKernel, INTEGER_FORMAT};
 pub use guard::{ModelCheck, ModelGuard, ModelOutput};
 pub use progress::Progress;
 pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};
+pub use schedule::{BetaDecay, Schedule};
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../../../README.md")]
