@@ -25,10 +25,10 @@ levels. `mse-fr` is the full-range signed grid `[-2^(b-1), 2^(b-1)-1]` with the 
 minimises the weight's quantization error (`WeightQuantizer::Mse`), computed here the same
 way in float32.
 
-Not like for like (see the README): AIMET rounds the depthwise and pointwise kernels of the
-separable layer as two layers and targets the float model's outputs of each layer; it
-optimises with its own fixed learning rate (1e-3) and batch size; the project's
-configuration is `AdaRoundConfig::recommended()`.
+Not like for like (see the README): AIMET optimises with its own fixed learning rate (1e-3),
+batch size and iterations; the project's configuration is `AdaRoundConfig::recommended()`.
+Both round the separable layer's depthwise and pointwise kernels as two layers and target
+the float model's outputs of each layer.
 """
 
 import argparse
