@@ -171,6 +171,13 @@ fn choose_path<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> LossP
     }
 }
 
+/// The Gram matrices of `unit`, with the residuals of its targets when they come from other
+/// inputs.
+fn unit_grams<B: Backend>(unit: &Unit<'_, B>, loss: ReconstructionLoss) -> Option<Grams<B>> {
+    let other = (!unit.same_inputs).then_some(unit.targets);
+    gram::grams(&unit.layer, unit.inputs, other, loss)
+}
+
 /// The step for `layer` (armed): fused where it exists and the optimizer runs on it, else
 /// autodiff.
 fn build_step<B: Backend>(
@@ -316,10 +323,7 @@ pub(crate) fn optimize_unit<B: Backend>(
     let before = histograms(&armed);
     let path = choose_path(&unit, config);
     let grams = (path == LossPath::Gram)
-        .then(|| {
-            let other = (!unit.same_inputs).then_some(unit.targets);
-            gram::grams(&unit.layer, unit.inputs, other, config.loss)
-        })
+        .then(|| unit_grams(&unit, config.loss))
         .flatten();
     let (mut step, fused) = build_step(&unit, armed, grams, ctx);
     debug!(
