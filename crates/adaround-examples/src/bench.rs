@@ -78,15 +78,37 @@ pub fn per_step<B: Backend, M: Module<B>, const D: usize>(
 /// `out/bench/bench-<backend>.json`.
 pub fn run<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Value {
     B::seed(device, 1);
-    let device = device.clone();
+    let rows = step_rows::<B>(device);
+    let totals = quickstart_totals::<B>(device);
+    println!("| layer | path | ms / step |");
+    println!("|---|---|---|");
+    for (layer, path, s) in &rows {
+        println!("| {layer} | {path} | {:.3} |", s * 1e3);
+    }
+    println!("\n| quickstart model, W4, 3 layers x 1000 iterations | paths | seconds |");
+    println!("|---|---|---|");
+    for (choice, paths, s) in &totals {
+        println!("| path {choice} | {paths} | {s:.2} |");
+    }
+    let json = serde_json::json!({
+        "backend": backend_name,
+        "steps": rows.iter().map(|(l, p, s)| serde_json::json!({"layer": l, "path": p, "ms_per_step": s * 1e3})).collect::<Vec<_>>(),
+        "quickstart": totals.iter().map(|(c, p, s)| serde_json::json!({"path": c, "layers": p, "seconds": s})).collect::<Vec<_>>(),
+    });
+    write_json(&format!("bench-{}", slug(backend_name)), &json);
+    json
+}
+
+/// Seconds per step of each layer kind on each path: `(layer, path taken, seconds)`.
+fn step_rows<B: Backend>(device: &B::Device) -> Vec<(String, String, f64)> {
     let q = WeightQuantizer::max_per_axis(4).unwrap();
     let mut rows: Vec<(String, String, f64)> = Vec::new();
 
     // Dense 512 -> 512, 1024 samples (one batch).
     let dense: QuantizedDense<B> = QuantizedDenseConfig::new(512, 512)
         .with_quantizer(q.clone())
-        .init(&device);
-    let x = Tensor::<B, 2>::random([1024, 512], Distribution::Normal(0.0, 1.0), &device);
+        .init(device);
+    let x = Tensor::<B, 2>::random([1024, 512], Distribution::Normal(0.0, 1.0), device);
     for path in [LossPath::Direct, LossPath::Gram] {
         let (s, used) = per_step(&dense, x.clone(), |m, x| m.forward(x), path, 1024);
         rows.push(("Dense 512->512, 1024 samples".into(), used, s));
@@ -96,8 +118,8 @@ pub fn run<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Va
     let conv: QuantizedConv2d<B> = QuantizedConv2dConfig::new([32, 32], [3, 3])
         .with_padding(PaddingConfig2d::Same)
         .with_quantizer(q.clone())
-        .init(&device);
-    let maps = Tensor::<B, 4>::random([32, 32, 16, 16], Distribution::Normal(0.0, 1.0), &device);
+        .init(device);
+    let maps = Tensor::<B, 4>::random([32, 32, 16, 16], Distribution::Normal(0.0, 1.0), device);
     for path in [LossPath::Direct, LossPath::Gram] {
         let (s, used) = per_step(&conv, maps.clone(), |m, x| m.forward(x), path, 32);
         rows.push(("Conv2D 32->32 3x3, 16x16, batch 32".into(), used, s));
@@ -107,23 +129,28 @@ pub fn run<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Va
     let sep: QuantizedSeparableConv2d<B> = QuantizedSeparableConv2dConfig::new([32, 64], [3, 3])
         .with_padding(PaddingConfig2d::Same)
         .with_quantizer(q)
-        .init(&device);
+        .init(device);
     let (s, used) = per_step(&sep, maps, |m, x| m.forward(x), LossPath::Auto, 32);
     rows.push((
         "SeparableConv2D 32->64 3x3, 16x16, batch 32".into(),
         used,
         s,
     ));
+    rows
+}
 
-    // The quickstart model, all layers, the quickstart's settings.
+/// The quickstart model, all layers, the benchmark's fixed settings ([`short_config`]
+/// (crate::digits::short_config)), on the direct path and on the automatic choice:
+/// `(path choice, paths taken, seconds)`.
+fn quickstart_totals<B: Backend>(device: &B::Device) -> Vec<(String, String, f64)> {
     let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
-    let float = FloatCnn::<B>::new(&device)
-        .load_file(FIXTURE, &recorder, &device)
+    let float = FloatCnn::<B>::new(device)
+        .load_file(FIXTURE, &recorder, device)
         .unwrap();
     let (train, _) = Digits::load().split(450, 7);
-    let calibration = train.images::<B>(0..256, &device);
+    let calibration = train.images::<B>(0..256, device);
     let model = QuantCnn::from_float(&float, 4, Granularity::PerAxis, 8, calibration.clone());
-    let quickstart = crate::digits::short_config();
+    let config = crate::digits::short_config();
     let mut totals = Vec::new();
     for path in [LossPath::Direct, LossPath::Auto] {
         let start = Instant::now();
@@ -131,7 +158,7 @@ pub fn run<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Va
             &model,
             calibration.clone(),
             |m, x| m.forward(x),
-            &quickstart.clone().with_path(path),
+            &config.clone().with_path(path),
         )
         .unwrap();
         let paths: Vec<String> = report
@@ -145,33 +172,25 @@ pub fn run<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Va
             start.elapsed().as_secs_f64(),
         ));
     }
+    totals
+}
 
-    println!("| layer | path | ms / step |");
-    println!("|---|---|---|");
-    for (layer, path, s) in &rows {
-        println!("| {layer} | {path} | {:.3} |", s * 1e3);
-    }
-    println!("\n| quickstart model, W4, 3 layers x 1000 iterations | paths | seconds |");
-    println!("|---|---|---|");
-    for (choice, paths, s) in &totals {
-        println!("| path {choice} | {paths} | {s:.2} |");
-    }
-    let out = PathBuf::from("out/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    let json = serde_json::json!({
-        "backend": backend_name,
-        "steps": rows.iter().map(|(l, p, s)| serde_json::json!({"layer": l, "path": p, "ms_per_step": s * 1e3})).collect::<Vec<_>>(),
-        "quickstart": totals.iter().map(|(c, p, s)| serde_json::json!({"path": c, "layers": p, "seconds": s})).collect::<Vec<_>>(),
-    });
-    let slug: String = backend_name
+/// A file-name slug of a backend name: lowercase letters and digits.
+fn slug(backend_name: &str) -> String {
+    backend_name
         .to_lowercase()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
-    let path = out.join(format!("bench-{slug}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+        .collect()
+}
+
+/// Writes `json` to `out/bench/{name}.json` and prints the path.
+fn write_json(name: &str, json: &serde_json::Value) {
+    let out = PathBuf::from("out/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    let path = out.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(json).unwrap()).unwrap();
     println!("\n{}", path.display());
-    json
 }
 
 /// The mini-XCEPTION-size model ([`crate::xception`], random weights and BatchNorm
@@ -252,6 +271,14 @@ struct Point {
 }
 
 impl Point {
+    fn new(samples: usize, c_in: usize, c_out: usize) -> Self {
+        Self {
+            samples,
+            c_in,
+            c_out,
+        }
+    }
+
     /// Patch size `K`.
     fn k(&self) -> usize {
         self.c_in * 9
@@ -275,108 +302,106 @@ impl Point {
 /// (`out/bench/scaling-{samples,channels,k}.svg`).
 pub fn scaling<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Value {
     B::seed(device, 3);
-    let q = WeightQuantizer::max_per_axis(4).unwrap();
     let sweeps: [(&str, &str, Vec<Point>); 3] = [
         (
             "samples",
             "calibration samples (C_in 32, C_out 32)",
             [32, 64, 128, 256, 512]
-                .map(|samples| Point {
-                    samples,
-                    c_in: 32,
-                    c_out: 32,
-                })
+                .map(|samples| Point::new(samples, 32, 32))
                 .into(),
         ),
         (
             "channels",
             "output channels (64 samples, C_in 32)",
             [16, 32, 64, 128]
-                .map(|c_out| Point {
-                    samples: 64,
-                    c_in: 32,
-                    c_out,
-                })
+                .map(|c_out| Point::new(64, 32, c_out))
                 .into(),
         ),
         (
             "k",
             "patch size K = 9 C_in (64 samples, C_out 32)",
-            [8, 16, 32, 64]
-                .map(|c_in| Point {
-                    samples: 64,
-                    c_in,
-                    c_out: 32,
-                })
-                .into(),
+            [8, 16, 32, 64].map(|c_in| Point::new(64, c_in, 32)).into(),
         ),
     ];
-    let out = PathBuf::from("out/bench");
-    std::fs::create_dir_all(&out).unwrap();
     let mut json = Vec::new();
-    for (slug, what, points) in &sweeps {
-        println!("\n### Step time against {what}, {backend_name}\n");
-        println!("| samples | C_in | C_out | K | direct ms / step | Gram ms / step | direct / Gram | direct MiB held | Gram MiB held |");
-        println!("|---|---|---|---|---|---|---|---|---|");
-        let (mut direct, mut gram, mut labels) = (Vec::new(), Vec::new(), Vec::new());
-        for p in points {
-            let conv: QuantizedConv2d<B> = QuantizedConv2dConfig::new([p.c_in, p.c_out], [3, 3])
-                .with_padding(PaddingConfig2d::Same)
-                .with_quantizer(q.clone())
-                .init(device);
-            let maps = Tensor::<B, 4>::random(
-                [p.samples, p.c_in, 16, 16],
-                Distribution::Normal(0.0, 1.0),
-                device,
-            );
-            let mut ms = [LossPath::Direct, LossPath::Gram].map(|path| {
-                per_step(&conv, maps.clone(), |m, x| m.forward(x), path, p.samples).0 * 1e3
-            });
-            ms.iter_mut().for_each(|v| *v = (*v * 1e4).round() / 1e4);
-            let mib = |b: usize| b as f64 / (1 << 20) as f64;
-            println!(
-                "| {} | {} | {} | {} | {:.3} | {:.3} | {:.1}x | {:.2} | {:.3} |",
-                p.samples,
-                p.c_in,
-                p.c_out,
-                p.k(),
-                ms[0],
-                ms[1],
-                ms[0] / ms[1],
-                mib(p.direct_bytes()),
-                mib(p.gram_bytes())
-            );
-            labels.push(match *slug {
-                "samples" => p.samples.to_string(),
-                "channels" => p.c_out.to_string(),
-                _ => p.k().to_string(),
-            });
-            direct.push(ms[0]);
-            gram.push(ms[1]);
-            json.push(serde_json::json!({
-                "sweep": slug, "samples": p.samples, "c_in": p.c_in, "c_out": p.c_out, "k": p.k(),
-                "direct_ms": ms[0], "gram_ms": ms[1],
-                "direct_bytes": p.direct_bytes(), "gram_bytes": p.gram_bytes(),
-            }));
-        }
-        let svg = crate::svg::bars(
-            &format!("AdaRound step of a Conv2D 3x3 against {what}, {backend_name}"),
-            &labels,
-            &[("direct (fused)", direct), ("Gram (fused)", gram)],
-            "ms per step",
-        );
-        let file = out.join(format!("scaling-{slug}.svg"));
-        std::fs::write(&file, svg).unwrap();
-        println!("\n{}", file.display());
+    for (sweep, what, points) in &sweeps {
+        json.extend(scaling_sweep::<B>(
+            device,
+            backend_name,
+            sweep,
+            what,
+            points,
+        ));
     }
-    let slug: String = backend_name
-        .to_lowercase()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
     let json = serde_json::json!({ "backend": backend_name, "points": json });
-    let file = out.join(format!("scaling-{slug}.json"));
-    std::fs::write(&file, serde_json::to_string_pretty(&json).unwrap()).unwrap();
-    println!("{}", file.display());
+    write_json(&format!("scaling-{}", slug(backend_name)), &json);
+    json
+}
+
+/// One sweep of [`scaling`]: its table, its plot (`out/bench/scaling-{sweep}.svg`) and its
+/// points as JSON.
+fn scaling_sweep<B: Backend>(
+    device: &B::Device,
+    backend_name: &str,
+    sweep: &str,
+    what: &str,
+    points: &[Point],
+) -> Vec<serde_json::Value> {
+    println!("\n### Step time against {what}, {backend_name}\n");
+    println!("| samples | C_in | C_out | K | direct ms / step | Gram ms / step | direct / Gram | direct MiB held | Gram MiB held |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let q = WeightQuantizer::max_per_axis(4).unwrap();
+    let (mut direct, mut gram, mut labels, mut json) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for p in points {
+        let conv: QuantizedConv2d<B> = QuantizedConv2dConfig::new([p.c_in, p.c_out], [3, 3])
+            .with_padding(PaddingConfig2d::Same)
+            .with_quantizer(q.clone())
+            .init(device);
+        let maps = Tensor::<B, 4>::random(
+            [p.samples, p.c_in, 16, 16],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        let mut ms = [LossPath::Direct, LossPath::Gram].map(|path| {
+            per_step(&conv, maps.clone(), |m, x| m.forward(x), path, p.samples).0 * 1e3
+        });
+        ms.iter_mut().for_each(|v| *v = (*v * 1e4).round() / 1e4);
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        println!(
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.1}x | {:.2} | {:.3} |",
+            p.samples,
+            p.c_in,
+            p.c_out,
+            p.k(),
+            ms[0],
+            ms[1],
+            ms[0] / ms[1],
+            mib(p.direct_bytes()),
+            mib(p.gram_bytes())
+        );
+        labels.push(match sweep {
+            "samples" => p.samples.to_string(),
+            "channels" => p.c_out.to_string(),
+            _ => p.k().to_string(),
+        });
+        direct.push(ms[0]);
+        gram.push(ms[1]);
+        json.push(serde_json::json!({
+            "sweep": sweep, "samples": p.samples, "c_in": p.c_in, "c_out": p.c_out, "k": p.k(),
+            "direct_ms": ms[0], "gram_ms": ms[1],
+            "direct_bytes": p.direct_bytes(), "gram_bytes": p.gram_bytes(),
+        }));
+    }
+    let svg = crate::svg::bars(
+        &format!("AdaRound step of a Conv2D 3x3 against {what}, {backend_name}"),
+        &labels,
+        &[("direct (fused)", direct), ("Gram (fused)", gram)],
+        "ms per step",
+    );
+    let file = PathBuf::from("out/bench").join(format!("scaling-{sweep}.svg"));
+    std::fs::create_dir_all("out/bench").unwrap();
+    std::fs::write(&file, svg).unwrap();
+    println!("\n{}", file.display());
     json
 }
