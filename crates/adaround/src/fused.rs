@@ -278,7 +278,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        gram::tests::armed,
+        gram::tests::{armed, target_cases},
         optimize::reconstruction_loss,
         step::{Optimizers, SimpleOptimizers},
     };
@@ -297,14 +297,7 @@ mod tests {
     /// with targets from the same inputs and from other inputs (the float model's).
     fn assert_matches_autodiff(layer: QuantizedLayer<B>, x: Flow<B>) {
         let (beta, reg) = (4.0, 0.01);
-        let shifted = match &x {
-            Flow::Rows(t) => Flow::Rows(t.clone() + t.random_like(Distribution::Normal(0.0, 0.3))),
-            Flow::Maps(t) => Flow::Maps(t.clone() + t.random_like(Distribution::Normal(0.0, 0.3))),
-        };
-        let cases = [ReconstructionLoss::Mse, ReconstructionLoss::ChannelSum]
-            .into_iter()
-            .flat_map(|loss| [(loss, None), (loss, Some(shifted.clone()))]);
-        for (loss, target_x) in cases {
+        for (loss, target_x) in target_cases(&x) {
             let layer = armed(layer.clone());
             let other = target_x.is_some();
             let target = layer

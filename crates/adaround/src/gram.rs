@@ -225,16 +225,24 @@ pub(crate) mod tests {
         })
     }
 
-    fn assert_agree(layer: QuantizedLayer<B>, x: Flow<B>) {
-        // Targets from the same inputs, then from other inputs (as the float model's).
-        let shifted = match &x {
-            Flow::Rows(t) => Flow::Rows(t.clone() + t.random_like(Distribution::Normal(0.0, 0.3))),
-            Flow::Maps(t) => Flow::Maps(t.clone() + t.random_like(Distribution::Normal(0.0, 0.3))),
+    /// Each loss with targets from the same inputs (`None`), then from other inputs: `x`
+    /// shifted by noise, as the float model's activations differ from the quantized model's.
+    pub(crate) fn target_cases(x: &Flow<B>) -> Vec<(ReconstructionLoss, Option<Flow<B>>)> {
+        fn noisy<const D: usize>(t: &Tensor<B, D>) -> Tensor<B, D> {
+            t.clone() + t.random_like(Distribution::Normal(0.0, 0.3))
+        }
+        let shifted = match x {
+            Flow::Rows(t) => Flow::Rows(noisy(t)),
+            Flow::Maps(t) => Flow::Maps(noisy(t)),
         };
-        let cases = [ReconstructionLoss::Mse, ReconstructionLoss::ChannelSum]
+        [ReconstructionLoss::Mse, ReconstructionLoss::ChannelSum]
             .into_iter()
-            .flat_map(|loss| [(loss, None), (loss, Some(shifted.clone()))]);
-        for (loss, target_x) in cases {
+            .flat_map(|loss| [(loss, None), (loss, Some(shifted.clone()))])
+            .collect()
+    }
+
+    fn assert_agree(layer: QuantizedLayer<B>, x: Flow<B>) {
+        for (loss, target_x) in target_cases(&x) {
             let [(d, gd), (g, gg)] = both(&armed(layer.clone()), x.clone(), target_x, loss);
             assert!(d > 0.0, "the perturbed rounding has a loss");
             assert!(
