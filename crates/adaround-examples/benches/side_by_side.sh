@@ -56,5 +56,5 @@ for name in os.environ["NAMES"].split():
     for r in rust["steps"]:
         t = torch.get(r["layer"])
         if t:
-            print(f"| {r['layer']} | {rust['backend']} | {r['path']} | {r['ms_per_step']:.3f} | {t:.3f} | {t / r['ms_per_step']:.2f}x |")
+            print(f"| {r['layer']} | {rust['backend']} ({rust.get('allocator', 'system')}) | {r['path']} | {r['ms_per_step']:.3f} | {t:.3f} | {t / r['ms_per_step']:.2f}x |")
 PY

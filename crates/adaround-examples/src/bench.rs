@@ -80,6 +80,7 @@ pub fn run<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Va
     B::seed(device, 1);
     let rows = step_rows::<B>(device);
     let totals = quickstart_totals::<B>(device);
+    println!("allocator: {}\n", crate::ALLOCATOR);
     println!("| layer | path | ms / step |");
     println!("|---|---|---|");
     for (layer, path, s) in &rows {
@@ -92,6 +93,7 @@ pub fn run<B: Backend>(device: &B::Device, backend_name: &str) -> serde_json::Va
     }
     let json = serde_json::json!({
         "backend": backend_name,
+        "allocator": crate::ALLOCATOR,
         "steps": rows.iter().map(|(l, p, s)| serde_json::json!({"layer": l, "path": p, "ms_per_step": s * 1e3})).collect::<Vec<_>>(),
         "quickstart": totals.iter().map(|(c, p, s)| serde_json::json!({"path": c, "layers": p, "seconds": s})).collect::<Vec<_>>(),
     });

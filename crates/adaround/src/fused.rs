@@ -50,7 +50,8 @@ pub(crate) struct Fused<B: Backend> {
     layer: QuantizedLayer<B>,
     alpha: Matrix<B>,
     w_floor: Matrix<B>,
-    sf: Matrix<B>,
+    /// `1 / sf`, broadcast like `sf` (a product is cheaper than a division).
+    inv_sf: Matrix<B>,
     weight: Matrix<B>,
     levels: (f64, f64),
     gamma: f64,
@@ -87,7 +88,7 @@ impl<B: Backend> Fused<B> {
         let matrix = matrix_of(&layer);
         let alpha = matrix.to_matrix(ada.alpha.val());
         let w_floor = matrix.to_matrix(ada.w_floor.val());
-        let sf = matrix.to_matrix(ada.sf.val());
+        let inv_sf = matrix.to_matrix(ada.sf.val()).recip();
         let weight = matrix.float_matrix();
         let (data, divisors) = match grams {
             Some(g) => (
@@ -102,7 +103,7 @@ impl<B: Backend> Fused<B> {
             layer,
             alpha,
             w_floor,
-            sf,
+            inv_sf,
             weight,
             levels,
             optimizer,
@@ -119,7 +120,8 @@ impl<B: Backend> Fused<B> {
         let denom = self.alpha.clone().neg().exp().add_scalar(1.0);
         let s = denom.ones_like() / denom;
         let u = s.clone().mul_scalar(zeta - gamma).add_scalar(gamma);
-        let h = u.clone().clamp(0.0, 1.0);
+        // `clamp_min` and `clamp_max` are cheaper than `clamp` on some CPU backends.
+        let h = u.clone().clamp_min(0.0).clamp_max(1.0);
         (s, u, h)
     }
 
@@ -137,9 +139,9 @@ impl<B: Backend> Fused<B> {
         let (s, u, h) = self.decimals();
         let outside_h = u.not_equal(h.clone());
         let z = self.w_floor.clone() + h.clone();
-        let zc = z.clone().clamp(lo, hi);
+        let zc = z.clone().clamp_min(lo).clamp_max(hi);
         let outside_z = z.not_equal(zc.clone());
-        let soft = zc / self.sf.clone();
+        let soft = zc * self.inv_sf.clone();
         let n = self.divisors[b];
 
         // `grad_w` is `n / 2` times the gradient with respect to W~ (the factor is applied
@@ -172,7 +174,7 @@ impl<B: Backend> Fused<B> {
                 (report.then(|| e.square().sum().div_scalar(n)), grad)
             }
         };
-        let mut grad_h = (grad_w / self.sf.clone()).mask_fill(outside_z, 0.0);
+        let mut grad_h = (grad_w * self.inv_sf.clone()).mask_fill(outside_z, 0.0);
         let round = match beta {
             Some(beta) if beta != 0.0 => {
                 let t = h.mul_scalar(2.0).sub_scalar(1.0);
