@@ -52,6 +52,37 @@ pub enum FinalRounding {
     Hard,
 }
 
+/// Where the fused step (Dense and Conv2D, and the halves of a split separable layer) does
+/// its elementwise work: the rectified sigmoid, the clamps, the masks and the rounding-loss
+/// gradient. The matrix products and the optimizer always run on the backend; the two places
+/// give the same numbers up to floating-point rounding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Elementwise {
+    /// In host memory for the CPU backends this crate knows
+    /// ([`Backend::name`](burn::tensor::backend::Backend::name) `ndarray`, `flex` or
+    /// `candle<cpu>`), as backend operations elsewhere.
+    Auto,
+    /// As tensor operations of the backend: about 30 passes over the weights per step,
+    /// which a GPU backend runs as kernels (Burn's fusion joins them).
+    Device,
+    /// In host memory: two vectorized passes over the weights per step, split over the
+    /// machine's cores; the weights cross to the backend and back once per step (a copy on
+    /// a CPU backend, a transfer on a GPU). Only for `f32` kernels (others run on the
+    /// device).
+    Host,
+}
+
+impl Elementwise {
+    /// Whether the fused step runs its elementwise work in host memory on `device`.
+    pub(crate) fn on_host<B: burn::tensor::backend::Backend>(self, device: &B::Device) -> bool {
+        match self {
+            Self::Auto => matches!(B::name(device).as_str(), "ndarray" | "flex" | "candle<cpu>"),
+            Self::Device => false,
+            Self::Host => true,
+        }
+    }
+}
+
 /// Configuration of an AdaRound run.
 ///
 /// Defaults follow the reference (cnn2snn); every option beyond it says which
@@ -112,6 +143,9 @@ pub struct AdaRoundConfig {
     /// better (see [`ModelGuard`]).
     #[config(default = "ModelGuard::Report")]
     pub model_guard: ModelGuard,
+    /// Where the fused step does its elementwise work (see [`Elementwise`]).
+    #[config(default = "Elementwise::Auto")]
+    pub elementwise: Elementwise,
 }
 
 impl AdaRoundConfig {

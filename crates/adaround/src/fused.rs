@@ -21,13 +21,14 @@ use adaround_core::RoundingStatus;
 use adaround_layers::{probe::Flow, MatrixLayer, QuantizedLayer, QuantizerSlot};
 use burn::{
     module::Param,
-    tensor::{backend::Backend, Tensor},
+    tensor::{backend::Backend, DType, Tensor, TensorData},
 };
 
 use crate::{
     gram::{self, matmul},
+    host,
     step::{AlphaOptimizer, Losses, Step},
-    ReconstructionLoss,
+    Elementwise, ReconstructionLoss,
 };
 
 /// Largest im2col cache of the direct fused path; above it the autodiff step runs.
@@ -59,6 +60,8 @@ pub(crate) struct Fused<B: Backend> {
     optimizer: Box<dyn AlphaOptimizer<B>>,
     data: Data<B>,
     divisors: Vec<f64>,
+    /// The kernel's constants in host memory, where the elementwise work runs there.
+    host: Option<host::Kernel>,
     /// `(reg, learning rate)`.
     pub(crate) rates: (f64, f64),
 }
@@ -76,12 +79,14 @@ pub(crate) fn patch_bytes<B: Backend>(layer: &QuantizedLayer<B>, inputs: &[Flow<
 impl<B: Backend> Fused<B> {
     /// Takes over `layer` (AdaRound armed in its single slot), to step with `optimizer`.
     /// `grams`: use its Gram matrices; else the direct path on `inputs` and `targets`.
+    /// `elementwise`: where the elementwise work runs ([`host`] memory only for `f32`
+    /// kernels).
     pub(crate) fn new(
         layer: QuantizedLayer<B>,
         (inputs, targets): (&[Flow<B>], &[Flow<B>]),
         grams: Option<&gram::Grams<B>>,
         loss: ReconstructionLoss,
-        optimizer: Box<dyn AlphaOptimizer<B>>,
+        (optimizer, elementwise): (Box<dyn AlphaOptimizer<B>>, Elementwise),
     ) -> Self {
         let ada = layer.adarounds()[0].clone();
         let levels = ada.levels();
@@ -97,6 +102,15 @@ impl<B: Backend> Fused<B> {
             ),
             None => direct_data(matrix, inputs, targets, loss),
         };
+        let on_host = elementwise.on_host::<B>(&alpha.device()) && alpha.dtype() == DType::F32;
+        let host = on_host.then(|| host::Kernel {
+            w_floor: host_values(w_floor.clone()),
+            // `sf` broadcasts (per channel or per tensor): one value per weight here.
+            inv_sf: host_values(alpha.zeros_like() + inv_sf.clone()),
+            weight: host_values(weight.clone()),
+            levels: (levels.0 as f32, levels.1 as f32),
+            stretch: (ada.meta.gamma as f32, ada.meta.zeta as f32),
+        });
         Self {
             gamma: ada.meta.gamma,
             zeta: ada.meta.zeta,
@@ -109,6 +123,7 @@ impl<B: Backend> Fused<B> {
             optimizer,
             data,
             divisors,
+            host,
             rates: (0.0, 0.0),
         }
     }
@@ -135,21 +150,26 @@ impl<B: Backend> Fused<B> {
         reg: f64,
         report: bool,
     ) -> (Option<Losses<B>>, Matrix<B>) {
-        let (gamma, zeta, (lo, hi)) = (self.gamma, self.zeta, self.levels);
-        let (s, u, h) = self.decimals();
-        let outside_h = u.not_equal(h.clone());
-        let z = self.w_floor.clone() + h.clone();
-        let zc = z.clone().clamp_min(lo).clamp_max(hi);
-        let outside_z = z.not_equal(zc.clone());
-        let soft = zc * self.inv_sf.clone();
-        let n = self.divisors[b];
+        match &self.host {
+            Some(kernel) => self.host_loss_and_gradient(kernel, b, beta, reg, report),
+            None => self.device_loss_and_gradient(b, beta, reg, report),
+        }
+    }
 
-        // `grad_w` is `n / 2` times the gradient with respect to W~ (the factor is applied
-        // once, at the end). Tensors are moved, not cloned, wherever a value has no later
-        // use: a backend can then update them in place instead of allocating.
-        let (rec, grad_w) = match &self.data {
+    /// The reconstruction loss (when `report`) and `n / 2` times its gradient with respect
+    /// to W~, from `sent`: `W~ - W` on the Gram path, `W~` on the direct path.
+    fn reconstruction(
+        &self,
+        b: usize,
+        sent: Matrix<B>,
+        report: bool,
+    ) -> (Option<Tensor<B, 1>>, Matrix<B>) {
+        let n = self.divisors[b];
+        // Tensors are moved, not cloned, wherever a value has no later use: a backend can
+        // then update them in place instead of allocating.
+        match &self.data {
             Data::Gram(grams, residuals) => {
-                let dw = soft - self.weight.clone();
+                let dw = sent;
                 let dg = matmul(dw.clone(), grams[b].clone());
                 match residuals {
                     // Targets from other inputs: gradient `dW G + R`, loss
@@ -169,11 +189,71 @@ impl<B: Backend> Fused<B> {
                 // Patches and targets are cached as rows (`[g, M, K]`, `[g, M, r]`): the
                 // errors are `E = X W~ᵀ - T` and the gradient `Eᵀ X`, so no product
                 // transposes a large operand.
-                let e = matmul(x.clone(), soft.swap_dims(1, 2)) - t.clone();
+                let e = matmul(x.clone(), sent.swap_dims(1, 2)) - t.clone();
                 let grad = matmul(e.clone().swap_dims(1, 2), x.clone());
                 (report.then(|| e.square().sum().div_scalar(n)), grad)
             }
+        }
+    }
+
+    /// [`Self::loss_and_gradient`] with the elementwise work in host memory.
+    fn host_loss_and_gradient(
+        &self,
+        kernel: &host::Kernel,
+        b: usize,
+        beta: Option<f64>,
+        reg: f64,
+        report: bool,
+    ) -> (Option<Losses<B>>, Matrix<B>) {
+        let (dims, device) = (self.alpha.dims(), self.alpha.device());
+        let pass = host::Pass {
+            beta,
+            reg,
+            n: self.divisors[b],
+            difference: matches!(self.data, Data::Gram(..)),
         };
+        let alpha = host_values(self.alpha.clone());
+        let (sent, coefficients) = kernel.forward(&alpha, pass);
+        let sent = Tensor::from_data(TensorData::new(sent, dims), &device);
+        let (rec, grad_w) = self.reconstruction(b, sent, report);
+        let grad = coefficients.backward(host_values(grad_w));
+        let grad = Tensor::from_data(TensorData::new(grad, dims), &device);
+        let losses = rec.map(|rec| {
+            let round = beta.map(|beta| {
+                let loss = match beta {
+                    0.0 => 0.0,
+                    beta => kernel.rounding_loss(&alpha, beta, reg),
+                };
+                Tensor::from_floats([loss as f32], &device)
+            });
+            (rec, round)
+        });
+        (losses, grad)
+    }
+
+    /// [`Self::loss_and_gradient`] as tensor operations of the backend.
+    fn device_loss_and_gradient(
+        &self,
+        b: usize,
+        beta: Option<f64>,
+        reg: f64,
+        report: bool,
+    ) -> (Option<Losses<B>>, Matrix<B>) {
+        let (gamma, zeta, (lo, hi)) = (self.gamma, self.zeta, self.levels);
+        let (s, u, h) = self.decimals();
+        let outside_h = u.not_equal(h.clone());
+        let z = self.w_floor.clone() + h.clone();
+        let zc = z.clone().clamp_min(lo).clamp_max(hi);
+        let outside_z = z.not_equal(zc.clone());
+        let soft = zc * self.inv_sf.clone();
+        let n = self.divisors[b];
+        let sent = match self.data {
+            Data::Gram(..) => soft - self.weight.clone(),
+            Data::Direct(_) => soft,
+        };
+        // `grad_w` is `n / 2` times the gradient with respect to W~ (the factor is applied
+        // once, at the end).
+        let (rec, grad_w) = self.reconstruction(b, sent, report);
         let mut grad_h = (grad_w * self.inv_sf.clone()).mask_fill(outside_z, 0.0);
         let round = match beta {
             Some(beta) if beta != 0.0 => {
@@ -234,6 +314,13 @@ impl<B: Backend> Step<B> for Fused<B> {
     fn into_layer(self: Box<Self>) -> QuantizedLayer<B> {
         self.layer()
     }
+}
+
+/// The values of an `f32` tensor, in host memory.
+fn host_values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .into_vec::<f32>()
+        .expect("the host elementwise path runs only on f32 kernels")
 }
 
 /// The matrix form of a layer the fused step took over.
@@ -323,16 +410,22 @@ mod tests {
                 loss,
             )
             .unwrap();
-            for grams in [Some(&grams), None] {
+            let places = [Elementwise::Device, Elementwise::Host];
+            for (grams, elementwise) in [Some(&grams), None]
+                .into_iter()
+                .flat_map(|g| places.map(|p| (g, p)))
+            {
+                let optimizer = SimpleOptimizers(|| AdamConfig::new().build())
+                    .fused()
+                    .unwrap();
                 let fused = Fused::new(
                     layer.clone(),
                     (std::slice::from_ref(&x), std::slice::from_ref(&target)),
                     grams,
                     loss,
-                    SimpleOptimizers(|| AdamConfig::new().build())
-                        .fused()
-                        .unwrap(),
+                    (optimizer, elementwise),
                 );
+                assert_eq!(fused.host.is_some(), elementwise == Elementwise::Host);
                 let (losses, grad) = fused.loss_and_gradient(0, Some(beta), reg, true);
                 let (f_rec, f_round) = losses.expect("report asked");
                 let (f_rec, f_round): (f32, f32) =
@@ -349,6 +442,7 @@ mod tests {
                     (true, true) => "Gram with residuals",
                     (false, _) => "direct",
                 };
+                let path = format!("{path}, {elementwise:?}");
                 assert!(rec > 0.0);
                 assert!(
                     (f_rec - rec).abs() <= 1e-4 * rec,

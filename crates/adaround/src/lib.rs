@@ -58,6 +58,7 @@ mod export;
 mod fused;
 mod gram;
 mod guard;
+mod host;
 pub mod import;
 mod optimize;
 mod params;
@@ -71,7 +72,7 @@ pub use adaround_core::{
     AdaRoundParams, AdaRoundQuantizer, Grid, QuantizerError, RoundingStatus, WeightQuantizer,
 };
 pub use config::{
-    AdaRoundConfig, FinalRounding, LossPath, ReconstructionLoss, SeparableStep, Target,
+    AdaRoundConfig, Elementwise, FinalRounding, LossPath, ReconstructionLoss, SeparableStep, Target,
 };
 pub use driver::{
     adaround, adaround_with_optimizer, adaround_with_progress, adaround_with_simple_optimizer,

@@ -192,6 +192,7 @@ fn build_step<B: Backend>(
         && (grams.is_some() || fused::patch_bytes(&layer, unit.inputs) <= fused::MAX_PATCH_BYTES);
     if let Some(optimizer) = fusable.then(|| ctx.optimizers.fused()).flatten() {
         let data = (unit.inputs, unit.targets);
+        let optimizer = (optimizer, ctx.config.elementwise);
         let mut step = Fused::new(layer, data, grams.as_ref(), ctx.config.loss, optimizer);
         step.rates = rates;
         return (Box::new(step), true);
