@@ -58,9 +58,11 @@ pub enum FinalRounding {
 /// give the same numbers up to floating-point rounding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Elementwise {
-    /// In host memory for the CPU backends this crate knows
+    /// In host memory for kernels of at least [`Elementwise::HOST_MIN_WEIGHTS`] weights on
+    /// the CPU backends this crate knows
     /// ([`Backend::name`](burn::tensor::backend::Backend::name) `ndarray`, `flex` or
-    /// `candle<cpu>`), as backend operations elsewhere.
+    /// `candle<cpu>`); as backend operations elsewhere (on smaller kernels the copies cost
+    /// more than the passes they save).
     Auto,
     /// As tensor operations of the backend: about 30 passes over the weights per step,
     /// which a GPU backend runs as kernels (Burn's fusion joins them).
@@ -73,10 +75,21 @@ pub enum Elementwise {
 }
 
 impl Elementwise {
-    /// Whether the fused step runs its elementwise work in host memory on `device`.
-    pub(crate) fn on_host<B: burn::tensor::backend::Backend>(self, device: &B::Device) -> bool {
+    /// The smallest kernel [`Elementwise::Auto`] takes to host memory.
+    pub const HOST_MIN_WEIGHTS: usize = 1 << 15;
+
+    /// Whether the fused step runs its elementwise work in host memory for a kernel of
+    /// `weights` weights on `device`.
+    pub(crate) fn on_host<B: burn::tensor::backend::Backend>(
+        self,
+        device: &B::Device,
+        weights: usize,
+    ) -> bool {
         match self {
-            Self::Auto => matches!(B::name(device).as_str(), "ndarray" | "flex" | "candle<cpu>"),
+            Self::Auto => {
+                weights >= Self::HOST_MIN_WEIGHTS
+                    && matches!(B::name(device).as_str(), "ndarray" | "flex" | "candle<cpu>")
+            }
             Self::Device => false,
             Self::Host => true,
         }

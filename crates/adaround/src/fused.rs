@@ -102,7 +102,9 @@ impl<B: Backend> Fused<B> {
             ),
             None => direct_data(matrix, inputs, targets, loss),
         };
-        let on_host = elementwise.on_host::<B>(&alpha.device()) && alpha.dtype() == DType::F32;
+        let weights = alpha.shape().num_elements();
+        let on_host =
+            elementwise.on_host::<B>(&alpha.device(), weights) && alpha.dtype() == DType::F32;
         let host = on_host.then(|| host::Kernel {
             w_floor: host_values(w_floor.clone()),
             // `sf` broadcasts (per channel or per tensor): one value per weight here.

@@ -59,7 +59,7 @@ fn horner(c: &[f32], x: f32) -> f32 {
 fn exp(x: f32) -> f32 {
     // Adding 1.5 * 2^23 rounds to an integer, read back from the bits.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0).min(88.0);
+    let x = x.clamp(-87.0, 88.0);
     let shifted = x * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;
     let k = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
@@ -71,7 +71,7 @@ fn exp(x: f32) -> f32 {
             8.333_452e-3,
             4.166_579_6e-2,
             1.666_666_5e-1,
-            5.000_000_1e-1,
+            0.5,
         ],
         r,
     );
@@ -208,7 +208,7 @@ fn forward_loop(factors: &Factors, constants: [&[f32]; 4], outputs: [&mut [f32];
     for i in 0..len {
         let s = 1.0 / (1.0 + exp(-alpha[i]));
         let u = s * (zeta - gamma) + gamma;
-        let h = u.max(0.0).min(1.0);
+        let h = u.clamp(0.0, 1.0);
         let z = w_floor[i] + h;
         let soft = z.max(lo).min(hi) * inv_sf[i];
         send[i] = soft - weight[i] * factors.subtract;
@@ -234,7 +234,7 @@ impl Kernel {
         let (gamma, zeta) = self.stretch;
         let s = 1.0 / (1.0 + exp(-alpha));
         let u = s * (zeta - gamma) + gamma;
-        (s, u, u.max(0.0).min(1.0))
+        (s, u, u.clamp(0.0, 1.0))
     }
 
     /// The first pass on `alpha`: the matrix to multiply (`W~ - W` or `W~`) and the
