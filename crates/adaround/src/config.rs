@@ -59,10 +59,10 @@ pub enum FinalRounding {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Elementwise {
     /// In host memory for kernels of at least [`Elementwise::HOST_MIN_WEIGHTS`] weights on
-    /// the CPU backends this crate knows
-    /// ([`Backend::name`](burn::tensor::backend::Backend::name) `ndarray`, `flex` or
-    /// `candle<cpu>`); as backend operations elsewhere (on smaller kernels the copies cost
-    /// more than the passes they save).
+    /// Burn's Flex CPU backend ([`Backend::name`](burn::tensor::backend::Backend::name)
+    /// `flex`), where it was measured faster; as backend operations elsewhere. On smaller
+    /// kernels the copies cost more than the passes they save; on NdArray, reading a matrix
+    /// product back to host memory costs more than the whole step.
     Auto,
     /// As tensor operations of the backend: about 30 passes over the weights per step,
     /// which a GPU backend runs as kernels (Burn's fusion joins them).
@@ -86,10 +86,7 @@ impl Elementwise {
         weights: usize,
     ) -> bool {
         match self {
-            Self::Auto => {
-                weights >= Self::HOST_MIN_WEIGHTS
-                    && matches!(B::name(device).as_str(), "ndarray" | "flex" | "candle<cpu>")
-            }
+            Self::Auto => weights >= Self::HOST_MIN_WEIGHTS && B::name(device) == "flex",
             Self::Device => false,
             Self::Host => true,
         }

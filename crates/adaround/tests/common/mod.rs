@@ -17,8 +17,8 @@ macro_rules! driver_tests {
                 QuantizedLayer, QuantizedReLU, QuantizedReLUConfig, QuantizedSeparableConv2d,
                 QuantizedSeparableConv2dConfig,
             },
-            AdaRoundConfig, AdaRoundError, AdaRoundReport, FinalRounding, IntegerExport, LossPath,
-            ReconstructionLoss, Schedule, SeparableStep, WeightQuantizer,
+            AdaRoundConfig, AdaRoundError, AdaRoundReport, Elementwise, FinalRounding,
+            IntegerExport, LossPath, ReconstructionLoss, Schedule, SeparableStep, WeightQuantizer,
         };
         use burn::{
             module::{Module, ModuleVisitor, Param, ParamId},
@@ -822,6 +822,13 @@ macro_rules! driver_tests {
                 assert!(fused.1.layers[0].fused && !autodiff.1.layers[0].fused);
                 println!("{path:?}:");
                 assert_same_rounding(&fused, &autodiff);
+                // The elementwise work in host memory, on every backend.
+                let host_cfg = cfg.clone().with_elementwise(Elementwise::Host);
+                let host = adaround(&model, samples(64, 23), |m, x| m.forward(x), &host_cfg);
+                let host = host.unwrap();
+                assert!(host.1.layers[0].fused);
+                println!("{path:?}, host:");
+                assert_same_rounding(&host, &autodiff);
             }
         }
 
