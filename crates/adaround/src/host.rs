@@ -13,8 +13,6 @@
 //! The formulas are those of [`crate::fused`]; the two agree to floating-point rounding
 //! (tested).
 
-use std::thread;
-
 /// Below this many weights per thread the work runs on the calling thread.
 const MIN_PER_THREAD: usize = 1 << 14;
 
@@ -132,15 +130,16 @@ fn sign(t: f32) -> f32 {
     }
 }
 
-/// Runs `f(offset, chunks)` over equal chunks of the `N` slices (all of one length), on as
-/// many threads as the machine has cores (one where the work is small).
+/// Runs `f(offset, chunks)` over equal chunks of the `N` slices (all of one length), one
+/// per thread of rayon's pool (the calling thread alone where the work is small).
 fn split<const N: usize, F>(slices: [&mut [f32]; N], f: F)
 where
     F: Fn(usize, [&mut [f32]; N]) + Sync,
 {
     let len = slices[0].len();
-    let cores = thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = cores.min(len / MIN_PER_THREAD).max(1);
+    let threads = rayon::current_num_threads()
+        .min(len / MIN_PER_THREAD)
+        .max(1);
     if threads == 1 {
         return f(0, slices);
     }
@@ -158,10 +157,10 @@ where
         parts.push((at, part));
         at += take;
     }
-    thread::scope(|scope| {
-        let f = &f;
+    let f = &f;
+    rayon::scope(|scope| {
         for (at, part) in parts {
-            scope.spawn(move || f(at, part));
+            scope.spawn(move |_| f(at, part));
         }
     });
 }
