@@ -68,7 +68,7 @@ pub enum Elementwise {
     /// which a GPU backend runs as kernels (Burn's fusion joins them).
     Device,
     /// In host memory: two vectorized passes over the weights per step, split over the
-    /// machine's cores; the weights cross to the backend and back once per step (a copy on
+    /// threads of rayon's pool; the weights cross to the backend and back once per step (a copy on
     /// a CPU backend, a transfer on a GPU). Only for `f32` kernels (others run on the
     /// device).
     Host,

@@ -1,5 +1,5 @@
 //! The fused step's elementwise work in host memory: one pass before the matrix product and
-//! one after, split over the machine's cores.
+//! one after, split over the threads of rayon's pool.
 //!
 //! On a CPU backend each tensor operation is a pass over all weights with a fresh buffer, and
 //! the transcendental ones (the sigmoid's `exp`, the rounding loss's power) call the C
