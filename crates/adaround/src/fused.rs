@@ -51,8 +51,7 @@ pub(crate) struct Fused<B: Backend> {
     layer: QuantizedLayer<B>,
     alpha: Matrix<B>,
     w_floor: Matrix<B>,
-    /// `1 / sf`, broadcast like `sf` (a product is cheaper than a division).
-    inv_sf: Matrix<B>,
+    sf: Matrix<B>,
     weight: Matrix<B>,
     levels: (f64, f64),
     gamma: f64,
@@ -93,7 +92,7 @@ impl<B: Backend> Fused<B> {
         let matrix = matrix_of(&layer);
         let alpha = matrix.to_matrix(ada.alpha.val());
         let w_floor = matrix.to_matrix(ada.w_floor.val());
-        let inv_sf = matrix.to_matrix(ada.sf.val()).recip();
+        let sf = matrix.to_matrix(ada.sf.val());
         let weight = matrix.float_matrix();
         let (data, divisors) = match grams {
             Some(g) => (
@@ -108,7 +107,7 @@ impl<B: Backend> Fused<B> {
         let host = on_host.then(|| host::Kernel {
             w_floor: host_values(w_floor.clone()),
             // `sf` broadcasts (per channel or per tensor): one value per weight here.
-            inv_sf: host_values(alpha.zeros_like() + inv_sf.clone()),
+            inv_sf: host_values(alpha.zeros_like() + sf.clone().recip()),
             weight: host_values(weight.clone()),
             levels: (levels.0 as f32, levels.1 as f32),
             stretch: (ada.meta.gamma as f32, ada.meta.zeta as f32),
@@ -119,7 +118,7 @@ impl<B: Backend> Fused<B> {
             layer,
             alpha,
             w_floor,
-            inv_sf,
+            sf,
             weight,
             levels,
             optimizer,
@@ -137,8 +136,7 @@ impl<B: Backend> Fused<B> {
         let denom = self.alpha.clone().neg().exp().add_scalar(1.0);
         let s = denom.ones_like() / denom;
         let u = s.clone().mul_scalar(zeta - gamma).add_scalar(gamma);
-        // `clamp_min` and `clamp_max` are cheaper than `clamp` on some CPU backends.
-        let h = u.clone().clamp_min(0.0).clamp_max(1.0);
+        let h = u.clone().clamp(0.0, 1.0);
         (s, u, h)
     }
 
@@ -245,9 +243,9 @@ impl<B: Backend> Fused<B> {
         let (s, u, h) = self.decimals();
         let outside_h = u.not_equal(h.clone());
         let z = self.w_floor.clone() + h.clone();
-        let zc = z.clone().clamp_min(lo).clamp_max(hi);
+        let zc = z.clone().clamp(lo, hi);
         let outside_z = z.not_equal(zc.clone());
-        let soft = zc * self.inv_sf.clone();
+        let soft = zc / self.sf.clone();
         let n = self.divisors[b];
         let sent = match self.data {
             Data::Gram(..) => soft - self.weight.clone(),
@@ -256,7 +254,7 @@ impl<B: Backend> Fused<B> {
         // `grad_w` is `n / 2` times the gradient with respect to W~ (the factor is applied
         // once, at the end).
         let (rec, grad_w) = self.reconstruction(b, sent, report);
-        let mut grad_h = (grad_w * self.inv_sf.clone()).mask_fill(outside_z, 0.0);
+        let mut grad_h = (grad_w / self.sf.clone()).mask_fill(outside_z, 0.0);
         let round = match beta {
             Some(beta) if beta != 0.0 => {
                 let t = h.mul_scalar(2.0).sub_scalar(1.0);
