@@ -43,6 +43,19 @@ enum Data<B: Backend> {
     Direct(Vec<(Tensor<B, 3>, Tensor<B, 3>)>),
 }
 
+/// What one step asks of [`Fused::loss_and_gradient`].
+#[derive(Clone, Copy)]
+struct Ask {
+    /// The batch.
+    b: usize,
+    /// The rounding loss's exponent, `None` in the warm start.
+    beta: Option<f64>,
+    /// The rounding loss's weight.
+    reg: f64,
+    /// Also compute the losses (their reductions are skipped otherwise).
+    report: bool,
+}
+
 /// A kernel-shaped tensor (`[groups, C_out / groups, K]`).
 type Matrix<B> = Tensor<B, 3>;
 
@@ -143,16 +156,10 @@ impl<B: Backend> Fused<B> {
     /// The gradient of the step's loss with respect to alpha (in the matrix layout), and
     /// when `report` the losses of [`Step::step`] (their reductions are skipped otherwise;
     /// the gradient is the same either way).
-    fn loss_and_gradient(
-        &self,
-        b: usize,
-        beta: Option<f64>,
-        reg: f64,
-        report: bool,
-    ) -> (Option<Losses<B>>, Matrix<B>) {
+    fn loss_and_gradient(&self, ask: Ask) -> (Option<Losses<B>>, Matrix<B>) {
         match &self.host {
-            Some(kernel) => self.host_loss_and_gradient(kernel, b, beta, reg, report),
-            None => self.device_loss_and_gradient(b, beta, reg, report),
+            Some(kernel) => self.host_loss_and_gradient(kernel, ask),
+            None => self.device_loss_and_gradient(ask),
         }
     }
 
@@ -200,10 +207,12 @@ impl<B: Backend> Fused<B> {
     fn host_loss_and_gradient(
         &self,
         kernel: &host::Kernel,
-        b: usize,
-        beta: Option<f64>,
-        reg: f64,
-        report: bool,
+        Ask {
+            b,
+            beta,
+            reg,
+            report,
+        }: Ask,
     ) -> (Option<Losses<B>>, Matrix<B>) {
         let (dims, device) = (self.alpha.dims(), self.alpha.device());
         let pass = host::Pass {
@@ -234,10 +243,12 @@ impl<B: Backend> Fused<B> {
     /// [`Self::loss_and_gradient`] as tensor operations of the backend.
     fn device_loss_and_gradient(
         &self,
-        b: usize,
-        beta: Option<f64>,
-        reg: f64,
-        report: bool,
+        Ask {
+            b,
+            beta,
+            reg,
+            report,
+        }: Ask,
     ) -> (Option<Losses<B>>, Matrix<B>) {
         let (gamma, zeta, (lo, hi)) = (self.gamma, self.zeta, self.levels);
         let (s, u, h) = self.decimals();
@@ -302,7 +313,12 @@ impl<B: Backend> Fused<B> {
 impl<B: Backend> Step<B> for Fused<B> {
     fn step(&mut self, b: usize, beta: Option<f64>, report: bool) -> Option<Losses<B>> {
         let (reg, lr) = self.rates;
-        let (losses, grad) = self.loss_and_gradient(b, beta, reg, report);
+        let (losses, grad) = self.loss_and_gradient(Ask {
+            b,
+            beta,
+            reg,
+            report,
+        });
         self.alpha = self.optimizer.step(lr, self.alpha.clone(), grad);
         losses
     }
@@ -426,12 +442,22 @@ mod tests {
                     (optimizer, elementwise),
                 );
                 assert_eq!(fused.host.is_some(), elementwise == Elementwise::Host);
-                let (losses, grad) = fused.loss_and_gradient(0, Some(beta), reg, true);
+                let (losses, grad) = fused.loss_and_gradient(Ask {
+                    b: 0,
+                    beta: Some(beta),
+                    reg,
+                    report: true,
+                });
                 let (f_rec, f_round) = losses.expect("report asked");
                 let (f_rec, f_round): (f32, f32) =
                     (f_rec.into_scalar(), f_round.unwrap().into_scalar());
                 // Without the report, the same gradient bit for bit.
-                let (none, quiet) = fused.loss_and_gradient(0, Some(beta), reg, false);
+                let (none, quiet) = fused.loss_and_gradient(Ask {
+                    b: 0,
+                    beta: Some(beta),
+                    reg,
+                    report: false,
+                });
                 assert!(none.is_none());
                 assert_eq!(
                     values(matrix_of(&fused.layer).to_kernel(quiet)),
