@@ -207,13 +207,14 @@ impl<B: Backend> Fused<B> {
     fn host_loss_and_gradient(
         &self,
         kernel: &host::Kernel,
-        Ask {
+        ask: Ask,
+    ) -> (Option<Losses<B>>, Matrix<B>) {
+        let Ask {
             b,
             beta,
             reg,
             report,
-        }: Ask,
-    ) -> (Option<Losses<B>>, Matrix<B>) {
+        } = ask;
         let (dims, device) = (self.alpha.dims(), self.alpha.device());
         let pass = host::Pass {
             beta,
@@ -241,15 +242,13 @@ impl<B: Backend> Fused<B> {
     }
 
     /// [`Self::loss_and_gradient`] as tensor operations of the backend.
-    fn device_loss_and_gradient(
-        &self,
-        Ask {
+    fn device_loss_and_gradient(&self, ask: Ask) -> (Option<Losses<B>>, Matrix<B>) {
+        let Ask {
             b,
             beta,
             reg,
             report,
-        }: Ask,
-    ) -> (Option<Losses<B>>, Matrix<B>) {
+        } = ask;
         let (gamma, zeta, (lo, hi)) = (self.gamma, self.zeta, self.levels);
         let (s, u, h) = self.decimals();
         let outside_h = u.not_equal(h.clone());
