@@ -202,12 +202,9 @@ fn forward_loop(factors: &Factors, constants: [&[f32]; 4], outputs: [&mut [f32];
     let len = send.len();
     let (a, c) = (&mut a[..len], &mut c[..len]);
     let [alpha, w_floor, inv_sf, weight] = constants.map(|x| &x[..len]);
-    let (gamma, zeta) = factors.stretch;
     let (lo, hi) = factors.levels;
     for i in 0..len {
-        let s = 1.0 / (1.0 + exp(-alpha[i]));
-        let u = s * (zeta - gamma) + gamma;
-        let h = u.clamp(0.0, 1.0);
+        let (s, u, h) = decimals(alpha[i], factors.stretch);
         let z = w_floor[i] + h;
         let soft = z.max(lo).min(hi) * inv_sf[i];
         send[i] = soft - weight[i] * factors.subtract;
@@ -226,16 +223,16 @@ fn forward_loop(factors: &Factors, constants: [&[f32]; 4], outputs: [&mut [f32];
     }
 }
 
-impl Kernel {
-    /// The sigmoid of `alpha` and the decimals `u` before and `h` after the clip to [0, 1].
-    #[inline(always)]
-    fn decimals(&self, alpha: f32) -> (f32, f32, f32) {
-        let (gamma, zeta) = self.stretch;
-        let s = 1.0 / (1.0 + exp(-alpha));
-        let u = s * (zeta - gamma) + gamma;
-        (s, u, u.clamp(0.0, 1.0))
-    }
+/// The sigmoid of `alpha` and the decimals `u` before and `h` after the clip to [0, 1], for
+/// the stretch `(gamma, zeta)`.
+#[inline(always)]
+fn decimals(alpha: f32, (gamma, zeta): (f32, f32)) -> (f32, f32, f32) {
+    let s = 1.0 / (1.0 + exp(-alpha));
+    let u = s * (zeta - gamma) + gamma;
+    (s, u, u.clamp(0.0, 1.0))
+}
 
+impl Kernel {
     /// The first pass on `alpha`: the matrix to multiply (`W~ - W` or `W~`) and the
     /// coefficients of the gradient.
     pub(crate) fn forward(&self, alpha: &[f32], pass: Pass) -> (Vec<f32>, Coefficients) {
@@ -275,7 +272,7 @@ impl Kernel {
         let beta = beta as f32;
         let sum: f64 = alpha
             .iter()
-            .map(|&x| f64::from(power((2.0 * self.decimals(x).2 - 1.0).abs(), beta)))
+            .map(|&x| f64::from(power((2.0 * decimals(x, self.stretch).2 - 1.0).abs(), beta)))
             .sum();
         reg * (alpha.len() as f64 - sum)
     }
