@@ -12,7 +12,7 @@ use burn::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{quantizer::all_finite, QuantizerError, WeightQuantizer};
+use crate::{quantizer::all_finite, Encoding, QuantizerError, WeightQuantizer};
 
 /// Constants of the rectified sigmoid and of the rounding regulariser
 /// ([Nagel et al. 2020](https://arxiv.org/abs/2004.10568), SPEC §3).
@@ -48,6 +48,10 @@ pub struct AdaRoundMeta {
     pub gamma: f64,
     /// `ZETA` of the rectified sigmoid.
     pub zeta: f64,
+    /// The integer offsets of the [asymmetric](crate::Grid::Asymmetric) grid, one per scale
+    /// factor; empty on the grids centred on zero.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offsets: Vec<f32>,
 }
 
 crate::persistent_module!(AdaRoundMeta);
@@ -90,10 +94,11 @@ impl RoundingStatus {
 ///
 /// Wraps an original quantizer `q` and its weights `w` (SPEC §3):
 ///
-/// - `sf = q.scale_factor(w)` (cached), `w_floor = floor(w * sf)`, `d = w * sf - w_floor`;
+/// - `sf = q.scale_factor(w)` (cached), `w_floor = floor(w * sf - o)`, `d = w * sf - o - w_floor`
+///   (`o`: the integer offsets of the [asymmetric](crate::Grid::Asymmetric) grid, else 0);
 /// - `alpha = -ln((ZETA - GAMMA) / (d - GAMMA) - 1)`, so that `h(alpha) == d` at creation;
 /// - `h(alpha) = clip(sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)`;
-/// - `recons_weights = clip(w_floor + h(alpha), lo, hi) / sf` (the grid's
+/// - `recons_weights = (clip(w_floor + h(alpha), lo, hi) + o) / sf` (the grid's
 ///   [`levels`](WeightQuantizer::levels), `[-kmax, kmax]` on the symmetric grid);
 /// - `rounding_loss(beta) = sum(1 - |2 h(alpha) - 1|^beta)`.
 ///
@@ -147,8 +152,18 @@ impl<B: Backend> AdaRoundQuantizer<B> {
             return Err(QuantizerError::NonFiniteWeights);
         }
         let weights = weights.detach();
-        let sf = quantizer.scale_factor(weights.clone(), axis)?;
+        let Encoding {
+            scale_factor: sf,
+            offset,
+        } = quantizer.encoding(weights.clone(), axis)?;
         let scaled = weights * sf.clone();
+        let (scaled, offsets) = match offset {
+            Some(o) => (
+                scaled - o.clone(),
+                o.into_data().convert::<f32>().to_vec().unwrap_or_default(),
+            ),
+            None => (scaled, Vec::new()),
+        };
         let w_floor = scaled.clone().floor();
         let d = scaled - w_floor.clone();
         let (gamma, zeta) = (params.gamma, params.zeta);
@@ -169,6 +184,7 @@ impl<B: Backend> AdaRoundQuantizer<B> {
                 training: true,
                 gamma,
                 zeta,
+                offsets,
             },
         })
     }
@@ -211,13 +227,29 @@ impl<B: Backend> AdaRoundQuantizer<B> {
         t.reshape(shape)
     }
 
-    fn rebuild<const D: usize>(&self, decimals: Tensor<B, 4>) -> Tensor<B, D> {
-        let (lo, hi) = self.levels();
-        let w = (self.w_floor.val() + decimals).clamp(lo, hi) / self.sf.val();
-        self.unpad(w)
+    /// The integer offsets of the [asymmetric](crate::Grid::Asymmetric) grid, shaped as the
+    /// cached scale factor; `None` on the grids centred on zero.
+    pub fn offset(&self) -> Option<Tensor<B, 4>> {
+        if self.meta.offsets.is_empty() {
+            return None;
+        }
+        let values =
+            burn::tensor::TensorData::new(self.meta.offsets.clone(), [self.meta.offsets.len()]);
+        let device = self.sf.device();
+        Some(Tensor::<B, 1>::from_data(values, &device).reshape(self.sf.dims()))
     }
 
-    /// `clip(w_floor + h(alpha), lo, hi) / sf`, in the shape of the original weights.
+    fn rebuild<const D: usize>(&self, decimals: Tensor<B, 4>) -> Tensor<B, D> {
+        let (lo, hi) = self.levels();
+        let z = (self.w_floor.val() + decimals).clamp(lo, hi);
+        let z = match self.offset() {
+            Some(o) => z + o,
+            None => z,
+        };
+        self.unpad(z / self.sf.val())
+    }
+
+    /// `(clip(w_floor + h(alpha), lo, hi) + o) / sf`, in the shape of the original weights.
     pub fn recons_weights<const D: usize>(&self) -> Tensor<B, D> {
         self.rebuild(self.decimals())
     }

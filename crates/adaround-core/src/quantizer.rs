@@ -100,6 +100,24 @@ pub enum Grid {
     /// `[-2^(b-1), 2^(b-1) - 1]`: every code of a signed `b`-bit integer (PyTorch's and
     /// AIMET's signed grid; at 2 bits `{-2, -1, 0, 1}`).
     FullRange,
+    /// Every code of a `b`-bit integer over the weights' own range `[min(w, 0), max(w, 0)]`
+    /// (per tensor or per output channel): the full-range grid shifted by an integer offset
+    /// `o`, so that `w_q = (clip(round(w sf) - o, -2^(b-1), 2^(b-1) - 1) + o) / sf`. This is
+    /// the asymmetric grid with a zero point (`2^(b-1) - o` in unsigned `[0, 2^b - 1]` codes;
+    /// AIMET's `offset` is `o - 2^(b-1)`). A channel whose weights are all of one sign gets
+    /// all `2^b` codes on that side of zero.
+    Asymmetric,
+}
+
+/// A quantizer's parameters for one tensor:
+/// `w_q = (clip(round(w sf) - offset, lo, hi) + offset) / sf` (see [`Grid`]).
+#[derive(Clone, Debug)]
+pub struct Encoding<B: Backend, const D: usize> {
+    /// The scale factors `sf`, shaped to broadcast against the weights.
+    pub scale_factor: Tensor<B, D>,
+    /// The integer offsets `o` of the [asymmetric](Grid::Asymmetric) grid, shaped as the
+    /// scale factors; `None` on the grids centred on zero (an offset of zero).
+    pub offset: Option<Tensor<B, D>>,
 }
 
 /// Number of clipping ratios (`1/80 .. 80/80` of `max |w|`) [`WeightQuantizer::Mse`] tries.
@@ -322,12 +340,13 @@ impl WeightQuantizer {
     }
 
     /// The smallest and largest integer of the grid: `(-kmax, kmax)`, or `(-kmax - 1, kmax)`
-    /// on the [full-range](Grid::FullRange) grid (`None` for float).
+    /// on the [full-range](Grid::FullRange) grid and, relative to the offset, on the
+    /// [asymmetric](Grid::Asymmetric) one (`None` for float).
     pub fn levels(&self) -> Option<(f64, f64)> {
         let kmax = self.kmax()?;
         Some(match self.grid() {
             Grid::Symmetric => (-kmax, kmax),
-            Grid::FullRange => (-kmax - 1.0, kmax),
+            Grid::FullRange | Grid::Asymmetric => (-kmax - 1.0, kmax),
         })
     }
 
@@ -351,12 +370,24 @@ impl WeightQuantizer {
     /// or the size of the output channels at `axis` and `1` elsewhere per axis.
     ///
     /// It carries no gradient. Returns [`QuantizerError::NoGrid`] for the float quantizer and
-    /// the parameter's error for an invalid bitwidth or threshold.
+    /// the parameter's error for an invalid bitwidth or threshold. On the
+    /// [asymmetric](Grid::Asymmetric) grid the offsets go with it: see
+    /// [`encoding`](Self::encoding).
     pub fn scale_factor<B: Backend, const D: usize>(
         &self,
         weights: Tensor<B, D>,
         axis: usize,
     ) -> Result<Tensor<B, D>, QuantizerError> {
+        self.encoding(weights, axis).map(|e| e.scale_factor)
+    }
+
+    /// The scale factors of `weights` and, on the [asymmetric](Grid::Asymmetric) grid, their
+    /// integer offsets (see [`scale_factor`](Self::scale_factor) for shapes and errors).
+    pub fn encoding<B: Backend, const D: usize>(
+        &self,
+        weights: Tensor<B, D>,
+        axis: usize,
+    ) -> Result<Encoding<B, D>, QuantizerError> {
         if axis >= D {
             return Err(QuantizerError::InvalidAxis { axis, rank: D });
         }
@@ -365,6 +396,10 @@ impl WeightQuantizer {
         self.check_parameters()?;
         let kmax = self.kmax().ok_or(QuantizerError::NoGrid)?;
         let w = weights.detach();
+        let centred = |scale_factor| Encoding {
+            scale_factor,
+            offset: None,
+        };
         if let Self::Custom {
             name,
             per_axis,
@@ -372,14 +407,24 @@ impl WeightQuantizer {
             ..
         } = self
         {
-            return custom_scale(w, axis, *per_axis, kmax, name, params);
+            return custom_scale(w, axis, *per_axis, kmax, name, params).map(centred);
         }
-        if let Self::Mse { per_axis, .. } = *self {
+        if let Self::Mse { per_axis, grid, .. } = *self {
             let levels = self.levels().ok_or(QuantizerError::NoGrid)?;
             let fine_only = self.bitwidth().is_some_and(|b| b > 8);
-            return Ok(host_scale(w, axis, per_axis, |rows, channels| {
+            if grid == Grid::Asymmetric {
+                let (host, channels, at) = host_rows(w, axis, per_axis);
+                let (sf, offset) = mse_offsets(&host, channels, levels, fine_only)
+                    .into_iter()
+                    .unzip();
+                return Ok(Encoding {
+                    scale_factor: broadcast(sf, at.clone(), axis, per_axis),
+                    offset: Some(broadcast(offset, at, axis, per_axis)),
+                });
+            }
+            return Ok(centred(host_scale(w, axis, per_axis, |rows, channels| {
                 mse_scales(rows, channels, levels, fine_only)
-            }));
+            })));
         }
         let range = match *self {
             Self::Float | Self::Custom { .. } | Self::Mse { .. } => unreachable!("handled above"),
@@ -392,13 +437,15 @@ impl WeightQuantizer {
         };
         // Exact division: `recip()` is an approximate reciprocal on some backends.
         let range = range.clamp_min(MIN_RANGE);
-        Ok((range.ones_like().mul_scalar(kmax) / range).clamp(0.0, MAX_SCALE_FACTOR))
+        Ok(centred(
+            (range.ones_like().mul_scalar(kmax) / range).clamp(0.0, MAX_SCALE_FACTOR),
+        ))
     }
 
     /// Quantizes `weights` (the output channels at `axis`), with a straight-through gradient.
     ///
-    /// `quantize(w) = clip(round_ste(w * sf), -kmax, kmax) / sf`. The float quantizer returns
-    /// the weights unchanged.
+    /// `quantize(w) = clip(round_ste(w * sf), -kmax, kmax) / sf` (with the offset of the
+    /// [asymmetric](Grid::Asymmetric) grid). The float quantizer returns the weights unchanged.
     ///
     /// # Panics
     /// When the scale factor cannot be computed: an invalid bitwidth or threshold (a quantizer
@@ -412,10 +459,13 @@ impl WeightQuantizer {
         match self.levels() {
             None => weights,
             Some(levels) => {
-                let sf = self
-                    .scale_factor(weights.clone(), axis)
+                let Encoding {
+                    scale_factor,
+                    offset,
+                } = self
+                    .encoding(weights.clone(), axis)
                     .unwrap_or_else(|e| panic!("cannot quantize weights: {e}"));
-                quantize_with(weights, sf, levels)
+                quantize_with_offset(weights, scale_factor, offset, levels)
             }
         }
     }
@@ -458,23 +508,44 @@ fn host_scale<B: Backend, const D: usize>(
     per_axis: bool,
     scale: impl FnOnce(&[f32], usize) -> Vec<f32>,
 ) -> Tensor<B, D> {
+    let (rows, channels, at) = host_rows(w, axis, per_axis);
+    broadcast(scale(&rows, channels), at, axis, per_axis).clamp(0.0, MAX_SCALE_FACTOR)
+}
+
+/// The row-major `[channels, rest]` view of `w` in host memory (channels at `axis` per axis,
+/// one row per tensor), the number of rows, and where the tensor lives.
+fn host_rows<B: Backend, const D: usize>(
+    w: Tensor<B, D>,
+    axis: usize,
+    per_axis: bool,
+) -> (Vec<f32>, usize, ([usize; D], B::Device)) {
     let dims = w.dims();
     let channels = if per_axis { dims[axis] } else { 1 };
     let rest = dims.iter().product::<usize>() / channels.max(1);
     let device = w.device();
     let rows = w.swap_dims(0, axis).reshape([channels, rest]);
-    let host: Vec<f32> = rows
+    let host = rows
         .into_data()
         .convert::<f32>()
         .to_vec()
         .unwrap_or_default();
-    let sf = scale(&host, channels);
+    (host, channels, (dims, device))
+}
+
+/// One value per row of [`host_rows`] as a tensor that broadcasts against the weights.
+fn broadcast<B: Backend, const D: usize>(
+    values: Vec<f32>,
+    (dims, device): ([usize; D], B::Device),
+    axis: usize,
+    per_axis: bool,
+) -> Tensor<B, D> {
+    let channels = values.len();
     let mut shape = [1; D];
     if per_axis {
-        shape[axis] = channels;
+        shape[axis] = dims[axis];
     }
-    let sf = Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(sf, [channels]), &device);
-    sf.reshape(shape).clamp(0.0, MAX_SCALE_FACTOR)
+    Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(values, [channels]), &device)
+        .reshape(shape)
 }
 
 /// The error-minimising scale factor of each row of the row-major `[channels, rest]` `rows`
@@ -521,6 +592,83 @@ pub fn mse_scales(rows: &[f32], channels: usize, levels: (f64, f64), fine_only: 
             best.1
         })
         .collect()
+}
+
+/// The error-minimising scale factor and integer offset of each row of the row-major
+/// `[channels, rest]` `rows` on the [asymmetric](Grid::Asymmetric) grid, whose levels are
+/// `levels` relative to the offset. Candidates: the range `[min(w, 0), max(w, 0)]` spread
+/// over every integer span up to `hi - lo` (so that weights already on such a grid quantize
+/// to themselves; not above 8 bits: `fine_only`) and clipped to [`MSE_CANDIDATES`] ratios
+/// of itself, each with the offset that puts the range's low end on `lo` and its two
+/// neighbours. Scale factors are at most [`MAX_SCALE_FACTOR`].
+pub fn mse_offsets(
+    rows: &[f32],
+    channels: usize,
+    levels: (f64, f64),
+    fine_only: bool,
+) -> Vec<(f32, f32)> {
+    let (lo, hi) = (levels.0 as f32, levels.1 as f32);
+    let codes = hi - lo;
+    let rest = rows.len() / channels.max(1);
+    // Candidates as (the span of integers the range maps to, the share of the range kept).
+    let mut spans: Vec<(f32, f32)> = if fine_only {
+        Vec::new()
+    } else {
+        (1..=codes as u32).map(|t| (t as f32, 1.0)).collect()
+    };
+    spans.extend(
+        (1..=MSE_CANDIDATES)
+            .rev()
+            .map(|k| (codes, k as f32 / MSE_CANDIDATES as f32)),
+    );
+    rows.chunks(rest.max(1))
+        .take(channels)
+        .map(|row| {
+            let (min, max) = row
+                .iter()
+                .fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+            let range = (max - min).max(MIN_RANGE as f32);
+            let error = |sf: f32, o: f32| -> f64 {
+                row.iter()
+                    .map(|&w| {
+                        let q = (w * sf - o).round_ties_even().clamp(lo, hi);
+                        f64::from((q + o) / sf - w).powi(2)
+                    })
+                    .sum()
+            };
+            let mut best = (f64::INFINITY, (codes / range, 0.0));
+            for &(span, kept) in &spans {
+                let sf = (span / (range * kept)).min(MAX_SCALE_FACTOR as f32);
+                // The offset that maps the kept range's low end to `lo`; zero stays a code.
+                let low = (min * kept * sf).round_ties_even() - lo;
+                for o in [low, low - 1.0, low + 1.0] {
+                    let o = o.clamp(-hi, -lo);
+                    let e = error(sf, o);
+                    if e < best.0 {
+                        best = (e, (sf, o));
+                    }
+                }
+            }
+            best.1
+        })
+        .collect()
+}
+
+/// `clip(round_ste(w * sf) - offset, lo, hi) + offset) / sf`: [`quantize_with`] on the
+/// [asymmetric](Grid::Asymmetric) grid's integer `offset` (none: centred on zero).
+pub fn quantize_with_offset<B: Backend, const D: usize>(
+    weights: Tensor<B, D>,
+    sf: Tensor<B, D>,
+    offset: Option<Tensor<B, D>>,
+    levels: (f64, f64),
+) -> Tensor<B, D> {
+    match offset {
+        None => quantize_with(weights, sf, levels),
+        Some(o) => {
+            let scaled = weights * sf.clone() - o.clone();
+            (round_ste(scaled).clamp(levels.0, levels.1) + o) / sf
+        }
+    }
 }
 
 /// `clip(round_ste(w * sf), lo, hi) / sf` with a given scale factor and the grid's

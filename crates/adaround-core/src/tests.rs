@@ -509,15 +509,16 @@ proptest! {
     }
 
     /// The error-minimising scale is never worse than the max scale on the same grid, its
-    /// integers lie on its grid, and quantizing twice gives the same weights (what AdaRound
-    /// and a re-quantizing forward rely on).
+    /// integers lie on its grid (relative to the offset on the asymmetric grid), and
+    /// quantizing twice gives the same weights (what AdaRound and a re-quantizing forward
+    /// rely on).
     #[test]
     fn mse_quantizers_beat_max_stay_on_their_grid_and_are_idempotent(
         bitwidth in 2u32..=8,
         c_out in 1usize..5,
         n in 1usize..40,
         per_axis in any::<bool>(),
-        full_range in any::<bool>(),
+        grid in prop_oneof![Just(Grid::Symmetric), Just(Grid::FullRange), Just(Grid::Asymmetric)],
         skew in 0.0f32..2.0,
         seed in any::<u64>(),
     ) {
@@ -525,20 +526,35 @@ proptest! {
         let w = Tensor::<B, 2>::random([n, c_out], burn::tensor::Distribution::Normal(0.0, 1.0), &device());
         // A skewed distribution: the negative side longer, where the full-range grid helps.
         let w = w.clone() - w.clone().clamp_max(0.0).powi_scalar(2).mul_scalar(skew);
-        let grid = if full_range { Grid::FullRange } else { Grid::Symmetric };
         let mse = WeightQuantizer::mse(bitwidth, per_axis, grid).unwrap();
         let max = if per_axis { WeightQuantizer::max_per_axis(bitwidth) } else { WeightQuantizer::max(bitwidth) }.unwrap();
         let err = |q: &WeightQuantizer| -> f32 {
             use burn::tensor::ElementConversion;
             (q.quantize(w.clone(), 1) - w.clone()).powi_scalar(2).sum().into_scalar().elem::<f32>()
         };
-        if !full_range {
+        if grid == Grid::Symmetric {
             prop_assert!(err(&mse) <= err(&max) * (1.0 + 1e-5) + 1e-12, "{} > {}", err(&mse), err(&max));
         }
         let (lo, hi) = mse.levels().unwrap();
-        let sf = mse.scale_factor(w.clone(), 1).unwrap();
+        let encoding = mse.encoding(w.clone(), 1).unwrap();
+        let sf = encoding.scale_factor;
         let q = mse.quantize(w.clone(), 1);
-        let ints: Vec<f32> = (q.clone() * sf).into_data().to_vec().unwrap();
+        let ints = match encoding.offset {
+            Some(o) => {
+                prop_assert_eq!(grid, Grid::Asymmetric);
+                let offsets: Vec<f32> = o.clone().into_data().to_vec().unwrap();
+                // Integer offsets that keep zero a code: zero quantizes to itself.
+                for o in offsets {
+                    prop_assert!(o == o.round() && -o >= lo as f32 && -o <= hi as f32, "offset {o}");
+                }
+                q.clone() * sf - o
+            }
+            None => {
+                prop_assert!(grid != Grid::Asymmetric);
+                q.clone() * sf
+            }
+        };
+        let ints: Vec<f32> = ints.into_data().to_vec().unwrap();
         for v in ints {
             prop_assert!((v - v.round()).abs() < 1e-3 && v >= lo as f32 - 1e-3 && v <= hi as f32 + 1e-3, "{v} not in [{lo}, {hi}]");
         }
@@ -546,4 +562,48 @@ proptest! {
         let moved = max_abs(again - q.clone()) / max_abs(q).max(1e-12);
         prop_assert!(moved < 1e-5, "re-quantizing moved weights by {moved} (relative)");
     }
+}
+
+/// On the asymmetric grid a channel of one sign gets every code on its side of zero; the
+/// grids centred on zero spend half their codes on the other side.
+#[test]
+fn should_spend_every_code_of_the_asymmetric_grid_on_the_weights_range() {
+    // Two output channels (axis 1): weights on {0, 0.5, 1, 1.5} and on their negatives.
+    let values = [
+        0.0f32, 0.0, 0.5, -0.5, 1.0, -1.0, 1.5, -1.5, 1.5, -1.5, 0.5, -0.5,
+    ];
+    let w = Tensor::<B, 2>::from_data(TensorData::new(values.to_vec(), [6, 2]), &device());
+    let asymmetric = WeightQuantizer::mse(2, true, Grid::Asymmetric).unwrap();
+    let q = asymmetric.quantize(w.clone(), 1);
+    assert!(
+        max_abs(q - w.clone()) < 1e-6,
+        "four codes reproduce four values"
+    );
+    let offsets: Vec<f32> = asymmetric
+        .encoding(w.clone(), 1)
+        .unwrap()
+        .offset
+        .expect("the asymmetric grid has offsets")
+        .into_data()
+        .to_vec()
+        .unwrap();
+    // Codes relative to the offset are [-2, 1]: [0, 3] is offset 2, [-3, 0] offset -1.
+    assert_eq!(offsets, vec![2.0, -1.0]);
+    for grid in [Grid::Symmetric, Grid::FullRange] {
+        let centred = WeightQuantizer::mse(2, true, grid).unwrap();
+        assert!(centred.encoding(w.clone(), 1).unwrap().offset.is_none());
+        assert!(
+            max_abs(centred.quantize(w.clone(), 1) - w.clone()) > 0.1,
+            "{grid:?}"
+        );
+    }
+    // AdaRound on that grid starts from the same integers and rebuilds the weights.
+    let ada = AdaRoundQuantizer::new(asymmetric, w.clone(), 1, &AdaRoundParams::new()).unwrap();
+    assert_eq!(ada.meta.offsets, vec![2.0, -1.0]);
+    assert!(max_abs(ada.hard_recons_weights::<2>() - w.clone()) < 1e-6);
+    let floors: Vec<f32> = ada.w_floor.val().into_data().to_vec().unwrap();
+    assert!(
+        floors.iter().all(|f| (-2.0..=1.0).contains(f)),
+        "{floors:?}"
+    );
 }
