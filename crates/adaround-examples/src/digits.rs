@@ -202,18 +202,20 @@ pub enum Scheme {
 
 impl Scheme {
     /// Every scheme, the reference's first.
-    pub const ALL: [Scheme; 3] = [
+    pub const ALL: [Scheme; 4] = [
         Scheme::Max,
         Scheme::Mse(Grid::Symmetric),
         Scheme::Mse(Grid::FullRange),
+        Scheme::Mse(Grid::Asymmetric),
     ];
 
-    /// A short name: `max`, `mse symmetric`, `mse full-range`.
+    /// A short name: `max`, `mse symmetric`, `mse full-range`, `mse asymmetric`.
     pub fn name(&self) -> &'static str {
         match self {
             Scheme::Max => "max",
             Scheme::Mse(Grid::Symmetric) => "mse symmetric",
             Scheme::Mse(Grid::FullRange) => "mse full-range",
+            Scheme::Mse(Grid::Asymmetric) => "mse asymmetric",
         }
     }
 

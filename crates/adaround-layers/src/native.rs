@@ -55,6 +55,13 @@ pub enum NativeQuantError {
         /// The kernel's shape.
         shape: Vec<usize>,
     },
+    /// The quantizer's grid is [asymmetric](adaround_core::Grid::Asymmetric): Burn's
+    /// quantized tensors have no zero point (`QuantMode::Symmetric` only). Use the integer
+    /// export, which keeps the offsets, or a grid centred on zero.
+    Asymmetric {
+        /// Which kernel.
+        kernel: KernelRole,
+    },
     /// The kernel is not on its quantization grid (AdaRound still in training mode, with
     /// soft weights): finalize it first.
     NotOnGrid {
@@ -84,6 +91,11 @@ impl core::fmt::Display for NativeQuantError {
                 "{kernel}: per-channel scales of a {shape:?} kernel are not contiguous blocks of \
                  at most 255 per dimension; use a per-tensor quantizer"
             ),
+            Self::Asymmetric { kernel } => write!(
+                f,
+                "{kernel}: Burn's quantized tensors are symmetric (no zero point); the asymmetric \
+                 grid's offsets are kept by the integer export"
+            ),
             Self::NotOnGrid { kernel, distance } => write!(
                 f,
                 "{kernel}: weights are {distance} away from the integer grid; finalize AdaRound first"
@@ -110,6 +122,9 @@ pub(crate) fn native_kernel<B: Backend, const D: usize>(
     let (Some(bitwidth), Some((lo, hi))) = (quantizer.bitwidth(), quantizer.levels()) else {
         return Err(NativeQuantError::NotQuantizing { kernel });
     };
+    if quantizer.grid() == adaround_core::Grid::Asymmetric {
+        return Err(NativeQuantError::Asymmetric { kernel });
+    }
     let (min, max) = value.range();
     if (lo as f32) < min || (hi as f32) > max {
         return Err(NativeQuantError::Range {

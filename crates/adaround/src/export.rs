@@ -13,9 +13,10 @@ use crate::{capture, AdaRoundError};
 /// Version tag of the export format.
 pub const INTEGER_FORMAT: &str = "adaround-integers/1";
 
-/// One quantized kernel: `weights = integers / scale_factor` (per output channel when `axis`
-/// is set), zero offset, integers in `[-kmax, kmax]` (`kmax = 2^(bitwidth-1) - 1`) on the
-/// symmetric grid, in `[-kmax - 1, kmax]` on the full-range grid.
+/// One quantized kernel: `weights = (integers + offset) / scale_factor` (per output channel
+/// when `axis` is set), integers in `[-kmax, kmax]` (`kmax = 2^(bitwidth-1) - 1`) on the
+/// symmetric grid, in `[-kmax - 1, kmax]` on the full-range and asymmetric grids; the offset
+/// is zero except on the asymmetric grid.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IntegerKernel {
     /// Path of the layer in the model (as in the AdaRound report).
@@ -35,8 +36,61 @@ pub struct IntegerKernel {
     pub axis: Option<usize>,
     /// Scale factors `sf` (multiply to reach the integer grid): one, or one per channel.
     pub scale_factors: Vec<f32>,
-    /// The integer weights, row-major in `shape`.
+    /// The integer offsets of the asymmetric grid, one per scale factor (empty: all zero).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offsets: Vec<i32>,
+    /// The integer weights relative to the offset, row-major in `shape`.
     pub integers: Vec<i32>,
+}
+
+/// A kernel's quantization parameters in AIMET's encoding convention, one per scale factor:
+/// `weights = scale * (codes + offset)` with unsigned `codes` in `[0, 2^bitwidth - 1]`
+/// (`[0, 2^bitwidth - 2]` on the symmetric grid), `min = scale * offset`,
+/// `max = scale * (offset + hi - lo)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AimetEncoding {
+    /// Number of bits.
+    pub bitwidth: u32,
+    /// `"int"`.
+    pub dtype: String,
+    /// Whether the grid is centred on zero (not the asymmetric grid).
+    pub is_symmetric: bool,
+    /// The step between levels, `1 / scale_factor`.
+    pub scale: f32,
+    /// The offset of code 0 in steps: `lo + o` (`o` the asymmetric grid's offset, else 0).
+    pub offset: i32,
+    /// The lowest representable weight.
+    pub min: f32,
+    /// The highest representable weight.
+    pub max: f32,
+}
+
+impl IntegerKernel {
+    /// The kernel's quantization parameters in AIMET's convention (see [`AimetEncoding`]).
+    pub fn aimet_encodings(&self) -> Vec<AimetEncoding> {
+        let kmax = (1i32 << (self.bitwidth - 1)) - 1;
+        let lo = match self.grid {
+            Grid::Symmetric => -kmax,
+            Grid::FullRange | Grid::Asymmetric => -kmax - 1,
+        };
+        self.scale_factors
+            .iter()
+            .enumerate()
+            .map(|(i, sf)| {
+                let offset = lo + self.offsets.get(i).copied().unwrap_or(0);
+                let scale = 1.0 / sf;
+                AimetEncoding {
+                    bitwidth: self.bitwidth,
+                    dtype: "int".to_string(),
+                    is_symmetric: self.grid != Grid::Asymmetric,
+                    scale,
+                    offset,
+                    min: scale * offset as f32,
+                    max: scale * (offset + kmax - lo) as f32,
+                }
+            })
+            .collect()
+    }
 }
 
 /// The integer weights of every quantized kernel of a model.
@@ -71,14 +125,23 @@ fn kernel<B: Backend, const D: usize>(
         source,
     };
     q.validate().map_err(refused)?;
-    let sf = q.scale_factor(weights.clone(), axis).map_err(refused)?;
-    let ints = (weights * sf.clone()).round().clamp(lo, hi);
-    let host = |t: Tensor<B, D>| t.into_data().convert::<f32>().to_vec::<f32>();
-    let (scale_factors, integers) = match (host(sf), host(ints.clone())) {
-        (Ok(sf), Ok(ints)) => (sf, ints),
-        _ => unreachable!("f32 data converts to a f32 vector"),
+    let encoding = q.encoding(weights.clone(), axis).map_err(refused)?;
+    let sf = encoding.scale_factor;
+    let scaled = weights * sf.clone();
+    let (scaled, offsets) = match encoding.offset {
+        Some(o) => (scaled - o.clone(), Some(o)),
+        None => (scaled, None),
     };
-    if !(scale_factors.iter().chain(&integers)).all(|v| v.is_finite()) {
+    let ints = scaled.round().clamp(lo, hi);
+    let host = |t: Tensor<B, D>| {
+        t.into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 data converts to a f32 vector")
+    };
+    let (scale_factors, integers) = (host(sf), host(ints.clone()));
+    let offsets = offsets.map(host).unwrap_or_default();
+    if !(scale_factors.iter().chain(&integers).chain(&offsets)).all(|v| v.is_finite()) {
         return Err(AdaRoundError::NonFinite {
             layer: layer.to_string(),
             what: "exported integers or scale factors",
@@ -92,6 +155,7 @@ fn kernel<B: Backend, const D: usize>(
         grid: q.grid(),
         axis: q.is_per_axis().then_some(axis),
         scale_factors,
+        offsets: offsets.iter().map(|v| *v as i32).collect(),
         integers: integers.iter().map(|v| *v as i32).collect(),
     }))
 }

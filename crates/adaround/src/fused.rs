@@ -5,7 +5,8 @@
 //! `[groups, C_out / groups, K]` (`K = C_in / groups * kh * kw`):
 //!
 //! - `s = sigmoid(alpha)`, `u = s (zeta - gamma) + gamma`, `h = clip(u, 0, 1)`,
-//!   `z = w_floor + h`, `W~ = clip(z, lo, hi) / sf` (the grid's levels), `dW = W~ - W`;
+//!   `z = w_floor + h`, `W~ = (clip(z, lo, hi) + o) / sf` (the grid's levels; `o` the
+//!   asymmetric grid's integer offsets, else 0), `dW = W~ - W`;
 //! - Gram path: `rec = sum(dW ⊙ dW G) / n`, `dL/dW~ = 2 dW G / n`; direct path on cached
 //!   im2col patches `X` and targets `T` (bias removed): `E = X W~ᵀ - T` (patches `X` and targets as rows), `rec = sum(E²) / n`,
 //!   `dL/dW~ = 2 Eᵀ X / n`;
@@ -65,6 +66,8 @@ pub(crate) struct Fused<B: Backend> {
     alpha: Matrix<B>,
     w_floor: Matrix<B>,
     sf: Matrix<B>,
+    /// `o / sf`, what the asymmetric grid's offsets add to `W~`.
+    shift: Option<Matrix<B>>,
     weight: Matrix<B>,
     levels: (f64, f64),
     gamma: f64,
@@ -106,6 +109,7 @@ impl<B: Backend> Fused<B> {
         let alpha = matrix.to_matrix(ada.alpha.val());
         let w_floor = matrix.to_matrix(ada.w_floor.val());
         let sf = matrix.to_matrix(ada.sf.val());
+        let shift = ada.offset().map(|o| matrix.to_matrix(o) / sf.clone());
         let weight = matrix.float_matrix();
         let (data, divisors) = match grams {
             Some(g) => (
@@ -122,6 +126,9 @@ impl<B: Backend> Fused<B> {
             // `sf` broadcasts (per channel or per tensor): one value per weight here.
             inv_sf: host_values(alpha.zeros_like() + sf.clone().recip()),
             weight: host_values(weight.clone()),
+            shift: shift
+                .clone()
+                .map(|shift| host_values(alpha.zeros_like() + shift)),
             levels: (levels.0 as f32, levels.1 as f32),
             stretch: (ada.meta.gamma as f32, ada.meta.zeta as f32),
         });
@@ -132,6 +139,7 @@ impl<B: Backend> Fused<B> {
             alpha,
             w_floor,
             sf,
+            shift,
             weight,
             levels,
             optimizer,
@@ -256,6 +264,10 @@ impl<B: Backend> Fused<B> {
         let zc = z.clone().clamp(lo, hi);
         let outside_z = z.not_equal(zc.clone());
         let soft = zc / self.sf.clone();
+        let soft = match &self.shift {
+            Some(shift) => soft + shift.clone(),
+            None => soft,
+        };
         let n = self.divisors[b];
         let sent = match self.data {
             Data::Gram(..) => soft - self.weight.clone(),
@@ -441,6 +453,8 @@ mod tests {
                     (optimizer, elementwise),
                 );
                 assert_eq!(fused.host.is_some(), elementwise == Elementwise::Host);
+                let offsets = &layer.adarounds()[0].meta.offsets;
+                assert_eq!(fused.shift.is_some(), !offsets.is_empty());
                 let (losses, grad) = fused.loss_and_gradient(Ask {
                     b: 0,
                     beta: Some(beta),
@@ -499,6 +513,8 @@ mod tests {
         for quantizer in [
             WeightQuantizer::max_per_axis(3).unwrap(),
             WeightQuantizer::max(2).unwrap(),
+            WeightQuantizer::mse(2, true, adaround_core::Grid::Asymmetric).unwrap(),
+            WeightQuantizer::mse(3, false, adaround_core::Grid::Asymmetric).unwrap(),
         ] {
             let dense = QuantizedDenseConfig::new(12, 7)
                 .with_quantizer(quantizer)

@@ -21,6 +21,8 @@ pub(crate) struct Kernel {
     pub w_floor: Vec<f32>,
     pub inv_sf: Vec<f32>,
     pub weight: Vec<f32>,
+    /// `o / sf`, what the asymmetric grid's offsets add to `W~` (`None`: centred grids).
+    pub shift: Option<Vec<f32>>,
     /// The grid's lowest and highest integer levels.
     pub levels: (f32, f32),
     /// The rectified sigmoid's stretch `(gamma, zeta)`.
@@ -263,6 +265,11 @@ impl Kernel {
                 &self.weight[at..end],
             ];
             forward_chunk(&factors, constants, [send, a, c]);
+            if let Some(shift) = &self.shift {
+                for (sent, shift) in send.iter_mut().zip(&shift[at..end]) {
+                    *sent += shift;
+                }
+            }
         });
         (send, Coefficients { a, c })
     }

@@ -78,7 +78,7 @@ pub use driver::{
     adaround, adaround_with_optimizer, adaround_with_progress, adaround_with_simple_optimizer,
 };
 pub use error::AdaRoundError;
-pub use export::{export_integers, IntegerExport, IntegerKernel, INTEGER_FORMAT};
+pub use export::{export_integers, AimetEncoding, IntegerExport, IntegerKernel, INTEGER_FORMAT};
 pub use guard::{ModelCheck, ModelGuard, ModelOutput};
 pub use progress::Progress;
 pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};

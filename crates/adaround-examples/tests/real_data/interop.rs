@@ -501,6 +501,16 @@ fn should_refuse_kernels_burn_cannot_hold() {
             value: QuantValue::Q2S,
         }
     );
+    // Burn's quantized tensors have no zero point.
+    let asymmetric = QuantizedConv2dConfig::new([2, 4], [3, 3])
+        .with_quantizer(WeightQuantizer::mse(4, true, adaround::Grid::Asymmetric).unwrap())
+        .init::<B>(&device);
+    assert_eq!(
+        asymmetric.into_burn_quantized(QuantValue::Q8F).unwrap_err(),
+        NativeQuantError::Asymmetric {
+            kernel: KernelRole::Kernel
+        }
+    );
     let conv = full_range();
     let expected = conv.quantized_weight();
     let native = conv.into_burn_quantized(QuantValue::Q8F).unwrap();

@@ -142,6 +142,11 @@ macro_rules! driver_tests {
             WeightQuantizer::mse(2, true, adaround::Grid::FullRange).unwrap()
         }
 
+        /// 2 bits on every code over each channel's own range (integer offsets), per tensor.
+        fn asymmetric_w2() -> WeightQuantizer {
+            WeightQuantizer::mse(2, false, adaround::Grid::Asymmetric).unwrap()
+        }
+
         /// Parameters are initialized lazily; fix their values before the model is cloned.
         fn materialize<M: Module<B>>(m: M) -> M {
             let _ = m.devices();
@@ -653,7 +658,7 @@ macro_rules! driver_tests {
         #[test]
         fn should_export_integer_weights_that_dequantize_to_the_quantized_kernels() {
             let _seed = crate::seed_lock();
-            for q in [q3(), full_range_w2()] {
+            for q in [q3(), full_range_w2(), asymmetric_w2()] {
                 export_round_trip(net_with(24, q));
             }
         }
@@ -690,8 +695,13 @@ macro_rules! driver_tests {
                 let kmax = (1i32 << (k.bitwidth - 1)) - 1;
                 let lo = match k.grid {
                     adaround::Grid::Symmetric => -kmax,
-                    adaround::Grid::FullRange => -kmax - 1,
+                    adaround::Grid::FullRange | adaround::Grid::Asymmetric => -kmax - 1,
                 };
+                let channels = k.scale_factors.len();
+                let asymmetric = k.grid == adaround::Grid::Asymmetric;
+                assert_eq!(k.offsets.len(), if asymmetric { channels } else { 0 });
+                let encodings = k.aimet_encodings();
+                assert_eq!(encodings.len(), channels);
                 assert_eq!(k.integers.len(), q.len());
                 assert!(
                     k.integers.iter().all(|i| (lo..=kmax).contains(i)),
@@ -699,7 +709,6 @@ macro_rules! driver_tests {
                     k.layer,
                     k.kernel
                 );
-                let channels = k.scale_factors.len();
                 for (i, (&int, &w)) in k.integers.iter().zip(q).enumerate() {
                     // Channel of element i: axis 0 is the slowest, axis 1 of [d_in, d_out] the fastest.
                     let c = match k.axis {
@@ -707,7 +716,18 @@ macro_rules! driver_tests {
                         Some(0) => i / (q.len() / channels),
                         Some(_) => i % channels,
                     };
-                    let back = int as f32 / k.scale_factors[c];
+                    let offset = k.offsets.get(c).copied().unwrap_or(0);
+                    let back = (int + offset) as f32 / k.scale_factors[c];
+                    // AIMET's convention: unsigned codes from `min`, in `[min, max]`.
+                    let e = &encodings[c];
+                    assert_eq!(e.is_symmetric, !asymmetric);
+                    let code = int - lo;
+                    assert!(code >= 0 && e.scale * (code + e.offset) as f32 <= e.max * 1.000_001);
+                    let aimet = e.scale * (code + e.offset) as f32;
+                    assert!(
+                        (aimet - w).abs() <= 1e-5 * w.abs().max(1e-3),
+                        "{aimet} vs {w}"
+                    );
                     assert!(
                         (back - w).abs() <= 1e-6 * w.abs().max(1e-3),
                         "{} {}[{i}]: {back} vs {w}",
@@ -798,7 +818,7 @@ macro_rules! driver_tests {
         #[test]
         fn should_take_the_same_rounding_decisions_with_the_fused_and_the_autodiff_step() {
             let _seed = crate::seed_lock();
-            for q in [q3(), full_range_w2()] {
+            for q in [q3(), full_range_w2(), asymmetric_w2()] {
                 fused_agrees_with_autodiff(net_with(22, q));
             }
         }
