@@ -140,6 +140,7 @@ def accuracy(logits, labels):
 
 
 def levels(bits, grid):
+    """The grid's lowest and highest integer (relative to the offset on the asymmetric grid)."""
     if grid == "Symmetric":
         kmax = 2 ** (bits - 1) - 1
         return -kmax, kmax
@@ -168,43 +169,77 @@ def mse_scales(rows, lo, hi):
     return np.array(out, dtype=np.float32)
 
 
-def scale_factors(weight, bits, per_channel, scale):
-    """The project's scale factor `sf` (`q = clip(round(w * sf), lo, hi) / sf`), one per output
-    channel (axis 0 in PyTorch's layout) or one for the tensor, shaped to broadcast."""
+def mse_offsets(rows, lo, hi):
+    """`adaround_core::mse_offsets` (bitwidths up to 8): the error-minimising scale factor and
+    integer offset per row on the asymmetric grid."""
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    codes = hi32 - lo32
+    spans = [(np.float32(t), np.float32(1.0)) for t in range(1, int(codes) + 1)]
+    spans += [
+        (codes, np.float32(k) / np.float32(MSE_CANDIDATES))
+        for k in range(MSE_CANDIDATES, 0, -1)
+    ]
+    scales, offsets = [], []
+    for row in rows:
+        low_end = min(np.float32(row.min()), np.float32(0.0))
+        high_end = max(np.float32(row.max()), np.float32(0.0))
+        span_w = max(np.float32(high_end - low_end), MIN_RANGE)
+        best = (math.inf, codes / span_w, np.float32(0.0))
+        for span, kept in spans:
+            sf = np.float32(min(np.float32(span / np.float32(span_w * kept)), MAX_SCALE_FACTOR))
+            low = np.float32(np.round(np.float32(np.float32(low_end * kept) * sf))) - lo32
+            for o in (low, low - np.float32(1.0), low + np.float32(1.0)):
+                o = np.float32(min(max(o, -hi32), -lo32))
+                q = np.clip(np.round(row * sf - o), lo32, hi32)
+                err = float(np.sum(((q + o) / sf - row).astype(np.float64) ** 2))
+                if err < best[0]:
+                    best = (err, sf, o)
+        scales.append(best[1])
+        offsets.append(best[2])
+    return np.array(scales, dtype=np.float32), np.array(offsets, dtype=np.float32)
+
+
+def scale_factors(weight, bits, per_channel, scale, grid):
+    """The project's scale factor `sf` and integer offset `o`
+    (`q = (clip(round(w * sf) - o, lo, hi) + o) / sf`, `o = 0` but on the asymmetric grid), one
+    per output channel (axis 0 in PyTorch's layout) or one for the tensor, shaped to broadcast."""
     w = weight.detach().numpy().astype(np.float32)
     rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    offset = np.zeros(rows.shape[0], dtype=np.float32)
     if scale == "max":
         kmax = np.float32(2 ** (bits - 1) - 1)
         peak = np.maximum(np.abs(rows).max(axis=1).astype(np.float32), MIN_RANGE)
-        sf = kmax / peak
+        sf = np.clip(kmax / peak, 0, MAX_SCALE_FACTOR).astype(np.float32)
+    elif grid == "Asymmetric":
+        lo, hi = levels(bits, grid)
+        sf, offset = mse_offsets(rows, lo, hi)
     else:
-        lo, hi = levels(bits, "FullRange")
-        sf = mse_scales(rows, lo, hi)
-    sf = np.clip(sf, 0, MAX_SCALE_FACTOR).astype(np.float32)
+        lo, hi = levels(bits, grid)
+        sf = np.clip(mse_scales(rows, lo, hi), 0, MAX_SCALE_FACTOR).astype(np.float32)
     shape = [-1] + [1] * (w.ndim - 1) if per_channel else [1] * w.ndim
-    return torch.from_numpy(sf.reshape(shape))
+    return torch.from_numpy(sf.reshape(shape)), torch.from_numpy(offset.reshape(shape))
 
 
 WEIGHTED = ["conv", "depthwise", "pointwise", "fc"]
 
 
 def nearest(model, scales, lo, hi):
-    """A copy of `model` with every kernel rounded to nearest on the given scales."""
+    """A copy of `model` with every kernel rounded to nearest on the given scales and offsets."""
     rounded = DigitsCnn()
     rounded.load_state_dict(model.state_dict())
     with torch.no_grad():
         for name in WEIGHTED:
             w = getattr(rounded, name).weight
-            sf = scales[name]
-            w.copy_(torch.clamp(torch.round(w * sf), lo, hi) / sf)
+            sf, o = scales[name]
+            w.copy_((torch.clamp(torch.round(w * sf - o), lo, hi) + o) / sf)
     return rounded.eval()
 
 
-def aimet_config(per_channel):
+def aimet_config(per_channel, symmetric):
     return {
         "defaults": {
             "ops": {"is_output_quantized": "True"},
-            "params": {"is_quantized": "True", "is_symmetric": "True"},
+            "params": {"is_quantized": "True", "is_symmetric": "True" if symmetric else "False"},
             "strict_symmetric": "False",
             "unsigned_symmetric": "False",
             "per_channel_quantization": "True" if per_channel else "False",
@@ -217,7 +252,7 @@ def aimet_config(per_channel):
     }
 
 
-def aimet_adaround(model, calibration, bits, per_channel, scales, seed, iterations, tmp):
+def aimet_adaround(model, calibration, bits, per_channel, grid, scales, seed, iterations, tmp):
     """AIMET's AdaRound with its weight encodings set to `scales`; returns the model with the
     rounded weights (on the grid) and the seconds AIMET took."""
     try:
@@ -232,9 +267,10 @@ def aimet_adaround(model, calibration, bits, per_channel, scales, seed, iteratio
     fp = DigitsCnn()
     fp.load_state_dict(model.state_dict())
     fp.eval()
-    config = os.path.join(tmp, f"config-{per_channel}.json")
+    symmetric = grid != "Asymmetric"
+    config = os.path.join(tmp, f"config-{per_channel}-{symmetric}.json")
     with open(config, "w") as f:
-        json.dump(aimet_config(per_channel), f)
+        json.dump(aimet_config(per_channel, symmetric), f)
     dummy = torch.zeros(1, 1, 8, 8)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(calibration), batch_size=32, shuffle=False
@@ -257,11 +293,18 @@ def aimet_adaround(model, calibration, bits, per_channel, scales, seed, iteratio
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     for name in WEIGHTED:
         quantizer = getattr(sim.model, name).param_quantizers["weight"]
-        step = (1.0 / scales[name]).reshape(quantizer.min.shape)
-        quantizer.set_range(qmin * step, qmax * step)
+        sf, o = scales[name]
+        step = (1.0 / sf).reshape(quantizer.min.shape)
+        o = o.reshape(quantizer.min.shape)
+        quantizer.set_range((qmin + o) * step, (qmax + o) * step)
         got = quantizer.get_scale().reshape(-1)
         if not torch.allclose(got, step.reshape(-1), rtol=1e-5, atol=0):
             raise SystemExit(f"AIMET did not take the scale of {name}: {got} vs {step}")
+        if not symmetric:
+            # AIMET's offset is that of code 0 in steps: `qmin + o`.
+            offset = quantizer.get_offset().reshape(-1)
+            if not torch.equal(offset.round(), (qmin + o).reshape(-1)):
+                raise SystemExit(f"AIMET did not take the offset of {name}: {offset} vs {qmin + o}")
     rounded = Adaround._apply_adaround(sim, fp, dummy, params, tmp, f"w{bits}")
     seconds = time.perf_counter() - start
     return rounded.eval(), seconds
@@ -276,7 +319,7 @@ def aimet_job(job):
     model = load_float()
     with tempfile.TemporaryDirectory() as tmp:
         rounded, seconds = aimet_adaround(
-            model, job["calibration"], job["bits"], job["per_channel"], job["scales"],
+            model, job["calibration"], job["bits"], job["per_channel"], job["grid"], job["scales"],
             job["seed"], job["iterations"], tmp,
         )
     with torch.no_grad():
@@ -292,6 +335,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each AIMET run")
     parser.add_argument("--jobs", type=int, default=1, help="AIMET runs at a time (processes)")
     parser.add_argument("--bits", default="4,3,2")
+    parser.add_argument(
+        "--grids", default="Symmetric,FullRange,Asymmetric", help="the report's grids to compare"
+    )
     parser.add_argument("--skip-ours", action="store_true", help="reuse out/quickstart/report.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -326,12 +372,12 @@ def main():
     cells, jobs = [], []
     for cell in ours["results"]:
         bits = cell["bits"]
-        if bits not in bits_list:
+        if bits not in bits_list or cell["grid"] not in args.grids.split(","):
             continue
         per_channel = cell["granularity"] == "per-channel"
         lo, hi = levels(bits, cell["grid"])
         scales = {
-            n: scale_factors(getattr(model, n).weight, bits, per_channel, cell["scale"])
+            n: scale_factors(getattr(model, n).weight, bits, per_channel, cell["scale"], cell["grid"])
             for n in WEIGHTED
         }
         with torch.no_grad():
@@ -340,6 +386,7 @@ def main():
         for seed in range(args.seeds):
             jobs.append({
                 "cell": len(cells) - 1, "seed": seed, "bits": bits, "per_channel": per_channel,
+                "grid": cell["grid"],
                 "scales": scales, "lo": lo, "hi": hi, "iterations": args.iterations,
                 "threads": args.threads, "calibration": calibration, "x_test": x_test,
                 "y_test": y_test, "act_max": act_max,

@@ -12,7 +12,8 @@
 //!    bit-reproducible; the committed model makes every number below reproducible);
 //! 3. convert it to quantized layers;
 //! 4. nearest rounding at W4/W3/W2, with the reference's weight scheme (scale from
-//!    `max |w|`, symmetric grid) and the error-minimising scale on the full-range grid;
+//!    `max |w|`, symmetric grid) and the error-minimising scale on the full-range and the
+//!    asymmetric grids;
 //! 5. AdaRound at the same bitwidths and schemes;
 //! 6. the results table, the report JSON and two SVG charts under `out/quickstart/`.
 //!
@@ -42,9 +43,14 @@ const CALIBRATION: usize = 256;
 const BITWIDTHS: [u32; 3] = [4, 3, 2];
 const ACTIVATION_BITS: u32 = 8;
 
-/// The weight schemes compared: the reference's (max scale, symmetric grid) and the one chosen
-/// on validation data (`cargo run --release --example choose`).
-const SCHEMES: [Scheme; 2] = [Scheme::Max, Scheme::Mse(Grid::FullRange)];
+/// The weight schemes compared: the reference's (max scale, symmetric grid), the one chosen
+/// on validation data (`cargo run --release --example choose`), and the asymmetric grid
+/// (integer offsets) with the same scale rule.
+const SCHEMES: [Scheme; 3] = [
+    Scheme::Max,
+    Scheme::Mse(Grid::FullRange),
+    Scheme::Mse(Grid::Asymmetric),
+];
 
 fn main() {
     let write_fixture = std::env::args().any(|a| a == "--write-fixture");
