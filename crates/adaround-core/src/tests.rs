@@ -418,23 +418,37 @@ fn should_move_decimals_to_zero_or_one_under_adam() {
 #[test]
 fn should_save_adaround_state_in_the_record() {
     use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
-    let q = WeightQuantizer::std_per_axis(3, 2.0).unwrap();
-    let ada = AdaRoundQuantizer::new(q.clone(), dense_w::<B>(), 1, &AdaRoundParams::new())
-        .unwrap()
-        .set_training(false);
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder.record(ada.clone().into_record(), ()).unwrap();
-    let record = recorder
-        .load::<<AdaRoundQuantizer<B> as Module<B>>::Record>(bytes, &device())
-        .unwrap();
-    let other = WeightQuantizer::max(8).unwrap();
-    let fresh = AdaRoundQuantizer::new(other, dense_w::<B>().neg(), 1, &AdaRoundParams::new())
-        .unwrap()
-        .load_record(record);
-    assert_eq!(fresh.quantizer, q);
-    assert!(!fresh.is_training());
-    assert!(max_abs(fresh.alpha.val() - ada.alpha.val()) == 0.0);
-    assert!(max_abs(fresh.quantize::<2>() - ada.quantize::<2>()) == 0.0);
+    // The asymmetric grid's offsets are saved with the rest (a record without them, written
+    // before the grid existed, reads as offsets of zero).
+    for q in [
+        WeightQuantizer::std_per_axis(3, 2.0).unwrap(),
+        WeightQuantizer::mse(2, true, Grid::Asymmetric).unwrap(),
+    ] {
+        let ada =
+            AdaRoundQuantizer::new(q.clone(), dense_w::<B>(), 1, &AdaRoundParams::new()).unwrap();
+        let asymmetric = q.grid() == Grid::Asymmetric;
+        assert_eq!(ada.offset().is_some(), asymmetric);
+        // Training mode rebuilds the soft weights from the record's tensors and offsets.
+        for ada in [ada.clone(), ada.set_training(false)] {
+            let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+            let bytes = recorder.record(ada.clone().into_record(), ()).unwrap();
+            let record = recorder
+                .load::<<AdaRoundQuantizer<B> as Module<B>>::Record>(bytes, &device())
+                .unwrap();
+            let other = WeightQuantizer::max(8).unwrap();
+            let fresh =
+                AdaRoundQuantizer::new(other, dense_w::<B>().neg(), 1, &AdaRoundParams::new())
+                    .unwrap()
+                    .load_record(record);
+            assert_eq!(fresh.quantizer, q);
+            assert_eq!(fresh.meta, ada.meta);
+            assert!(max_abs(fresh.alpha.val() - ada.alpha.val()) == 0.0);
+            assert!(max_abs(fresh.quantize::<2>() - ada.quantize::<2>()) == 0.0);
+        }
+    }
+    let old = r#"{"axis":1,"rank":2,"training":true,"gamma":-0.1,"zeta":1.1}"#;
+    let meta: AdaRoundMeta = serde_json::from_str(old).unwrap();
+    assert!(meta.offsets.is_empty());
 }
 
 proptest! {

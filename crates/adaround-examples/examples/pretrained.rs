@@ -54,7 +54,11 @@ fn main() {
     let config = quickstart_config();
     let mut rows = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
-    let schemes = [Scheme::Max, Scheme::Mse(Grid::FullRange)];
+    let schemes = [
+        Scheme::Max,
+        Scheme::Mse(Grid::FullRange),
+        Scheme::Mse(Grid::Asymmetric),
+    ];
     for (scheme, bits) in schemes.iter().flat_map(|s| [4, 3, 2].map(|b| (s, b))) {
         let quantizer = scheme.quantizer(bits, Granularity::PerAxis);
         let model = QuantUsps::from_float(&float, &quantizer);
