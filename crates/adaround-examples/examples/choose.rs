@@ -6,6 +6,7 @@
 //! cargo run --release --example choose            # schemes x iterations, split separable step
 //! cargo run --release --example choose -- --joint # split vs joint separable step
 //! cargo run --release --example choose -- --sweep --held-out # the preset's variants
+//! cargo run --release --example choose -- --sweep --held-out --asymmetric # on the asymmetric grid
 //! ```
 //!
 //! Calibration: training images 0..256 (as the quickstart); validation: training images
@@ -174,6 +175,12 @@ const CELLS: [(Scheme, Granularity); 4] = [
     (Scheme::Mse(Grid::FullRange), Granularity::PerTensor),
 ];
 
+/// The quickstart's six cells of the asymmetric grid.
+const ASYMMETRIC_CELLS: [(Scheme, Granularity); 2] = [
+    (Scheme::Mse(Grid::Asymmetric), Granularity::PerAxis),
+    (Scheme::Mse(Grid::Asymmetric), Granularity::PerTensor),
+];
+
 /// Mean cross-entropy of `logits` against `labels`.
 fn cross_entropy(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> f64 {
     let loss = burn::nn::loss::CrossEntropyLossConfig::new()
@@ -183,8 +190,8 @@ fn cross_entropy(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> f64 {
 }
 
 /// Variants of a starting preset, a change or two at a time, on the quickstart's twelve
-/// cells: validation accuracy and cross-entropy per cell, their sums, and the cells below
-/// nearest rounding.
+/// cells (`--asymmetric`: its six cells of the asymmetric grid instead): validation accuracy
+/// and cross-entropy per cell, their sums, and the cells below nearest rounding.
 fn sweep(
     base: &QuantCnn<B>,
     calibration: &Tensor<B, 4>,
@@ -240,7 +247,12 @@ fn sweep(
     ];
     // `--only a,b`: the variants whose names are listed.
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
-    println!("| variant | cells W4 W3 W2 (max pc, mse pc, max pt, mse pt): val acc % | sum acc | sum CE | below nearest | seconds |");
+    let (cells, names) = if std::env::args().any(|a| a == "--asymmetric") {
+        (&ASYMMETRIC_CELLS[..], "asymmetric pc, asymmetric pt")
+    } else {
+        (&CELLS[..], "max pc, mse pc, max pt, mse pt")
+    };
+    println!("| variant | cells W4 W3 W2 ({names}): val acc % | sum acc | sum CE | below nearest | seconds |");
     println!("|---|---|---|---|---|---|");
     for (name, config) in variants {
         if only
@@ -251,7 +263,7 @@ fn sweep(
         }
         let start = Instant::now();
         let (mut accs, mut sum_acc, mut sum_ce, mut below) = (Vec::new(), 0.0, 0.0, 0);
-        for (scheme, granularity) in CELLS {
+        for &(scheme, granularity) in cells {
             for bits in [4, 3, 2] {
                 let model = base.clone().with_weights(bits, granularity, scheme);
                 let nearest = accuracy(model.forward(x.clone()), y.clone());

@@ -2,7 +2,8 @@
 //!
 //! [`AdaRoundLayer::into_burn_quantized`](crate::AdaRoundLayer::into_burn_quantized), on
 //! each layer kind and on [`QuantizedLayer`](crate::QuantizedLayer), replaces each float kernel by a Burn quantized tensor (`QFloat`, symmetric mode, `f32` scales;
-//! `Q*S` values for the symmetric grid, `Q*F` for the full-range grid)
+//! `Q*S` values for the symmetric grid, `Q*F` for the full-range grid; the asymmetric grid,
+//! whose offsets Burn's symmetric-only scheme cannot hold, is refused)
 //! holding the layer's own integers, and the quantizer by the float pass-through: the layer
 //! then runs on Burn's quantized tensors, and a saved record holds the integers.
 //!
