@@ -209,13 +209,13 @@ impl<B: Backend> QuantNet<B> {
 
     /// Every weight quantizer at `bits`: per-axis (depthwise per tensor, SPEC defaults) or
     /// per-tensor everywhere; the max scale on the symmetric grid, or with `mse` the
-    /// error-minimising scale on the full-range grid.
-    fn with_weights(mut self, bits: u32, per_axis: bool, mse: bool) -> Self {
+    /// error-minimising scale on that grid.
+    fn with_weights(mut self, bits: u32, per_axis: bool, mse: Option<Grid>) -> Self {
         let quantizer = |per_axis: bool| {
             match (mse, per_axis) {
-                (true, _) => WeightQuantizer::mse(bits, per_axis, Grid::FullRange),
-                (false, true) => WeightQuantizer::max_per_axis(bits),
-                (false, false) => WeightQuantizer::max(bits),
+                (Some(grid), _) => WeightQuantizer::mse(bits, per_axis, grid),
+                (None, true) => WeightQuantizer::max_per_axis(bits),
+                (None, false) => WeightQuantizer::max(bits),
             }
             .unwrap()
         };
@@ -324,16 +324,23 @@ fn run<B: AutodiffBackend>(device: &B::Device, train: Split, test: Split) {
     let config = AdaRoundConfig::recommended();
     let mut rows = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
-    let settings = [(true, false), (false, false), (true, true), (false, true)];
+    let grids = [None, Some(Grid::FullRange), Some(Grid::Asymmetric)];
+    let settings = grids
+        .into_iter()
+        .flat_map(|grid| [(true, grid), (false, grid)]);
     for (per_axis, mse) in settings {
         for bits in [4, 3, 2] {
-            if mse && bits == 4 {
+            if mse.is_some() && bits == 4 {
                 continue;
             }
             let label = format!(
                 "W{bits} {}{}",
                 if per_axis { "per-axis" } else { "per-tensor" },
-                if mse { " mse full-range" } else { "" }
+                match mse {
+                    None => "",
+                    Some(Grid::Asymmetric) => " mse asymmetric",
+                    Some(_) => " mse full-range",
+                }
             );
             let model = quant.clone().with_weights(bits, per_axis, mse);
             let nearest = eval(|x| model.forward(x), &test, device);
