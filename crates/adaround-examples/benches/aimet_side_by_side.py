@@ -8,7 +8,8 @@ What it does, from the repository root:
 1. runs `cargo run --release --example quickstart` (this project: nearest and AdaRound for
    every bitwidth, granularity and grid, with times, in out/quickstart/report.json) and, if
    out/interop/digits_float.safetensors is missing, the `interop` example that writes the
-   float model in PyTorch layout (`--skip-ours` reuses both files);
+   float model in PyTorch layout (`--skip-ours` reuses the report, and still writes that file
+   when it is missing);
 2. rebuilds the same float CNN in PyTorch from that file, the same split of the embedded
    UCI digits (450 test images, 256 calibration images) and the same 8-bit activation
    quantization, and checks that its float and nearest-rounding accuracies equal the
@@ -342,14 +343,15 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    run = lambda example: subprocess.run(
+        ["cargo", "run", "--release", "--example", example], cwd=ROOT, check=True,
+        stdout=subprocess.DEVNULL,
+    )
     if not args.skip_ours:
-        run = lambda example: subprocess.run(
-            ["cargo", "run", "--release", "--example", example], cwd=ROOT, check=True,
-            stdout=subprocess.DEVNULL,
-        )
         run("quickstart")
-        if not os.path.exists(FLOAT):
-            run("interop")
+    if not os.path.exists(FLOAT):
+        # The float model in PyTorch layout (also with --skip-ours: it is not a result).
+        run("interop")
     ours = json.load(open(REPORT))
 
     images, labels = load_digits()
