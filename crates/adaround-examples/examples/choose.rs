@@ -167,7 +167,8 @@ fn iterations(mut config: AdaRoundConfig, n: usize) -> AdaRoundConfig {
     config
 }
 
-/// The quickstart's twelve cells: two schemes, two granularities, three bitwidths.
+/// The quickstart's twelve cells of its first two schemes (max symmetric, mse full-range):
+/// two granularities, three bitwidths.
 const CELLS: [(Scheme, Granularity); 4] = [
     (Scheme::Max, Granularity::PerAxis),
     (Scheme::Mse(Grid::FullRange), Granularity::PerAxis),
@@ -189,9 +190,9 @@ fn cross_entropy(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> f64 {
     loss.into_scalar() as f64
 }
 
-/// Variants of a starting preset, a change or two at a time, on the quickstart's twelve
-/// cells (`--asymmetric`: its six cells of the asymmetric grid instead): validation accuracy
-/// and cross-entropy per cell, their sums, and the cells below nearest rounding.
+/// Variants of a starting preset, a change or two at a time, on [`CELLS`] (`--asymmetric`:
+/// the six cells of the asymmetric grid instead): validation accuracy and cross-entropy per
+/// cell, their sums, and the cells below nearest rounding.
 fn sweep(
     base: &QuantCnn<B>,
     calibration: &Tensor<B, 4>,
