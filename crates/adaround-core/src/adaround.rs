@@ -152,18 +152,15 @@ impl<B: Backend> AdaRoundQuantizer<B> {
             return Err(QuantizerError::NonFiniteWeights);
         }
         let weights = weights.detach();
+        let encoding = quantizer.encoding(weights.clone(), axis)?;
+        let scaled = encoding.scaled(weights);
         let Encoding {
             scale_factor: sf,
             offset,
-        } = quantizer.encoding(weights.clone(), axis)?;
-        let scaled = weights * sf.clone();
-        let (scaled, offsets) = match offset {
-            Some(o) => (
-                scaled - o.clone(),
-                o.into_data().convert::<f32>().to_vec().unwrap_or_default(),
-            ),
-            None => (scaled, Vec::new()),
-        };
+        } = encoding;
+        let offsets = offset.map_or_else(Vec::new, |o| {
+            o.into_data().convert::<f32>().to_vec().unwrap_or_default()
+        });
         let w_floor = scaled.clone().floor();
         let d = scaled - w_floor.clone();
         let (gamma, zeta) = (params.gamma, params.zeta);

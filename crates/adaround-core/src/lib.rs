@@ -40,8 +40,8 @@ pub use adaround::{
 pub use custom::{register_quantizer, ScaleFn};
 pub use error::QuantizerError;
 pub use quantizer::{
-    all_finite, mse_offsets, mse_scales, quantize_with, quantize_with_offset, round_ste, Encoding,
-    Grid, WeightQuantizer, DEFAULT_STD_THRESHOLD, MAX_SCALE_FACTOR, MIN_RANGE, MSE_CANDIDATES,
+    all_finite, mse_offsets, mse_scales, quantize_with, round_ste, Encoding, Grid, WeightQuantizer,
+    DEFAULT_STD_THRESHOLD, MAX_SCALE_FACTOR, MIN_RANGE, MSE_CANDIDATES,
 };
 
 #[doc(hidden)]

@@ -109,6 +109,19 @@ pub enum Grid {
     Asymmetric,
 }
 
+impl Grid {
+    /// The smallest and largest integer of the grid at `bitwidth` bits: `(-kmax, kmax)`
+    /// (`kmax = 2^(b-1) - 1`), or `(-kmax - 1, kmax)` on the full-range grid and, relative to
+    /// the offset, on the asymmetric one.
+    pub fn levels(self, bitwidth: u32) -> (f64, f64) {
+        let kmax = 2f64.powi(bitwidth.clamp(1, 64) as i32 - 1) - 1.0;
+        match self {
+            Grid::Symmetric => (-kmax, kmax),
+            Grid::FullRange | Grid::Asymmetric => (-kmax - 1.0, kmax),
+        }
+    }
+}
+
 /// A quantizer's parameters for one tensor:
 /// `w_q = (clip(round(w sf) - offset, lo, hi) + offset) / sf` (see [`Grid`]).
 #[derive(Clone, Debug)]
@@ -118,6 +131,28 @@ pub struct Encoding<B: Backend, const D: usize> {
     /// The integer offsets `o` of the [asymmetric](Grid::Asymmetric) grid, shaped as the
     /// scale factors; `None` on the grids centred on zero (an offset of zero).
     pub offset: Option<Tensor<B, D>>,
+}
+
+impl<B: Backend, const D: usize> Encoding<B, D> {
+    /// `w sf - o`: the weights on the integer grid's scale, relative to the offset.
+    pub fn scaled(&self, weights: Tensor<B, D>) -> Tensor<B, D> {
+        let scaled = weights * self.scale_factor.clone();
+        match &self.offset {
+            Some(o) => scaled - o.clone(),
+            None => scaled,
+        }
+    }
+
+    /// `(clip(round_ste(w sf - o), lo, hi) + o) / sf` on the grid's `levels` (see
+    /// [`WeightQuantizer::levels`]): [`quantize_with`] with the offset.
+    pub fn quantize(&self, weights: Tensor<B, D>, levels: (f64, f64)) -> Tensor<B, D> {
+        let ints = round_ste(self.scaled(weights)).clamp(levels.0, levels.1);
+        let ints = match &self.offset {
+            Some(o) => ints + o.clone(),
+            None => ints,
+        };
+        ints / self.scale_factor.clone()
+    }
 }
 
 /// Number of clipping ratios (`1/80 .. 80/80` of `max |w|`) [`WeightQuantizer::Mse`] tries.
@@ -343,11 +378,7 @@ impl WeightQuantizer {
     /// on the [full-range](Grid::FullRange) grid and, relative to the offset, on the
     /// [asymmetric](Grid::Asymmetric) one (`None` for float).
     pub fn levels(&self) -> Option<(f64, f64)> {
-        let kmax = self.kmax()?;
-        Some(match self.grid() {
-            Grid::Symmetric => (-kmax, kmax),
-            Grid::FullRange | Grid::Asymmetric => (-kmax - 1.0, kmax),
-        })
+        self.bitwidth().map(|b| self.grid().levels(b))
     }
 
     /// Whether the quantizer computes one scale factor per output channel.
@@ -458,15 +489,10 @@ impl WeightQuantizer {
     ) -> Tensor<B, D> {
         match self.levels() {
             None => weights,
-            Some(levels) => {
-                let Encoding {
-                    scale_factor,
-                    offset,
-                } = self
-                    .encoding(weights.clone(), axis)
-                    .unwrap_or_else(|e| panic!("cannot quantize weights: {e}"));
-                quantize_with_offset(weights, scale_factor, offset, levels)
-            }
+            Some(levels) => self
+                .encoding(weights.clone(), axis)
+                .unwrap_or_else(|e| panic!("cannot quantize weights: {e}"))
+                .quantize(weights, levels),
         }
     }
 }
@@ -548,11 +574,31 @@ fn broadcast<B: Backend, const D: usize>(
         .reshape(shape)
 }
 
+/// The first of `candidates` with the lowest `error(candidate, limit)` (`fallback` when no
+/// error is below infinity). `error` may give up on a candidate once its error passes
+/// `limit` (see [`bounded_sum`]); the limit is the best error so far, or `seed`'s, which
+/// must be one of the candidates. A candidate cut there cannot be the first of the lowest
+/// error, so the choice is that of a full search.
+fn first_lowest<C: Copy>(
+    candidates: impl IntoIterator<Item = C>,
+    seed: C,
+    fallback: C,
+    error: impl Fn(C, f64) -> f64,
+) -> C {
+    let bound = error(seed, f64::INFINITY);
+    let mut best = (f64::INFINITY, fallback);
+    for c in candidates {
+        let e = error(c, best.0.min(bound));
+        if e < best.0 {
+            best = (e, c);
+        }
+    }
+    best.1
+}
+
 /// `sum(term(w))` over `row` in order, or infinity as soon as the partial sum passes `limit`
 /// (checked every 256 terms): the terms are never negative, so the whole sum would pass it
-/// too. A scale search then skips most of a candidate that cannot win, and still picks the
-/// very candidate a full search picks (the first of the lowest error, never above `limit`
-/// when `limit` is a candidate's error).
+/// too.
 #[inline(always)]
 fn bounded_sum(row: &[f32], limit: f64, term: impl Fn(f32) -> f64) -> f64 {
     let mut sum = 0f64;
@@ -614,16 +660,8 @@ pub fn mse_scales(rows: &[f32], channels: usize, levels: (f64, f64), fine_only: 
                 })
             };
             // The max range (a candidate: `k = 80`) bounds the search.
-            let bound = error(hi / max, f64::INFINITY);
-            let mut best = (f64::INFINITY, hi / max);
-            for t in &targets {
-                let sf = t / max;
-                let e = error(sf, best.0.min(bound));
-                if e < best.0 {
-                    best = (e, sf);
-                }
-            }
-            best.1
+            let candidates = targets.iter().map(|t| t / max);
+            first_lowest(candidates, hi / max, hi / max, error)
         })
         .collect()
 }
@@ -675,37 +713,13 @@ pub fn mse_offsets(
                 (sf, (low + neighbour).clamp(-hi, -lo))
             };
             // The whole range (a candidate: `k = 80`) bounds the search.
-            let bound = error(candidate((codes, 1.0), 0.0), f64::INFINITY);
-            let mut best = (f64::INFINITY, (codes / range, 0.0));
-            for &span in &spans {
-                for neighbour in [0.0, -1.0, 1.0] {
-                    let c = candidate(span, neighbour);
-                    let e = error(c, best.0.min(bound));
-                    if e < best.0 {
-                        best = (e, c);
-                    }
-                }
-            }
-            best.1
+            let candidates = spans
+                .iter()
+                .flat_map(|&span| [0.0, -1.0, 1.0].map(|n| candidate(span, n)));
+            let whole = candidate((codes, 1.0), 0.0);
+            first_lowest(candidates, whole, (codes / range, 0.0), error)
         })
         .collect()
-}
-
-/// `clip(round_ste(w * sf) - offset, lo, hi) + offset) / sf`: [`quantize_with`] on the
-/// [asymmetric](Grid::Asymmetric) grid's integer `offset` (none: centred on zero).
-pub fn quantize_with_offset<B: Backend, const D: usize>(
-    weights: Tensor<B, D>,
-    sf: Tensor<B, D>,
-    offset: Option<Tensor<B, D>>,
-    levels: (f64, f64),
-) -> Tensor<B, D> {
-    match offset {
-        None => quantize_with(weights, sf, levels),
-        Some(o) => {
-            let scaled = weights * sf.clone() - o.clone();
-            (round_ste(scaled).clamp(levels.0, levels.1) + o) / sf
-        }
-    }
 }
 
 /// `clip(round_ste(w * sf), lo, hi) / sf` with a given scale factor and the grid's

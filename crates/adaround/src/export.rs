@@ -68,11 +68,8 @@ pub struct AimetEncoding {
 impl IntegerKernel {
     /// The kernel's quantization parameters in AIMET's convention (see [`AimetEncoding`]).
     pub fn aimet_encodings(&self) -> Vec<AimetEncoding> {
-        let kmax = (1i32 << (self.bitwidth - 1)) - 1;
-        let lo = match self.grid {
-            Grid::Symmetric => -kmax,
-            Grid::FullRange | Grid::Asymmetric => -kmax - 1,
-        };
+        let (lo, hi) = self.grid.levels(self.bitwidth);
+        let (lo, hi) = (lo as i32, hi as i32);
         self.scale_factors
             .iter()
             .enumerate()
@@ -86,7 +83,7 @@ impl IntegerKernel {
                     scale,
                     offset,
                     min: scale * offset as f32,
-                    max: scale * (offset + kmax - lo) as f32,
+                    max: scale * (offset + hi - lo) as f32,
                 }
             })
             .collect()
@@ -126,13 +123,8 @@ fn kernel<B: Backend, const D: usize>(
     };
     q.validate().map_err(refused)?;
     let encoding = q.encoding(weights.clone(), axis).map_err(refused)?;
-    let sf = encoding.scale_factor;
-    let scaled = weights * sf.clone();
-    let (scaled, offsets) = match encoding.offset {
-        Some(o) => (scaled - o.clone(), Some(o)),
-        None => (scaled, None),
-    };
-    let ints = scaled.round().clamp(lo, hi);
+    let ints = encoding.scaled(weights).round().clamp(lo, hi);
+    let (sf, offsets) = (encoding.scale_factor, encoding.offset);
     let host = |t: Tensor<B, D>| {
         t.into_data()
             .convert::<f32>()
