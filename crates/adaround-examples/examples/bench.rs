@@ -6,6 +6,8 @@
 //! cargo run --release --features adaround-examples/flex --example bench -- --scaling [--backend ndarray|flex]  # cost against samples, C_out, K
 //! cargo run --release -p adaround-examples --features wgpu --example bench -- --backend wgpu
 //! cargo run --release -p adaround-examples --features wgpu-fusion --example bench -- --backend wgpu,wgpu-plain
+//! (any of these with `--elementwise auto|device|host|resident`: where the fused steps run)
+//! cargo run --release --features adaround-examples/flex --example bench -- --quickstart [--backend ndarray|flex|wgpu|wgpu-plain]  # whole model, 3 runs
 //! cargo run --release --features adaround-examples/flex --example bench -- --xception [--backend ndarray|flex|wgpu] [--samples 96] [--joint]
 //! python3 crates/adaround-examples/benches/adaround_step.py           # the same loop in PyTorch (pip install torch)
 //! ```
@@ -29,6 +31,44 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map(String::as_str)
         .unwrap_or("all");
+    if let Some(place) = args
+        .iter()
+        .position(|a| a == "--elementwise")
+        .and_then(|i| args.get(i + 1))
+    {
+        let place = match place.as_str() {
+            "auto" => adaround::Elementwise::Auto,
+            "device" => adaround::Elementwise::Device,
+            "host" => adaround::Elementwise::Host,
+            "resident" => adaround::Elementwise::Resident,
+            other => panic!("--elementwise {other}: auto, device, host or resident"),
+        };
+        adaround_examples::bench::set_elementwise(place);
+    }
+    if std::env::var_os("RUST_LOG").is_some() {
+        adaround_examples::init_logging();
+    }
+    if args.iter().any(|a| a == "--quickstart") {
+        // The whole quickstart model, three runs in a row: cold, then warm.
+        let runs = match backend {
+            "ndarray" => {
+                adaround_examples::bench::quickstart_runs::<NdArray>(&Default::default(), 3)
+            }
+            #[cfg(feature = "wgpu")]
+            "wgpu" => adaround_examples::bench::quickstart_runs::<Wgpu>(&Default::default(), 3),
+            #[cfg(feature = "wgpu")]
+            "wgpu-plain" => {
+                adaround_examples::bench::quickstart_runs::<WgpuPlain>(&Default::default(), 3)
+            }
+            _ => adaround_examples::bench::quickstart_runs::<Flex>(&Default::default(), 3),
+        };
+        let runs: Vec<String> = runs.iter().map(|s| format!("{s:.3}")).collect();
+        println!(
+            "quickstart model on {backend}, seconds per run (first cold): {}",
+            runs.join(" ")
+        );
+        return;
+    }
     if args.iter().any(|a| a == "--xception") {
         // The mini-XCEPTION-size model, per-layer times (`--samples N`, default 96).
         let samples = args
@@ -50,6 +90,12 @@ fn main() {
             )),
             #[cfg(feature = "wgpu")]
             "wgpu" => drop(adaround_examples::bench::xception::<Wgpu>(
+                &Default::default(),
+                samples,
+                choices,
+            )),
+            #[cfg(feature = "wgpu")]
+            "wgpu-plain" => drop(adaround_examples::bench::xception::<WgpuPlain>(
                 &Default::default(),
                 samples,
                 choices,

@@ -19,7 +19,7 @@ use adaround::{
         QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense, QuantizedDenseConfig,
         QuantizedSeparableConv2d, QuantizedSeparableConv2dConfig,
     },
-    AdaRoundConfig, BetaDecay, LossPath, Schedule, WeightQuantizer,
+    AdaRoundConfig, BetaDecay, Elementwise, LossPath, Schedule, WeightQuantizer,
 };
 use burn::{
     module::Module,
@@ -33,6 +33,27 @@ use burn::{
 const N1: usize = 20;
 const TIMED_SECONDS: f64 = 1.5;
 
+/// Where the benchmark's fused steps run (`bench --elementwise auto|device|host|resident`;
+/// default `Auto`).
+static ELEMENTWISE: std::sync::OnceLock<Elementwise> = std::sync::OnceLock::new();
+
+/// Sets where the benchmark's fused steps run, once, before any measurement.
+pub fn set_elementwise(elementwise: Elementwise) {
+    ELEMENTWISE
+        .set(elementwise)
+        .expect("the placement is set once, before any run");
+}
+
+fn elementwise() -> Elementwise {
+    *ELEMENTWISE.get().unwrap_or(&Elementwise::Auto)
+}
+
+/// The quickstart's settings ([`short_config`](crate::digits::short_config)) with the
+/// benchmark's placement.
+fn short_config() -> AdaRoundConfig {
+    crate::digits::short_config().with_elementwise(elementwise())
+}
+
 pub(crate) fn config(iterations: usize, path: LossPath, batch: usize) -> AdaRoundConfig {
     AdaRoundConfig::new(Schedule::Iterations {
         iterations,
@@ -43,6 +64,7 @@ pub(crate) fn config(iterations: usize, path: LossPath, batch: usize) -> AdaRoun
     .with_path(path)
     .with_never_worse(false)
     .with_log_every(iterations)
+    .with_elementwise(elementwise())
 }
 
 /// Seconds per step of the driver's loop on `model`.
@@ -152,7 +174,7 @@ fn quickstart_totals<B: Backend>(device: &B::Device) -> Vec<(String, String, f64
     let (train, _) = Digits::load().split(450, 7);
     let calibration = train.images::<B>(0..256, device);
     let model = QuantCnn::from_float(&float, 4, Granularity::PerAxis, 8, calibration.clone());
-    let config = crate::digits::short_config();
+    let config = short_config();
     let mut totals = Vec::new();
     for path in [LossPath::Direct, LossPath::Auto] {
         let start = Instant::now();
@@ -175,6 +197,27 @@ fn quickstart_totals<B: Backend>(device: &B::Device) -> Vec<(String, String, f64
         ));
     }
     totals
+}
+
+/// The quickstart model calibrated `runs` times in a row on the automatic path, seconds
+/// each: the first run includes what a backend does once (a GPU backend compiles its
+/// kernels), the later ones what it does on every run.
+pub fn quickstart_runs<B: Backend>(device: &B::Device, runs: usize) -> Vec<f64> {
+    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+    let float = FloatCnn::<B>::new(device)
+        .load_file(FIXTURE, &recorder, device)
+        .unwrap();
+    let (train, _) = Digits::load().split(450, 7);
+    let calibration = train.images::<B>(0..256, device);
+    let model = QuantCnn::from_float(&float, 4, Granularity::PerAxis, 8, calibration.clone());
+    let config = short_config();
+    (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
+            start.elapsed().as_secs_f64()
+        })
+        .collect()
 }
 
 /// A file-name slug of a backend name: lowercase letters and digits.
@@ -212,7 +255,7 @@ pub fn xception<B: Backend>(
     let x = Tensor::<B, 4>::random([samples, 1, 64, 64], Distribution::Normal(0.0, 1.0), device);
     let mut totals = Vec::new();
     for &choice in separable {
-        let config = crate::digits::short_config().with_separable(choice);
+        let config = short_config().with_separable(choice);
         let (rounded, report) = adaround::adaround_with_progress(
             &model,
             x.clone(),

@@ -29,5 +29,6 @@ pub fn init_logging() {
     let env = env_logger::Env::default().default_filter_or("adaround=info");
     let _ = env_logger::Builder::from_env(env)
         .format_target(false)
+        .format_timestamp_millis()
         .try_init();
 }

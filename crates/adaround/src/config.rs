@@ -53,44 +53,77 @@ pub enum FinalRounding {
 }
 
 /// Where the fused step (Dense and Conv2D, and the halves of a split separable layer) does
-/// its elementwise work: the rectified sigmoid, the clamps, the masks and the rounding-loss
-/// gradient. The matrix products and the optimizer always run on the backend; the two places
-/// give the same numbers up to floating-point rounding.
+/// its work. The places give the same numbers up to floating-point rounding (tested).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Elementwise {
-    /// In host memory for kernels of at least [`Elementwise::HOST_MIN_WEIGHTS`] weights on
-    /// Burn's Flex CPU backend ([`Backend::name`](burn::tensor::backend::Backend::name)
-    /// `flex`), where it was measured faster; as backend operations elsewhere. On smaller
-    /// kernels the copies cost more than the passes they save; on NdArray, reading a matrix
-    /// product back to host memory costs more than the whole step.
+    /// [`Elementwise::Resident`] for small steps (at most
+    /// [`Elementwise::RESIDENT_MAX_WORK`] multiply-adds) on backends other than Burn's CPU
+    /// backends NdArray and Flex ([`Backend::name`](burn::tensor::backend::Backend::name)),
+    /// where each backend operation is a kernel launch (a GPU): there a small step costs its
+    /// ~20 launches, not its arithmetic. [`Elementwise::Host`] for kernels of at least
+    /// [`Elementwise::HOST_MIN_WEIGHTS`] weights on Flex, where it was measured faster.
+    /// [`Elementwise::Device`] otherwise: on smaller kernels the copies cost more than the
+    /// passes they save; on NdArray, reading a matrix product back to host memory costs more
+    /// than the whole step.
     Auto,
     /// As tensor operations of the backend: about 30 passes over the weights per step,
     /// which a GPU backend runs as kernels (Burn's fusion joins them).
     Device,
-    /// In host memory: two vectorized passes over the weights per step, split over the
-    /// threads of rayon's pool; the weights cross to the backend and back once per step (a copy on
-    /// a CPU backend, a transfer on a GPU). Only for `f32` kernels (others run on the
-    /// device).
+    /// The elementwise work (the rectified sigmoid, the clamps, the masks and the
+    /// rounding-loss gradient) in host memory: two vectorized passes over the weights per
+    /// step, split over the threads of rayon's pool; the matrix products and the optimizer
+    /// run on the backend, and the weights cross to the backend and back once per step (a
+    /// copy on a CPU backend, a transfer on a GPU). Only for `f32` kernels (others run on
+    /// the device).
     Host,
+    /// The whole step in host memory: the elementwise passes, the matrix products (the
+    /// `gemm` crate, Flex's matrix kernels, on rayon's threads) and Adam. The layer's Gram
+    /// matrices (or patches and targets) cross to the host once per layer and the rounding
+    /// variables go back at log points and at the end: no backend operation runs between.
+    /// Only for `f32` kernels and Burn's Adam with its defaults (the optimizer of
+    /// [`adaround`](crate::adaround) and [`adaround_with_progress`](crate::adaround_with_progress));
+    /// otherwise as [`Elementwise::Host`].
+    Resident,
 }
 
 impl Elementwise {
-    /// The smallest kernel [`Elementwise::Auto`] takes to host memory.
+    /// The smallest kernel [`Elementwise::Auto`] takes to host memory on Flex.
     pub const HOST_MIN_WEIGHTS: usize = 1 << 15;
 
-    /// Whether the fused step runs its elementwise work in host memory for a kernel of
-    /// `weights` weights on `device`.
-    pub(crate) fn on_host<B: burn::tensor::backend::Backend>(
+    /// The most multiply-adds per step [`Elementwise::Auto`] runs host-resident on a
+    /// backend other than NdArray and Flex: about 0.1 ms on one core.
+    pub const RESIDENT_MAX_WORK: usize = 1 << 22;
+
+    /// Where the fused step runs for a kernel of `weights` weights whose step costs `work`
+    /// multiply-adds, on `device`; `resident` says whether it can run host-resident (an
+    /// `f32` kernel and Burn's default Adam).
+    pub(crate) fn place<B: burn::tensor::backend::Backend>(
         self,
         device: &B::Device,
-        weights: usize,
-    ) -> bool {
+        (weights, work): (usize, usize),
+        resident: bool,
+    ) -> Place {
+        let name = B::name(device);
+        // `flex`, `ndarray`, and either inside a wrapper's name (`autodiff<ndarray>`).
+        let (flex, ndarray) = (name.contains("flex"), name.contains("ndarray"));
         match self {
-            Self::Auto => weights >= Self::HOST_MIN_WEIGHTS && B::name(device) == "flex",
-            Self::Device => false,
-            Self::Host => true,
+            Self::Auto if resident && !(flex || ndarray) && work <= Self::RESIDENT_MAX_WORK => {
+                Place::Resident
+            }
+            Self::Auto if weights >= Self::HOST_MIN_WEIGHTS && flex => Place::Host,
+            Self::Auto | Self::Device => Place::Device,
+            Self::Resident if resident => Place::Resident,
+            Self::Host | Self::Resident => Place::Host,
         }
     }
+}
+
+/// Where a fused step runs (see [`Elementwise`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Place {
+    Device,
+    Host,
+    Resident,
 }
 
 /// Configuration of an AdaRound run.
@@ -247,6 +280,34 @@ impl AdaRoundConfig {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Where each choice runs a fused step on a CPU backend (NdArray here; the GPU rule is
+    /// exercised by the Wgpu tests).
+    #[test]
+    fn places_fused_steps_as_documented() {
+        type N = burn_ndarray::NdArray<f32>;
+        let d = Default::default();
+        let small = (100, 1_000);
+        let large = (1 << 20, 1 << 30);
+        for size in [small, large] {
+            // NdArray: Auto stays on the device, whatever the size.
+            assert_eq!(Elementwise::Auto.place::<N>(&d, size, true), Place::Device);
+            assert_eq!(
+                Elementwise::Device.place::<N>(&d, size, true),
+                Place::Device
+            );
+            assert_eq!(Elementwise::Host.place::<N>(&d, size, true), Place::Host);
+            assert_eq!(
+                Elementwise::Resident.place::<N>(&d, size, true),
+                Place::Resident
+            );
+            // Without Burn's default Adam or an f32 kernel, resident falls back to host.
+            assert_eq!(
+                Elementwise::Resident.place::<N>(&d, size, false),
+                Place::Host
+            );
+        }
+    }
 
     fn finite_or_not() -> impl Strategy<Value = f64> {
         prop_oneof![

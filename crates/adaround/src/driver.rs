@@ -6,7 +6,7 @@ use adaround_core::all_finite;
 use adaround_layers::QuantizedLayer;
 use burn::{
     module::Module,
-    optim::{AdamConfig, Optimizer, SimpleOptimizer},
+    optim::{Optimizer, SimpleOptimizer},
     tensor::{backend::Backend, Tensor},
 };
 use log::info;
@@ -19,7 +19,7 @@ use crate::{
     params::{ParamIndex, WriteBack},
     progress::{self, Progress},
     site::{optimize_site, targets, SiteData},
-    step::{Ad, ModuleOptimizers, Optimizers, SimpleOptimizers},
+    step::{Ad, DefaultAdam, ModuleOptimizers, Optimizers, SimpleOptimizers},
     AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelCheck, ModelGuard, Target,
 };
 
@@ -59,9 +59,7 @@ where
     O: ModelOutput<B>,
 {
     // Burn's Adam with its defaults.
-    adaround_with_simple_optimizer(model, samples, forward, config, || {
-        AdamConfig::new().build()
-    })
+    adaround_with_progress(model, samples, forward, config, |_| {})
 }
 
 /// [`adaround`] that reports its progress to `progress` (layer started, losses read, layer
@@ -79,7 +77,7 @@ where
     F: Fn(&M, Tensor<B, D>) -> O,
     O: ModelOutput<B>,
 {
-    let mut optimizers = SimpleOptimizers(|| AdamConfig::new().build());
+    let mut optimizers = DefaultAdam;
     run(
         model,
         samples,
@@ -240,8 +238,10 @@ where
             checkpoint.save(&work, &layers, &names, config, fingerprint)?;
         }
     }
+    let mut phases = progress::Phases::new("model");
     let check;
     (work, check) = check_model(model, work, &sites, &run, end_at == sites.len())?;
+    phases.mark("guard checked in");
     let report = AdaRoundReport {
         config: config.clone(),
         samples: n_samples,
@@ -349,9 +349,11 @@ where
     };
     info!("{}", progress::line(&started));
     (ctx.progress)(started);
+    let mut phases = progress::Phases::new(&site.name);
     let data = run.data(&work, site)?;
     let finite = flows_finite(&data.inputs) && flows_finite(&data.targets);
     ensure_finite(finite, &site.name, "inputs or float outputs")?;
+    phases.mark("inputs and targets captured in");
     let (mut report, rounded) = optimize_site(site, &data, ctx)?;
     drop(data);
     let values = rounded
@@ -359,6 +361,7 @@ where
         .into_iter()
         .collect::<HashMap<_, _>>();
     let work = work.map(&mut WriteBack { values });
+    phases.mark("optimised and written back in");
     report.seconds = layer_start.elapsed().as_secs_f64();
     let finished = Progress::LayerFinished {
         index: ctx.index,

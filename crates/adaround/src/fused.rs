@@ -26,8 +26,9 @@ use burn::{
 };
 
 use crate::{
+    config::Place,
     gram::{self, matmul},
-    host,
+    host::{self, View},
     step::{AlphaOptimizer, Losses, Step},
     Elementwise, ReconstructionLoss,
 };
@@ -77,8 +78,89 @@ pub(crate) struct Fused<B: Backend> {
     divisors: Vec<f64>,
     /// The kernel's constants in host memory, where the elementwise work runs there.
     host: Option<host::Kernel>,
+    /// The whole step's state in host memory ([`Elementwise::Resident`]).
+    resident: Option<Resident>,
     /// `(reg, learning rate)`.
     pub(crate) rates: (f64, f64),
+}
+
+/// The state of a host-resident step: the rounding variables, Adam's moments and the loss's
+/// data, all in host memory, in the matrix layout `[groups, rows, K]`.
+struct Resident {
+    alpha: Vec<f32>,
+    adam: host::Adam,
+    data: HostData,
+    /// `[groups, rows, K]`.
+    dims: [usize; 3],
+}
+
+/// [`Data`] in host memory.
+enum HostData {
+    /// Per batch: `[groups, K, K]` Gram matrices, and the residuals `R` (`[groups, rows, K]`)
+    /// and `c0` where the targets come from other inputs.
+    Gram(Vec<Vec<f32>>, Option<Vec<(Vec<f32>, f64)>>),
+    /// Per batch: `[groups, M, K]` patches, `[groups, M, rows]` targets minus the bias, and
+    /// `M`.
+    Direct(Vec<(Vec<f32>, Vec<f32>, usize)>),
+}
+
+/// Largest loss data (bytes) a host-resident step copies to host memory.
+const MAX_RESIDENT_BYTES: usize = 256 << 20;
+
+impl HostData {
+    /// The device data in host memory, unless it is larger than [`MAX_RESIDENT_BYTES`].
+    fn of<B: Backend>(data: &Data<B>) -> Option<Self> {
+        let bytes: usize = match data {
+            Data::Gram(grams, residuals) => {
+                grams
+                    .iter()
+                    .map(|g| g.shape().num_elements())
+                    .sum::<usize>()
+                    + residuals
+                        .as_ref()
+                        .map_or(0, |r| r.iter().map(|(r, _)| r.shape().num_elements()).sum())
+            }
+            Data::Direct(batches) => batches
+                .iter()
+                .map(|(x, t)| x.shape().num_elements() + t.shape().num_elements())
+                .sum(),
+        } * 4;
+        if bytes > MAX_RESIDENT_BYTES {
+            return None;
+        }
+        Some(match data {
+            Data::Gram(grams, residuals) => Self::Gram(
+                grams.iter().map(|g| host_values(g.clone())).collect(),
+                residuals.as_ref().map(|residuals| {
+                    residuals
+                        .iter()
+                        .map(|(r, c0)| (host_values(r.clone()), host_values(c0.clone())[0] as f64))
+                        .collect()
+                }),
+            ),
+            Data::Direct(batches) => Self::Direct(
+                batches
+                    .iter()
+                    .map(|(x, t)| (host_values(x.clone()), host_values(t.clone()), x.dims()[1]))
+                    .collect(),
+            ),
+        })
+    }
+}
+
+/// Multiply-adds of one fused step on `data` for a `[groups, rows, K]` kernel.
+fn step_work<B: Backend>(data: &Data<B>, [groups, rows, k]: [usize; 3]) -> usize {
+    let per_group = match data {
+        Data::Gram(..) => rows.saturating_mul(k).saturating_mul(k),
+        // `X W~ᵀ` and `Eᵀ X`.
+        Data::Direct(batches) => batches.first().map_or(0, |(x, _)| {
+            2usize
+                .saturating_mul(x.dims()[1])
+                .saturating_mul(k)
+                .saturating_mul(rows)
+        }),
+    };
+    per_group.saturating_mul(groups)
 }
 
 /// Bytes of the im2col patches of the direct fused path on `inputs`.
@@ -94,14 +176,15 @@ pub(crate) fn patch_bytes<B: Backend>(layer: &QuantizedLayer<B>, inputs: &[Flow<
 impl<B: Backend> Fused<B> {
     /// Takes over `layer` (AdaRound armed in its single slot), to step with `optimizer`.
     /// `grams`: use its Gram matrices; else the direct path on `inputs` and `targets`.
-    /// `elementwise`: where the elementwise work runs ([`host`] memory only for `f32`
-    /// kernels).
+    /// `elementwise`: where the step runs ([`host`] memory only for `f32` kernels);
+    /// `default_adam`: whether `optimizer` is Burn's Adam with its defaults, which a
+    /// host-resident step runs itself.
     pub(crate) fn new(
         layer: QuantizedLayer<B>,
         (inputs, targets): (&[Flow<B>], &[Flow<B>]),
         grams: Option<&gram::Grams<B>>,
         loss: ReconstructionLoss,
-        (optimizer, elementwise): (Box<dyn AlphaOptimizer<B>>, Elementwise),
+        (optimizer, elementwise, default_adam): (Box<dyn AlphaOptimizer<B>>, Elementwise, bool),
     ) -> Self {
         let ada = layer.adarounds()[0].clone();
         let levels = ada.levels();
@@ -119,8 +202,28 @@ impl<B: Backend> Fused<B> {
             None => direct_data(matrix, inputs, targets, loss),
         };
         let weights = alpha.shape().num_elements();
-        let on_host =
-            elementwise.on_host::<B>(&alpha.device(), weights) && alpha.dtype() == DType::F32;
+        let f32_kernel = alpha.dtype() == DType::F32;
+        let dims = alpha.dims();
+        let place = elementwise.place::<B>(
+            &alpha.device(),
+            (weights, step_work(&data, dims)),
+            default_adam && f32_kernel,
+        );
+        let resident = (place == Place::Resident)
+            .then(|| HostData::of(&data))
+            .flatten()
+            .map(|data| Resident {
+                alpha: host_values(alpha.clone()),
+                adam: host::Adam::burn_default(),
+                data,
+                dims,
+            });
+        // The device copies of a resident step's data are not used again.
+        let data = match resident {
+            Some(_) => Data::Gram(Vec::new(), None),
+            None => data,
+        };
+        let on_host = place != Place::Device && f32_kernel;
         let host = on_host.then(|| host::Kernel {
             w_floor: host_values(w_floor.clone()),
             // `sf` broadcasts (per channel or per tensor): one value per weight here.
@@ -146,15 +249,123 @@ impl<B: Backend> Fused<B> {
             data,
             divisors,
             host,
+            resident,
             rates: (0.0, 0.0),
         }
     }
 
+    /// The rounding variables (from host memory in a resident step).
+    fn current_alpha(&self) -> Matrix<B> {
+        match &self.resident {
+            Some(resident) => Tensor::from_data(
+                TensorData::new(resident.alpha.clone(), resident.dims),
+                &self.alpha.device(),
+            ),
+            None => self.alpha.clone(),
+        }
+    }
+
+    /// One step entirely in host memory ([`Elementwise::Resident`]): the formulas of
+    /// [`Self::device_loss_and_gradient`] and Burn's Adam.
+    fn resident_step(&mut self, ask: Ask) -> Option<Losses<B>> {
+        let Ask {
+            b,
+            beta,
+            reg,
+            report,
+        } = ask;
+        let (kernel, resident) = match (&self.host, &mut self.resident) {
+            (Some(kernel), Some(resident)) => (kernel, resident),
+            _ => unreachable!("a resident step has its kernel in host memory"),
+        };
+        let n = self.divisors[b];
+        let [groups, rows, k] = resident.dims;
+        let gram = matches!(resident.data, HostData::Gram(..));
+        let pass = host::Pass {
+            beta,
+            reg,
+            n,
+            difference: gram,
+        };
+        let (sent, coefficients) = kernel.forward(&resident.alpha, pass);
+        let mut grad_w = vec![0f32; sent.len()];
+        let w = rows * k;
+        let rec = match &resident.data {
+            HostData::Gram(grams, residuals) => {
+                for g in 0..groups {
+                    host::matmul_into(
+                        &mut grad_w[g * w..(g + 1) * w],
+                        View::new(&sent[g * w..(g + 1) * w], rows, k),
+                        View::new(&grams[b][g * k * k..(g + 1) * k * k], k, k),
+                    );
+                }
+                match residuals {
+                    // Gradient `dW G + R`, loss `sum(dW ⊙ (dW G + 2 R)) + c0`.
+                    Some(residuals) => {
+                        let (r, c0) = &residuals[b];
+                        grad_w.iter_mut().zip(r).for_each(|(g, r)| *g += r);
+                        report.then(|| {
+                            let sum: f64 = sent
+                                .iter()
+                                .zip(&grad_w)
+                                .zip(r)
+                                .map(|((&d, &g), &r)| f64::from(d * (g + r)))
+                                .sum();
+                            (sum + c0) / n
+                        })
+                    }
+                    None => report.then(|| {
+                        let sum: f64 = sent
+                            .iter()
+                            .zip(&grad_w)
+                            .map(|(&d, &g)| f64::from(d * g))
+                            .sum();
+                        sum / n
+                    }),
+                }
+            }
+            HostData::Direct(batches) => {
+                let (x, t, m) = &batches[b];
+                let m = *m;
+                // `E = X W~ᵀ - T`, gradient `Eᵀ X`.
+                let mut e = vec![0f32; groups * m * rows];
+                for g in 0..groups {
+                    let x = View::new(&x[g * m * k..(g + 1) * m * k], m, k);
+                    let out = &mut e[g * m * rows..(g + 1) * m * rows];
+                    host::matmul_into(out, x, View::new(&sent[g * w..(g + 1) * w], rows, k).t());
+                    out.iter_mut()
+                        .zip(&t[g * m * rows..(g + 1) * m * rows])
+                        .for_each(|(e, t)| *e -= t);
+                    host::matmul_into(
+                        &mut grad_w[g * w..(g + 1) * w],
+                        View::new(out, m, rows).t(),
+                        x,
+                    );
+                }
+                report.then(|| e.iter().map(|&e| f64::from(e * e)).sum::<f64>() / n)
+            }
+        };
+        let grad = coefficients.backward(grad_w);
+        let device = self.alpha.device();
+        let losses = rec.map(|rec| {
+            let round = beta.map(|beta| {
+                let loss = match beta {
+                    0.0 => 0.0,
+                    beta => kernel.rounding_loss(&resident.alpha, beta, reg),
+                };
+                Tensor::from_floats([loss as f32], &device)
+            });
+            (Tensor::from_floats([rec as f32], &device), round)
+        });
+        resident.adam.step(self.rates.1, &mut resident.alpha, &grad);
+        losses
+    }
+
     /// `(s, u, h)`: the sigmoid of alpha, its stretch, and the decimals `h = clip(u, 0, 1)`.
-    fn decimals(&self) -> (Matrix<B>, Matrix<B>, Matrix<B>) {
+    fn decimals(&self, alpha: Matrix<B>) -> (Matrix<B>, Matrix<B>, Matrix<B>) {
         let (gamma, zeta) = (self.gamma, self.zeta);
         // Exact division for the sigmoid (as `AdaRoundQuantizer::decimals`).
-        let denom = self.alpha.clone().neg().exp().add_scalar(1.0);
+        let denom = alpha.neg().exp().add_scalar(1.0);
         let s = denom.ones_like() / denom;
         let u = s.clone().mul_scalar(zeta - gamma).add_scalar(gamma);
         let h = u.clone().clamp(0.0, 1.0);
@@ -258,7 +469,7 @@ impl<B: Backend> Fused<B> {
             report,
         } = ask;
         let (gamma, zeta, (lo, hi)) = (self.gamma, self.zeta, self.levels);
-        let (s, u, h) = self.decimals();
+        let (s, u, h) = self.decimals(self.alpha.clone());
         let outside_h = u.not_equal(h.clone());
         let z = self.w_floor.clone() + h.clone();
         let zc = z.clone().clamp(lo, hi);
@@ -310,7 +521,7 @@ impl<B: Backend> Fused<B> {
 
     /// The layer with the current alphas.
     pub(crate) fn layer(&self) -> QuantizedLayer<B> {
-        let alpha = matrix_of(&self.layer).to_kernel(self.alpha.clone());
+        let alpha = matrix_of(&self.layer).to_kernel(self.current_alpha());
         self.layer.clone().map_slots(|slot| match slot {
             QuantizerSlot::AdaRound(mut ada) => {
                 ada.alpha = Param::initialized(ada.alpha.id, alpha.clone());
@@ -324,18 +535,24 @@ impl<B: Backend> Fused<B> {
 impl<B: Backend> Step<B> for Fused<B> {
     fn step(&mut self, b: usize, beta: Option<f64>, report: bool) -> Option<Losses<B>> {
         let (reg, lr) = self.rates;
-        let (losses, grad) = self.loss_and_gradient(Ask {
+        let ask = Ask {
             b,
             beta,
             reg,
             report,
-        });
+        };
+        if self.resident.is_some() {
+            return self.resident_step(ask);
+        }
+        let (losses, grad) = self.loss_and_gradient(ask);
         self.alpha = self.optimizer.step(lr, self.alpha.clone(), grad);
         losses
     }
 
     fn status(&self) -> Vec<RoundingStatus> {
-        vec![RoundingStatus::of_decimals(self.decimals().2)]
+        vec![RoundingStatus::of_decimals(
+            self.decimals(self.current_alpha()).2,
+        )]
     }
 
     fn into_layer(self: Box<Self>) -> QuantizedLayer<B> {
@@ -450,7 +667,7 @@ mod tests {
                     (std::slice::from_ref(&x), std::slice::from_ref(&target)),
                     grams,
                     loss,
-                    (optimizer, elementwise),
+                    (optimizer, elementwise, false),
                 );
                 assert_eq!(fused.host.is_some(), elementwise == Elementwise::Host);
                 let offsets = &layer.adarounds()[0].meta.offsets;
@@ -503,7 +720,101 @@ mod tests {
                     "{loss:?} {path}: gradients differ by {diff} (scale {scale})"
                 );
             }
+            for grams in [Some(&grams), None] {
+                assert_resident_matches_device(&layer, (&x, &target), grams, loss);
+            }
         }
+    }
+
+    /// Six steps of the host-resident step (host products and Adam) against six of the
+    /// device step with Burn's Adam: the same rounding variables and losses, through the
+    /// warm start and the rounding loss.
+    fn assert_resident_matches_device(
+        layer: &QuantizedLayer<B>,
+        (x, target): (&Flow<B>, &Flow<B>),
+        grams: Option<&gram::Grams<B>>,
+        loss: ReconstructionLoss,
+    ) {
+        let data = (std::slice::from_ref(x), std::slice::from_ref(target));
+        let [mut on_device, mut resident] =
+            [(Elementwise::Device, false), (Elementwise::Resident, true)].map(
+                |(place, default_adam)| {
+                    let optimizer = SimpleOptimizers(|| AdamConfig::new().build())
+                        .fused()
+                        .unwrap();
+                    let mut fused = Fused::new(
+                        layer.clone(),
+                        data,
+                        grams,
+                        loss,
+                        (optimizer, place, default_adam),
+                    );
+                    fused.rates = (0.01, 0.05);
+                    fused
+                },
+            );
+        assert!(on_device.resident.is_none());
+        assert!(resident.resident.is_some(), "forced resident step");
+        let betas = [None, None, Some(8.0), Some(6.0), Some(4.0), Some(2.0)];
+        for (i, beta) in betas.into_iter().enumerate() {
+            let report = i == 2 || i == 5;
+            let d = on_device.step(0, beta, report);
+            let r = resident.step(0, beta, report);
+            assert_eq!(d.is_some(), report);
+            if let (Some((d_rec, d_round)), Some((r_rec, r_round))) = (d, r) {
+                let (d_rec, r_rec): (f32, f32) = (d_rec.into_scalar(), r_rec.into_scalar());
+                assert!(d_rec > 0.0);
+                assert!(
+                    (d_rec - r_rec).abs() <= 1e-4 * d_rec,
+                    "{loss:?}: step {i} reconstruction {r_rec} vs {d_rec}"
+                );
+                let (d_round, r_round): (f32, f32) = (
+                    d_round.unwrap().into_scalar(),
+                    r_round.unwrap().into_scalar(),
+                );
+                assert!(
+                    (d_round - r_round).abs() <= 1e-4 * d_round.abs().max(1e-6),
+                    "{loss:?}: step {i} rounding {r_round} vs {d_round}"
+                );
+            }
+        }
+        let (d, r) = (
+            values(on_device.current_alpha()),
+            values(resident.current_alpha()),
+        );
+        let start = values(matrix_of(layer).to_matrix(layer.adarounds()[0].alpha.val()));
+        let moved = d
+            .iter()
+            .zip(&start)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let diff = d
+            .iter()
+            .zip(&r)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            moved > 0.1,
+            "the steps move the rounding variables ({moved})"
+        );
+        assert!(
+            diff <= 1e-3 * moved,
+            "{loss:?}: alphas differ by {diff} (moved {moved})"
+        );
+        // The status and the layer read the resident step's variables.
+        let (ds, rs) = (on_device.status()[0], resident.status()[0]);
+        assert_eq!((ds.total, ds.roamers), (rs.total, rs.roamers));
+        let layer_alpha = values(Box::new(resident).into_layer().adarounds()[0].alpha.val());
+        let kernel_r = values(matrix_of(layer).to_kernel(Tensor::from_floats(
+            TensorData::new(r, layer_alpha_dims(layer)),
+            &device(),
+        )));
+        assert_eq!(layer_alpha, kernel_r);
+    }
+
+    /// The matrix layout's dimensions of `layer`'s kernel.
+    fn layer_alpha_dims(layer: &QuantizedLayer<B>) -> [usize; 3] {
+        matrix_of(layer)
+            .to_matrix(layer.adarounds()[0].alpha.val())
+            .dims()
     }
 
     #[test]

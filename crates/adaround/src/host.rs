@@ -300,6 +300,153 @@ impl Coefficients {
     }
 }
 
+/// Matrix products of at least this many multiply-adds split over rayon's threads (as Burn's
+/// Flex backend does).
+const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
+
+/// A row-major `f32` matrix in host memory: `rows x cols` values, or their transpose when
+/// `transposed` (the same values read column by column).
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub values: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub transposed: bool,
+}
+
+impl<'a> View<'a> {
+    /// `values` as a `rows x cols` row-major matrix.
+    pub(crate) fn new(values: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(values.len(), rows * cols, "a {rows}x{cols} matrix");
+        Self {
+            values,
+            rows,
+            cols,
+            transposed: false,
+        }
+    }
+
+    /// The transpose, without copying.
+    pub(crate) fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            transposed: !self.transposed,
+            ..self
+        }
+    }
+
+    /// `(column stride, row stride)` of the logical matrix.
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (self.rows as isize, 1)
+        } else {
+            (1, self.cols as isize)
+        }
+    }
+}
+
+/// `out = lhs rhs` (`out` row-major, `lhs.rows x rhs.cols`), by the `gemm` crate (the matrix
+/// kernels of Burn's Flex backend), on rayon's threads for large products.
+pub(crate) fn matmul_into(out: &mut [f32], lhs: View<'_>, rhs: View<'_>) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(k, rhs.rows, "inner dimensions");
+    assert_eq!(out.len(), m * n, "output size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_PRODUCT {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let (lhs_cs, lhs_rs) = lhs.strides();
+    let (rhs_cs, rhs_rs) = rhs.strides();
+    // SAFETY: the three views cover `m x k`, `k x n` and `m x n` values with these strides
+    // (checked by the assertions above and in `View::new`), and `out` is not aliased.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.values.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.values.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Burn's Adam ([`burn::optim::AdamConfig`]) on a host vector, step for step the same
+/// arithmetic in `f32`: moments `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g²`, and
+/// `x -= lr (m c / (sqrt(v) + eps sqrt(1 - b2^t)))` with `c = sqrt(1 - b2^t) / (1 - b1^t)`.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Adam {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    moment_1: Vec<f32>,
+    moment_2: Vec<f32>,
+    time: i32,
+}
+
+impl Adam {
+    /// Burn's `AdamConfig::new()`: `beta_1 = 0.9`, `beta_2 = 0.999`, `epsilon = 1e-5`, no
+    /// weight decay, no AMSGrad.
+    pub(crate) fn burn_default() -> Self {
+        Self {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-5,
+            moment_1: Vec::new(),
+            moment_2: Vec::new(),
+            time: 0,
+        }
+    }
+
+    /// One step on `x` with gradient `grad` and learning rate `lr`.
+    pub(crate) fn step(&mut self, lr: f64, x: &mut [f32], grad: &[f32]) {
+        if self.time == 0 {
+            self.moment_1 = vec![0.0; x.len()];
+            self.moment_2 = vec![0.0; x.len()];
+        }
+        self.time += 1;
+        let (b1, b2) = (self.beta_1, self.beta_2);
+        let correction_2 = (1.0 - b2.powi(self.time)).sqrt();
+        let combined = correction_2 / (1.0 - b1.powi(self.time));
+        let eps = self.epsilon * correction_2;
+        let lr = lr as f32;
+        let (f1, f2) = (1.0 - b1, 1.0 - b2);
+        split(
+            [x, &mut self.moment_1, &mut self.moment_2],
+            |at, [x, m, v]| {
+                let g = &grad[at..at + x.len()];
+                for (((x, m), v), &g) in x.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                    *m = *m * b1 + g * f1;
+                    *v = *v * b2 + g * g * f2;
+                    *x -= (*m * combined / (v.sqrt() + eps)) * lr;
+                }
+            },
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -192,7 +192,11 @@ fn build_step<B: Backend>(
         && (grams.is_some() || fused::patch_bytes(&layer, unit.inputs) <= fused::MAX_PATCH_BYTES);
     if let Some(optimizer) = fusable.then(|| ctx.optimizers.fused()).flatten() {
         let data = (unit.inputs, unit.targets);
-        let optimizer = (optimizer, ctx.config.elementwise);
+        let optimizer = (
+            optimizer,
+            ctx.config.elementwise,
+            ctx.optimizers.default_adam(),
+        );
         let mut step = Fused::new(layer, data, grams.as_ref(), ctx.config.loss, optimizer);
         step.rates = rates;
         return (Box::new(step), true);
@@ -307,6 +311,7 @@ pub(crate) fn optimize_unit<B: Backend>(
 ) -> Result<(LayerReport, QuantizedLayer<B>), AdaRoundError> {
     let config = ctx.config;
     let act = unit.activation.as_ref();
+    let mut phases = progress::Phases::new(unit.name);
     let err_before = layer_error(&unit.layer, act, unit.inputs, unit.targets);
     ensure_finite(
         err_before.is_finite(),
@@ -322,17 +327,20 @@ pub(crate) fn optimize_unit<B: Backend>(
             source,
         })?;
     let before = histograms(&armed);
+    phases.mark("nearest error and arming in");
     let path = choose_path(&unit, config);
     let grams = (path == LossPath::Gram)
         .then(|| unit_grams(&unit, config.loss))
         .flatten();
     let (mut step, fused) = build_step(&unit, armed, grams, ctx);
+    phases.mark("Gram matrices or patches and step set up in");
     debug!(
         "{}: {path:?} loss path, {} step",
         unit.name,
         if fused { "fused" } else { "autodiff" }
     );
     let trace = run_schedule(step.as_mut(), &unit, ctx);
+    phases.mark(&format!("{} steps in", trace.steps));
     let statuses = step.status();
     let layer = step.into_layer().set_training(false);
     let err_after = layer_error(&layer, act, unit.inputs, unit.targets);
@@ -350,6 +358,7 @@ pub(crate) fn optimize_unit<B: Backend>(
         unit.name,
         "rounded weights or error",
     )?;
+    phases.mark("finalized and checked in");
     let kept_nearest = config.never_worse && err_final > err_before;
     let kernels = kernel_reports(changes, statuses, (before, after), kept_nearest);
     let report = LayerReport {

@@ -86,3 +86,32 @@ pub(crate) fn line(event: &Progress<'_>) -> String {
         ),
     }
 }
+
+/// Debug-level timing of the phases of one layer (captures, Gram matrices, steps, checks),
+/// so that `RUST_LOG=adaround=debug` shows where a layer's time goes. On an asynchronous
+/// backend (a GPU) a phase ends at its first read back to the host, so its work may show in
+/// the next phase's time.
+pub(crate) struct Phases<'a> {
+    name: &'a str,
+    last: std::time::Instant,
+}
+
+impl<'a> Phases<'a> {
+    pub(crate) fn new(name: &'a str) -> Self {
+        Self {
+            name,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Logs the time since the previous mark as `what`.
+    pub(crate) fn mark(&mut self, what: &str) {
+        let now = std::time::Instant::now();
+        log::debug!(
+            "{}: {what} {:.3} s",
+            self.name,
+            (now - self.last).as_secs_f64()
+        );
+        self.last = now;
+    }
+}

@@ -8,7 +8,7 @@ use adaround_core::RoundingStatus;
 use adaround_layers::{probe::Flow, QuantizedLayer, QuantizedReLU};
 use burn::{
     module::{AutodiffModule, Module},
-    optim::{adaptor::OptimizerAdaptor, GradientsParams, Optimizer, SimpleOptimizer},
+    optim::{adaptor::OptimizerAdaptor, AdamConfig, GradientsParams, Optimizer, SimpleOptimizer},
     tensor::{backend::Backend, Tensor},
 };
 
@@ -67,6 +67,33 @@ pub(crate) trait Optimizers<B: Backend> {
         data: AutodiffData<B>,
         rates: (f64, f64),
     ) -> Box<dyn Step<B>>;
+    /// Whether [`Self::fused`] gives Burn's Adam with its defaults, which a host-resident
+    /// step ([`Elementwise::Resident`](crate::Elementwise::Resident)) runs itself.
+    fn default_adam(&self) -> bool {
+        false
+    }
+}
+
+/// Burn's Adam with its defaults, the driver's default optimizer.
+pub(crate) struct DefaultAdam;
+
+impl<B: Backend> Optimizers<B> for DefaultAdam {
+    fn fused(&mut self) -> Option<Box<dyn AlphaOptimizer<B>>> {
+        SimpleOptimizers(|| AdamConfig::new().build()).fused()
+    }
+
+    fn autodiff(
+        &mut self,
+        layer: QuantizedLayer<B>,
+        data: AutodiffData<B>,
+        rates: (f64, f64),
+    ) -> Box<dyn Step<B>> {
+        SimpleOptimizers(|| AdamConfig::new().build()).autodiff(layer, data, rates)
+    }
+
+    fn default_adam(&self) -> bool {
+        true
+    }
 }
 
 /// A [`SimpleOptimizer`] factory: the fused step runs it on plain tensors wherever a layer
