@@ -7,7 +7,7 @@ use burn::{
     record::Record,
     tensor::{
         backend::{AutodiffBackend, Backend},
-        ElementConversion, Tensor,
+        Tensor,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -71,15 +71,19 @@ pub struct RoundingStatus {
 
 impl RoundingStatus {
     /// The status of decimals `h` (any shape): roamers are neither exactly 0 nor exactly 1.
+    /// Reads `h` back once and counts in host memory (on a GPU, one transfer instead of three
+    /// reductions).
     pub fn of_decimals<B: Backend, const D: usize>(h: Tensor<B, D>) -> Self {
-        let h = h.detach();
-        let total = h.shape().num_elements();
-        let count = |t: Tensor<B, D, burn::tensor::Bool>| -> usize {
-            t.int().sum().into_scalar().elem::<i64>() as usize
-        };
-        let zeros = count(h.clone().equal_elem(0.0));
-        let ones = count(h.clone().equal_elem(1.0));
-        let floor = count(h.lower_equal_elem(0.5));
+        let values = h.detach().into_data().convert::<f32>();
+        Self::of_values(values.as_slice::<f32>().expect("f32 after conversion"))
+    }
+
+    /// The status of decimals `h` in host memory.
+    pub fn of_values(h: &[f32]) -> Self {
+        let total = h.len();
+        let zeros = h.iter().filter(|&&v| v == 0.0).count();
+        let ones = h.iter().filter(|&&v| v == 1.0).count();
+        let floor = h.iter().filter(|&&v| v <= 0.5).count();
         let denom = total.max(1) as f64;
         Self {
             roamers: total - zeros - ones,

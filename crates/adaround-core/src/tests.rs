@@ -621,3 +621,17 @@ fn should_spend_every_code_of_the_asymmetric_grid_on_the_weights_range() {
         "{floors:?}"
     );
 }
+
+/// Roamers are neither exactly 0 nor exactly 1 (a NaN roams); the floor fraction counts
+/// `h <= 0.5`; the tensor and host forms agree.
+#[test]
+fn rounding_status_counts_decimals() {
+    let h = [0.0f32, 1.0, 0.3, 0.5, 0.7, f32::NAN, 1.0];
+    let status = RoundingStatus::of_values(&h);
+    assert_eq!((status.total, status.roamers), (7, 4));
+    assert_eq!(status.floor_fraction, 3.0 / 7.0);
+    assert_eq!(status.ceil_fraction, 4.0 / 7.0);
+    let tensor = Tensor::<B, 1>::from_floats(h, &Default::default());
+    assert_eq!(RoundingStatus::of_decimals(tensor.reshape([7, 1])), status);
+    assert_eq!(RoundingStatus::of_values(&[]).total, 0);
+}

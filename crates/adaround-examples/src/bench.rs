@@ -163,10 +163,8 @@ fn step_rows<B: Backend>(device: &B::Device) -> Vec<(String, String, f64)> {
     rows
 }
 
-/// The quickstart model, all layers, the benchmark's fixed settings ([`short_config`]
-/// (crate::digits::short_config)), on the direct path and on the automatic choice:
-/// `(path choice, paths taken, seconds)`.
-fn quickstart_totals<B: Backend>(device: &B::Device) -> Vec<(String, String, f64)> {
+/// The quickstart's W4 per-channel model and its 256 calibration images.
+fn quickstart_model<B: Backend>(device: &B::Device) -> (QuantCnn<B>, Tensor<B, 4>) {
     let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
     let float = FloatCnn::<B>::new(device)
         .load_file(FIXTURE, &recorder, device)
@@ -174,6 +172,14 @@ fn quickstart_totals<B: Backend>(device: &B::Device) -> Vec<(String, String, f64
     let (train, _) = Digits::load().split(450, 7);
     let calibration = train.images::<B>(0..256, device);
     let model = QuantCnn::from_float(&float, 4, Granularity::PerAxis, 8, calibration.clone());
+    (model, calibration)
+}
+
+/// The quickstart model, all layers, the benchmark's fixed settings ([`short_config`]
+/// (crate::digits::short_config)), on the direct path and on the automatic choice:
+/// `(path choice, paths taken, seconds)`.
+fn quickstart_totals<B: Backend>(device: &B::Device) -> Vec<(String, String, f64)> {
+    let (model, calibration) = quickstart_model::<B>(device);
     let config = short_config();
     let mut totals = Vec::new();
     for path in [LossPath::Direct, LossPath::Auto] {
@@ -203,13 +209,7 @@ fn quickstart_totals<B: Backend>(device: &B::Device) -> Vec<(String, String, f64
 /// each: the first run includes what a backend does once (a GPU backend compiles its
 /// kernels), the later ones what it does on every run.
 pub fn quickstart_runs<B: Backend>(device: &B::Device, runs: usize) -> Vec<f64> {
-    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
-    let float = FloatCnn::<B>::new(device)
-        .load_file(FIXTURE, &recorder, device)
-        .unwrap();
-    let (train, _) = Digits::load().split(450, 7);
-    let calibration = train.images::<B>(0..256, device);
-    let model = QuantCnn::from_float(&float, 4, Granularity::PerAxis, 8, calibration.clone());
+    let (model, calibration) = quickstart_model::<B>(device);
     let config = short_config();
     (0..runs)
         .map(|_| {
