@@ -10,6 +10,10 @@
 //! optimizer stay on the backend; the weights cross between the two as `TensorData`, which on
 //! a CPU backend is a copy.
 //!
+//! The host-resident step ([`crate::Elementwise::Resident`]) adds the rest of a step here:
+//! the matrix products ([`matmul_into`], the `gemm` crate) and Burn's Adam ([`Adam`]), so
+//! that no backend operation runs between log points.
+//!
 //! The formulas are those of [`crate::fused`]; the two agree to floating-point rounding
 //! (tested).
 

@@ -842,13 +842,16 @@ macro_rules! driver_tests {
                 assert!(fused.1.layers[0].fused && !autodiff.1.layers[0].fused);
                 println!("{path:?}:");
                 assert_same_rounding(&fused, &autodiff);
-                // The elementwise work in host memory, on every backend.
-                let host_cfg = cfg.clone().with_elementwise(Elementwise::Host);
-                let host = adaround(&model, samples(64, 23), |m, x| m.forward(x), &host_cfg);
-                let host = host.unwrap();
-                assert!(host.1.layers[0].fused);
-                println!("{path:?}, host:");
-                assert_same_rounding(&host, &autodiff);
+                // The elementwise work in host memory, and the whole step there (products
+                // and Adam too), on every backend.
+                for place in [Elementwise::Host, Elementwise::Resident] {
+                    let host_cfg = cfg.clone().with_elementwise(place);
+                    let host = adaround(&model, samples(64, 23), |m, x| m.forward(x), &host_cfg);
+                    let host = host.unwrap();
+                    assert!(host.1.layers[0].fused);
+                    println!("{path:?}, {place:?}:");
+                    assert_same_rounding(&host, &autodiff);
+                }
             }
         }
 
