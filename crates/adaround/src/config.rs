@@ -91,8 +91,10 @@ impl Elementwise {
     pub const HOST_MIN_WEIGHTS: usize = 1 << 15;
 
     /// The most multiply-adds per step [`Elementwise::Auto`] runs host-resident on a
-    /// backend other than NdArray and Flex: about 0.1 ms on one core.
-    pub const RESIDENT_MAX_WORK: usize = 1 << 22;
+    /// backend other than NdArray and Flex. On the CPU of a lent GPU machine a host step
+    /// took about 0.13 ms plus 0.17 ms per million multiply-adds, a GPU step 0.2-0.4 ms
+    /// whatever its size: they break even near a million.
+    pub const RESIDENT_MAX_WORK: usize = 1 << 20;
 
     /// Where the fused step runs for a kernel of `weights` weights whose step costs `work`
     /// multiply-adds, on `device`; `resident` says whether it can run host-resident (an
