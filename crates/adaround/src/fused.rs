@@ -148,6 +148,86 @@ impl HostData {
     }
 }
 
+impl HostData {
+    /// [`Fused::reconstruction`] in host memory on batch `b` of a `[groups, rows, K]` kernel:
+    /// the loss times `n` (when `report`) and `n / 2` times its gradient with respect to W~,
+    /// from `sent` (`W~ - W` on the Gram path, `W~` on the direct path).
+    fn reconstruction(
+        &self,
+        b: usize,
+        sent: &[f32],
+        [groups, rows, k]: [usize; 3],
+        report: bool,
+    ) -> (Option<f64>, Vec<f32>) {
+        let mut grad_w = vec![0f32; sent.len()];
+        let w = rows * k;
+        let sum = |terms: &mut dyn Iterator<Item = f32>| terms.map(f64::from).sum::<f64>();
+        let rec = match self {
+            Self::Gram(grams, residuals) => {
+                for g in 0..groups {
+                    host::matmul_into(
+                        &mut grad_w[g * w..(g + 1) * w],
+                        View::new(&sent[g * w..(g + 1) * w], rows, k),
+                        View::new(&grams[b][g * k * k..(g + 1) * k * k], k, k),
+                    );
+                }
+                match residuals {
+                    // Gradient `dW G + R`, loss `sum(dW ⊙ (dW G + 2 R)) + c0`.
+                    Some(residuals) => {
+                        let (r, c0) = &residuals[b];
+                        grad_w.iter_mut().zip(r).for_each(|(g, r)| *g += r);
+                        report.then(|| {
+                            let terms = sent.iter().zip(&grad_w).zip(r);
+                            sum(&mut terms.map(|((&d, &g), &r)| d * (g + r))) + c0
+                        })
+                    }
+                    None => {
+                        report.then(|| sum(&mut sent.iter().zip(&grad_w).map(|(&d, &g)| d * g)))
+                    }
+                }
+            }
+            Self::Direct(batches) => {
+                let (x, t, m) = &batches[b];
+                let m = *m;
+                // `E = X W~ᵀ - T`, gradient `Eᵀ X`.
+                let mut e = vec![0f32; groups * m * rows];
+                for g in 0..groups {
+                    let x = View::new(&x[g * m * k..(g + 1) * m * k], m, k);
+                    let out = &mut e[g * m * rows..(g + 1) * m * rows];
+                    host::matmul_into(out, x, View::new(&sent[g * w..(g + 1) * w], rows, k).t());
+                    out.iter_mut()
+                        .zip(&t[g * m * rows..(g + 1) * m * rows])
+                        .for_each(|(e, t)| *e -= t);
+                    host::matmul_into(
+                        &mut grad_w[g * w..(g + 1) * w],
+                        View::new(out, m, rows).t(),
+                        x,
+                    );
+                }
+                report.then(|| sum(&mut e.iter().map(|&e| e * e)))
+            }
+        };
+        (rec, grad_w)
+    }
+}
+
+/// The weighted rounding loss at `alpha` as a one-value tensor (`None` in the warm start), as
+/// the host paths report it.
+fn host_rounding_loss<B: Backend>(
+    kernel: &host::Kernel,
+    alpha: &[f32],
+    (beta, reg): (Option<f64>, f64),
+    device: &B::Device,
+) -> Option<Tensor<B, 1>> {
+    beta.map(|beta| {
+        let loss = match beta {
+            0.0 => 0.0,
+            beta => kernel.rounding_loss(alpha, beta, reg),
+        };
+        Tensor::from_floats([loss as f32], device)
+    })
+}
+
 /// Multiply-adds of one fused step on `data` for a `[groups, rows, K]` kernel.
 fn step_work<B: Backend>(data: &Data<B>, [groups, rows, k]: [usize; 3]) -> usize {
     let per_group = match data {
@@ -279,83 +359,21 @@ impl<B: Backend> Fused<B> {
             _ => unreachable!("a resident step has its kernel in host memory"),
         };
         let n = self.divisors[b];
-        let [groups, rows, k] = resident.dims;
-        let gram = matches!(resident.data, HostData::Gram(..));
         let pass = host::Pass {
             beta,
             reg,
             n,
-            difference: gram,
+            difference: matches!(resident.data, HostData::Gram(..)),
         };
         let (sent, coefficients) = kernel.forward(&resident.alpha, pass);
-        let mut grad_w = vec![0f32; sent.len()];
-        let w = rows * k;
-        let rec = match &resident.data {
-            HostData::Gram(grams, residuals) => {
-                for g in 0..groups {
-                    host::matmul_into(
-                        &mut grad_w[g * w..(g + 1) * w],
-                        View::new(&sent[g * w..(g + 1) * w], rows, k),
-                        View::new(&grams[b][g * k * k..(g + 1) * k * k], k, k),
-                    );
-                }
-                match residuals {
-                    // Gradient `dW G + R`, loss `sum(dW ⊙ (dW G + 2 R)) + c0`.
-                    Some(residuals) => {
-                        let (r, c0) = &residuals[b];
-                        grad_w.iter_mut().zip(r).for_each(|(g, r)| *g += r);
-                        report.then(|| {
-                            let sum: f64 = sent
-                                .iter()
-                                .zip(&grad_w)
-                                .zip(r)
-                                .map(|((&d, &g), &r)| f64::from(d * (g + r)))
-                                .sum();
-                            (sum + c0) / n
-                        })
-                    }
-                    None => report.then(|| {
-                        let sum: f64 = sent
-                            .iter()
-                            .zip(&grad_w)
-                            .map(|(&d, &g)| f64::from(d * g))
-                            .sum();
-                        sum / n
-                    }),
-                }
-            }
-            HostData::Direct(batches) => {
-                let (x, t, m) = &batches[b];
-                let m = *m;
-                // `E = X W~ᵀ - T`, gradient `Eᵀ X`.
-                let mut e = vec![0f32; groups * m * rows];
-                for g in 0..groups {
-                    let x = View::new(&x[g * m * k..(g + 1) * m * k], m, k);
-                    let out = &mut e[g * m * rows..(g + 1) * m * rows];
-                    host::matmul_into(out, x, View::new(&sent[g * w..(g + 1) * w], rows, k).t());
-                    out.iter_mut()
-                        .zip(&t[g * m * rows..(g + 1) * m * rows])
-                        .for_each(|(e, t)| *e -= t);
-                    host::matmul_into(
-                        &mut grad_w[g * w..(g + 1) * w],
-                        View::new(out, m, rows).t(),
-                        x,
-                    );
-                }
-                report.then(|| e.iter().map(|&e| f64::from(e * e)).sum::<f64>() / n)
-            }
-        };
+        let (rec, grad_w) = resident
+            .data
+            .reconstruction(b, &sent, resident.dims, report);
         let grad = coefficients.backward(grad_w);
         let device = self.alpha.device();
         let losses = rec.map(|rec| {
-            let round = beta.map(|beta| {
-                let loss = match beta {
-                    0.0 => 0.0,
-                    beta => kernel.rounding_loss(&resident.alpha, beta, reg),
-                };
-                Tensor::from_floats([loss as f32], &device)
-            });
-            (Tensor::from_floats([rec as f32], &device), round)
+            let round = host_rounding_loss(kernel, &resident.alpha, (beta, reg), &device);
+            (Tensor::from_floats([(rec / n) as f32], &device), round)
         });
         resident.adam.step(self.rates.1, &mut resident.alpha, &grad);
         losses
@@ -448,14 +466,10 @@ impl<B: Backend> Fused<B> {
         let grad = coefficients.backward(host_values(grad_w));
         let grad = Tensor::from_data(TensorData::new(grad, dims), &device);
         let losses = rec.map(|rec| {
-            let round = beta.map(|beta| {
-                let loss = match beta {
-                    0.0 => 0.0,
-                    beta => kernel.rounding_loss(&alpha, beta, reg),
-                };
-                Tensor::from_floats([loss as f32], &device)
-            });
-            (rec, round)
+            (
+                rec,
+                host_rounding_loss(kernel, &alpha, (beta, reg), &device),
+            )
         });
         (losses, grad)
     }

@@ -303,6 +303,20 @@ fn kernel_reports(
         .collect()
 }
 
+/// `unit`'s layer with AdaRound armed in its quantizers.
+fn arm<B: Backend>(
+    unit: &Unit<'_, B>,
+    config: &AdaRoundConfig,
+) -> Result<QuantizedLayer<B>, AdaRoundError> {
+    unit.layer
+        .clone()
+        .with_adaround(&config.params)
+        .map_err(|source| AdaRoundError::Quantizer {
+            layer: unit.name.to_string(),
+            source,
+        })
+}
+
 /// Optimises `unit` and returns its report (name, position and time left to the caller)
 /// and the finalized layer (rounded float kernels, original quantizers).
 pub(crate) fn optimize_unit<B: Backend>(
@@ -318,14 +332,7 @@ pub(crate) fn optimize_unit<B: Backend>(
         unit.name,
         "error with nearest rounding",
     )?;
-    let armed = unit
-        .layer
-        .clone()
-        .with_adaround(&config.params)
-        .map_err(|source| AdaRoundError::Quantizer {
-            layer: unit.name.to_string(),
-            source,
-        })?;
+    let armed = arm(&unit, config)?;
     let before = histograms(&armed);
     phases.mark("nearest error and arming in");
     let path = choose_path(&unit, config);
