@@ -12,8 +12,12 @@
 //! upsampled to 16x16, so the float model's accuracy is a transfer accuracy. Calibration:
 //! 256 unlabeled training images; test: the quickstart's 450 test images. Weights only are
 //! quantized (per output channel); activations stay float.
+//!
+//! Writes `out/pretrained/report.json` (every setting's accuracies, agreements and times) and
+//! `out/pretrained/usps_folded.json` (the float model with BatchNorm folded, PyTorch layout),
+//! which `benches/aimet_side_by_side.py --model usps` runs AIMET on.
 
-use adaround::{adaround, AdaRoundReport, Grid};
+use adaround::{adaround, AdaRoundReport, Grid, WeightQuantizer};
 use adaround_examples::{
     digits::{accuracy, quickstart_config, Digits, Granularity, Scheme},
     usps::{images, QuantUsps, UspsNet, WEIGHTS},
@@ -50,6 +54,13 @@ fn main() {
         test.len()
     );
 
+    let out = std::path::Path::new("out/pretrained");
+    std::fs::create_dir_all(out).expect("out/pretrained");
+    let folded = QuantUsps::from_float(&float, &WeightQuantizer::Float);
+    let folded_path = out.join("usps_folded.json");
+    std::fs::write(&folded_path, folded_json(&folded).to_string()).expect("write");
+    println!("float model, BatchNorm folded: {}", folded_path.display());
+
     println!("\n## 3. Fold BatchNorm, quantize (per channel), AdaRound");
     let config = quickstart_config();
     let mut rows = Vec::new();
@@ -68,6 +79,7 @@ fn main() {
         let ada = rounded.forward(x_test.clone());
         let weights = format!("W{bits} {}", scheme.name());
         rows.push((
+            (*scheme, bits),
             weights.clone(),
             accuracy(nearest.clone(), y_test.clone()),
             agreement(nearest, float_logits.clone()),
@@ -87,11 +99,29 @@ fn main() {
     );
     println!("| weights | float | nearest | AdaRound | agreement nearest | agreement AdaRound | AdaRound time |");
     println!("|---|---|---|---|---|---|---|");
-    for (weights, nearest, agree_n, ada, agree_a, seconds) in &rows {
+    for (_, weights, nearest, agree_n, ada, agree_a, seconds) in &rows {
         println!(
             "| {weights} | {float_acc:.2} % | {nearest:.2} % | **{ada:.2} %** | {agree_n:.2} % | {agree_a:.2} % | {seconds:.1} s |"
         );
     }
+    let json = serde_json::json!({
+        "float_accuracy": float_acc,
+        "results": rows.iter().map(|((scheme, bits), _, n, agree_n, a, agree_a, s)| {
+            let (scale, grid) = match scheme {
+                Scheme::Max => ("max", Grid::Symmetric),
+                Scheme::Mse(grid) => ("mse", *grid),
+            };
+            serde_json::json!({
+                "bits": bits, "granularity": Granularity::PerAxis.name(), "scale": scale,
+                "grid": grid, "nearest_accuracy": n, "adaround_accuracy": a,
+                "nearest_agreement": agree_n, "adaround_agreement": agree_a, "seconds": s
+            })
+        }).collect::<Vec<_>>(),
+        "reports": reports.iter().map(|(w, r)| serde_json::json!({ "weights": w, "report": r })).collect::<Vec<_>>(),
+    });
+    let report_path = out.join("report.json");
+    std::fs::write(&report_path, serde_json::to_string_pretty(&json).unwrap()).expect("write");
+    println!("\nreport: {}", report_path.display());
     println!(
         "\n| layer | {} |",
         reports
@@ -118,4 +148,24 @@ fn main() {
             cells.join(" | ")
         );
     }
+}
+
+/// The folded float model's kernels and biases in PyTorch's layout (Linear kernels
+/// `[out, in]`), each as `{"shape": [..], "values": [..]}`.
+fn folded_json(model: &QuantUsps<B>) -> serde_json::Value {
+    fn entry<const D: usize>(t: Tensor<B, D>) -> serde_json::Value {
+        let data = t.into_data();
+        serde_json::json!({ "shape": data.shape, "values": data.to_vec::<f32>().unwrap() })
+    }
+    let bias = |b: &Option<burn::module::Param<Tensor<B, 1>>>| entry(b.as_ref().unwrap().val());
+    serde_json::json!({
+        "conv1.weight": entry(model.conv1.weight.val()),
+        "conv1.bias": bias(&model.conv1.bias),
+        "conv2.weight": entry(model.conv2.weight.val()),
+        "conv2.bias": bias(&model.conv2.bias),
+        "fc1.weight": entry(model.fc1.weight.val().transpose()),
+        "fc1.bias": bias(&model.fc1.bias),
+        "fc2.weight": entry(model.fc2.weight.val().transpose()),
+        "fc2.bias": bias(&model.fc2.bias),
+    })
 }
