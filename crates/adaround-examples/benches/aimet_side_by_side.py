@@ -1,8 +1,17 @@
 #!/usr/bin/env python3
-"""AIMET's AdaRound next to this project's, on the quickstart's digits CNN, in one run.
+"""AIMET's AdaRound next to this project's, on the same model, in one run.
 
     python3 -m venv .venv && .venv/bin/pip install torch aimet-torch safetensors
     .venv/bin/python crates/adaround-examples/benches/aimet_side_by_side.py [--seeds 3]
+    .venv/bin/python crates/adaround-examples/benches/aimet_side_by_side.py --model usps [--seeds 3]
+
+`--model digits` (the default) is the quickstart's CNN, described below. `--model usps` is
+the `pretrained` example's model, trained by someone else (the USPS classifier of the
+`ccexam` package; Conv2D + BatchNorm twice, two Dense layers): the example writes its
+BatchNorm-folded float weights (out/pretrained/usps_folded.json) and its results
+(out/pretrained/report.json); weights only are quantized, per channel, activations stay
+float, and besides accuracy both sides report agreement (the share of test images on which
+the rounded model predicts the float model's class).
 
 What it does, from the repository root:
 1. runs `cargo run --release --example quickstart` (this project: nearest and AdaRound for
@@ -50,6 +59,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 DIGITS = os.path.join(ROOT, "crates/adaround-examples/examples/data/digits.csv.gz")
 FLOAT = os.path.join(ROOT, "out/interop/digits_float.safetensors")
 REPORT = os.path.join(ROOT, "out/quickstart/report.json")
+USPS_FLOAT = os.path.join(ROOT, "out/pretrained/usps_folded.json")
+USPS_REPORT = os.path.join(ROOT, "out/pretrained/report.json")
 OUT = os.path.join(ROOT, "out/aimet")
 
 TEST_SIZE = 450
@@ -122,6 +133,60 @@ def load_float():
     return model.eval()
 
 
+class UspsFolded(nn.Module):
+    """The `pretrained` example's model with BatchNorm folded (`QuantUsps`): conv 1->32 and
+    32->64 (3x3, each then ReLU and 2x2 max pooling), dense 1024->128 (ReLU), 128->10."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(1024, 128)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        return self.fc2(self.relu3(self.fc1(torch.flatten(x, 1))))
+
+
+def load_usps():
+    tensors = json.load(open(USPS_FLOAT))
+    model = UspsFolded()
+    model.load_state_dict(
+        {
+            k: torch.tensor(np.array(v["values"], dtype=np.float32).reshape(v["shape"]["dims"]))
+            for k, v in tensors.items()
+        }
+    )
+    return model.eval()
+
+
+def usps_images(images):
+    """`usps::images`: the 8x8 digits in [0, 1], upsampled to 16x16, normalised as USPS."""
+    x = torch.from_numpy(images / 16.0).float().reshape(-1, 1, 8, 8)
+    x = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    return (x - 0.2471) / 0.2994
+
+
+class Spec:
+    """What differs between the two models: the network, its weighted layers, its data, and
+    how it is evaluated (`evaluate(model, x, act_max)` -> logits)."""
+
+    def __init__(self, name, net, weighted, load, report, example, shape, act_quant, to_input):
+        self.name, self.net, self.weighted, self.load = name, net, weighted, load
+        self.report, self.example, self.shape = report, example, shape
+        self.act_quant, self.to_input = act_quant, to_input
+
+    def evaluate(self, model, x, act_max):
+        return quantized_forward(model, x, act_max) if self.act_quant else model(x)
+
+
 def quantized_relu(x, max_value):
     """`QuantizedReLU::forward_quantized`: `clip(ceil((x - step/2) / step), 0, 2^b - 1) * step`."""
     levels = float(2**ACT_BITS - 1)
@@ -138,6 +203,11 @@ def quantized_forward(model, x, act_max):
 
 def accuracy(logits, labels):
     return 100.0 * (logits.argmax(1) == labels).double().mean().item()
+
+
+def agreement(logits, float_logits):
+    """The share (%) of images on which `logits` predict the float model's class."""
+    return accuracy(logits, float_logits.argmax(1))
 
 
 def levels(bits, grid):
@@ -221,15 +291,25 @@ def scale_factors(weight, bits, per_channel, scale, grid):
     return torch.from_numpy(sf.reshape(shape)), torch.from_numpy(offset.reshape(shape))
 
 
-WEIGHTED = ["conv", "depthwise", "pointwise", "fc"]
+SPECS = {
+    "digits": Spec(
+        "digits", DigitsCnn, ["conv", "depthwise", "pointwise", "fc"], lambda: load_float(),
+        REPORT, "quickstart", (1, 1, 8, 8), True,
+        lambda images: torch.from_numpy(images / 16.0).reshape(-1, 1, 8, 8).float(),
+    ),
+    "usps": Spec(
+        "usps", UspsFolded, ["conv1", "conv2", "fc1", "fc2"], lambda: load_usps(),
+        USPS_REPORT, "pretrained", (1, 1, 16, 16), False, usps_images,
+    ),
+}
 
 
-def nearest(model, scales, lo, hi):
+def nearest(spec, model, scales, lo, hi):
     """A copy of `model` with every kernel rounded to nearest on the given scales and offsets."""
-    rounded = DigitsCnn()
+    rounded = spec.net()
     rounded.load_state_dict(model.state_dict())
     with torch.no_grad():
-        for name in WEIGHTED:
+        for name in spec.weighted:
             w = getattr(rounded, name).weight
             sf, o = scales[name]
             w.copy_((torch.clamp(torch.round(w * sf - o), lo, hi) + o) / sf)
@@ -253,7 +333,7 @@ def aimet_config(per_channel, symmetric):
     }
 
 
-def aimet_adaround(model, calibration, bits, per_channel, grid, scales, seed, iterations, tmp):
+def aimet_adaround(spec, model, calibration, bits, per_channel, grid, scales, seed, iterations, tmp):
     """AIMET's AdaRound with its weight encodings set to `scales`; returns the model with the
     rounded weights (on the grid) and the seconds AIMET took."""
     try:
@@ -265,14 +345,14 @@ def aimet_adaround(model, calibration, bits, per_channel, grid, scales, seed, it
 
     torch.manual_seed(seed)
     np.random.seed(seed)
-    fp = DigitsCnn()
+    fp = spec.net()
     fp.load_state_dict(model.state_dict())
     fp.eval()
     symmetric = grid != "Asymmetric"
     config = os.path.join(tmp, f"config-{per_channel}-{symmetric}.json")
     with open(config, "w") as f:
         json.dump(aimet_config(per_channel, symmetric), f)
-    dummy = torch.zeros(1, 1, 8, 8)
+    dummy = torch.zeros(*spec.shape)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(calibration), batch_size=32, shuffle=False
     )
@@ -290,9 +370,18 @@ def aimet_adaround(model, calibration, bits, per_channel, grid, scales, seed, it
         default_param_bw=bits,
         config_file=config,
     )
+    if not spec.act_quant:
+        # Weights only: AIMET's configuration cannot turn activation quantizers off, so
+        # remove them from the simulation.
+        for module in sim.model.modules():
+            for kind in ("input_quantizers", "output_quantizers"):
+                quantizers = getattr(module, kind, None)
+                if quantizers is not None:
+                    for i in range(len(quantizers)):
+                        quantizers[i] = None
     Adaround._compute_param_encodings(sim)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    for name in WEIGHTED:
+    for name in spec.weighted:
         quantizer = getattr(sim.model, name).param_quantizers["weight"]
         sf, o = scales[name]
         step = (1.0 / sf).reshape(quantizer.min.shape)
@@ -312,25 +401,33 @@ def aimet_adaround(model, calibration, bits, per_channel, grid, scales, seed, it
 
 
 def aimet_job(job):
-    """One AIMET run in its own process (`--jobs`): returns the test accuracy and seconds."""
+    """One AIMET run in its own process (`--jobs`): returns the test accuracy, the agreement
+    with the float model and seconds."""
     import logging
 
     logging.disable(logging.INFO)
     torch.set_num_threads(job["threads"])
-    model = load_float()
+    spec = SPECS[job["model"]]
+    model = spec.load()
     with tempfile.TemporaryDirectory() as tmp:
         rounded, seconds = aimet_adaround(
-            model, job["calibration"], job["bits"], job["per_channel"], job["grid"], job["scales"],
-            job["seed"], job["iterations"], tmp,
+            spec, model, job["calibration"], job["bits"], job["per_channel"], job["grid"],
+            job["scales"], job["seed"], job["iterations"], tmp,
         )
     with torch.no_grad():
-        on_grid = nearest(rounded, job["scales"], job["lo"], job["hi"])
-        acc = accuracy(quantized_forward(on_grid, job["x_test"], job["act_max"]), job["y_test"])
-    return {"seed": job["seed"], "accuracy": acc, "seconds": seconds}
+        on_grid = nearest(spec, rounded, job["scales"], job["lo"], job["hi"])
+        logits = spec.evaluate(on_grid, job["x_test"], job["act_max"])
+    return {
+        "seed": job["seed"],
+        "accuracy": accuracy(logits, job["y_test"]),
+        "agreement": agreement(logits, job["float_logits"]),
+        "seconds": seconds,
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(SPECS), default="digits")
     parser.add_argument("--seeds", type=int, default=1, help="AIMET runs per cell (best reported)")
     parser.add_argument("--iterations", type=int, default=None, help="AIMET iterations (default: AIMET's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each AIMET run")
@@ -339,39 +436,57 @@ def main():
     parser.add_argument(
         "--grids", default="Symmetric,FullRange,Asymmetric", help="the report's grids to compare"
     )
-    parser.add_argument("--skip-ours", action="store_true", help="reuse out/quickstart/report.json")
+    parser.add_argument("--skip-ours", action="store_true", help="reuse the example's report")
+    parser.add_argument(
+        "--aimet-from", nargs="+", default=[], metavar="JSON",
+        help="take AIMET's runs from earlier outputs of this script (same model, seeds and "
+        "iterations; each cell's nearest accuracy is checked) instead of running AIMET again",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    spec = SPECS[args.model]
 
     run = lambda example: subprocess.run(
         ["cargo", "run", "--release", "--example", example], cwd=ROOT, check=True,
         stdout=subprocess.DEVNULL,
     )
-    if not args.skip_ours:
-        run("quickstart")
-    if not os.path.exists(FLOAT):
+    if not args.skip_ours or not os.path.exists(spec.report):
+        run(spec.example)
+    if spec.name == "digits" and not os.path.exists(FLOAT):
         # The float model in PyTorch layout (also with --skip-ours: it is not a result).
         run("interop")
-    ours = json.load(open(REPORT))
+    ours = json.load(open(spec.report))
 
     images, labels = load_digits()
     train, test = split(len(labels), TEST_SIZE, 7)
-    x_test = torch.from_numpy(images[test] / 16.0).reshape(-1, 1, 8, 8).float()
+    x_test = spec.to_input(images[test])
     y_test = torch.from_numpy(labels[test])
-    calibration = torch.from_numpy(images[train[:CALIBRATION]] / 16.0).reshape(-1, 1, 8, 8).float()
+    calibration = spec.to_input(images[train[:CALIBRATION]])
 
-    model = load_float()
+    model = spec.load()
+    act_max = None
     with torch.no_grad():
-        float_acc = accuracy(model(x_test), y_test)
-        a1 = torch.relu(model.conv(calibration))
-        a2 = torch.relu(model.pointwise(model.depthwise(a1)))
-        act_max = (float(a1.max()), float(a2.max()))
+        float_logits = model(x_test)
+        float_acc = accuracy(float_logits, y_test)
+        if spec.act_quant:
+            a1 = torch.relu(model.conv(calibration))
+            a2 = torch.relu(model.pointwise(model.depthwise(a1)))
+            act_max = (float(a1.max()), float(a2.max()))
     print(f"float accuracy: PyTorch {float_acc:.2f} %, project {ours['float_accuracy']:.2f} %")
     if abs(float_acc - ours["float_accuracy"]) > 1e-9:
         raise SystemExit("the PyTorch model is not the project's float model")
 
+    earlier = {}
+    for path in args.aimet_from:
+        old = json.load(open(path))
+        if old.get("model", "digits") != spec.name or old["seeds"] != args.seeds or (
+            old["aimet_iterations"] != (args.iterations or "AIMET default")
+        ):
+            raise SystemExit(f"{path}: another model, number of seeds or iterations")
+        for r in old["rows"]:
+            earlier[(r["bits"], r["granularity"], r["scale"], r["grid"])] = r
     bits_list = [int(b) for b in args.bits.split(",")]
-    cells, jobs = [], []
+    cells, jobs, reused = [], [], {}
     for cell in ours["results"]:
         bits = cell["bits"]
         if bits not in bits_list or cell["grid"] not in args.grids.split(","):
@@ -380,20 +495,31 @@ def main():
         lo, hi = levels(bits, cell["grid"])
         scales = {
             n: scale_factors(getattr(model, n).weight, bits, per_channel, cell["scale"], cell["grid"])
-            for n in WEIGHTED
+            for n in spec.weighted
         }
         with torch.no_grad():
-            near = accuracy(quantized_forward(nearest(model, scales, lo, hi), x_test, act_max), y_test)
-        cells.append((cell, near))
+            logits = spec.evaluate(nearest(spec, model, scales, lo, hi), x_test, act_max)
+        near = accuracy(logits, y_test)
+        cells.append((cell, near, agreement(logits, float_logits)))
+        old = earlier.get((bits, cell["granularity"], cell["scale"], cell["grid"]))
+        if old is not None:
+            if abs(old["nearest_pytorch"] - near) > 1e-9:
+                raise SystemExit(f"the earlier AIMET run of W{bits} {cell['grid']} had another nearest accuracy")
+            reused[len(cells) - 1] = old["aimet"]
+            continue
         for seed in range(args.seeds):
             jobs.append({
+                "model": spec.name, "float_logits": float_logits,
                 "cell": len(cells) - 1, "seed": seed, "bits": bits, "per_channel": per_channel,
                 "grid": cell["grid"],
                 "scales": scales, "lo": lo, "hi": hi, "iterations": args.iterations,
                 "threads": args.threads, "calibration": calibration, "x_test": x_test,
                 "y_test": y_test, "act_max": act_max,
             })
-    print(f"{len(jobs)} AIMET runs, {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+    print(
+        f"{len(jobs)} AIMET runs, {args.jobs} at a time, {args.threads} thread(s) each; "
+        f"{len(reused)} cell(s) from earlier runs", flush=True,
+    )
     if args.jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -403,9 +529,12 @@ def main():
     else:
         results = [aimet_job(job) for job in jobs]
     rows = []
-    for i, (cell, near) in enumerate(cells):
-        aimet = [r for job, r in zip(jobs, results) if job["cell"] == i]
+    for i, (cell, near, near_agreement) in enumerate(cells):
+        aimet = reused.get(i) or [r for job, r in zip(jobs, results) if job["cell"] == i]
         rows.append({
+            "nearest_agreement_pytorch": near_agreement,
+            "nearest_agreement_project": cell.get("nearest_agreement"),
+            "adaround_agreement_project": cell.get("adaround_agreement"),
             "bits": cell["bits"],
             "granularity": cell["granularity"],
             "scale": cell["scale"],
@@ -434,8 +563,29 @@ def main():
             f"{r['adaround_project']:.2f} | {aimet_txt} | {r['seconds_project']:.1f} | {aimet_s:.1f} | "
             f"{aimet_s / r['seconds_project']:.0f}x |"
         )
+    if all(r["nearest_agreement_project"] is not None for r in rows):
+        print(f"\nAgreement with the float model (%), {TEST_SIZE} images; AIMET: best of {args.seeds} seed(s)")
+        print("| weights | granularity | scale, grid | nearest (both) | this project | AIMET AdaRound |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            if any("agreement" not in a for a in r["aimet"]):
+                spread = [math.nan]  # an earlier run that did not measure agreement
+            else:
+                spread = sorted(a["agreement"] for a in r["aimet"])
+            same = abs(r["nearest_agreement_pytorch"] - r["nearest_agreement_project"]) < 1e-9
+            mismatched += not same
+            near = f"{r['nearest_agreement_pytorch']:.2f}" + ("" if same else f" / {r['nearest_agreement_project']:.2f} (differ)")
+            aimet_txt = f"{spread[-1]:.2f}" if len(spread) == 1 else f"{spread[-1]:.2f} ({spread[0]:.2f}-{spread[-1]:.2f})"
+            if math.isnan(spread[-1]):
+                aimet_txt = "not measured"
+            print(
+                f"| W{r['bits']} | {r['granularity']} | {r['scale']}, {r['grid']} | {near} | "
+                f"{r['adaround_agreement_project']:.2f} | {aimet_txt} |"
+            )
     os.makedirs(OUT, exist_ok=True)
     meta = {
+        "model": spec.name,
+        "aimet_from": args.aimet_from,
         "torch": torch.__version__,
         "threads": args.threads,
         "seeds": args.seeds,
@@ -449,9 +599,10 @@ def main():
         meta["aimet_torch"] = version("aimet-torch")
     except Exception:  # noqa: BLE001 - the version is informative only
         pass
-    with open(os.path.join(OUT, "side_by_side.json"), "w") as f:
+    name = "side_by_side.json" if spec.name == "digits" else f"side_by_side_{spec.name}.json"
+    with open(os.path.join(OUT, name), "w") as f:
         json.dump(meta, f, indent=1)
-    print(f"\n{os.path.join(OUT, 'side_by_side.json')}")
+    print(f"\n{os.path.join(OUT, name)}")
     if mismatched:
         print(f"{mismatched} cell(s) where nearest rounding differs: not the same grid", file=sys.stderr)
         sys.exit(1)

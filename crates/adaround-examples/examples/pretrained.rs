@@ -19,18 +19,12 @@
 
 use adaround::{adaround, AdaRoundReport, Grid, WeightQuantizer};
 use adaround_examples::{
-    digits::{accuracy, quickstart_config, Digits, Granularity, Scheme},
+    digits::{accuracy, agreement, quickstart_config, Digits, Granularity, Scheme},
     usps::{images, QuantUsps, UspsNet, WEIGHTS},
 };
 use burn::tensor::Tensor;
 
 type B = burn_ndarray::NdArray<f32>;
-
-fn agreement(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f64 {
-    let n = a.dims()[0] as f64;
-    let same: i64 = a.argmax(1).equal(b.argmax(1)).int().sum().into_scalar();
-    100.0 * same as f64 / n
-}
 
 fn main() {
     adaround_examples::init_logging();

@@ -25,8 +25,8 @@ use std::{path::PathBuf, time::Instant};
 use adaround::{adaround, AdaRoundReport, Grid};
 use adaround_examples::{
     digits::{
-        accuracy, quickstart_config, train_float, Digits, FloatCnn, Granularity, QuantCnn, Scheme,
-        FIXTURE,
+        accuracy, agreement, quickstart_config, train_float, Digits, FloatCnn, Granularity,
+        QuantCnn, Scheme, FIXTURE,
     },
     svg,
 };
@@ -89,7 +89,8 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
             .load_file(FIXTURE, &recorder, device)
             .expect("load the fixture")
     };
-    let float_acc = accuracy(float.valid().forward(x_test.clone()), y_test.clone());
+    let float_logits = float.valid().forward(x_test.clone());
+    let float_acc = accuracy(float_logits.clone(), y_test.clone());
     println!("float test accuracy: {float_acc:.2} %");
     if write_fixture {
         let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
@@ -129,13 +130,15 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
         for scheme in SCHEMES {
             for bits in BITWIDTHS {
                 let model = quant.clone().with_weights(bits, granularity, scheme);
-                let acc = accuracy(model.forward(x_test.clone()), y_test.clone());
+                let logits = model.forward(x_test.clone());
+                let acc = accuracy(logits.clone(), y_test.clone());
+                let agree = agreement(logits, float_logits.clone());
                 println!(
-                    "W{bits} {} {}: {acc:.2} %",
+                    "W{bits} {} {}: {acc:.2} % (agreement with float {agree:.2} %)",
                     granularity.name(),
                     scheme.name()
                 );
-                rows.push((granularity, scheme, bits, acc));
+                rows.push((granularity, scheme, bits, (acc, agree)));
             }
         }
     }
@@ -149,7 +152,11 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
         let model = quant.clone().with_weights(bits, granularity, scheme);
         let (rounded, report) =
             adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
-        let acc = accuracy(rounded.forward(x_test.clone()), y_test.clone());
+        let logits = rounded.forward(x_test.clone());
+        let acc = (
+            accuracy(logits.clone(), y_test.clone()),
+            agreement(logits, float_logits.clone()),
+        );
         let weights = format!("W{bits} {} {}", granularity.name(), scheme.name());
         println!("{weights}: {:.1} s", report.seconds);
         for l in &report.layers {
@@ -177,14 +184,18 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
     // 6. Results
     println!("\n## 6. Results (test accuracy, {} images)", test.len());
     println!(
-        "| weights | granularity | scale, grid | float | nearest | AdaRound | AdaRound time |"
+        "| weights | granularity | scale, grid | float | nearest | AdaRound | agreement nearest | agreement AdaRound | AdaRound time |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (granularity, scheme, bits, nearest, ada, secs) in &results {
         println!(
-            "| W{bits} | {} | {} | {float_acc:.2} % | {nearest:.2} % | {ada:.2} % | {secs:.1} s |",
+            "| W{bits} | {} | {} | {float_acc:.2} % | {:.2} % | {:.2} % | {:.2} % | {:.2} % | {secs:.1} s |",
             granularity.name(),
-            scheme.name()
+            scheme.name(),
+            nearest.0,
+            ada.0,
+            nearest.1,
+            ada.1
         );
     }
     let json = serde_json::json!({
@@ -196,7 +207,8 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
             };
             serde_json::json!({
                 "bits": b, "granularity": granularity.name(), "scale": scale, "grid": grid,
-                "nearest_accuracy": n, "adaround_accuracy": a, "seconds": s
+                "nearest_accuracy": n.0, "adaround_accuracy": a.0,
+                "nearest_agreement": n.1, "adaround_agreement": a.1, "seconds": s
             })
         }).collect::<Vec<_>>(),
         "reports": reports.iter().map(|(w, r)| serde_json::json!({ "weights": w, "report": r })).collect::<Vec<_>>(),

@@ -313,6 +313,21 @@ pub fn accuracy<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> 
     100.0 * correct as f64 / n as f64
 }
 
+/// The share (%) of rows on which `logits` and `reference` pick the same class (top-1
+/// agreement of a quantized model with the float model).
+pub fn agreement<B: Backend>(logits: Tensor<B, 2>, reference: Tensor<B, 2>) -> f64 {
+    let n = logits.dims()[0];
+    let same: i64 = burn::tensor::ElementConversion::elem(
+        logits
+            .argmax(1)
+            .equal(reference.argmax(1))
+            .int()
+            .sum()
+            .into_scalar(),
+    );
+    100.0 * same as f64 / n as f64
+}
+
 /// The AdaRound configuration of the quickstart and the examples built on it:
 /// [`AdaRoundConfig::recommended`](adaround::AdaRoundConfig::recommended) (4 000 iterations,
 /// mean squared error against the float model's activations, chosen on held-out validation

@@ -181,6 +181,13 @@ macro_rules! each_layer {
             QuantizedLayer::SeparableConv2d($l) => $body,
         }
     };
+    ($layer:expr, mut $l:ident => $body:expr) => {
+        match $layer {
+            QuantizedLayer::Dense(mut $l) => $body,
+            QuantizedLayer::Conv2d(mut $l) => $body,
+            QuantizedLayer::SeparableConv2d(mut $l) => $body,
+        }
+    };
 }
 
 impl<B: Backend> From<QuantizedDense<B>> for QuantizedLayer<B> {
@@ -363,6 +370,29 @@ impl<B: Backend> QuantizedLayer<B> {
             .into_iter()
             .map(|k| (k.id, k.weight.flatten(0, 3)))
             .collect()
+    }
+
+    /// The float kernels and the bias, flattened, with their parameter ids: every value
+    /// the driver may change.
+    pub fn param_values(&self) -> Vec<(ParamId, Tensor<B, 1>)> {
+        let mut values = self.kernel_values();
+        values.extend(self.bias());
+        values
+    }
+
+    /// The float bias with its parameter id; `None` for a layer without one.
+    pub fn bias(&self) -> Option<(ParamId, Tensor<B, 1>)> {
+        each_layer!(self, l => l.bias.as_ref().map(|b| (b.id, b.val())))
+    }
+
+    /// The layer with `delta` added to its bias (one value per output channel), and whether
+    /// it had one: a layer without a bias comes back unchanged with `false`.
+    pub fn shift_bias(self, delta: Tensor<B, 1>) -> (Self, bool) {
+        each_layer!(self, mut l => {
+            let had = l.bias.is_some();
+            l.bias = l.bias.map(|bias| bias.map(|b| b + delta));
+            (l.into(), had)
+        })
     }
 
     /// Whether any kernel is quantized (not the float pass-through).

@@ -598,3 +598,37 @@ fn should_reproduce_the_float_forward_from_the_matrix_form() {
     let sep = QuantizedSeparableConv2dConfig::new([4, 6], [3, 3]).init::<B>(&device());
     assert!(QuantizedLayer::SeparableConv2d(sep).matrix().is_none());
 }
+
+#[test]
+fn should_shift_the_bias_of_a_layer_that_has_one_and_refuse_one_that_has_none() {
+    let dense = QuantizedLayer::Dense(init(
+        QuantizedDenseConfig::new(3, 2)
+            .with_quantizer(q4())
+            .init::<B>(&device()),
+    ));
+    let (id, before) = dense.bias().expect("a bias by default");
+    let delta = Tensor::<B, 1>::from_floats([0.5, -1.0], &device());
+    let (shifted, had) = dense.clone().shift_bias(delta.clone());
+    assert!(had);
+    let (same_id, after) = shifted.bias().unwrap();
+    assert_eq!(id, same_id, "the parameter keeps its id");
+    assert_eq!(max_diff(after, before.clone() + delta.clone()), 0.0);
+    assert_eq!(shifted.param_values().len(), 2, "kernel and bias");
+    let kernel_diff = max_diff(
+        shifted.kernel_values()[0].1.clone(),
+        dense.kernel_values()[0].1.clone(),
+    );
+    assert_eq!(kernel_diff, 0.0, "the kernel is unchanged");
+
+    let no_bias = QuantizedLayer::Dense(init(
+        QuantizedDenseConfig::new(3, 2)
+            .with_bias(false)
+            .with_quantizer(q4())
+            .init::<B>(&device()),
+    ));
+    assert!(no_bias.bias().is_none());
+    let (refused, had) = no_bias.shift_bias(delta);
+    assert!(!had, "no bias to shift");
+    assert!(refused.bias().is_none());
+    assert_eq!(refused.param_values().len(), 1);
+}

@@ -159,6 +159,13 @@ pub struct AdaRoundConfig {
     /// Off reproduces the reference exactly.
     #[config(default = true)]
     pub never_worse: bool,
+    /// After each layer is rounded, shift its bias by the mean difference between the
+    /// targets and its outputs on the samples, per output channel (empirical bias
+    /// correction): the bias that minimises the layer's squared error for the rounded
+    /// kernels. Layers without a bias, and `include_activation` runs, are left as they are.
+    /// Off reproduces the reference exactly.
+    #[config(default = false)]
+    pub bias_correction: bool,
     /// Rectified-sigmoid and regulariser constants.
     #[config(default = "AdaRoundParams::new()")]
     pub params: AdaRoundParams,
@@ -209,8 +216,10 @@ impl AdaRoundConfig {
     /// 4 000 iterations per layer with AIMET's 20 % warm start and cosine decay
     /// ([`Schedule::warm_cosine`]), batches of 32, learning rate 1e-2, the mean squared
     /// error ([`ReconstructionLoss::Mse`]) against the float model's own activations
-    /// ([`Target::FloatModel`]), rounding-loss weight 0.03; and the model-level guard
-    /// [`ModelGuard::KeepBetter`], which costs a few forward passes over the samples. The
+    /// ([`Target::FloatModel`]), rounding-loss weight 0.03; bias correction after each
+    /// layer ([`bias_correction`](Self::bias_correction), chosen on held-out images of the
+    /// pretrained example); and the model-level guard [`ModelGuard::KeepBetter`], which
+    /// costs a few forward passes over the samples. The
     /// fused step makes it a few seconds per small model; AIMET's defaults take
     /// 10 000-15 000 iterations at 1e-3.
     pub fn recommended() -> Self {
@@ -220,6 +229,7 @@ impl AdaRoundConfig {
             .with_target(Target::FloatModel)
             .with_learning_rate(1e-2)
             .with_params(AdaRoundParams::new().with_reg(0.03))
+            .with_bias_correction(true)
             .with_model_guard(ModelGuard::KeepBetter)
     }
 

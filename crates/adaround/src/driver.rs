@@ -357,7 +357,7 @@ where
     let (mut report, rounded) = optimize_site(site, &data, ctx)?;
     drop(data);
     let values = rounded
-        .kernel_values()
+        .param_values()
         .into_iter()
         .collect::<HashMap<_, _>>();
     let work = work.map(&mut WriteBack { values });

@@ -218,7 +218,7 @@ where
     let mut model = rounded;
     if mode == ModelGuard::KeepBetter && adaround > nearest_error {
         for site in sites {
-            let values = site.layer.kernel_values().into_iter().collect();
+            let values = site.layer.param_values().into_iter().collect();
             let candidate = model.clone().map(&mut WriteBack::<B> { values });
             let error = reference.error(&candidate)?;
             if error < check.returned {
@@ -276,11 +276,16 @@ mod tests {
         (model, vec![x.clone().narrow(0, 0, 8), x.narrow(0, 8, 8)])
     }
 
-    /// `model` with the kernel of `layer` shifted by `shift` (a rounding far off the grid).
+    /// `model` with the kernel of `layer` shifted by `shift` (a rounding far off the grid),
+    /// and its bias by `shift` too (as bias correction shifts it).
     fn shifted(model: &Mlp<B>, layer: &QuantizedDense<B>, shift: f32) -> Mlp<B> {
-        let values = [(layer.weight.id, layer.weight.val().flatten(0, 1) + shift)]
-            .into_iter()
-            .collect();
+        let bias = layer.bias.as_ref().unwrap();
+        let values = [
+            (layer.weight.id, layer.weight.val().flatten(0, 1) + shift),
+            (bias.id, bias.val() + shift),
+        ]
+        .into_iter()
+        .collect();
         model.clone().map(&mut WriteBack::<B> { values })
     }
 
@@ -345,6 +350,12 @@ mod tests {
         let fc1 = |m: &Mlp<B>| m.fc1.weight.val().into_data();
         let fc2 = |m: &Mlp<B>| m.fc2.weight.val().into_data();
         assert_eq!(fc1(&returned), fc1(&model));
+        let fc1_bias = |m: &Mlp<B>| m.fc1.bias.as_ref().unwrap().val().into_data();
+        assert_eq!(
+            fc1_bias(&returned),
+            fc1_bias(&model),
+            "the bias is put back too"
+        );
         let fc2_back = check.reverted.iter().any(|name| name == "fc2");
         assert_eq!(fc2(&returned), fc2(if fc2_back { &model } else { &bad }));
 

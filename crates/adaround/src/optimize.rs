@@ -132,6 +132,46 @@ pub(crate) fn layer_error<B: Backend>(
     total / inputs.len() as f64
 }
 
+/// `layer` with its bias shifted by the mean, per output channel, of the targets less its
+/// outputs over all batches (unchanged without a bias).
+fn correct_bias<B: Backend>(
+    layer: QuantizedLayer<B>,
+    inputs: &[Flow<B>],
+    targets: &[Flow<B>],
+) -> QuantizedLayer<B> {
+    if layer.bias().is_none() {
+        return layer;
+    }
+    let mut count = 0usize;
+    let mut sum: Option<Tensor<B, 1>> = None;
+    for (x, t) in inputs.iter().zip(targets) {
+        let per_channel = match (layer.forward_flow(x.clone()), t.clone()) {
+            (Flow::Rows(out), Flow::Rows(t)) => {
+                count += out.dims()[0];
+                (t - out).sum_dim(0).flatten::<1>(0, 1)
+            }
+            (Flow::Maps(out), Flow::Maps(t)) => {
+                let [n, _, h, w] = out.dims();
+                count += n * h * w;
+                (t - out)
+                    .sum_dim(0)
+                    .sum_dim(2)
+                    .sum_dim(3)
+                    .flatten::<1>(0, 3)
+            }
+            (out, t) => panic!("output {:?} and target {:?} differ", out.dims(), t.dims()),
+        };
+        sum = Some(match sum {
+            Some(s) => s + per_channel,
+            None => per_channel,
+        });
+    }
+    match sum {
+        Some(sum) => layer.shift_bias(sum / count.max(1) as f32).0,
+        None => layer,
+    }
+}
+
 fn histogram<B: Backend>(decimals: Tensor<B, 4>) -> Vec<usize> {
     let values: Vec<f32> = decimals
         .into_data()
@@ -353,6 +393,10 @@ pub(crate) fn optimize_unit<B: Backend>(
     let err_after = layer_error(&layer, act, unit.inputs, unit.targets);
     let after = histograms(&layer);
     let (finalized, changes) = layer.finalize(config.rounding == FinalRounding::Hard);
+    let finalized = match (config.bias_correction, act) {
+        (true, None) => correct_bias(finalized, unit.inputs, unit.targets),
+        _ => finalized,
+    };
     let err_final = layer_error(&finalized, act, unit.inputs, unit.targets);
     let (rec, round) = trace.last;
     ensure_finite(rec.is_finite() && round.is_finite(), unit.name, "losses")?;

@@ -543,6 +543,68 @@ macro_rules! driver_tests {
         }
 
         #[test]
+        fn should_shift_each_bias_to_the_mean_error_with_bias_correction() {
+            let _seed = crate::seed_lock();
+            let model = net(23);
+            let original = snapshot(&model);
+            let calib = samples(32, 24);
+            let forward = |m: &Net<B>, x| m.forward(x);
+            let cfg = config(20).with_never_worse(false);
+            let (plain, plain_report) = adaround(&model, calib.clone(), forward, &cfg).unwrap();
+            let corrected_cfg = cfg.with_bias_correction(true);
+            let (corrected, report) =
+                adaround(&model, calib.clone(), forward, &corrected_cfg).unwrap();
+            // The first layer sees the same inputs in both runs: the same rounding, a lower
+            // error, and a bias whose outputs match the targets' mean per channel.
+            let kernel_diff = (corrected.conv.weight.val() - plain.conv.weight.val())
+                .abs()
+                .max()
+                .into_scalar()
+                .elem::<f32>();
+            assert_eq!(
+                kernel_diff, 0.0,
+                "the correction does not change the rounding"
+            );
+            assert!(
+                report.layers[0].err_final < plain_report.layers[0].err_final,
+                "{} vs {}",
+                report.layers[0].err_final,
+                plain_report.layers[0].err_final
+            );
+            let float = QuantizedLayer::Conv2d(model.conv.clone())
+                .forward_float_flow(adaround::layers::probe::Flow::Maps(calib.clone()));
+            let out = QuantizedLayer::Conv2d(corrected.conv.clone())
+                .forward_flow(adaround::layers::probe::Flow::Maps(calib.clone()));
+            let (float, out) = match (float, out) {
+                (
+                    adaround::layers::probe::Flow::Maps(f),
+                    adaround::layers::probe::Flow::Maps(o),
+                ) => (f, o),
+                _ => unreachable!("a Conv2D gives maps"),
+            };
+            let mean_error = (float - out).mean_dim(0).mean_dim(2).mean_dim(3);
+            let worst = mean_error.abs().max().into_scalar().elem::<f32>();
+            assert!(
+                worst < 1e-4,
+                "mean error per channel after correction: {worst}"
+            );
+            // Every layer with a bias had it shifted; the caller's biases are untouched.
+            for (before, after) in [
+                (&model.conv.bias, &corrected.conv.bias),
+                (&model.sep.bias, &corrected.sep.bias),
+                (&model.fc.bias, &corrected.fc.bias),
+            ] {
+                let (before, after) = (before.as_ref().unwrap(), after.as_ref().unwrap());
+                let shift = (after.val() - before.val()).abs().max().into_scalar();
+                assert!(shift.elem::<f32>() > 0.0);
+            }
+            assert!(
+                snapshot(&model) == original,
+                "the caller's model is not modified"
+            );
+        }
+
+        #[test]
         fn should_keep_nearest_rounding_when_adaround_ends_worse() {
             let _seed = crate::seed_lock();
             // A saboteur optimizer: Adam with a huge weight decay takes one step of -lr * sign(alpha),
