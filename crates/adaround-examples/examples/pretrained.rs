@@ -195,7 +195,10 @@ fn validate(float: &UspsNet<B>, calibration: &Tensor<B, 4>, held_out: &Tensor<B,
                 let (rounded, _) =
                     adaround(&model, calibration.clone(), |m, x| m.forward(x), &config)
                         .expect("AdaRound");
-                cells.push(agreement(rounded.forward(held_out.clone()), reference.clone()));
+                cells.push(agreement(
+                    rounded.forward(held_out.clone()),
+                    reference.clone(),
+                ));
             }
         }
         let text: Vec<String> = cells.iter().map(|c| format!("{c:.2}")).collect();
