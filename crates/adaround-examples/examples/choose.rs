@@ -24,8 +24,8 @@ use adaround::{
     Target,
 };
 use adaround_examples::digits::{
-    accuracy, quickstart_config, short_config, train_float, Digits, FloatCnn, Granularity,
-    QuantCnn, Scheme, FIXTURE,
+    accuracy, lcg_permutation, quickstart_config, short_config, train_float, Digits, FloatCnn,
+    Granularity, QuantCnn, Scheme, FIXTURE,
 };
 use burn::{
     module::{AutodiffModule, Module},
@@ -308,6 +308,20 @@ fn orders(
     let config = quickstart_config();
     let mut cells_all = CELLS.to_vec();
     cells_all.extend(ASYMMETRIC_CELLS);
+    // The given order, then shuffles.
+    let orders: Vec<Tensor<B, 4>> = (0..k)
+        .map(|order| {
+            let idx: Vec<i64> = match order {
+                0 => (0..n as i64).collect(),
+                _ => lcg_permutation(n, 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(order as u64 + 1))
+                    .into_iter()
+                    .map(|i| i as i64)
+                    .collect(),
+            };
+            let idx = Tensor::<B, 1, Int>::from_data(idx.as_slice(), &calibration.device());
+            calibration.clone().select(0, idx)
+        })
+        .collect();
     let (mut first, mut chosen, mut best, mut mean, mut near_sum) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for &(scheme, granularity) in &cells_all {
         for bits in [4, 3, 2] {
@@ -315,22 +329,9 @@ fn orders(
             let nearest = accuracy(model.forward(x.clone()), y.clone());
             near_sum += nearest;
             let mut runs = Vec::new();
-            for order in 0..k {
-                let mut idx: Vec<i64> = (0..n as i64).collect();
-                let mut state = 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(order as u64 + 1);
-                if order > 0 {
-                    for i in (1..n).rev() {
-                        state = state
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        let j = (state >> 33) as usize % (i + 1);
-                        idx.swap(i, j);
-                    }
-                }
-                let idx = Tensor::<B, 1, Int>::from_data(idx.as_slice(), &calibration.device());
-                let samples = calibration.clone().select(0, idx);
+            for samples in &orders {
                 let (rounded, report) =
-                    adaround(&model, samples, |m, x| m.forward(x), &config).unwrap();
+                    adaround(&model, samples.clone(), |m, x| m.forward(x), &config).unwrap();
                 let acc = accuracy(rounded.forward(x.clone()), y.clone());
                 let err = report
                     .model

@@ -66,17 +66,7 @@ impl Digits {
 
     /// A deterministic shuffled split: `(train, test)` with `test_size` test images.
     pub fn split(&self, test_size: usize, seed: u64) -> (Self, Self) {
-        let mut order: Vec<usize> = (0..self.len()).collect();
-        // Fisher-Yates with a 64-bit LCG: the same split on every machine.
-        let mut state = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        for i in (1..order.len()).rev() {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            order.swap(i, (state >> 33) as usize % (i + 1));
-        }
+        let order = lcg_permutation(self.len(), lcg_step(seed));
         let pick = |idx: &[usize]| Self {
             images: idx.iter().map(|&i| self.images[i]).collect(),
             labels: idx.iter().map(|&i| self.labels[i]).collect(),
@@ -311,6 +301,24 @@ pub fn accuracy<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> 
     let correct: i64 =
         burn::tensor::ElementConversion::elem(predicted.equal(labels).int().sum().into_scalar());
     100.0 * correct as f64 / n as f64
+}
+
+/// One step of the 64-bit LCG the examples shuffle with.
+fn lcg_step(state: u64) -> u64 {
+    state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+}
+
+/// `0..n` shuffled by Fisher-Yates with the 64-bit LCG started at `state`: the same order on
+/// every machine.
+pub fn lcg_permutation(n: usize, mut state: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        state = lcg_step(state);
+        order.swap(i, (state >> 33) as usize % (i + 1));
+    }
+    order
 }
 
 /// The share (%) of rows on which `logits` and `reference` pick the same class (top-1
