@@ -252,6 +252,16 @@ fn sweep(
             "recommended without bias correction",
             quickstart_config().with_bias_correction(false),
         ),
+        (
+            "recommended + relu loss",
+            quickstart_config().with_relu_loss(true),
+        ),
+        (
+            "recommended + relu loss - bias correction",
+            quickstart_config()
+                .with_relu_loss(true)
+                .with_bias_correction(false),
+        ),
     ];
     // `--only a,b`: the variants whose names are listed.
     let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);

@@ -154,6 +154,10 @@ fn main() {
     }
 }
 
+/// The layers a plain ReLU follows (`relu` in [`QuantUsps::forward`]; for `conv1` and
+/// `conv2` after the max pooling, which commutes with it).
+const RELU_LAYERS: [&str; 3] = ["conv1", "conv2", "fc1"];
+
 /// Variants of the preset, each scored by the summed agreement with the float model over
 /// the nine settings on `held_out` (images calibration does not use).
 fn validate(float: &UspsNet<B>, calibration: &Tensor<B, 4>, held_out: &Tensor<B, 4>) {
@@ -176,7 +180,25 @@ fn validate(float: &UspsNet<B>, calibration: &Tensor<B, 4>, held_out: &Tensor<B,
             c.schedule = adaround::Schedule::warm_cosine(10_000);
             c
         }),
+        (
+            "ReLU loss",
+            quickstart_config()
+                .with_relu_loss(true)
+                .with_relu_layers(RELU_LAYERS.map(String::from).to_vec()),
+        ),
+        (
+            "ReLU loss without bias correction",
+            base()
+                .with_relu_loss(true)
+                .with_relu_layers(RELU_LAYERS.map(String::from).to_vec()),
+        ),
     ];
+    // `--only a,b`: the variants whose names are listed.
+    let only: Option<String> = std::env::args().skip_while(|a| a != "--only").nth(1);
+    let variants = variants.into_iter().filter(|(name, _)| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|n| n == *name))
+    });
     println!(
         "\n| variant | agreement % on {} held-out images: W4 W3 W2 (max, mse full-range, mse asymmetric) | sum |",
         held_out.dims()[0]

@@ -149,6 +149,23 @@ pub struct AdaRoundConfig {
     /// Compare outputs after the next quantized activation (cnn2snn `include_activation`).
     #[config(default = false)]
     pub include_activation: bool,
+    /// Compare a layer's outputs after the ReLU that follows it, wherever one does, as
+    /// AIMET does: both the rounded and the target outputs go through it before the loss,
+    /// so errors on outputs the ReLU clears do not count. The ReLUs are the
+    /// [`QuantizedReLU`](adaround_layers::QuantizedReLU)s the driver finds right after a
+    /// layer, in their float form `clip(x, 0, max_value)`, and `max(x, 0)` after the layers
+    /// named in [`relu_layers`](Self::relu_layers). Other layers keep the plain loss. Such a
+    /// layer's loss has no Gram form: it runs the direct (fused where it can) path. Not with
+    /// `include_activation`, which already compares after the quantized activation.
+    #[config(default = false)]
+    pub relu_loss: bool,
+    /// The layers whose outputs go straight into a plain ReLU (Burn's `Relu` or `relu`, which
+    /// the driver cannot see), for [`relu_loss`](Self::relu_loss), by the names the report
+    /// gives them (a field path such as `conv1` or `block.fc`). A name that is not one of the
+    /// model's quantized layers is an error. Burn's max pooling commutes with a ReLU: a ReLU
+    /// after a pooling that follows the layer counts.
+    #[config(default = "Vec::new()")]
+    pub relu_layers: Vec<String>,
     /// Where the layer's target outputs come from.
     #[config(default = "Target::QuantizedInputs")]
     pub target: Target,
@@ -257,6 +274,15 @@ impl AdaRoundConfig {
         }
         if self.log_every == 0 {
             return Err("log_every must be at least 1".into());
+        }
+        if self.relu_loss && self.include_activation {
+            return Err(
+                "relu_loss and include_activation both compare after the activation; set one"
+                    .into(),
+            );
+        }
+        if !self.relu_layers.is_empty() && !self.relu_loss {
+            return Err("relu_layers is set but relu_loss is not: set relu_loss too".into());
         }
         let p = &self.params;
         if !(p.reg.is_finite() && p.reg >= 0.0) {

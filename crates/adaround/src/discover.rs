@@ -9,6 +9,7 @@ use burn::{
 
 use crate::{
     capture::{self, Capture, Discover, Seen},
+    optimize::Relu,
     params::ParamIndex,
     AdaRoundConfig, AdaRoundError,
 };
@@ -19,6 +20,8 @@ pub(crate) struct Site<B: Backend> {
     pub name: String,
     pub layer: QuantizedLayer<B>,
     pub activation: Option<QuantizedReLU<B>>,
+    /// The ReLU the loss compares after (`relu_loss`).
+    pub relu: Option<Relu>,
 }
 
 /// Runs the model once and lists its quantized layers in forward order.
@@ -75,15 +78,39 @@ pub(crate) fn discover<
         if config.include_activation && activation.is_none() {
             return Err(AdaRoundError::NoFollowingActivation { layer: name });
         }
+        // The quantized ReLU found after the layer, in its float form, else a plain ReLU
+        // the caller named.
+        let relu = match &activation {
+            _ if !config.relu_loss => None,
+            Some(act) => Some(Relu {
+                max: Some(act.max_value),
+            }),
+            None => config
+                .relu_layers
+                .contains(&name)
+                .then_some(Relu { max: None }),
+        };
         sites.push(Site {
             position,
             name,
             layer: (**layer).clone(),
             activation: activation.filter(|_| config.include_activation),
+            relu,
         });
     }
     if sites.is_empty() {
         return Err(AdaRoundError::NoQuantizedLayer);
+    }
+    if let Some(name) = config
+        .relu_layers
+        .iter()
+        .find(|name| !sites.iter().any(|site| &site.name == *name))
+    {
+        let known: Vec<_> = sites.iter().map(|site| site.name.as_str()).collect();
+        return Err(AdaRoundError::UnknownLayer {
+            name: name.clone(),
+            known: known.join(", "),
+        });
     }
     Ok(sites)
 }

@@ -48,6 +48,14 @@ pub enum AdaRoundError {
         /// The layer.
         layer: String,
     },
+    /// A name in `relu_layers` is not one of the model's quantized layers.
+    #[error("relu_layers names `{name}`, which is not a quantized layer of the model (its layers: {known})")]
+    UnknownLayer {
+        /// The name given.
+        name: String,
+        /// The names of the model's quantized layers, comma-separated.
+        known: String,
+    },
     /// The same layer runs more than once in one forward pass (shared weights).
     #[error(
         "layer `{layer}` runs more than once in a forward pass; shared layers are not supported"

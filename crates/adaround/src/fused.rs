@@ -29,6 +29,7 @@ use crate::{
     config::Place,
     gram::{self, matmul},
     host::{self, View},
+    optimize::Relu,
     step::{AlphaOptimizer, Losses, Step},
     Elementwise, ReconstructionLoss,
 };
@@ -41,8 +42,12 @@ enum Data<B: Backend> {
     /// `[groups, K, K]` Gram matrices, and the residuals of targets from other inputs.
     Gram(Vec<Tensor<B, 3>>, Option<Vec<gram::Residual<B>>>),
     /// `[groups, M, K]` patches and `[groups, M, C_out / groups]` targets minus the bias, one
-    /// row per output position.
-    Direct(Vec<(Tensor<B, 3>, Tensor<B, 3>)>),
+    /// row per output position. With a ReLU before the loss, the targets are through it
+    /// instead, and the `[groups, 1, C_out / groups]` bias is what the outputs add first.
+    Direct(
+        Vec<(Tensor<B, 3>, Tensor<B, 3>)>,
+        Option<(Relu, Tensor<B, 3>)>,
+    ),
 }
 
 /// What one step asks of [`Fused::loss_and_gradient`].
@@ -100,8 +105,8 @@ enum HostData {
     /// and `c0` where the targets come from other inputs.
     Gram(Vec<Vec<f32>>, Option<Vec<(Vec<f32>, f64)>>),
     /// Per batch: `[groups, M, K]` patches, `[groups, M, rows]` targets minus the bias, and
-    /// `M`.
-    Direct(Vec<(Vec<f32>, Vec<f32>, usize)>),
+    /// `M`; with a ReLU, the targets through it and the `[groups, rows]` bias.
+    Direct(Vec<(Vec<f32>, Vec<f32>, usize)>, Option<(Relu, Vec<f32>)>),
 }
 
 /// Largest loss data (bytes) a host-resident step copies to host memory.
@@ -120,7 +125,7 @@ impl HostData {
                         .as_ref()
                         .map_or(0, |r| r.iter().map(|(r, _)| r.shape().num_elements()).sum())
             }
-            Data::Direct(batches) => batches
+            Data::Direct(batches, _) => batches
                 .iter()
                 .map(|(x, t)| x.shape().num_elements() + t.shape().num_elements())
                 .sum(),
@@ -138,11 +143,13 @@ impl HostData {
                         .collect()
                 }),
             ),
-            Data::Direct(batches) => Self::Direct(
+            Data::Direct(batches, relu) => Self::Direct(
                 batches
                     .iter()
                     .map(|(x, t)| (host_values(x.clone()), host_values(t.clone()), x.dims()[1]))
                     .collect(),
+                relu.as_ref()
+                    .map(|(relu, bias)| (*relu, host_values(bias.clone()))),
             ),
         })
     }
@@ -186,25 +193,43 @@ impl HostData {
                     }
                 }
             }
-            Self::Direct(batches) => {
+            Self::Direct(batches, relu) => {
                 let (x, t, m) = &batches[b];
                 let m = *m;
-                // `E = X W~ᵀ - T`, gradient `Eᵀ X`.
+                // `E = X W~ᵀ - T`, gradient `Eᵀ X`; with a ReLU, `E = relu(X W~ᵀ + b) - T`
+                // and the gradient `(E ⊙ mask)ᵀ X`, the mask where the ReLU passes.
                 let mut e = vec![0f32; groups * m * rows];
+                let mut squares = 0f64;
                 for g in 0..groups {
                     let x = View::new(&x[g * m * k..(g + 1) * m * k], m, k);
                     let out = &mut e[g * m * rows..(g + 1) * m * rows];
                     host::matmul_into(out, x, View::new(&sent[g * w..(g + 1) * w], rows, k).t());
-                    out.iter_mut()
-                        .zip(&t[g * m * rows..(g + 1) * m * rows])
-                        .for_each(|(e, t)| *e -= t);
+                    let t = &t[g * m * rows..(g + 1) * m * rows];
+                    match relu {
+                        None => out.iter_mut().zip(t).for_each(|(e, t)| *e -= t),
+                        Some((relu, bias)) => {
+                            let bias = &bias[g * rows..(g + 1) * rows];
+                            let hi = relu.max.map_or(f32::INFINITY, |max| max as f32);
+                            for (row, t) in out.chunks_exact_mut(rows).zip(t.chunks_exact(rows)) {
+                                for ((e, &t), &bias) in row.iter_mut().zip(t).zip(bias) {
+                                    let z = *e + bias;
+                                    let d = z.clamp(0.0, hi) - t;
+                                    squares += f64::from(d * d);
+                                    *e = if (0.0..=hi).contains(&z) { d } else { 0.0 };
+                                }
+                            }
+                        }
+                    }
                     host::matmul_into(
                         &mut grad_w[g * w..(g + 1) * w],
                         View::new(out, m, rows).t(),
                         x,
                     );
                 }
-                report.then(|| sum(&mut e.iter().map(|&e| e * e)))
+                match relu {
+                    None => report.then(|| sum(&mut e.iter().map(|&e| e * e))),
+                    Some(_) => report.then_some(squares),
+                }
             }
         };
         (rec, grad_w)
@@ -233,7 +258,7 @@ fn step_work<B: Backend>(data: &Data<B>, [groups, rows, k]: [usize; 3]) -> usize
     let per_group = match data {
         Data::Gram(..) => rows.saturating_mul(k).saturating_mul(k),
         // `X W~ᵀ` and `Eᵀ X`.
-        Data::Direct(batches) => batches.first().map_or(0, |(x, _)| {
+        Data::Direct(batches, _) => batches.first().map_or(0, |(x, _)| {
             2usize
                 .saturating_mul(x.dims()[1])
                 .saturating_mul(k)
@@ -263,7 +288,7 @@ impl<B: Backend> Fused<B> {
         layer: QuantizedLayer<B>,
         (inputs, targets): (&[Flow<B>], &[Flow<B>]),
         grams: Option<&gram::Grams<B>>,
-        loss: ReconstructionLoss,
+        (loss, relu): (ReconstructionLoss, Option<Relu>),
         (optimizer, elementwise, default_adam): (Box<dyn AlphaOptimizer<B>>, Elementwise, bool),
     ) -> Self {
         let ada = layer.adarounds()[0].clone();
@@ -279,7 +304,7 @@ impl<B: Backend> Fused<B> {
                 Data::Gram(g.grams.clone(), g.residuals.clone()),
                 g.divisors.clone(),
             ),
-            None => direct_data(matrix, inputs, targets, loss),
+            None => direct_data(matrix, inputs, targets, loss, relu),
         };
         let weights = alpha.shape().num_elements();
         let f32_kernel = alpha.dtype() == DType::F32;
@@ -428,13 +453,26 @@ impl<B: Backend> Fused<B> {
                     None => (report.then(|| (dw * dg.clone()).sum().div_scalar(n)), dg),
                 }
             }
-            Data::Direct(batches) => {
+            Data::Direct(batches, relu) => {
                 let (x, t) = &batches[b];
                 // Patches and targets are cached as rows (`[g, M, K]`, `[g, M, r]`): the
                 // errors are `E = X W~ᵀ - T` and the gradient `Eᵀ X`, so no product
-                // transposes a large operand.
-                let e = matmul(x.clone(), sent.swap_dims(1, 2)) - t.clone();
-                let grad = matmul(e.clone().swap_dims(1, 2), x.clone());
+                // transposes a large operand. With a ReLU, `E = relu(X W~ᵀ + b) - T`, and
+                // the gradient takes `E` only where the ReLU passes.
+                let out = matmul(x.clone(), sent.swap_dims(1, 2));
+                let (e, passed) = match relu {
+                    None => {
+                        let e = out - t.clone();
+                        (e.clone(), e)
+                    }
+                    Some((relu, bias)) => {
+                        let z = out + bias.clone();
+                        let blocked = relu.blocked(&z);
+                        let e = relu.apply(z) - t.clone();
+                        (e.clone(), e.mask_fill(blocked, 0.0))
+                    }
+                };
+                let grad = matmul(passed.swap_dims(1, 2), x.clone());
                 (report.then(|| e.square().sum().div_scalar(n)), grad)
             }
         }
@@ -496,7 +534,7 @@ impl<B: Backend> Fused<B> {
         let n = self.divisors[b];
         let sent = match self.data {
             Data::Gram(..) => soft - self.weight.clone(),
-            Data::Direct(_) => soft,
+            Data::Direct(..) => soft,
         };
         // `grad_w` is `n / 2` times the gradient with respect to W~ (the factor is applied
         // once, at the end).
@@ -595,12 +633,25 @@ fn direct_data<B: Backend>(
     inputs: &[Flow<B>],
     targets: &[Flow<B>],
     loss: ReconstructionLoss,
+    relu: Option<Relu>,
 ) -> (Data<B>, Vec<f64>) {
     let [groups, rows, _] = layer.matrix_dims();
     let mut batches = Vec::with_capacity(inputs.len());
     let mut divisors = Vec::with_capacity(inputs.len());
+    // The bias the outputs add before the ReLU (zeros without one).
+    let relu = relu.map(|relu| {
+        let bias = match layer.bias() {
+            Some(b) => b.reshape([groups, 1, rows]),
+            None => Tensor::zeros([groups, 1, rows], &layer.float_matrix().device()),
+        };
+        (relu, bias)
+    });
     for (x, t) in inputs.iter().zip(targets) {
         let (x, t) = gram::rows_less_bias(layer, x, t);
+        let t = match &relu {
+            Some((relu, bias)) => relu.apply(t + bias.clone()),
+            None => t,
+        };
         let positions = t.dims()[1];
         divisors.push(match loss {
             ReconstructionLoss::Mse => (positions * groups * rows) as f64,
@@ -608,7 +659,7 @@ fn direct_data<B: Backend>(
         });
         batches.push((x, t));
     }
-    (Data::Direct(batches), divisors)
+    (Data::Direct(batches, relu), divisors)
 }
 
 #[cfg(test)]
@@ -640,17 +691,36 @@ mod tests {
         t.into_data().convert::<f32>().to_vec().unwrap()
     }
 
+    /// The ReLUs before the loss the tests try: none, unbounded, bounded.
+    const RELUS: [Option<Relu>; 3] = [
+        None,
+        Some(Relu { max: None }),
+        Some(Relu { max: Some(0.7) }),
+    ];
+
     /// The fused losses and gradient against autodiff's, on the Gram and the direct data,
-    /// with targets from the same inputs and from other inputs (the float model's).
+    /// with targets from the same inputs and from other inputs (the float model's); on the
+    /// direct data also with a ReLU before the loss.
     fn assert_matches_autodiff(layer: QuantizedLayer<B>, x: Flow<B>) {
         let (beta, reg) = (4.0, 0.01);
-        for (loss, target_x) in target_cases(&x) {
+        let cases = target_cases(&x)
+            .into_iter()
+            .flat_map(|case| RELUS.map(|relu| (case.clone(), relu)));
+        for ((loss, target_x), relu) in cases {
             let layer = armed(layer.clone());
             let other = target_x.is_some();
             let target = layer
                 .forward_float_flow(target_x.unwrap_or_else(|| x.clone()))
                 .detach();
-            let rec = reconstruction_loss(layer.forward_flow(x.clone()), target.clone(), loss);
+            let through = |f: Flow<B>| match relu {
+                Some(r) => r.flow(f),
+                None => f,
+            };
+            let rec = reconstruction_loss(
+                through(layer.forward_flow(x.clone())),
+                through(target.clone()),
+                loss,
+            );
             let round = layer.adarounds()[0].rounding_loss(beta).mul_scalar(reg);
             let alpha = layer.adarounds()[0].alpha.clone();
             let expected = values(
@@ -669,10 +739,12 @@ mod tests {
             )
             .unwrap();
             let places = [Elementwise::Device, Elementwise::Host];
-            for (grams, elementwise) in [Some(&grams), None]
-                .into_iter()
-                .flat_map(|g| places.map(|p| (g, p)))
-            {
+            // The Gram form exists only without a ReLU.
+            let data = match relu {
+                None => vec![Some(&grams), None],
+                Some(_) => vec![None],
+            };
+            for (grams, elementwise) in data.into_iter().flat_map(|g| places.map(|p| (g, p))) {
                 let optimizer = SimpleOptimizers(|| AdamConfig::new().build())
                     .fused()
                     .unwrap();
@@ -680,7 +752,7 @@ mod tests {
                     layer.clone(),
                     (std::slice::from_ref(&x), std::slice::from_ref(&target)),
                     grams,
-                    loss,
+                    (loss, relu),
                     (optimizer, elementwise, false),
                 );
                 assert_eq!(fused.host.is_some(), elementwise == Elementwise::Host);
@@ -712,7 +784,7 @@ mod tests {
                     (true, true) => "Gram with residuals",
                     (false, _) => "direct",
                 };
-                let path = format!("{path}, {elementwise:?}");
+                let path = format!("{path}, {elementwise:?}, {relu:?}");
                 assert!(rec > 0.0);
                 assert!(
                     (f_rec - rec).abs() <= 1e-4 * rec,
@@ -734,8 +806,15 @@ mod tests {
                     "{loss:?} {path}: gradients differ by {diff} (scale {scale})"
                 );
             }
-            for grams in [Some(&grams), None] {
-                assert_resident_matches_device(&layer, (&x, &target), grams, loss);
+            match relu {
+                None => {
+                    for grams in [Some(&grams), None] {
+                        assert_resident_matches_device(&layer, (&x, &target), grams, (loss, None));
+                    }
+                }
+                Some(_) => {
+                    assert_resident_matches_device(&layer, (&x, &target), None, (loss, relu))
+                }
             }
         }
     }
@@ -747,7 +826,7 @@ mod tests {
         layer: &QuantizedLayer<B>,
         (x, target): (&Flow<B>, &Flow<B>),
         grams: Option<&gram::Grams<B>>,
-        loss: ReconstructionLoss,
+        loss: (ReconstructionLoss, Option<Relu>),
     ) {
         let data = (std::slice::from_ref(x), std::slice::from_ref(target));
         let [mut on_device, mut resident] =

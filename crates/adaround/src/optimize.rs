@@ -4,7 +4,7 @@ use adaround_core::RoundingStatus;
 use adaround_layers::{probe::Flow, KernelChange, QuantizedLayer, QuantizedReLU};
 use burn::{
     module::AutodiffModule,
-    tensor::{backend::Backend, ElementConversion, Tensor},
+    tensor::{backend::Backend, Bool, ElementConversion, Tensor},
 };
 use log::debug;
 
@@ -25,13 +25,50 @@ pub(crate) struct Unit<'a, B: Backend> {
     pub layer: QuantizedLayer<B>,
     /// The quantized activation the outputs go through (`include_activation`).
     pub activation: Option<QuantizedReLU<B>>,
+    /// The ReLU both outputs go through before the loss (`relu_loss`).
+    pub relu: Option<Relu>,
     /// The layer's inputs, one per batch.
     pub inputs: &'a [Flow<B>],
-    /// The target outputs, one per batch (after `activation`, if any).
+    /// The target outputs, one per batch (after `activation`, if any; before `relu`).
     pub targets: &'a [Flow<B>],
     /// Whether the targets are the float layer on these very inputs (else the Gram form
     /// carries the float kernel's residuals).
     pub same_inputs: bool,
+}
+
+/// The ReLU a layer's outputs and targets go through before the loss
+/// ([`relu_loss`](crate::AdaRoundConfig::relu_loss)): `clip(x, 0, max)`, without an upper
+/// bound when `max` is `None`. Its gradient passes where `0 <= x <= max` (Burn's `clamp`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Relu {
+    pub max: Option<f64>,
+}
+
+impl Relu {
+    /// The ReLU of `t`.
+    pub(crate) fn apply<B: Backend, const D: usize>(self, t: Tensor<B, D>) -> Tensor<B, D> {
+        match self.max {
+            Some(max) => t.clamp(0.0, max),
+            None => t.clamp_min(0.0),
+        }
+    }
+
+    /// The ReLU of a flow.
+    pub(crate) fn flow<B: Backend>(self, f: Flow<B>) -> Flow<B> {
+        f.map(|t| self.apply(t), |t| self.apply(t))
+    }
+
+    /// Where the gradient does not pass: below 0, above `max`.
+    pub(crate) fn blocked<B: Backend, const D: usize>(
+        self,
+        t: &Tensor<B, D>,
+    ) -> Tensor<B, D, Bool> {
+        let below = t.clone().lower_elem(0.0);
+        match self.max {
+            Some(max) => below.bool_or(t.clone().greater_elem(max)),
+            None => below,
+        }
+    }
 }
 
 /// How the caller wants layers optimised, and who hears about it.
@@ -113,10 +150,11 @@ pub(crate) fn flows_finite<B: Backend>(flows: &[Flow<B>]) -> bool {
         .all(|f| adaround_core::all_finite(&f.clone().flatten()))
 }
 
-/// Mean over batches of the MSE between the layer's outputs and the targets.
+/// Mean over batches of the MSE between the layer's outputs and the targets (both through
+/// `relu`, if any).
 pub(crate) fn layer_error<B: Backend>(
     layer: &QuantizedLayer<B>,
-    activation: Option<&QuantizedReLU<B>>,
+    (activation, relu): (Option<&QuantizedReLU<B>>, Option<Relu>),
     inputs: &[Flow<B>],
     targets: &[Flow<B>],
 ) -> f64 {
@@ -125,7 +163,11 @@ pub(crate) fn layer_error<B: Backend>(
         .zip(targets)
         .map(|(x, t)| {
             let out = apply(layer, activation, x.clone());
-            let mse = reconstruction_loss(out, t.clone(), ReconstructionLoss::Mse);
+            let (out, t) = match relu {
+                Some(relu) => (relu.flow(out), relu.flow(t.clone())),
+                None => (out, t.clone()),
+            };
+            let mse = reconstruction_loss(out, t, ReconstructionLoss::Mse);
             mse.into_scalar().elem::<f64>()
         })
         .sum();
@@ -197,7 +239,7 @@ fn histograms<B: Backend>(layer: &QuantizedLayer<B>) -> Vec<Vec<usize>> {
 /// The loss path of a unit: the Gram form needs no activation and a Dense or Conv2D layer;
 /// `Auto` also needs it to be cheaper.
 fn choose_path<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> LossPath {
-    let exact = unit.activation.is_none() && gram::supports(&unit.layer);
+    let exact = unit.activation.is_none() && unit.relu.is_none() && gram::supports(&unit.layer);
     match config.path {
         LossPath::Gram | LossPath::Auto if exact => {
             let (k, positions) = gram::sizes(&unit.layer, &unit.inputs[0]);
@@ -237,13 +279,19 @@ fn build_step<B: Backend>(
             ctx.config.elementwise,
             ctx.optimizers.default_adam(),
         );
-        let mut step = Fused::new(layer, data, grams.as_ref(), ctx.config.loss, optimizer);
+        let loss = (ctx.config.loss, unit.relu);
+        let mut step = Fused::new(layer, data, grams.as_ref(), loss, optimizer);
         step.rates = rates;
         return (Box::new(step), true);
     }
     let data = AutodiffData {
         inputs: unit.inputs.iter().map(lift).collect(),
-        targets: unit.targets.iter().map(lift).collect(),
+        targets: unit
+            .targets
+            .iter()
+            .map(|t| lift(&unit.relu.map_or_else(|| t.clone(), |r| r.flow(t.clone()))))
+            .collect(),
+        relu: unit.relu,
         grams: grams.map(|g| g.map(Tensor::from_inner, Tensor::from_inner)),
         activation: unit
             .activation
@@ -364,7 +412,7 @@ pub(crate) fn optimize_unit<B: Backend>(
     ctx: &mut Context<'_, B>,
 ) -> Result<(LayerReport, QuantizedLayer<B>), AdaRoundError> {
     let config = ctx.config;
-    let act = unit.activation.as_ref();
+    let act = (unit.activation.as_ref(), unit.relu);
     let mut phases = progress::Phases::new(unit.name);
     let err_before = layer_error(&unit.layer, act, unit.inputs, unit.targets);
     ensure_finite(
@@ -394,7 +442,18 @@ pub(crate) fn optimize_unit<B: Backend>(
     let after = histograms(&layer);
     let (finalized, changes) = layer.finalize(config.rounding == FinalRounding::Hard);
     let finalized = match (config.bias_correction, act) {
-        (true, None) => correct_bias(finalized, unit.inputs, unit.targets),
+        (true, (None, None)) => correct_bias(finalized, unit.inputs, unit.targets),
+        // The mean shift is the least-squares bias before the ReLU: kept where it lowers the
+        // error after it.
+        (true, (None, Some(_))) => {
+            let corrected = correct_bias(finalized.clone(), unit.inputs, unit.targets);
+            let error = |l| layer_error(l, act, unit.inputs, unit.targets);
+            if error(&corrected) < error(&finalized) {
+                corrected
+            } else {
+                finalized
+            }
+        }
         _ => finalized,
     };
     let err_final = layer_error(&finalized, act, unit.inputs, unit.targets);

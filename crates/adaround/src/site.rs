@@ -38,6 +38,7 @@ pub(crate) fn optimize_site<B: Backend>(
                 name: &site.name,
                 layer: site.layer.clone(),
                 activation: site.activation.clone(),
+                relu: site.relu,
                 inputs: &data.inputs,
                 targets: &data.targets,
                 same_inputs: data.float_inputs.is_none(),
@@ -80,6 +81,7 @@ fn optimize_split<B: Backend>(
         name: &name,
         layer: dw,
         activation: None,
+        relu: None,
         inputs: &data.inputs,
         targets: &dw_targets,
         same_inputs: float_targets.is_none(),
@@ -104,6 +106,7 @@ fn optimize_split<B: Backend>(
         name: &name,
         layer: pw,
         activation: site.activation.clone(),
+        relu: site.relu,
         inputs: &pw_inputs,
         targets: pw_targets.as_ref().unwrap_or(&data.targets),
         same_inputs: float_targets.is_none(),
@@ -143,7 +146,7 @@ fn merge<B: Backend>(
     [dw, pw]: [LayerReport; 2],
     never_worse: bool,
 ) -> (LayerReport, QuantizedLayer<B>) {
-    let act = site.activation.as_ref();
+    let act = (site.activation.as_ref(), site.relu);
     let err_before = layer_error(&site.layer, act, &data.inputs, &data.targets);
     let err_final = layer_error(&joined, act, &data.inputs, &data.targets);
     let kept_nearest =

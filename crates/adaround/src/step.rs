@@ -153,6 +153,8 @@ pub(crate) struct AutodiffData<B: Backend> {
     pub targets: Vec<Flow<Ad<B>>>,
     pub grams: Option<Grams<Ad<B>>>,
     pub activation: Option<QuantizedReLU<Ad<B>>>,
+    /// The ReLU the outputs go through before the loss (the targets already have).
+    pub relu: Option<crate::optimize::Relu>,
     pub loss: ReconstructionLoss,
 }
 
@@ -209,6 +211,10 @@ impl<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>> AutodiffStep<B, O
                 let out = self.layer.forward_flow(d.inputs[b].clone());
                 let out = match &d.activation {
                     Some(act) => act.forward_flow(out, false),
+                    None => out,
+                };
+                let out = match d.relu {
+                    Some(relu) => relu.flow(out),
                     None => out,
                 };
                 crate::optimize::reconstruction_loss(out, d.targets[b].clone(), d.loss)

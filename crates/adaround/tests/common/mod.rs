@@ -381,6 +381,87 @@ macro_rules! driver_tests {
         }
 
         #[test]
+        fn should_compare_after_the_following_relu_with_relu_loss() {
+            let _seed = crate::seed_lock();
+            // Dense -> plain ReLU (invisible to the driver) -> Dense.
+            #[derive(Module, Debug)]
+            struct Mlp<B: Backend> {
+                fc1: QuantizedDense<B>,
+                fc2: QuantizedDense<B>,
+            }
+            impl<B: Backend> Mlp<B> {
+                fn hidden(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+                    burn::tensor::activation::relu(self.fc1.forward(x))
+                }
+            }
+            B::seed(&device(), 41);
+            let model = materialize(Mlp {
+                fc1: QuantizedDenseConfig::new(12, 16)
+                    .with_quantizer(WeightQuantizer::max_per_axis(2).unwrap())
+                    .init::<B>(&device()),
+                fc2: QuantizedDenseConfig::new(16, 4)
+                    .with_quantizer(q3())
+                    .init::<B>(&device()),
+            });
+            let x = Tensor::<B, 2>::random([64, 12], Distribution::Normal(0.3, 1.0), &device());
+            let forward = |m: &Mlp<B>, x| m.fc2.forward(m.hidden(x));
+            let relu_cfg = |names: &[&str]| {
+                config(30)
+                    .with_relu_loss(true)
+                    .with_relu_layers(names.iter().map(|n| n.to_string()).collect())
+            };
+
+            // Misuse is a clear error, before any layer is optimised.
+            let err = adaround(&model, x.clone(), forward, &relu_cfg(&["fc9"])).unwrap_err();
+            assert_eq!(
+                err,
+                AdaRoundError::UnknownLayer {
+                    name: "fc9".into(),
+                    known: "fc1, fc2".into()
+                }
+            );
+            let lonely = config(30).with_relu_layers(vec!["fc1".into()]);
+            let err = adaround(&model, x.clone(), forward, &lonely).unwrap_err();
+            assert!(matches!(err, AdaRoundError::InvalidConfig(_)), "{err:?}");
+            let both = relu_cfg(&[]).with_include_activation(true);
+            let err = adaround(&model, x.clone(), forward, &both).unwrap_err();
+            assert!(matches!(err, AdaRoundError::InvalidConfig(_)), "{err:?}");
+
+            // The named layer's error is measured after its ReLU (smaller: the ReLU clears
+            // negatives on both sides); the rounding it picks leaves a smaller error after the
+            // ReLU than the plain loss's rounding does.
+            let (with, with_report) =
+                adaround(&model, x.clone(), forward, &relu_cfg(&["fc1"])).unwrap();
+            let (without, without_report) =
+                adaround(&model, x.clone(), forward, &config(30)).unwrap();
+            let [w, wo] = [&with_report, &without_report].map(|r| &r.layers[0]);
+            assert_eq!(w.name, "fc1");
+            assert!(
+                w.err_before < wo.err_before,
+                "{} vs {}",
+                w.err_before,
+                wo.err_before
+            );
+            let float = burn::tensor::activation::relu(model.fc1.forward_float(x.clone()));
+            let after_relu = |m: &Mlp<B>| mse(m.hidden(x.clone()), float.clone());
+            let (e_with, e_without) = (after_relu(&with), after_relu(&without));
+            assert!(e_with < e_without, "{e_with} vs {e_without}");
+            assert!((e_with - w.err_final).abs() <= 1e-4 * w.err_final);
+
+            // A quantized ReLU right after a layer is found without naming it: the conv's
+            // error is measured after it.
+            let net = net(8);
+            let errors = |cfg: &AdaRoundConfig| {
+                let report = adaround(&net, samples(16, 9), |m, x| m.forward(x), cfg)
+                    .unwrap()
+                    .1;
+                report.layers[0].err_before
+            };
+            let found = config(3).with_relu_loss(true);
+            assert!(errors(&found) < errors(&config(3)));
+        }
+
+        #[test]
         fn should_leave_the_callers_model_untouched_on_success_and_on_every_error() {
             let _seed = crate::seed_lock();
             let model = net(12);
