@@ -28,6 +28,10 @@ What it does, from the repository root:
    evaluates the rounded weights on the same model;
 4. prints one table and writes out/aimet/side_by_side.json.
 
+`--orders N` also runs the example with `--order 1` .. `--order N-1` (the same calibration
+images in other fixed orders: which images share a batch, which batch comes first), the
+project's counterpart of AIMET's seeds, and prints both spreads side by side.
+
 Grids: `max` is the reference's symmetric grid `[-kmax, kmax]` with `step = max|w| / kmax`;
 AIMET's signed grid has one more negative level, which neither nearest rounding nor
 AdaRound can reach with that step (`|w| <= kmax * step`), so both sides round on the same
@@ -208,6 +212,12 @@ def accuracy(logits, labels):
 def agreement(logits, float_logits):
     """The share (%) of images on which `logits` predict the float model's class."""
     return accuracy(logits, float_logits.argmax(1))
+
+
+def output_error(logits, float_logits):
+    """The mean squared difference between the logits and the float model's (the model output
+    error the layer-wise reconstruction drives down; finer than agreement)."""
+    return float(((logits - float_logits) ** 2).mean())
 
 
 def levels(bits, grid):
@@ -421,6 +431,7 @@ def aimet_job(job):
         "seed": job["seed"],
         "accuracy": accuracy(logits, job["y_test"]),
         "agreement": agreement(logits, job["float_logits"]),
+        "output_error": output_error(logits, job["float_logits"]),
         "seconds": seconds,
     }
 
@@ -438,6 +449,10 @@ def main():
     )
     parser.add_argument("--skip-ours", action="store_true", help="reuse the example's report")
     parser.add_argument(
+        "--orders", type=int, default=1,
+        help="this project's runs per cell, on the calibration images in that many fixed orders",
+    )
+    parser.add_argument(
         "--aimet-from", nargs="+", default=[], metavar="JSON",
         help="take AIMET's runs from earlier outputs of this script (same model, seeds and "
         "iterations; each cell's nearest accuracy is checked) instead of running AIMET again",
@@ -446,12 +461,18 @@ def main():
     torch.set_num_threads(args.threads)
     spec = SPECS[args.model]
 
-    run = lambda example: subprocess.run(
-        ["cargo", "run", "--release", "--example", example], cwd=ROOT, check=True,
+    run = lambda example, *extra: subprocess.run(
+        ["cargo", "run", "--release", "--example", example, "--", *extra], cwd=ROOT, check=True,
         stdout=subprocess.DEVNULL,
     )
     if not args.skip_ours or not os.path.exists(spec.report):
         run(spec.example)
+    order_reports = []
+    for k in range(1, args.orders):
+        path = os.path.join(os.path.dirname(spec.report), f"report_order{k}.json")
+        if not args.skip_ours or not os.path.exists(path):
+            run(spec.example, "--order", str(k))
+        order_reports.append(json.load(open(path)))
     if spec.name == "digits" and not os.path.exists(FLOAT):
         # The float model in PyTorch layout (also with --skip-ours: it is not a result).
         run("interop")
@@ -500,6 +521,12 @@ def main():
         with torch.no_grad():
             logits = spec.evaluate(nearest(spec, model, scales, lo, hi), x_test, act_max)
         near = accuracy(logits, y_test)
+        near_error = output_error(logits, float_logits)
+        theirs = cell.get("nearest_output_error")
+        if theirs is not None and abs(theirs - near_error) > 1e-3 * near_error:
+            raise SystemExit(
+                f"W{bits} {cell['grid']}: nearest output error {near_error} here, {theirs} in the project"
+            )
         cells.append((cell, near, agreement(logits, float_logits)))
         old = earlier.get((bits, cell["granularity"], cell["scale"], cell["grid"]))
         if old is not None:
@@ -529,9 +556,18 @@ def main():
     else:
         results = [aimet_job(job) for job in jobs]
     rows = []
+    key = lambda c: (c["bits"], c["granularity"], c["scale"], c["grid"])
     for i, (cell, near, near_agreement) in enumerate(cells):
         aimet = reused.get(i) or [r for job, r in zip(jobs, results) if job["cell"] == i]
+        others = [next(c for c in rep["results"] if key(c) == key(cell)) for rep in order_reports]
+        if any(abs(c["nearest_accuracy"] - cell["nearest_accuracy"]) > 1e-9 for c in others):
+            raise SystemExit("a report of another calibration order has another nearest accuracy")
         rows.append({
+            "adaround_project_orders": [cell["adaround_accuracy"]] + [c["adaround_accuracy"] for c in others],
+            "adaround_agreement_project_orders": [cell.get("adaround_agreement")]
+            + [c.get("adaround_agreement") for c in others],
+            "nearest_output_error_project": cell.get("nearest_output_error"),
+            "adaround_output_error_project": cell.get("adaround_output_error"),
             "nearest_agreement_pytorch": near_agreement,
             "nearest_agreement_project": cell.get("nearest_agreement"),
             "adaround_agreement_project": cell.get("adaround_agreement"),
@@ -582,8 +618,13 @@ def main():
                 f"| W{r['bits']} | {r['granularity']} | {r['scale']}, {r['grid']} | {near} | "
                 f"{r['adaround_agreement_project']:.2f} | {aimet_txt} |"
             )
+    print_output_errors(rows, args.seeds)
+    print_counts(rows, args.seeds)
+    if args.orders > 1:
+        print_orders(rows, args.orders, args.seeds)
     os.makedirs(OUT, exist_ok=True)
     meta = {
+        "orders": args.orders,
         "model": spec.name,
         "aimet_from": args.aimet_from,
         "torch": torch.__version__,
@@ -606,6 +647,93 @@ def main():
     if mismatched:
         print(f"{mismatched} cell(s) where nearest rounding differs: not the same grid", file=sys.stderr)
         sys.exit(1)
+
+
+def spread_text(values):
+    """`median (min-max)` of a list of percentages."""
+    v = sorted(values)
+    return f"{float(np.median(v)):.2f} ({v[0]:.2f}-{v[-1]:.2f})"
+
+
+def print_output_errors(rows, seeds):
+    """The model output error against the float model on the test images: nearest, this
+    project, AIMET's seeds."""
+    if any(r["adaround_output_error_project"] is None for r in rows) or any(
+        "output_error" not in a for r in rows for a in r["aimet"]
+    ):
+        return
+    print(
+        f"\nModel output error against the float model (mean squared logit difference), "
+        f"{TEST_SIZE} test images; AIMET: median (range) of {seeds} seed(s)"
+    )
+    print("| weights | granularity | scale, grid | nearest | this project | AIMET AdaRound | AIMET median / this project |")
+    print("|---|---|---|---|---|---|---|")
+    lower = 0
+    for r in rows:
+        ours = r["adaround_output_error_project"]
+        aimet = sorted(a["output_error"] for a in r["aimet"])
+        med = float(np.median(aimet))
+        lower += ours <= aimet[0]
+        print(
+            f"| W{r['bits']} | {r['granularity']} | {r['scale']}, {r['grid']} | "
+            f"{r['nearest_output_error_project']:.4g} | {ours:.4g} | "
+            f"{med:.4g} ({aimet[0]:.4g}-{aimet[-1]:.4g}) | {med / ours:.2f}x |"
+        )
+    print(f"output error: this project <= AIMET's best seed in {lower}/{len(rows)} cells")
+
+
+def print_counts(rows, seeds):
+    """How many cells this project's run (the given calibration order) reaches AIMET's best
+    and median seed, on accuracy and on agreement."""
+    for what, ours_key, aimet_key in [
+        ("accuracy", "adaround_project", "accuracy"),
+        ("agreement", "adaround_agreement_project", "agreement"),
+    ]:
+        pairs = [
+            (r[ours_key], [a[aimet_key] for a in r["aimet"]])
+            for r in rows
+            if r.get(ours_key) is not None and all(aimet_key in a for a in r["aimet"])
+        ]
+        if not pairs:
+            continue
+        best = sum(o >= max(a) - 1e-9 for o, a in pairs)
+        median = sum(o >= float(np.median(a)) - 1e-9 for o, a in pairs)
+        print(
+            f"{what}: this project >= AIMET's best of {seeds} seed(s) in {best}/{len(pairs)} cells, "
+            f">= its median in {median}/{len(pairs)}"
+        )
+
+
+def print_orders(rows, orders, seeds):
+    """This project over `orders` calibration orders next to AIMET over its seeds: median and
+    range per cell, and how many cells each side's median and best reach the other's."""
+    for what, ours_key, aimet_key in [
+        ("accuracy", "adaround_project_orders", "accuracy"),
+        ("agreement with the float model", "adaround_agreement_project_orders", "agreement"),
+    ]:
+        if any(v is None for r in rows for v in r[ours_key]) or any(
+            aimet_key not in a for r in rows for a in r["aimet"]
+        ):
+            continue
+        print(
+            f"\nTest {what} (%), this project over {orders} calibration orders "
+            f"(the given order first) and AIMET over {seeds} seed(s): median (range)"
+        )
+        print("| weights | granularity | scale, grid | this project: given order | this project | AIMET |")
+        print("|---|---|---|---|---|---|")
+        med_ge = best_ge = 0
+        for r in rows:
+            ours, aimet = r[ours_key], [a[aimet_key] for a in r["aimet"]]
+            med_ge += float(np.median(ours)) >= float(np.median(aimet)) - 1e-9
+            best_ge += max(ours) >= max(aimet) - 1e-9
+            print(
+                f"| W{r['bits']} | {r['granularity']} | {r['scale']}, {r['grid']} | {ours[0]:.2f} | "
+                f"{spread_text(ours)} | {spread_text(aimet)} |"
+            )
+        print(
+            f"{what}: this project's median >= AIMET's median in {med_ge}/{len(rows)} cells; "
+            f"its best >= AIMET's best in {best_ge}/{len(rows)}"
+        )
 
 
 if __name__ == "__main__":

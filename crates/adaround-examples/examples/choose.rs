@@ -24,7 +24,7 @@ use adaround::{
     Target,
 };
 use adaround_examples::digits::{
-    accuracy, lcg_permutation, quickstart_config, short_config, train_float, Digits, FloatCnn,
+    accuracy, calibration_order, quickstart_config, short_config, train_float, Digits, FloatCnn,
     Granularity, QuantCnn, Scheme, FIXTURE,
 };
 use burn::{
@@ -314,23 +314,12 @@ fn orders(
     (x, y): &(Tensor<B, 4>, Tensor<B, 1, Int>),
     k: usize,
 ) {
-    let n = calibration.dims()[0];
     let config = quickstart_config();
     let mut cells_all = CELLS.to_vec();
     cells_all.extend(ASYMMETRIC_CELLS);
     // The given order, then shuffles.
     let orders: Vec<Tensor<B, 4>> = (0..k)
-        .map(|order| {
-            let idx: Vec<i64> = match order {
-                0 => (0..n as i64).collect(),
-                _ => lcg_permutation(n, 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(order as u64 + 1))
-                    .into_iter()
-                    .map(|i| i as i64)
-                    .collect(),
-            };
-            let idx = Tensor::<B, 1, Int>::from_data(idx.as_slice(), &calibration.device());
-            calibration.clone().select(0, idx)
-        })
+        .map(|order| calibration_order(calibration.clone(), order))
         .collect();
     let (mut first, mut chosen, mut best, mut mean, mut near_sum) = (0.0, 0.0, 0.0, 0.0, 0.0);
     for &(scheme, granularity) in &cells_all {

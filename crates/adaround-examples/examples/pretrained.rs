@@ -21,10 +21,15 @@
 //! `--validate` instead scores variants of the AdaRound configuration on the training images
 //! that calibration does not use (1 091 images, unlabeled: the score is agreement with the
 //! float model), never on the test images; it is how `bias_correction` was chosen.
+//! `--order K` gives AdaRound the calibration images in another fixed order and writes
+//! `report_order{K}.json` (as the quickstart's).
 
 use adaround::{adaround, AdaRoundReport, Grid, WeightQuantizer};
 use adaround_examples::{
-    digits::{accuracy, agreement, quickstart_config, Digits, Granularity, Scheme},
+    digits::{
+        accuracy, agreement, calibration_order, order_arg, output_error, quickstart_config,
+        report_name, Digits, Granularity, Scheme,
+    },
     usps::{images, QuantUsps, UspsNet, WEIGHTS},
 };
 use burn::tensor::Tensor;
@@ -67,6 +72,11 @@ fn main() {
 
     println!("\n## 3. Fold BatchNorm, quantize (per channel), AdaRound");
     let config = quickstart_config();
+    let order = order_arg();
+    let samples = calibration_order(calibration.clone(), order);
+    if order > 0 {
+        println!("calibration order {order}");
+    }
     let mut rows = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
     let schemes = [
@@ -79,16 +89,18 @@ fn main() {
         let model = QuantUsps::from_float(&float, &quantizer);
         let nearest = model.forward(x_test.clone());
         let (rounded, report) =
-            adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
+            adaround(&model, samples.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
         let ada = rounded.forward(x_test.clone());
         let weights = format!("W{bits} {}", scheme.name());
         rows.push((
             (*scheme, bits),
             weights.clone(),
             accuracy(nearest.clone(), y_test.clone()),
-            agreement(nearest, float_logits.clone()),
+            agreement(nearest.clone(), float_logits.clone()),
+            output_error(nearest, float_logits.clone()),
             accuracy(ada.clone(), y_test.clone()),
-            agreement(ada, float_logits.clone()),
+            agreement(ada.clone(), float_logits.clone()),
+            output_error(ada, float_logits.clone()),
             report.seconds,
         ));
         if let Some(check) = &report.model {
@@ -103,14 +115,15 @@ fn main() {
     );
     println!("| weights | float | nearest | AdaRound | agreement nearest | agreement AdaRound | AdaRound time |");
     println!("|---|---|---|---|---|---|---|");
-    for (_, weights, nearest, agree_n, ada, agree_a, seconds) in &rows {
+    for (_, weights, nearest, agree_n, _, ada, agree_a, _, seconds) in &rows {
         println!(
             "| {weights} | {float_acc:.2} % | {nearest:.2} % | **{ada:.2} %** | {agree_n:.2} % | {agree_a:.2} % | {seconds:.1} s |"
         );
     }
     let json = serde_json::json!({
         "float_accuracy": float_acc,
-        "results": rows.iter().map(|((scheme, bits), _, n, agree_n, a, agree_a, s)| {
+        "calibration_order": order,
+        "results": rows.iter().map(|((scheme, bits), _, n, agree_n, error_n, a, agree_a, error_a, s)| {
             let (scale, grid) = match scheme {
                 Scheme::Max => ("max", Grid::Symmetric),
                 Scheme::Mse(grid) => ("mse", *grid),
@@ -118,12 +131,13 @@ fn main() {
             serde_json::json!({
                 "bits": bits, "granularity": Granularity::PerAxis.name(), "scale": scale,
                 "grid": grid, "nearest_accuracy": n, "adaround_accuracy": a,
-                "nearest_agreement": agree_n, "adaround_agreement": agree_a, "seconds": s
+                "nearest_agreement": agree_n, "adaround_agreement": agree_a,
+                "nearest_output_error": error_n, "adaround_output_error": error_a, "seconds": s
             })
         }).collect::<Vec<_>>(),
         "reports": reports.iter().map(|(w, r)| serde_json::json!({ "weights": w, "report": r })).collect::<Vec<_>>(),
     });
-    let report_path = out.join("report.json");
+    let report_path = out.join(report_name(order));
     std::fs::write(&report_path, serde_json::to_string_pretty(&json).unwrap()).expect("write");
     println!("\nreport: {}", report_path.display());
     println!(

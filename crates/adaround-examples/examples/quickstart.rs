@@ -18,15 +18,19 @@
 //! 6. the results table, the report JSON and two SVG charts under `out/quickstart/`.
 //!
 //! `--train` trains a new float model (about 5 s) instead of loading the committed one;
-//! `--write-fixture` trains and saves it as the new committed model.
+//! `--write-fixture` trains and saves it as the new committed model. `--order K` gives
+//! AdaRound the same calibration images in another fixed order
+//! ([`calibration_order`](adaround_examples::digits::calibration_order)) and writes
+//! `report_order{K}.json` (no charts): the spread over orders is what this project has for
+//! AIMET's random seeds (`benches/aimet_side_by_side.py --orders`).
 
 use std::{path::PathBuf, time::Instant};
 
 use adaround::{adaround, AdaRoundReport, Grid};
 use adaround_examples::{
     digits::{
-        accuracy, agreement, quickstart_config, train_float, Digits, FloatCnn, Granularity,
-        QuantCnn, Scheme, FIXTURE,
+        accuracy, agreement, calibration_order, order_arg, output_error, quickstart_config,
+        report_name, train_float, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
     },
     svg,
 };
@@ -132,13 +136,14 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
                 let model = quant.clone().with_weights(bits, granularity, scheme);
                 let logits = model.forward(x_test.clone());
                 let acc = accuracy(logits.clone(), y_test.clone());
+                let error = output_error(logits.clone(), float_logits.clone());
                 let agree = agreement(logits, float_logits.clone());
                 println!(
                     "W{bits} {} {}: {acc:.2} % (agreement with float {agree:.2} %)",
                     granularity.name(),
                     scheme.name()
                 );
-                rows.push((granularity, scheme, bits, (acc, agree)));
+                rows.push((granularity, scheme, bits, (acc, agree, error)));
             }
         }
     }
@@ -146,16 +151,22 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
     // 5. AdaRound
     println!("\n## 5. AdaRound");
     let config = quickstart_config();
+    let order = order_arg();
+    let samples = calibration_order(calibration.clone(), order);
+    if order > 0 {
+        println!("calibration order {order}");
+    }
     let mut results = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
     for (granularity, scheme, bits, nearest) in rows {
         let model = quant.clone().with_weights(bits, granularity, scheme);
         let (rounded, report) =
-            adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
+            adaround(&model, samples.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
         let logits = rounded.forward(x_test.clone());
         let acc = (
             accuracy(logits.clone(), y_test.clone()),
-            agreement(logits, float_logits.clone()),
+            agreement(logits.clone(), float_logits.clone()),
+            output_error(logits, float_logits.clone()),
         );
         let weights = format!("W{bits} {} {}", granularity.name(), scheme.name());
         println!("{weights}: {:.1} s", report.seconds);
@@ -200,6 +211,7 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
     }
     let json = serde_json::json!({
         "float_accuracy": float_acc,
+        "calibration_order": order,
         "results": results.iter().map(|(granularity, scheme, b, n, a, s)| {
             let (scale, grid) = match scheme {
                 Scheme::Max => ("max", Grid::Symmetric),
@@ -208,14 +220,18 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
             serde_json::json!({
                 "bits": b, "granularity": granularity.name(), "scale": scale, "grid": grid,
                 "nearest_accuracy": n.0, "adaround_accuracy": a.0,
-                "nearest_agreement": n.1, "adaround_agreement": a.1, "seconds": s
+                "nearest_agreement": n.1, "adaround_agreement": a.1,
+                "nearest_output_error": n.2, "adaround_output_error": a.2, "seconds": s
             })
         }).collect::<Vec<_>>(),
         "reports": reports.iter().map(|(w, r)| serde_json::json!({ "weights": w, "report": r })).collect::<Vec<_>>(),
     });
-    let report_path = out.join("report.json");
+    let report_path = out.join(report_name(order));
     std::fs::write(&report_path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     println!("\nreport: {}", report_path.display());
+    if order > 0 {
+        return;
+    }
     let reference: Vec<_> = reports
         .iter()
         .filter(|(w, _)| w.ends_with("per-channel max"))

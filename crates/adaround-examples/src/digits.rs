@@ -321,6 +321,50 @@ pub fn lcg_permutation(n: usize, mut state: u64) -> Vec<usize> {
     order
 }
 
+/// The calibration samples in order `order`: as given for 0, else shuffled by
+/// [`lcg_permutation`] (a fixed shuffle per order, the same on every machine). The examples'
+/// `--order K` and `choose --orders K` measure how far the order of the samples alone (which
+/// samples share a batch, which batch comes first) moves the results.
+pub fn calibration_order<B: Backend, const D: usize>(
+    samples: Tensor<B, D>,
+    order: usize,
+) -> Tensor<B, D> {
+    if order == 0 {
+        return samples;
+    }
+    let n = samples.dims()[0];
+    let idx: Vec<i64> = lcg_permutation(n, 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(order as u64 + 1))
+        .into_iter()
+        .map(|i| i as i64)
+        .collect();
+    let idx = Tensor::<B, 1, Int>::from_data(idx.as_slice(), &samples.device());
+    samples.select(0, idx)
+}
+
+/// The `K` of an example's `--order K` argument (0, the given order, without one).
+pub fn order_arg() -> usize {
+    std::env::args()
+        .skip_while(|a| a != "--order")
+        .nth(1)
+        .map_or(0, |k| k.parse().expect("--order K: a non-negative integer"))
+}
+
+/// The file an example writes its report to: `report.json` for the given order,
+/// `report_order{K}.json` for order `K`.
+pub fn report_name(order: usize) -> String {
+    match order {
+        0 => "report.json".into(),
+        k => format!("report_order{k}.json"),
+    }
+}
+
+/// The mean squared difference between `logits` and `reference` (the model output error
+/// against the float model, finer than [`agreement`]).
+pub fn output_error<B: Backend>(logits: Tensor<B, 2>, reference: Tensor<B, 2>) -> f64 {
+    let mse = (logits - reference).powi_scalar(2).mean().into_scalar();
+    burn::tensor::ElementConversion::elem(mse)
+}
+
 /// The share (%) of rows on which `logits` and `reference` pick the same class (top-1
 /// agreement of a quantized model with the float model).
 pub fn agreement<B: Backend>(logits: Tensor<B, 2>, reference: Tensor<B, 2>) -> f64 {
