@@ -27,8 +27,8 @@
 use adaround::{adaround, AdaRoundReport, Grid, WeightQuantizer};
 use adaround_examples::{
     digits::{
-        accuracy, agreement, calibration_order, order_arg, output_error, quickstart_config,
-        report_name, Digits, Granularity, Scheme,
+        accuracy, agreement, order_arg, output_error, quickstart_config, report_name, Digits,
+        Granularity, Scheme,
     },
     usps::{images, QuantUsps, UspsNet, WEIGHTS},
 };
@@ -72,11 +72,7 @@ fn main() {
 
     println!("\n## 3. Fold BatchNorm, quantize (per channel), AdaRound");
     let config = quickstart_config();
-    let order = order_arg();
-    let samples = calibration_order(calibration.clone(), order);
-    if order > 0 {
-        println!("calibration order {order}");
-    }
+    let (order, samples) = order_arg(calibration.clone());
     let mut rows = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
     let schemes = [

@@ -29,8 +29,8 @@ use std::{path::PathBuf, time::Instant};
 use adaround::{adaround, AdaRoundReport, Grid};
 use adaround_examples::{
     digits::{
-        accuracy, agreement, calibration_order, order_arg, output_error, quickstart_config,
-        report_name, train_float, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
+        accuracy, agreement, order_arg, output_error, quickstart_config, report_name, train_float,
+        Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
     },
     svg,
 };
@@ -151,11 +151,7 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
     // 5. AdaRound
     println!("\n## 5. AdaRound");
     let config = quickstart_config();
-    let order = order_arg();
-    let samples = calibration_order(calibration.clone(), order);
-    if order > 0 {
-        println!("calibration order {order}");
-    }
+    let (order, samples) = order_arg(calibration.clone());
     let mut results = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
     for (granularity, scheme, bits, nearest) in rows {

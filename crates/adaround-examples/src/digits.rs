@@ -341,12 +341,17 @@ pub fn calibration_order<B: Backend, const D: usize>(
     samples.select(0, idx)
 }
 
-/// The `K` of an example's `--order K` argument (0, the given order, without one).
-pub fn order_arg() -> usize {
-    std::env::args()
+/// The `K` of an example's `--order K` argument (0, the given order, without one) and the
+/// calibration samples in that order (said on the console when not the given one).
+pub fn order_arg<B: Backend, const D: usize>(samples: Tensor<B, D>) -> (usize, Tensor<B, D>) {
+    let order = std::env::args()
         .skip_while(|a| a != "--order")
         .nth(1)
-        .map_or(0, |k| k.parse().expect("--order K: a non-negative integer"))
+        .map_or(0, |k| k.parse().expect("--order K: a non-negative integer"));
+    if order > 0 {
+        println!("calibration order {order}");
+    }
+    (order, calibration_order(samples, order))
 }
 
 /// The file an example writes its report to: `report.json` for the given order,

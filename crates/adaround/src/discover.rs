@@ -78,18 +78,7 @@ pub(crate) fn discover<
         if config.include_activation && activation.is_none() {
             return Err(AdaRoundError::NoFollowingActivation { layer: name });
         }
-        // The quantized ReLU found after the layer, in its float form, else a plain ReLU
-        // the caller named.
-        let relu = match &activation {
-            _ if !config.relu_loss => None,
-            Some(act) => Some(Relu {
-                max: Some(act.max_value),
-            }),
-            None => config
-                .relu_layers
-                .contains(&name)
-                .then_some(Relu { max: None }),
-        };
+        let relu = relu_after(config, activation.as_ref(), &name);
         sites.push(Site {
             position,
             name,
@@ -101,18 +90,50 @@ pub(crate) fn discover<
     if sites.is_empty() {
         return Err(AdaRoundError::NoQuantizedLayer);
     }
-    if let Some(name) = config
+    check_relu_layers(config, &sites)?;
+    Ok(sites)
+}
+
+/// The ReLU the loss of layer `name` compares after (`relu_loss`): the quantized ReLU found
+/// after the layer, in its float form, else a plain ReLU the caller named.
+fn relu_after<B: Backend>(
+    config: &AdaRoundConfig,
+    activation: Option<&QuantizedReLU<B>>,
+    name: &str,
+) -> Option<Relu> {
+    match activation {
+        _ if !config.relu_loss => None,
+        Some(act) => Some(Relu {
+            max: Some(act.max_value),
+        }),
+        None => config
+            .relu_layers
+            .iter()
+            .any(|n| n == name)
+            .then_some(Relu { max: None }),
+    }
+}
+
+/// `UnknownLayer` for the first name in `relu_layers` that is not one of `sites`.
+fn check_relu_layers<B: Backend>(
+    config: &AdaRoundConfig,
+    sites: &[Site<B>],
+) -> Result<(), AdaRoundError> {
+    match config
         .relu_layers
         .iter()
         .find(|name| !sites.iter().any(|site| &site.name == *name))
     {
-        let known: Vec<_> = sites.iter().map(|site| site.name.as_str()).collect();
-        return Err(AdaRoundError::UnknownLayer {
+        Some(name) => Err(AdaRoundError::UnknownLayer {
             name: name.clone(),
-            known: known.join(", "),
-        });
+            known: sites
+                .iter()
+                .map(|site| site.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+        None => Ok(()),
     }
-    Ok(sites)
 }
 
 fn same_values<B: Backend>(a: &Flow<B>, b: &Flow<B>) -> bool {

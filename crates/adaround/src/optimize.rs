@@ -236,6 +236,40 @@ fn histograms<B: Backend>(layer: &QuantizedLayer<B>) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// `finalized` with its bias corrected where `correct` asks and the unit allows (not through
+/// a quantized activation), and the layer's error.
+fn with_bias_correction<B: Backend>(
+    unit: &Unit<'_, B>,
+    finalized: QuantizedLayer<B>,
+    correct: bool,
+) -> (QuantizedLayer<B>, f64) {
+    let error = |l: &QuantizedLayer<B>| {
+        layer_error(
+            l,
+            (unit.activation.as_ref(), unit.relu),
+            unit.inputs,
+            unit.targets,
+        )
+    };
+    if !correct || unit.activation.is_some() {
+        let err = error(&finalized);
+        return (finalized, err);
+    }
+    let corrected = correct_bias(finalized.clone(), unit.inputs, unit.targets);
+    let err_corrected = error(&corrected);
+    if unit.relu.is_none() {
+        return (corrected, err_corrected);
+    }
+    // The mean shift is the least-squares bias before the ReLU: kept where it lowers the error
+    // after it.
+    let err = error(&finalized);
+    if err_corrected < err {
+        (corrected, err_corrected)
+    } else {
+        (finalized, err)
+    }
+}
+
 /// The loss path of a unit: the Gram form needs no activation and a Dense or Conv2D layer;
 /// `Auto` also needs it to be cheaper.
 fn choose_path<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> LossPath {
@@ -441,22 +475,7 @@ pub(crate) fn optimize_unit<B: Backend>(
     let err_after = layer_error(&layer, act, unit.inputs, unit.targets);
     let after = histograms(&layer);
     let (finalized, changes) = layer.finalize(config.rounding == FinalRounding::Hard);
-    let finalized = match (config.bias_correction, act) {
-        (true, (None, None)) => correct_bias(finalized, unit.inputs, unit.targets),
-        // The mean shift is the least-squares bias before the ReLU: kept where it lowers the
-        // error after it.
-        (true, (None, Some(_))) => {
-            let corrected = correct_bias(finalized.clone(), unit.inputs, unit.targets);
-            let error = |l| layer_error(l, act, unit.inputs, unit.targets);
-            if error(&corrected) < error(&finalized) {
-                corrected
-            } else {
-                finalized
-            }
-        }
-        _ => finalized,
-    };
-    let err_final = layer_error(&finalized, act, unit.inputs, unit.targets);
+    let (finalized, err_final) = with_bias_correction(&unit, finalized, config.bias_correction);
     let (rec, round) = trace.last;
     ensure_finite(rec.is_finite() && round.is_finite(), unit.name, "losses")?;
     let rounded_finite = finalized
