@@ -56,8 +56,8 @@ pub enum FinalRounding {
 /// its work. The places give the same numbers up to floating-point rounding (tested).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Elementwise {
-    /// [`Elementwise::Resident`] wherever it can run (an `f32` kernel and Burn's default
-    /// Adam): on Burn's CPU backends NdArray and Flex
+    /// [`Elementwise::Resident`] wherever it can run (an `f32` kernel, Burn's default Adam
+    /// and at most 256 MiB of loss data): on Burn's CPU backends NdArray and Flex
     /// ([`Backend::name`](burn::tensor::backend::Backend::name)) whatever the step's size
     /// (1.2-5x faster per step than `Device` or `Host` there in the benchmark), on other backends
     /// for steps of at most [`Elementwise::RESIDENT_MAX_WORK`] multiply-adds, where each
@@ -82,9 +82,10 @@ pub enum Elementwise {
     /// `gemm` crate, Flex's matrix kernels, on rayon's threads) and Adam. The layer's Gram
     /// matrices (or patches and targets) cross to the host once per layer and the rounding
     /// variables go back at log points and at the end: no backend operation runs between.
-    /// Only for `f32` kernels and Burn's Adam with its defaults (the optimizer of
-    /// [`adaround`](crate::adaround) and [`adaround_with_progress`](crate::adaround_with_progress));
-    /// otherwise as [`Elementwise::Host`].
+    /// Only for `f32` kernels, Burn's Adam with its defaults (the optimizer of
+    /// [`adaround`](crate::adaround) and [`adaround_with_progress`](crate::adaround_with_progress))
+    /// and Gram matrices, or patches and targets, of at most 256 MiB; otherwise as
+    /// [`Elementwise::Host`].
     Resident,
 }
 

@@ -99,6 +99,22 @@ struct Resident {
     dims: [usize; 3],
 }
 
+/// Where a step on `data` for a `dims` kernel runs; `resident`: whether its kernel and
+/// optimizer allow the host-resident step. Host-resident only where the data also fits in
+/// [`MAX_RESIDENT_BYTES`]; elsewhere where `elementwise` goes without it (`Resident` asked
+/// for: `Host`; `Auto`: the device on NdArray).
+fn step_place<B: Backend>(
+    elementwise: Elementwise,
+    device: &B::Device,
+    data: &Data<B>,
+    dims: [usize; 3],
+    resident: bool,
+) -> Place {
+    let weights = dims.iter().product();
+    let work = step_work(data, dims);
+    elementwise.place::<B>(device, (weights, work), resident && HostData::fits(data))
+}
+
 /// [`Data`] in host memory.
 enum HostData {
     /// Per batch: `[groups, K, K]` Gram matrices, and the residuals `R` (`[groups, rows, K]`)
@@ -113,8 +129,8 @@ enum HostData {
 const MAX_RESIDENT_BYTES: usize = 256 << 20;
 
 impl HostData {
-    /// The device data in host memory, unless it is larger than [`MAX_RESIDENT_BYTES`].
-    fn of<B: Backend>(data: &Data<B>) -> Option<Self> {
+    /// Whether `data` fits in [`MAX_RESIDENT_BYTES`].
+    fn fits<B: Backend>(data: &Data<B>) -> bool {
         let bytes: usize = match data {
             Data::Gram(grams, residuals) => {
                 grams
@@ -130,7 +146,12 @@ impl HostData {
                 .map(|(x, t)| x.shape().num_elements() + t.shape().num_elements())
                 .sum(),
         } * 4;
-        if bytes > MAX_RESIDENT_BYTES {
+        bytes <= MAX_RESIDENT_BYTES
+    }
+
+    /// The device data in host memory, unless it is larger than [`MAX_RESIDENT_BYTES`].
+    fn of<B: Backend>(data: &Data<B>) -> Option<Self> {
+        if !Self::fits(data) {
             return None;
         }
         Some(match data {
@@ -306,12 +327,13 @@ impl<B: Backend> Fused<B> {
             ),
             None => direct_data(matrix, inputs, targets, loss, relu),
         };
-        let weights = alpha.shape().num_elements();
         let f32_kernel = alpha.dtype() == DType::F32;
         let dims = alpha.dims();
-        let place = elementwise.place::<B>(
+        let place = step_place(
+            elementwise,
             &alpha.device(),
-            (weights, step_work(&data, dims)),
+            &data,
+            dims,
             default_adam && f32_kernel,
         );
         let resident = (place == Place::Resident)
@@ -947,5 +969,25 @@ mod tests {
                 .init::<B>(&device());
             assert_matches_autodiff(QuantizedLayer::Conv2d(conv), Flow::Maps(x.clone()));
         }
+    }
+
+    /// A step whose loss data exceeds [`MAX_RESIDENT_BYTES`] is not host-resident: `Auto`
+    /// takes the place it would take without it (the device, on NdArray).
+    #[test]
+    fn should_not_run_host_resident_on_data_over_the_limit() {
+        type N = burn_ndarray::NdArray<f32>;
+        let d = Default::default();
+        let side = 1 + (((MAX_RESIDENT_BYTES / 4) as f64).sqrt() as usize);
+        let large = Data::<N>::Gram(vec![Tensor::zeros([1, side, side], &d)], None);
+        let small = Data::<N>::Gram(vec![Tensor::zeros([1, side - 1, side - 1], &d)], None);
+        assert!(!HostData::fits(&large));
+        assert!(HostData::fits(&small));
+        let place = |e: Elementwise, data: &Data<N>, resident: bool| {
+            step_place::<N>(e, &d, data, [1, 64, side], resident)
+        };
+        assert_eq!(place(Elementwise::Auto, &large, true), Place::Device);
+        assert_eq!(place(Elementwise::Auto, &small, true), Place::Resident);
+        assert_eq!(place(Elementwise::Auto, &small, false), Place::Device);
+        assert_eq!(place(Elementwise::Resident, &large, true), Place::Host);
     }
 }
