@@ -337,10 +337,7 @@ mod tests {
                 Elementwise::Auto.place::<N>(&d, size, true),
                 Place::Resident
             );
-            assert_eq!(
-                Elementwise::Auto.place::<N>(&d, size, false),
-                Place::Device
-            );
+            assert_eq!(Elementwise::Auto.place::<N>(&d, size, false), Place::Device);
             assert_eq!(
                 Elementwise::Device.place::<N>(&d, size, true),
                 Place::Device
