@@ -149,12 +149,9 @@ impl HostData {
         bytes <= MAX_RESIDENT_BYTES
     }
 
-    /// The device data in host memory, unless it is larger than [`MAX_RESIDENT_BYTES`].
-    fn of<B: Backend>(data: &Data<B>) -> Option<Self> {
-        if !Self::fits(data) {
-            return None;
-        }
-        Some(match data {
+    /// The device data in host memory (the caller checked that it [fits](Self::fits)).
+    fn of<B: Backend>(data: &Data<B>) -> Self {
+        match data {
             Data::Gram(grams, residuals) => Self::Gram(
                 grams.iter().map(|g| host_values(g.clone())).collect(),
                 residuals.as_ref().map(|residuals| {
@@ -172,7 +169,7 @@ impl HostData {
                 relu.as_ref()
                     .map(|(relu, bias)| (*relu, host_values(bias.clone()))),
             ),
-        })
+        }
     }
 }
 
@@ -336,15 +333,13 @@ impl<B: Backend> Fused<B> {
             dims,
             default_adam && f32_kernel,
         );
-        let resident = (place == Place::Resident)
-            .then(|| HostData::of(&data))
-            .flatten()
-            .map(|data| Resident {
-                alpha: host_values(alpha.clone()),
-                adam: host::Adam::burn_default(),
-                data,
-                dims,
-            });
+        // `step_place` chose `Resident` only where the data fits.
+        let resident = (place == Place::Resident).then(|| Resident {
+            alpha: host_values(alpha.clone()),
+            adam: host::Adam::burn_default(),
+            data: HostData::of(&data),
+            dims,
+        });
         // The device copies of a resident step's data are not used again.
         let data = match resident {
             Some(_) => Data::Gram(Vec::new(), None),
