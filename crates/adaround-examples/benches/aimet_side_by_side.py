@@ -28,6 +28,11 @@ What it does, from the repository root:
    evaluates the rounded weights on the same model;
 4. prints one table and writes out/aimet/side_by_side.json.
 
+Both sides see the same test images, so they are also compared image by image: the images
+only this project's run gets right against those only AIMET's best seed gets right, with the
+exact McNemar p-value, per cell (on accuracy, and on agreement with the float model). A
+difference of a few images is not evidence either way; this says which cells' differences are.
+
 `--orders N` also runs the example with `--order 1` .. `--order N-1` (the same calibration
 images in other fixed orders: which images share a batch, which batch comes first), the
 project's counterpart of AIMET's seeds, and prints both spreads side by side.
@@ -433,6 +438,7 @@ def aimet_job(job):
         "agreement": agreement(logits, job["float_logits"]),
         "output_error": output_error(logits, job["float_logits"]),
         "seconds": seconds,
+        "predictions": logits.argmax(1).tolist(),
     }
 
 
@@ -578,6 +584,7 @@ def main():
             "nearest_project": cell["nearest_accuracy"],
             "nearest_pytorch": near,
             "adaround_project": cell["adaround_accuracy"],
+            "adaround_predictions_project": cell.get("adaround_predictions"),
             "seconds_project": cell["seconds"],
             "aimet": aimet,
         })
@@ -620,6 +627,7 @@ def main():
             )
     print_output_errors(rows, args.seeds)
     print_counts(rows, args.seeds)
+    print_paired(rows, y_test.tolist(), float_logits.argmax(1).tolist())
     if args.orders > 1:
         print_orders(rows, args.orders, args.seeds)
     os.makedirs(OUT, exist_ok=True)
@@ -701,6 +709,48 @@ def print_counts(rows, seeds):
         print(
             f"{what}: this project >= AIMET's best of {seeds} seed(s) in {best}/{len(pairs)} cells, "
             f">= its median in {median}/{len(pairs)}"
+        )
+
+
+def mcnemar_exact(b, c):
+    """The two-sided exact McNemar p-value of `b` images only one side gets right against `c`
+    only the other gets right (a binomial test of `min(b, c)` among `b + c` at 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def print_paired(rows, labels, float_classes):
+    """This project's run against each AIMET seed image by image (both models see the same
+    test images): per cell, the images only one side gets right, and the exact McNemar
+    p-value against AIMET's best seed; on accuracy (against the labels) and on agreement
+    (against the float model's classes)."""
+    if any(r.get("adaround_predictions_project") is None for r in rows) or any(
+        "predictions" not in a for r in rows for a in r["aimet"]
+    ):
+        return
+    for what, reference in [("accuracy", labels), ("agreement", float_classes)]:
+        print(
+            f"\nImage by image, {what}: images only this project gets right / only AIMET's "
+            f"best seed gets right, exact McNemar p (two-sided); AIMET's best seed by {what}"
+        )
+        print("| weights | granularity | scale, grid | only this project | only AIMET | p |")
+        print("|---|---|---|---|---|---|")
+        ahead = {"this project": 0, "AIMET": 0}
+        for r in rows:
+            ours = r["adaround_predictions_project"]
+            best = max(r["aimet"], key=lambda a: sum(p == t for p, t in zip(a["predictions"], reference)))
+            b = sum(o == t != a for o, a, t in zip(ours, best["predictions"], reference))
+            c = sum(a == t != o for o, a, t in zip(ours, best["predictions"], reference))
+            p = mcnemar_exact(b, c)
+            if p < 0.05:
+                ahead["this project" if b > c else "AIMET"] += 1
+            print(f"| W{r['bits']} | {r['granularity']} | {r['scale']}, {r['grid']} | {b} | {c} | {p:.3g} |")
+        print(
+            f"{what}: ahead with p < 0.05 against AIMET's best seed: this project in "
+            f"{ahead['this project']}/{len(rows)} cells, AIMET in {ahead['AIMET']}/{len(rows)}"
         )
 
 

@@ -27,8 +27,8 @@
 use adaround::{adaround, AdaRoundReport, Grid, WeightQuantizer};
 use adaround_examples::{
     digits::{
-        accuracy, agreement, order_arg, output_error, quickstart_config, report_name, Digits,
-        Granularity, Scheme,
+        accuracy, agreement, order_arg, output_error, predictions, quickstart_config, report_name,
+        Digits, Granularity, Scheme,
     },
     usps::{images, QuantUsps, UspsNet, WEIGHTS},
 };
@@ -74,6 +74,8 @@ fn main() {
     let config = quickstart_config();
     let (order, samples) = order_arg(calibration.clone());
     let mut rows = Vec::new();
+    // Per row: the class each test image gets, for image-by-image comparisons.
+    let mut predicted = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
     let schemes = [
         Scheme::Max,
@@ -87,6 +89,7 @@ fn main() {
         let (rounded, report) =
             adaround(&model, samples.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
         let ada = rounded.forward(x_test.clone());
+        predicted.push(predictions(ada.clone()));
         let weights = format!("W{bits} {}", scheme.name());
         rows.push((
             (*scheme, bits),
@@ -119,7 +122,7 @@ fn main() {
     let json = serde_json::json!({
         "float_accuracy": float_acc,
         "calibration_order": order,
-        "results": rows.iter().map(|((scheme, bits), _, n, agree_n, error_n, a, agree_a, error_a, s)| {
+        "results": rows.iter().zip(&predicted).map(|(((scheme, bits), _, n, agree_n, error_n, a, agree_a, error_a, s), classes)| {
             let (scale, grid) = match scheme {
                 Scheme::Max => ("max", Grid::Symmetric),
                 Scheme::Mse(grid) => ("mse", *grid),
@@ -128,7 +131,8 @@ fn main() {
                 "bits": bits, "granularity": Granularity::PerAxis.name(), "scale": scale,
                 "grid": grid, "nearest_accuracy": n, "adaround_accuracy": a,
                 "nearest_agreement": agree_n, "adaround_agreement": agree_a,
-                "nearest_output_error": error_n, "adaround_output_error": error_a, "seconds": s
+                "nearest_output_error": error_n, "adaround_output_error": error_a, "seconds": s,
+                "adaround_predictions": classes
             })
         }).collect::<Vec<_>>(),
         "reports": reports.iter().map(|(w, r)| serde_json::json!({ "weights": w, "report": r })).collect::<Vec<_>>(),

@@ -29,8 +29,8 @@ use std::{path::PathBuf, time::Instant};
 use adaround::{adaround, AdaRoundReport, Grid};
 use adaround_examples::{
     digits::{
-        accuracy, agreement, order_arg, output_error, quickstart_config, report_name, train_float,
-        Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
+        accuracy, agreement, order_arg, output_error, predictions, quickstart_config, report_name,
+        train_float, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
     },
     svg,
 };
@@ -162,7 +162,8 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
         let acc = (
             accuracy(logits.clone(), y_test.clone()),
             agreement(logits.clone(), float_logits.clone()),
-            output_error(logits, float_logits.clone()),
+            output_error(logits.clone(), float_logits.clone()),
+            predictions(logits),
         );
         let weights = format!("W{bits} {} {}", granularity.name(), scheme.name());
         println!("{weights}: {:.1} s", report.seconds);
@@ -217,7 +218,8 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
                 "bits": b, "granularity": granularity.name(), "scale": scale, "grid": grid,
                 "nearest_accuracy": n.0, "adaround_accuracy": a.0,
                 "nearest_agreement": n.1, "adaround_agreement": a.1,
-                "nearest_output_error": n.2, "adaround_output_error": a.2, "seconds": s
+                "nearest_output_error": n.2, "adaround_output_error": a.2, "seconds": s,
+                "adaround_predictions": a.3
             })
         }).collect::<Vec<_>>(),
         "reports": reports.iter().map(|(w, r)| serde_json::json!({ "weights": w, "report": r })).collect::<Vec<_>>(),

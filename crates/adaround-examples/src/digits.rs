@@ -385,6 +385,14 @@ pub fn agreement<B: Backend>(logits: Tensor<B, 2>, reference: Tensor<B, 2>) -> f
     100.0 * same as f64 / n as f64
 }
 
+/// The class each row of `logits` picks (top-1), as the reports write it: with the test
+/// labels, side-by-side scripts compare two models image by image.
+pub fn predictions<B: Backend>(logits: Tensor<B, 2>) -> Vec<i64> {
+    let n = logits.dims()[0];
+    let classes = logits.argmax(1).reshape([n]).into_data().convert::<i64>();
+    classes.to_vec().expect("i64 classes")
+}
+
 /// The AdaRound configuration of the quickstart and the examples built on it:
 /// [`AdaRoundConfig::recommended`](adaround::AdaRoundConfig::recommended) (4 000 iterations,
 /// mean squared error against the float model's activations, chosen on held-out validation

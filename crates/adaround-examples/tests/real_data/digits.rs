@@ -2,7 +2,7 @@
 
 use adaround::{adaround, AdaRoundConfig, Grid, ReconstructionLoss, Schedule};
 use adaround_examples::digits::{
-    accuracy, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
+    accuracy, predictions, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
 };
 use burn::{
     module::Module,
@@ -26,6 +26,12 @@ fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
         float_acc > 90.0,
         "the fixture is a trained model: {float_acc}"
     );
+    // The classes the reports write, image by image, give the same accuracy.
+    let classes = predictions(float.forward(x_test.clone()));
+    let labels = y_test.to_data().convert::<i64>().to_vec::<i64>().unwrap();
+    assert_eq!(classes.len(), test.len());
+    let correct = classes.iter().zip(&labels).filter(|(p, l)| p == l).count();
+    assert_eq!(100.0 * correct as f64 / test.len() as f64, float_acc);
 
     let calibration = train.images::<B>(0..256, &device);
     let model = QuantCnn::from_float(&float, 2, Granularity::PerAxis, 8, calibration.clone());
