@@ -14,10 +14,8 @@ float model this script loads.
 """
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -44,11 +42,7 @@ def main():
     for cell in args.cells.split(","):
         bits, grid = int(cell.split(":")[0]), cell.split(":")[1]
         scale = "max" if grid == "Symmetric" else "mse"
-        lo, hi = side.levels(bits, grid)
-        scales = {
-            n: side.scale_factors(getattr(model, n).weight, bits, True, scale, grid)
-            for n in spec.weighted
-        }
+        scales, lo, hi = side.weight_grid(spec, model, bits, True, scale, grid)
         for seed in range(args.seeds):
             jobs.append({
                 "model": spec.name, "float_logits": float_logits, "cell": cell, "seed": seed,
@@ -56,8 +50,7 @@ def main():
                 "hi": hi, "iterations": None, "threads": 1, "calibration": calibration,
                 "x_test": held_out, "y_test": y_held, "act_max": None,
             })
-    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        results = list(pool.map(side.aimet_job, jobs))
+    results = side.run_jobs(jobs, args.jobs)
     print(f"\nAIMET AdaRound (its defaults), {held_out.shape[0]} held-out images, per channel")
     print("| weights | seed | agreement | accuracy | seconds |")
     print("|---|---|---|---|---|")

@@ -415,6 +415,28 @@ def aimet_adaround(spec, model, calibration, bits, per_channel, grid, scales, se
     return rounded.eval(), seconds
 
 
+def weight_grid(spec, model, bits, per_channel, scale, grid):
+    """Each weighted layer's scale factors (and offsets) for `scale` on `grid`, and the
+    grid's lowest and highest code."""
+    lo, hi = levels(bits, grid)
+    scales = {
+        n: scale_factors(getattr(model, n).weight, bits, per_channel, scale, grid)
+        for n in spec.weighted
+    }
+    return scales, lo, hi
+
+
+def run_jobs(jobs, processes):
+    """`aimet_job` on each job, `processes` at a time."""
+    if processes <= 1:
+        return [aimet_job(job) for job in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(aimet_job, jobs))
+
+
 def aimet_job(job):
     """One AIMET run in its own process (`--jobs`): returns the test accuracy, the agreement
     with the float model and seconds."""
@@ -519,11 +541,7 @@ def main():
         if bits not in bits_list or cell["grid"] not in args.grids.split(","):
             continue
         per_channel = cell["granularity"] == "per-channel"
-        lo, hi = levels(bits, cell["grid"])
-        scales = {
-            n: scale_factors(getattr(model, n).weight, bits, per_channel, cell["scale"], cell["grid"])
-            for n in spec.weighted
-        }
+        scales, lo, hi = weight_grid(spec, model, bits, per_channel, cell["scale"], cell["grid"])
         with torch.no_grad():
             logits = spec.evaluate(nearest(spec, model, scales, lo, hi), x_test, act_max)
         near = accuracy(logits, y_test)
@@ -553,14 +571,7 @@ def main():
         f"{len(jobs)} AIMET runs, {args.jobs} at a time, {args.threads} thread(s) each; "
         f"{len(reused)} cell(s) from earlier runs", flush=True,
     )
-    if args.jobs > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            results = list(pool.map(aimet_job, jobs))
-    else:
-        results = [aimet_job(job) for job in jobs]
+    results = run_jobs(jobs, args.jobs)
     rows = []
     key = lambda c: (c["bits"], c["granularity"], c["scale"], c["grid"])
     for i, (cell, near, near_agreement) in enumerate(cells):
@@ -723,10 +734,10 @@ def mcnemar_exact(b, c):
 
 
 def print_paired(rows, labels, float_classes):
-    """This project's run against each AIMET seed image by image (both models see the same
-    test images): per cell, the images only one side gets right, and the exact McNemar
-    p-value against AIMET's best seed; on accuracy (against the labels) and on agreement
-    (against the float model's classes)."""
+    """This project's run against AIMET's best seed image by image (both models see the same
+    test images): per cell, the images only one side gets right and the exact McNemar
+    p-value; on accuracy (against the labels) and on agreement (against the float model's
+    classes), the best seed picked by each."""
     if any(r.get("adaround_predictions_project") is None for r in rows) or any(
         "predictions" not in a for r in rows for a in r["aimet"]
     ):
