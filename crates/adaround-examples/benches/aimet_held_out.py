@@ -33,8 +33,8 @@ def main():
     model = spec.load()
     images, labels = side.load_digits()
     train, _test = side.split(len(labels), side.TEST_SIZE, 7)
-    calibration = spec.to_input(images[train[: side.CALIBRATION]])
-    held_out = spec.to_input(images[train[side.CALIBRATION :]])
+    calibration = side.usps_images(images[train[: side.CALIBRATION]])
+    held_out = side.usps_images(images[train[side.CALIBRATION :]])
     y_held = torch.from_numpy(labels[train[side.CALIBRATION :]])
     with torch.no_grad():
         float_logits = model(held_out)

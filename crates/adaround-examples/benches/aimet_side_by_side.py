@@ -4,8 +4,14 @@
     python3 -m venv .venv && .venv/bin/pip install torch aimet-torch safetensors
     .venv/bin/python crates/adaround-examples/benches/aimet_side_by_side.py [--seeds 3]
     .venv/bin/python crates/adaround-examples/benches/aimet_side_by_side.py --model usps [--seeds 3]
+    .venv/bin/python crates/adaround-examples/benches/aimet_side_by_side.py --model fashion [--seeds 3]
 
-`--model digits` (the default) is the quickstart's CNN, described below. `--model usps` is
+`--model digits` (the default) is the quickstart's CNN, described below. `--model fashion` is
+the `fashion_mnist` example's separable CNN (trained in that run; it writes the float model,
+out/fashion_mnist/float.json, the activation ranges and its results), on the 10 000
+Fashion-MNIST test images (Debian's `dataset-fashion-mnist`), 1 024 calibration images and
+8-bit activations; there the depthwise kernels are quantized per tensor at either
+granularity, as in the example. `--model usps` is
 the `pretrained` example's model, trained by someone else (the USPS classifier of the
 `ccexam` package; Conv2D + BatchNorm twice, two Dense layers): the example writes its
 BatchNorm-folded float weights (out/pretrained/usps_folded.json) and its results
@@ -51,6 +57,7 @@ the float model's outputs of each layer.
 """
 
 import argparse
+from fractions import Fraction
 import gzip
 import json
 import math
@@ -70,6 +77,11 @@ FLOAT = os.path.join(ROOT, "out/interop/digits_float.safetensors")
 REPORT = os.path.join(ROOT, "out/quickstart/report.json")
 USPS_FLOAT = os.path.join(ROOT, "out/pretrained/usps_folded.json")
 USPS_REPORT = os.path.join(ROOT, "out/pretrained/report.json")
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_FLOAT = os.path.join(ROOT, "out/fashion_mnist/float.json")
+FASHION_REPORT = os.path.join(ROOT, "out/fashion_mnist/report.json")
+FASHION_TRAIN = 20_000
+FASHION_CALIBRATION = 1024
 OUT = os.path.join(ROOT, "out/aimet")
 
 TEST_SIZE = 450
@@ -164,9 +176,10 @@ class UspsFolded(nn.Module):
         return self.fc2(self.relu3(self.fc1(torch.flatten(x, 1))))
 
 
-def load_usps():
-    tensors = json.load(open(USPS_FLOAT))
-    model = UspsFolded()
+def load_json(net, path):
+    """`net` with the weights an example wrote as `{name: {"shape", "values"}}` (PyTorch layout)."""
+    tensors = json.load(open(path))
+    model = net()
     model.load_state_dict(
         {
             k: torch.tensor(np.array(v["values"], dtype=np.float32).reshape(v["shape"]["dims"]))
@@ -174,6 +187,55 @@ def load_usps():
         }
     )
     return model.eval()
+
+
+class FashionCnn(nn.Module):
+    """The `fashion_mnist` example's float CNN: conv 1->16 (3x3), separable 16->32 and 32->64
+    (3x3, stride 2), each then ReLU, dense 3136->10."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.dw1 = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)
+        self.pw1 = nn.Conv2d(16, 32, 1)
+        self.dw2 = nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32, bias=False)
+        self.pw2 = nn.Conv2d(32, 64, 1)
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.fc = nn.Linear(64 * 7 * 7, 10)
+
+    def forward(self, x):
+        x = self.relu1(self.conv(x))
+        x = self.relu2(self.pw1(self.dw1(x)))
+        x = self.relu3(self.pw2(self.dw2(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def read_idx(name):
+    """One gzipped IDX file of Fashion-MNIST as a uint8 array."""
+    data = gzip.open(os.path.join(FASHION_DIR, name)).read()
+    rank = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(rank)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
+
+
+def fashion_data():
+    """The example's test images and labels and its calibration images (training images
+    20 000 .. 21 023), pixels / 255."""
+    to_input = lambda a: torch.from_numpy(a.astype(np.float32) / np.float32(255.0)).reshape(-1, 1, 28, 28)
+    x_test = to_input(read_idx("t10k-images-idx3-ubyte.gz"))
+    y_test = torch.from_numpy(read_idx("t10k-labels-idx1-ubyte.gz").astype(np.int64))
+    train = read_idx("train-images-idx3-ubyte.gz")
+    calibration = to_input(train[FASHION_TRAIN:FASHION_TRAIN + FASHION_CALIBRATION])
+    return x_test, y_test, calibration
+
+
+def digits_data(to_input):
+    """The quickstart's split of the embedded digits: test images, labels, calibration images."""
+    images, labels = load_digits()
+    train, test = split(len(labels), TEST_SIZE, 7)
+    return (
+        to_input(images[test]), torch.from_numpy(labels[test]), to_input(images[train[:CALIBRATION]])
+    )
 
 
 def usps_images(images):
@@ -184,16 +246,19 @@ def usps_images(images):
 
 
 class Spec:
-    """What differs between the two models: the network, its weighted layers, its data, and
-    how it is evaluated (`evaluate(model, x, act_max)` -> logits)."""
+    """What differs between the models: the network, its weighted layers (those in
+    `per_tensor` per tensor at either granularity), its data (`data()` -> test images, labels,
+    calibration images), and how it is evaluated (`forward(model, x, act_max)` -> logits with
+    8-bit activations, or None for float activations)."""
 
-    def __init__(self, name, net, weighted, load, report, example, shape, act_quant, to_input):
+    def __init__(self, name, net, weighted, load, report, example, shape, forward, data, per_tensor=()):
         self.name, self.net, self.weighted, self.load = name, net, weighted, load
         self.report, self.example, self.shape = report, example, shape
-        self.act_quant, self.to_input = act_quant, to_input
+        self.forward, self.data, self.per_tensor = forward, data, per_tensor
+        self.act_quant = forward is not None
 
     def evaluate(self, model, x, act_max):
-        return quantized_forward(model, x, act_max) if self.act_quant else model(x)
+        return self.forward(model, x, act_max) if self.act_quant else model(x)
 
 
 def quantized_relu(x, max_value):
@@ -207,6 +272,14 @@ def quantized_forward(model, x, act_max):
     """The project's `QuantCnn::forward`: the model's weights, activations at 8 bits."""
     x = quantized_relu(model.conv(x), act_max[0])
     x = quantized_relu(model.pointwise(model.depthwise(x)), act_max[1])
+    return model.fc(torch.flatten(x, 1))
+
+
+def fashion_forward(model, x, act_max):
+    """The `fashion_mnist` example's `QuantNet::forward`: activations at 8 bits."""
+    x = quantized_relu(model.conv(x), act_max[0])
+    x = quantized_relu(model.pw1(model.dw1(x)), act_max[1])
+    x = quantized_relu(model.pw2(model.dw2(x)), act_max[2])
     return model.fc(torch.flatten(x, 1))
 
 
@@ -309,12 +382,18 @@ def scale_factors(weight, bits, per_channel, scale, grid):
 SPECS = {
     "digits": Spec(
         "digits", DigitsCnn, ["conv", "depthwise", "pointwise", "fc"], lambda: load_float(),
-        REPORT, "quickstart", (1, 1, 8, 8), True,
-        lambda images: torch.from_numpy(images / 16.0).reshape(-1, 1, 8, 8).float(),
+        REPORT, "quickstart", (1, 1, 8, 8), quantized_forward,
+        lambda: digits_data(lambda images: torch.from_numpy(images / 16.0).reshape(-1, 1, 8, 8).float()),
+    ),
+    "fashion": Spec(
+        "fashion", FashionCnn, ["conv", "dw1", "pw1", "dw2", "pw2", "fc"],
+        lambda: load_json(FashionCnn, FASHION_FLOAT), FASHION_REPORT, "fashion_mnist",
+        (1, 1, 28, 28), fashion_forward, fashion_data, per_tensor=("dw1", "dw2"),
     ),
     "usps": Spec(
-        "usps", UspsFolded, ["conv1", "conv2", "fc1", "fc2"], lambda: load_usps(),
-        USPS_REPORT, "pretrained", (1, 1, 16, 16), False, usps_images,
+        "usps", UspsFolded, ["conv1", "conv2", "fc1", "fc2"],
+        lambda: load_json(UspsFolded, USPS_FLOAT), USPS_REPORT, "pretrained", (1, 1, 16, 16),
+        None, lambda: digits_data(usps_images),
     ),
 }
 
@@ -399,8 +478,10 @@ def aimet_adaround(spec, model, calibration, bits, per_channel, grid, scales, se
     for name in spec.weighted:
         quantizer = getattr(sim.model, name).param_quantizers["weight"]
         sf, o = scales[name]
-        step = (1.0 / sf).reshape(quantizer.min.shape)
-        o = o.reshape(quantizer.min.shape)
+        # A layer quantized per tensor under a per-channel configuration gets its one scale
+        # on every channel.
+        step = torch.broadcast_to((1.0 / sf).reshape(-1), (quantizer.min.numel(),)).reshape(quantizer.min.shape)
+        o = torch.broadcast_to(o.reshape(-1), (quantizer.min.numel(),)).reshape(quantizer.min.shape)
         quantizer.set_range((qmin + o) * step, (qmax + o) * step)
         got = quantizer.get_scale().reshape(-1)
         if not torch.allclose(got, step.reshape(-1), rtol=1e-5, atol=0):
@@ -420,7 +501,9 @@ def weight_grid(spec, model, bits, per_channel, scale, grid):
     grid's lowest and highest code."""
     lo, hi = levels(bits, grid)
     scales = {
-        n: scale_factors(getattr(model, n).weight, bits, per_channel, scale, grid)
+        n: scale_factors(
+            getattr(model, n).weight, bits, per_channel and n not in spec.per_tensor, scale, grid
+        )
         for n in spec.weighted
     }
     return scales, lo, hi
@@ -482,8 +565,9 @@ def main():
     )
     parser.add_argument(
         "--aimet-from", nargs="+", default=[], metavar="JSON",
-        help="take AIMET's runs from earlier outputs of this script (same model, seeds and "
-        "iterations; each cell's nearest accuracy is checked) instead of running AIMET again",
+        help="take AIMET's runs from earlier outputs of this script (same model and "
+        "iterations, at most --seeds seeds; each cell's nearest accuracy is checked) instead "
+        "of running AIMET again; only the seeds they lack run",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -506,32 +590,31 @@ def main():
         run("interop")
     ours = json.load(open(spec.report))
 
-    images, labels = load_digits()
-    train, test = split(len(labels), TEST_SIZE, 7)
-    x_test = spec.to_input(images[test])
-    y_test = torch.from_numpy(labels[test])
-    calibration = spec.to_input(images[train[:CALIBRATION]])
+    x_test, y_test, calibration = spec.data()
+    test_size = len(y_test)
 
     model = spec.load()
     act_max = None
     with torch.no_grad():
         float_logits = model(x_test)
         float_acc = accuracy(float_logits, y_test)
-        if spec.act_quant:
+        if spec.name == "digits":
             a1 = torch.relu(model.conv(calibration))
             a2 = torch.relu(model.pointwise(model.depthwise(a1)))
             act_max = (float(a1.max()), float(a2.max()))
+        elif spec.act_quant:
+            act_max = tuple(ours["activation_max"])
     print(f"float accuracy: PyTorch {float_acc:.2f} %, project {ours['float_accuracy']:.2f} %")
     if abs(float_acc - ours["float_accuracy"]) > 1e-9:
         raise SystemExit("the PyTorch model is not the project's float model")
 
     earlier = {}
     for path in args.aimet_from:
-        old = json.load(open(path))
-        if old.get("model", "digits") != spec.name or old["seeds"] != args.seeds or (
+        old = json.load((gzip.open if path.endswith(".gz") else open)(path, "rt"))
+        if old.get("model", "digits") != spec.name or old["seeds"] > args.seeds or (
             old["aimet_iterations"] != (args.iterations or "AIMET default")
         ):
-            raise SystemExit(f"{path}: another model, number of seeds or iterations")
+            raise SystemExit(f"{path}: another model, more seeds than --seeds, or other iterations")
         for r in old["rows"]:
             earlier[(r["bits"], r["granularity"], r["scale"], r["grid"])] = r
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -557,8 +640,8 @@ def main():
             if abs(old["nearest_pytorch"] - near) > 1e-9:
                 raise SystemExit(f"the earlier AIMET run of W{bits} {cell['grid']} had another nearest accuracy")
             reused[len(cells) - 1] = old["aimet"]
-            continue
-        for seed in range(args.seeds):
+        # Seeds an earlier run has are reused; the others run (AIMET's seeds are fixed).
+        for seed in range(len(reused.get(len(cells) - 1, [])), args.seeds):
             jobs.append({
                 "model": spec.name, "float_logits": float_logits,
                 "cell": len(cells) - 1, "seed": seed, "bits": bits, "per_channel": per_channel,
@@ -575,7 +658,7 @@ def main():
     rows = []
     key = lambda c: (c["bits"], c["granularity"], c["scale"], c["grid"])
     for i, (cell, near, near_agreement) in enumerate(cells):
-        aimet = reused.get(i) or [r for job, r in zip(jobs, results) if job["cell"] == i]
+        aimet = reused.get(i, []) + [r for job, r in zip(jobs, results) if job["cell"] == i]
         others = [next(c for c in rep["results"] if key(c) == key(cell)) for rep in order_reports]
         if any(abs(c["nearest_accuracy"] - cell["nearest_accuracy"]) > 1e-9 for c in others):
             raise SystemExit("a report of another calibration order has another nearest accuracy")
@@ -600,7 +683,7 @@ def main():
             "aimet": aimet,
         })
 
-    print(f"\nTest accuracy (%), {TEST_SIZE} images; float {float_acc:.2f} %; AIMET: best of {args.seeds} seed(s)")
+    print(f"\nTest accuracy (%), {test_size} images; float {float_acc:.2f} %; AIMET: best of {args.seeds} seed(s)")
     print("| weights | granularity | scale, grid | nearest (both) | this project | AIMET AdaRound | project s | AIMET s | time ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     mismatched = 0
@@ -618,7 +701,7 @@ def main():
             f"{aimet_s / r['seconds_project']:.0f}x |"
         )
     if all(r["nearest_agreement_project"] is not None for r in rows):
-        print(f"\nAgreement with the float model (%), {TEST_SIZE} images; AIMET: best of {args.seeds} seed(s)")
+        print(f"\nAgreement with the float model (%), {test_size} images; AIMET: best of {args.seeds} seed(s)")
         print("| weights | granularity | scale, grid | nearest (both) | this project | AIMET AdaRound |")
         print("|---|---|---|---|---|---|")
         for r in rows:
@@ -636,7 +719,7 @@ def main():
                 f"| W{r['bits']} | {r['granularity']} | {r['scale']}, {r['grid']} | {near} | "
                 f"{r['adaround_agreement_project']:.2f} | {aimet_txt} |"
             )
-    print_output_errors(rows, args.seeds)
+    print_output_errors(rows, args.seeds, test_size)
     print_counts(rows, args.seeds)
     print_paired(rows, y_test.tolist(), float_logits.argmax(1).tolist())
     if args.orders > 1:
@@ -674,7 +757,7 @@ def spread_text(values):
     return f"{float(np.median(v)):.2f} ({v[0]:.2f}-{v[-1]:.2f})"
 
 
-def print_output_errors(rows, seeds):
+def print_output_errors(rows, seeds, test_size):
     """The model output error against the float model on the test images: nearest, this
     project, AIMET's seeds."""
     if any(r["adaround_output_error_project"] is None for r in rows) or any(
@@ -683,7 +766,7 @@ def print_output_errors(rows, seeds):
         return
     print(
         f"\nModel output error against the float model (mean squared logit difference), "
-        f"{TEST_SIZE} test images; AIMET: median (range) of {seeds} seed(s)"
+        f"{test_size} test images; AIMET: median (range) of {seeds} seed(s)"
     )
     print("| weights | granularity | scale, grid | nearest | this project | AIMET AdaRound | AIMET median / this project |")
     print("|---|---|---|---|---|---|---|")
@@ -729,8 +812,9 @@ def mcnemar_exact(b, c):
     n = b + c
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
+    # Exact integers: 2^n overflows a float beyond about a thousand discordant images.
+    tail = Fraction(sum(math.comb(n, k) for k in range(min(b, c) + 1)), 2**n)
+    return min(1.0, float(2 * tail))
 
 
 def print_paired(rows, labels, float_classes):

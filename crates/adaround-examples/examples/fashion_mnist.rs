@@ -4,12 +4,20 @@
 //! ```sh
 //! sudo apt-get install dataset-fashion-mnist     # IDX files under /usr/share/datasets/fashion-mnist/
 //! cargo run --release --example fashion_mnist [-- DIR]
+//! cargo run --release --example fashion_mnist -- --float out/fashion_mnist/float.bin --validate
 //! ```
 //!
 //! Sections: 1. load the data; 2. train the float CNN (Conv2D -> SeparableConv2D ->
 //! SeparableConv2D -> Dense) on the first 20 000 training images for 2 epochs; 3. convert to
 //! quantized layers (8-bit activations); 4. nearest and AdaRound at each bitwidth and
 //! granularity; 5. the table, `out/fashion_mnist/report.json` and the charts.
+//!
+//! It also writes the float model (`out/fashion_mnist/float.bin`, which `--float` loads
+//! instead of training again, and in PyTorch's layout `float.json`), and the report holds
+//! the activation ranges and each setting's classes per test image, for the side-by-side with
+//! AIMET (`benches/aimet_side_by_side.py --model fashion`). `--validate` scores variants of
+//! the AdaRound configuration on 5 000 training images that neither training nor calibration
+//! uses (`--only NAME,..` picks variants), without looking at the test images.
 
 use std::{io::Read, path::PathBuf, time::Instant};
 
@@ -19,9 +27,12 @@ use adaround::{
         QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
         QuantizedSeparableConv2d,
     },
-    AdaRoundConfig, AdaRoundReport, Grid, WeightQuantizer,
+    AdaRoundConfig, AdaRoundReport, Grid, Schedule, WeightQuantizer,
 };
-use adaround_examples::{digits::accuracy, svg};
+use adaround_examples::{
+    digits::{accuracy, agreement, output_error, predictions},
+    svg, tensor_json,
+};
 use burn::{
     module::{AutodiffModule, Module},
     nn::{
@@ -30,6 +41,7 @@ use burn::{
         Linear, LinearConfig, PaddingConfig2d, Relu,
     },
     optim::{AdamConfig, GradientsParams, Optimizer},
+    record::{BinFileRecorder, FullPrecisionSettings},
     tensor::{
         backend::{AutodiffBackend, Backend},
         ElementConversion, Int, Tensor, TensorData,
@@ -238,11 +250,78 @@ impl<B: Backend> QuantNet<B> {
     }
 }
 
+/// The command line: `[DIR] [--float PATH] [--validate [--only NAME,..]]`.
+struct Args {
+    dir: PathBuf,
+    /// A float model saved by an earlier run (`out/fashion_mnist/float.bin`), instead of
+    /// training one.
+    float: Option<String>,
+    /// Score configuration variants on validation images instead of the test run.
+    validate: bool,
+    /// With `validate`, the variants to run (comma-separated names).
+    only: Option<String>,
+}
+
+impl Args {
+    fn parse() -> Self {
+        let mut args = Args {
+            dir: PathBuf::from(DEFAULT_DIR),
+            float: None,
+            validate: false,
+            only: None,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--float" => args.float = it.next(),
+                "--validate" => args.validate = true,
+                "--only" => args.only = it.next(),
+                _ if a.starts_with("--") => {
+                    eprintln!(
+                        "unknown option {a}: [DIR] [--float PATH] [--validate [--only NAME,..]]"
+                    );
+                    std::process::exit(2);
+                }
+                _ => args.dir = PathBuf::from(a),
+            }
+        }
+        args
+    }
+}
+
+/// Every setting of the run: (bits, per axis, `Some(grid)` for the error-minimising scale
+/// or `None` for the max scale); W4 with the max scale only.
+fn settings() -> Vec<(u32, bool, Option<Grid>)> {
+    let grids = [None, Some(Grid::FullRange), Some(Grid::Asymmetric)];
+    let mut out = Vec::new();
+    for grid in grids {
+        for per_axis in [true, false] {
+            for bits in [4, 3, 2] {
+                if grid.is_none() || bits < 4 {
+                    out.push((bits, per_axis, grid));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `W3 per-axis mse full-range` and the like.
+fn label(bits: u32, per_axis: bool, mse: Option<Grid>) -> String {
+    format!(
+        "W{bits} {}{}",
+        if per_axis { "per-axis" } else { "per-tensor" },
+        match mse {
+            None => "",
+            Some(Grid::Asymmetric) => " mse asymmetric",
+            Some(_) => " mse full-range",
+        }
+    )
+}
+
 fn main() {
-    let dir = std::env::args()
-        .nth(1)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+    let args = Args::parse();
+    let dir = args.dir.clone();
     let (train, test) = match (load(&dir, "train"), load(&dir, "t10k")) {
         (Ok(train), Ok(test)) => (train, test),
         (Err(e), _) | (_, Err(e)) => {
@@ -252,39 +331,51 @@ fn main() {
             std::process::exit(2);
         }
     };
-    run::<Autodiff>(&Default::default(), train, test);
+    run::<Autodiff>(&args, &Default::default(), train, test);
 }
 
-fn eval<B: Backend>(
+/// The logits of `model` on the images `range` of `split`, 1 000 at a time.
+fn logits<B: Backend>(
     model: impl Fn(Tensor<B, 4>) -> Tensor<B, 2>,
-    test: &Split,
+    split: &Split,
+    range: std::ops::Range<usize>,
     device: &B::Device,
-) -> f64 {
+) -> Tensor<B, 2> {
     let mut logits = Vec::new();
-    for start in (0..test.len()).step_by(1000) {
+    for start in range.clone().step_by(1000) {
         logits.push(model(
-            test.images::<B>(start..(start + 1000).min(test.len()), device),
+            split.images::<B>(start..(start + 1000).min(range.end), device),
         ));
     }
-    accuracy(
-        Tensor::cat(logits, 0),
-        test.labels::<B>(0..test.len(), device),
-    )
+    Tensor::cat(logits, 0)
 }
 
-fn run<B: AutodiffBackend>(device: &B::Device, train: Split, test: Split) {
-    let out = PathBuf::from("out/fashion_mnist");
-    std::fs::create_dir_all(&out).unwrap();
-    // 1. Data
-    println!(
-        "## 1. Load data\nFashion-MNIST: {} train / {} test images of 28x28",
-        train.len(),
-        test.len()
+/// The float model's kernels and biases in PyTorch's layout (Linear kernels `[out, in]`).
+fn float_json<B: Backend>(model: &FloatNet<B>) -> serde_json::Value {
+    let conv = |c: &Conv2d<B>, name: &str, json: &mut serde_json::Map<_, _>| {
+        json.insert(format!("{name}.weight"), tensor_json(c.weight.val()));
+        if let Some(b) = &c.bias {
+            json.insert(format!("{name}.bias"), tensor_json(b.val()));
+        }
+    };
+    let mut json = serde_json::Map::new();
+    conv(&model.conv, "conv", &mut json);
+    conv(&model.dw1, "dw1", &mut json);
+    conv(&model.pw1, "pw1", &mut json);
+    conv(&model.dw2, "dw2", &mut json);
+    conv(&model.pw2, "pw2", &mut json);
+    json.insert(
+        "fc.weight".into(),
+        tensor_json(model.fc.weight.val().transpose()),
     );
+    let bias = model.fc.bias.as_ref().expect("the Dense layer has a bias");
+    json.insert("fc.bias".into(), tensor_json(bias.val()));
+    json.into()
+}
 
-    // 2. Float model
+/// Trains the float CNN on the first [`TRAIN_IMAGES`] training images (section 2).
+fn train_float<B: AutodiffBackend>(train: &Split, device: &B::Device) -> FloatNet<B> {
     println!("\n## 2. Train the float CNN on {TRAIN_IMAGES} images, {EPOCHS} epochs");
-    let start = Instant::now();
     B::seed(device, 3);
     let mut model = FloatNet::<B>::new(device);
     let mut optim = AdamConfig::new().init();
@@ -304,62 +395,194 @@ fn run<B: AutodiffBackend>(device: &B::Device, train: Split, test: Split) {
             total / (TRAIN_IMAGES / 64) as f64
         );
     }
-    let float = model;
-    let float_acc = eval(|x| float.valid().forward(x), &test, device);
-    println!(
-        "float test accuracy: {float_acc:.2} %  (trained in {:.0} s)",
-        start.elapsed().as_secs_f64()
-    );
+    model
+}
 
-    // 3. Convert
+/// The float model: trained (and saved to `out/fashion_mnist/float.bin`), or with
+/// `--float PATH` loaded from an earlier run's file.
+fn float_model<B: AutodiffBackend>(
+    args: &Args,
+    train: &Split,
+    out: &std::path::Path,
+    device: &B::Device,
+) -> FloatNet<B> {
+    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+    if let Some(path) = &args.float {
+        println!("\n## 2. The float CNN of an earlier run: {path}");
+        return FloatNet::new(device)
+            .load_file(path, &recorder, device)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    let start = Instant::now();
+    let model = train_float(train, device);
+    println!("trained in {:.0} s", start.elapsed().as_secs_f64());
+    model
+        .clone()
+        .save_file(out.join("float"), &recorder)
+        .expect("out/fashion_mnist/float.bin");
+    model
+}
+
+/// The validation images: training images neither training (the first [`TRAIN_IMAGES`]) nor
+/// calibration uses.
+const VALIDATION: std::ops::Range<usize> = 40_000..45_000;
+
+/// `--validate`: variants of the preset, each over every setting, scored on the validation
+/// images: accuracy, agreement with the float model and output error against it, summed over
+/// the settings, and the settings whose accuracy ends below nearest rounding's.
+fn validate<B: Backend>(
+    float: &FloatNet<B>,
+    train: &Split,
+    only: Option<&str>,
+    device: &B::Device,
+) {
+    let (calibration, quant) = convert(float, train, device);
+    let labels = train.labels::<B>(VALIDATION, device);
+    let reference = logits(|x| float.forward(x), train, VALIDATION, device);
+    let preset = AdaRoundConfig::recommended;
+    let variants = [
+        ("preset", preset()),
+        ("10 000 iterations", {
+            let mut c = preset();
+            c.schedule = Schedule::warm_cosine(10_000);
+            c
+        }),
+        ("ReLU loss", preset().with_relu_loss(true)),
+        ("learning rate 3e-3", preset().with_learning_rate(3e-3)),
+        (
+            "RD_REG 0.01",
+            preset().with_params(preset().params.with_reg(0.01)),
+        ),
+        ("batch 64", preset().with_batch_size(Some(64))),
+        (
+            "without bias correction",
+            preset().with_bias_correction(false),
+        ),
+    ];
+    println!(
+        "\n## Validation: {} training images (float {:.2} %); W2 accuracy per setting, sums over the {} settings",
+        VALIDATION.len(),
+        accuracy(reference.clone(), labels.clone()),
+        settings().len()
+    );
+    let w2: Vec<String> = settings()
+        .into_iter()
+        .filter(|s| s.0 == 2)
+        .map(|(b, p, m)| label(b, p, m))
+        .collect();
+    println!("| variant | {} | sum accuracy | sum agreement | sum output error | below nearest | seconds |", w2.join(" | "));
+    println!("|---|{}---|---|---|---|---|", "---|".repeat(w2.len()));
+    for (name, config) in variants {
+        if only.is_some_and(|o| !o.split(',').any(|n| n == name)) {
+            continue;
+        }
+        let (mut w2, mut acc, mut agree, mut error, mut below, mut seconds) =
+            (Vec::new(), 0.0, 0.0, 0.0, 0, 0.0);
+        for (bits, per_axis, mse) in settings() {
+            let model = quant.clone().with_weights(bits, per_axis, mse);
+            let nearest = accuracy(
+                logits(|x| model.forward(x), train, VALIDATION, device),
+                labels.clone(),
+            );
+            let (rounded, report) =
+                adaround(&model, calibration.clone(), |m, x| m.forward(x), &config)
+                    .expect("AdaRound");
+            let out = logits(|x| rounded.forward(x), train, VALIDATION, device);
+            let a = accuracy(out.clone(), labels.clone());
+            if bits == 2 {
+                w2.push(format!("{a:.2}"));
+            }
+            acc += a;
+            below += usize::from(a < nearest);
+            agree += agreement(out.clone(), reference.clone());
+            error += output_error(out, reference.clone());
+            seconds += report.seconds;
+        }
+        println!(
+            "| {name} | {} | {acc:.2} | {agree:.2} | {error:.4} | {below} | {seconds:.0} |",
+            w2.join(" | ")
+        );
+    }
+}
+
+/// The calibration images and the quantized model of the float one (section 3).
+fn convert<B: Backend>(
+    float: &FloatNet<B>,
+    train: &Split,
+    device: &B::Device,
+) -> (Tensor<B, 4>, QuantNet<B>) {
     println!(
         "\n## 3. Convert to quantized layers ({CALIBRATION} calibration images, 8-bit activations)"
     );
-    let calibration =
-        train.images::<B::InnerBackend>(TRAIN_IMAGES..TRAIN_IMAGES + CALIBRATION, device);
-    let quant = QuantNet::from_float(&float.valid(), calibration.clone());
+    let calibration = train.images::<B>(TRAIN_IMAGES..TRAIN_IMAGES + CALIBRATION, device);
+    let quant = QuantNet::from_float(float, calibration.clone());
+    (calibration, quant)
+}
+
+fn run<B: AutodiffBackend>(args: &Args, device: &B::Device, train: Split, test: Split) {
+    let out = PathBuf::from("out/fashion_mnist");
+    std::fs::create_dir_all(&out).unwrap();
+    // 1. Data
+    println!(
+        "## 1. Load data\nFashion-MNIST: {} train / {} test images of 28x28",
+        train.len(),
+        test.len()
+    );
+    // 2. Float model
+    let float = float_model::<B>(args, &train, &out, device).valid();
+    if args.validate {
+        return validate(&float, &train, args.only.as_deref(), device);
+    }
+    let labels = test.labels::<B::InnerBackend>(0..test.len(), device);
+    let float_logits = logits(|x| float.forward(x), &test, 0..test.len(), device);
+    let float_acc = accuracy(float_logits.clone(), labels.clone());
+    std::fs::write(out.join("float.json"), float_json(&float).to_string()).unwrap();
+    println!("float test accuracy: {float_acc:.2} %");
+
+    // 3. Convert
+    let (calibration, quant) = convert(&float, &train, device);
 
     // 4. Nearest vs AdaRound
     println!("\n## 4. Nearest vs AdaRound");
     let config = AdaRoundConfig::recommended();
     let mut rows = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
-    let grids = [None, Some(Grid::FullRange), Some(Grid::Asymmetric)];
-    let settings = grids
-        .into_iter()
-        .flat_map(|grid| [(true, grid), (false, grid)]);
-    for (per_axis, mse) in settings {
-        for bits in [4, 3, 2] {
-            if mse.is_some() && bits == 4 {
-                continue;
-            }
-            let label = format!(
-                "W{bits} {}{}",
-                if per_axis { "per-axis" } else { "per-tensor" },
-                match mse {
-                    None => "",
-                    Some(Grid::Asymmetric) => " mse asymmetric",
-                    Some(_) => " mse full-range",
-                }
-            );
-            let model = quant.clone().with_weights(bits, per_axis, mse);
-            let nearest = eval(|x| model.forward(x), &test, device);
-            let (rounded, report) =
-                adaround(&model, calibration.clone(), |m, x| m.forward(x), &config)
-                    .expect("AdaRound");
-            let ada = eval(|x| rounded.forward(x), &test, device);
-            let recovered = if float_acc > nearest {
-                100.0 * (ada - nearest) / (float_acc - nearest)
-            } else {
-                100.0
-            };
-            println!(
-                "{label}: nearest {nearest:.2} % -> AdaRound {ada:.2} % ({:.0} s)",
-                report.seconds
-            );
-            rows.push((label.clone(), nearest, ada, recovered, report.seconds));
-            reports.push((label, report));
-        }
+    // Per setting, for the report: its grid, both roundings' agreement with the float model
+    // and output error against it, and AdaRound's class per test image.
+    let mut results = Vec::new();
+    for (bits, per_axis, mse) in settings() {
+        let label = label(bits, per_axis, mse);
+        let model = quant.clone().with_weights(bits, per_axis, mse);
+        let nearest_logits = logits(|x| model.forward(x), &test, 0..test.len(), device);
+        let nearest = accuracy(nearest_logits.clone(), labels.clone());
+        let (rounded, report) =
+            adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
+        let ada_logits = logits(|x| rounded.forward(x), &test, 0..test.len(), device);
+        let ada = accuracy(ada_logits.clone(), labels.clone());
+        let recovered = if float_acc > nearest {
+            100.0 * (ada - nearest) / (float_acc - nearest)
+        } else {
+            100.0
+        };
+        println!(
+            "{label}: nearest {nearest:.2} % -> AdaRound {ada:.2} % ({:.0} s)",
+            report.seconds
+        );
+        results.push(serde_json::json!({
+            "weights": label, "bits": bits,
+            "granularity": if per_axis { "per-channel" } else { "per-tensor" },
+            "scale": if mse.is_some() { "mse" } else { "max" },
+            "grid": mse.unwrap_or(Grid::Symmetric),
+            "nearest_accuracy": nearest, "adaround_accuracy": ada,
+            "recovered_percent": recovered, "seconds": report.seconds,
+            "nearest_agreement": agreement(nearest_logits.clone(), float_logits.clone()),
+            "adaround_agreement": agreement(ada_logits.clone(), float_logits.clone()),
+            "nearest_output_error": output_error(nearest_logits, float_logits.clone()),
+            "adaround_output_error": output_error(ada_logits.clone(), float_logits.clone()),
+            "adaround_predictions": predictions(ada_logits),
+        }));
+        rows.push((label.clone(), nearest, ada, recovered, report.seconds));
+        reports.push((label, report));
     }
 
     // 5. Results
@@ -374,9 +597,8 @@ fn run<B: AutodiffBackend>(device: &B::Device, train: Split, test: Split) {
     }
     let json = serde_json::json!({
         "float_accuracy": float_acc,
-        "results": rows.iter().map(|(l, n, a, r, s)| serde_json::json!({
-            "weights": l, "nearest_accuracy": n, "adaround_accuracy": a, "recovered_percent": r, "seconds": s
-        })).collect::<Vec<_>>(),
+        "activation_max": [quant.act1.max_value, quant.act2.max_value, quant.act3.max_value],
+        "results": results,
         "reports": reports.iter().map(|(l, r)| serde_json::json!({"weights": l, "report": r})).collect::<Vec<_>>(),
     });
     std::fs::write(

@@ -30,6 +30,7 @@ use adaround_examples::{
         accuracy, agreement, order_arg, output_error, predictions, quickstart_config, report_name,
         Digits, Granularity, Scheme,
     },
+    tensor_json,
     usps::{images, QuantUsps, UspsNet, WEIGHTS},
 };
 use burn::tensor::Tensor;
@@ -249,19 +250,16 @@ fn validate(float: &UspsNet<B>, calibration: &Tensor<B, 4>, held_out: &Tensor<B,
 /// The folded float model's kernels and biases in PyTorch's layout (Linear kernels
 /// `[out, in]`), each as `{"shape": [..], "values": [..]}`.
 fn folded_json(model: &QuantUsps<B>) -> serde_json::Value {
-    fn entry<const D: usize>(t: Tensor<B, D>) -> serde_json::Value {
-        let data = t.into_data();
-        serde_json::json!({ "shape": data.shape, "values": data.to_vec::<f32>().unwrap() })
-    }
-    let bias = |b: &Option<burn::module::Param<Tensor<B, 1>>>| entry(b.as_ref().unwrap().val());
+    let bias =
+        |b: &Option<burn::module::Param<Tensor<B, 1>>>| tensor_json(b.as_ref().unwrap().val());
     serde_json::json!({
-        "conv1.weight": entry(model.conv1.weight.val()),
+        "conv1.weight": tensor_json(model.conv1.weight.val()),
         "conv1.bias": bias(&model.conv1.bias),
-        "conv2.weight": entry(model.conv2.weight.val()),
+        "conv2.weight": tensor_json(model.conv2.weight.val()),
         "conv2.bias": bias(&model.conv2.bias),
-        "fc1.weight": entry(model.fc1.weight.val().transpose()),
+        "fc1.weight": tensor_json(model.fc1.weight.val().transpose()),
         "fc1.bias": bias(&model.fc1.bias),
-        "fc2.weight": entry(model.fc2.weight.val().transpose()),
+        "fc2.weight": tensor_json(model.fc2.weight.val().transpose()),
         "fc2.bias": bias(&model.fc2.bias),
     })
 }

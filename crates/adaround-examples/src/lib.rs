@@ -9,6 +9,15 @@ pub mod svg;
 pub mod usps;
 pub mod xception;
 
+/// A tensor as `{"shape": [..], "values": [..]}` (f32, row-major): how the examples write
+/// float models for the Python side-by-side scripts.
+pub fn tensor_json<B: burn::tensor::backend::Backend, const D: usize>(
+    t: burn::tensor::Tensor<B, D>,
+) -> serde_json::Value {
+    let data = t.into_data().convert::<f32>();
+    serde_json::json!({ "shape": data.shape, "values": data.to_vec::<f32>().expect("f32 values") })
+}
+
 /// The global allocator of every program built with this crate (feature `mimalloc`, on by
 /// default): it keeps freed blocks for reuse, where glibc's malloc returns large ones to the
 /// kernel and page-faults them in again on the next step.
@@ -31,4 +40,23 @@ pub fn init_logging() {
         .format_target(false)
         .format_timestamp_millis()
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Tensor;
+
+    type B = burn_ndarray::NdArray<f32>;
+
+    #[test]
+    fn should_write_a_tensor_row_major_with_its_shape() {
+        let t =
+            Tensor::<B, 2>::from_floats([[1.0, 2.0, 3.0], [4.0, 5.5, -6.0]], &Default::default());
+        let json = super::tensor_json(t.transpose());
+        assert_eq!(json["shape"]["dims"], serde_json::json!([3, 2]));
+        assert_eq!(
+            json["values"],
+            serde_json::json!([1.0, 4.0, 2.0, 5.5, 3.0, -6.0])
+        );
+    }
 }
