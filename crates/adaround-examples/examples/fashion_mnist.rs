@@ -30,7 +30,7 @@ use adaround::{
     AdaRoundConfig, AdaRoundReport, Grid, Schedule, WeightQuantizer,
 };
 use adaround_examples::{
-    digits::{accuracy, agreement, output_error, predictions},
+    digits::{accuracy, agreement, output_error, result_json, Granularity, Scheme, Scores},
     svg, tensor_json,
 };
 use burn::{
@@ -472,28 +472,32 @@ fn validate<B: Backend>(
         .collect();
     println!("| variant | {} | sum accuracy | sum agreement | sum output error | below nearest | seconds |", w2.join(" | "));
     println!("|---|{}---|---|---|---|---|", "---|".repeat(w2.len()));
+    // Each setting's model and nearest rounding's accuracy, the same for every variant.
+    let models: Vec<_> = settings()
+        .into_iter()
+        .map(|(bits, per_axis, mse)| {
+            let model = quant.clone().with_weights(bits, per_axis, mse);
+            let out = logits(|x| model.forward(x), train, VALIDATION, device);
+            (bits, model, accuracy(out, labels.clone()))
+        })
+        .collect();
     for (name, config) in variants {
         if only.is_some_and(|o| !o.split(',').any(|n| n == name)) {
             continue;
         }
         let (mut w2, mut acc, mut agree, mut error, mut below, mut seconds) =
             (Vec::new(), 0.0, 0.0, 0.0, 0, 0.0);
-        for (bits, per_axis, mse) in settings() {
-            let model = quant.clone().with_weights(bits, per_axis, mse);
-            let nearest = accuracy(
-                logits(|x| model.forward(x), train, VALIDATION, device),
-                labels.clone(),
-            );
+        for (bits, model, nearest) in &models {
             let (rounded, report) =
-                adaround(&model, calibration.clone(), |m, x| m.forward(x), &config)
+                adaround(model, calibration.clone(), |m, x| m.forward(x), &config)
                     .expect("AdaRound");
             let out = logits(|x| rounded.forward(x), train, VALIDATION, device);
             let a = accuracy(out.clone(), labels.clone());
-            if bits == 2 {
+            if *bits == 2 {
                 w2.push(format!("{a:.2}"));
             }
             acc += a;
-            below += usize::from(a < nearest);
+            below += usize::from(a < *nearest);
             agree += agreement(out.clone(), reference.clone());
             error += output_error(out, reference.clone());
             seconds += report.seconds;
@@ -553,12 +557,12 @@ fn run<B: AutodiffBackend>(args: &Args, device: &B::Device, train: Split, test: 
     for (bits, per_axis, mse) in settings() {
         let label = label(bits, per_axis, mse);
         let model = quant.clone().with_weights(bits, per_axis, mse);
-        let nearest_logits = logits(|x| model.forward(x), &test, 0..test.len(), device);
-        let nearest = accuracy(nearest_logits.clone(), labels.clone());
+        let score = |logits| Scores::new(logits, labels.clone(), float_logits.clone());
+        let nearest_scores = score(logits(|x| model.forward(x), &test, 0..test.len(), device));
         let (rounded, report) =
             adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
-        let ada_logits = logits(|x| rounded.forward(x), &test, 0..test.len(), device);
-        let ada = accuracy(ada_logits.clone(), labels.clone());
+        let ada_scores = score(logits(|x| rounded.forward(x), &test, 0..test.len(), device));
+        let (nearest, ada) = (nearest_scores.accuracy, ada_scores.accuracy);
         let recovered = if float_acc > nearest {
             100.0 * (ada - nearest) / (float_acc - nearest)
         } else {
@@ -568,19 +572,23 @@ fn run<B: AutodiffBackend>(args: &Args, device: &B::Device, train: Split, test: 
             "{label}: nearest {nearest:.2} % -> AdaRound {ada:.2} % ({:.0} s)",
             report.seconds
         );
-        results.push(serde_json::json!({
-            "weights": label, "bits": bits,
-            "granularity": if per_axis { "per-channel" } else { "per-tensor" },
-            "scale": if mse.is_some() { "mse" } else { "max" },
-            "grid": mse.unwrap_or(Grid::Symmetric),
-            "nearest_accuracy": nearest, "adaround_accuracy": ada,
-            "recovered_percent": recovered, "seconds": report.seconds,
-            "nearest_agreement": agreement(nearest_logits.clone(), float_logits.clone()),
-            "adaround_agreement": agreement(ada_logits.clone(), float_logits.clone()),
-            "nearest_output_error": output_error(nearest_logits, float_logits.clone()),
-            "adaround_output_error": output_error(ada_logits.clone(), float_logits.clone()),
-            "adaround_predictions": predictions(ada_logits),
-        }));
+        let granularity = if per_axis {
+            Granularity::PerAxis
+        } else {
+            Granularity::PerTensor
+        };
+        let scheme = mse.map_or(Scheme::Max, Scheme::Mse);
+        let mut result = result_json(
+            bits,
+            granularity,
+            scheme,
+            &nearest_scores,
+            &ada_scores,
+            report.seconds,
+        );
+        result["weights"] = label.clone().into();
+        result["recovered_percent"] = recovered.into();
+        results.push(result);
         rows.push((label.clone(), nearest, ada, recovered, report.seconds));
         reports.push((label, report));
     }

@@ -27,8 +27,8 @@
 use adaround::{adaround, AdaRoundReport, Grid, WeightQuantizer};
 use adaround_examples::{
     digits::{
-        accuracy, agreement, order_arg, output_error, predictions, quickstart_config, report_name,
-        Digits, Granularity, Scheme,
+        accuracy, agreement, order_arg, quickstart_config, report_name, result_json, Digits,
+        Granularity, Scheme, Scores,
     },
     tensor_json,
     usps::{images, QuantUsps, UspsNet, WEIGHTS},
@@ -75,8 +75,6 @@ fn main() {
     let config = quickstart_config();
     let (order, samples) = order_arg(calibration.clone());
     let mut rows = Vec::new();
-    // Per row: the class each test image gets, for image-by-image comparisons.
-    let mut predicted = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
     let schemes = [
         Scheme::Max,
@@ -90,17 +88,12 @@ fn main() {
         let (rounded, report) =
             adaround(&model, samples.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
         let ada = rounded.forward(x_test.clone());
-        predicted.push(predictions(ada.clone()));
         let weights = format!("W{bits} {}", scheme.name());
         rows.push((
             (*scheme, bits),
             weights.clone(),
-            accuracy(nearest.clone(), y_test.clone()),
-            agreement(nearest.clone(), float_logits.clone()),
-            output_error(nearest, float_logits.clone()),
-            accuracy(ada.clone(), y_test.clone()),
-            agreement(ada.clone(), float_logits.clone()),
-            output_error(ada, float_logits.clone()),
+            Scores::new(nearest, y_test.clone(), float_logits.clone()),
+            Scores::new(ada, y_test.clone(), float_logits.clone()),
             report.seconds,
         ));
         if let Some(check) = &report.model {
@@ -115,26 +108,17 @@ fn main() {
     );
     println!("| weights | float | nearest | AdaRound | agreement nearest | agreement AdaRound | AdaRound time |");
     println!("|---|---|---|---|---|---|---|");
-    for (_, weights, nearest, agree_n, _, ada, agree_a, _, seconds) in &rows {
+    for (_, weights, nearest, ada, seconds) in &rows {
         println!(
-            "| {weights} | {float_acc:.2} % | {nearest:.2} % | **{ada:.2} %** | {agree_n:.2} % | {agree_a:.2} % | {seconds:.1} s |"
+            "| {weights} | {float_acc:.2} % | {:.2} % | **{:.2} %** | {:.2} % | {:.2} % | {seconds:.1} s |",
+            nearest.accuracy, ada.accuracy, nearest.agreement, ada.agreement
         );
     }
     let json = serde_json::json!({
         "float_accuracy": float_acc,
         "calibration_order": order,
-        "results": rows.iter().zip(&predicted).map(|(((scheme, bits), _, n, agree_n, error_n, a, agree_a, error_a, s), classes)| {
-            let (scale, grid) = match scheme {
-                Scheme::Max => ("max", Grid::Symmetric),
-                Scheme::Mse(grid) => ("mse", *grid),
-            };
-            serde_json::json!({
-                "bits": bits, "granularity": Granularity::PerAxis.name(), "scale": scale,
-                "grid": grid, "nearest_accuracy": n, "adaround_accuracy": a,
-                "nearest_agreement": agree_n, "adaround_agreement": agree_a,
-                "nearest_output_error": error_n, "adaround_output_error": error_a, "seconds": s,
-                "adaround_predictions": classes
-            })
+        "results": rows.iter().map(|((scheme, bits), _, n, a, s)| {
+            result_json(*bits, Granularity::PerAxis, *scheme, n, a, *s)
         }).collect::<Vec<_>>(),
         "reports": reports.iter().map(|(w, r)| serde_json::json!({ "weights": w, "report": r })).collect::<Vec<_>>(),
     });

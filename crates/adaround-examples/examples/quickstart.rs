@@ -29,8 +29,8 @@ use std::{path::PathBuf, time::Instant};
 use adaround::{adaround, AdaRoundReport, Grid};
 use adaround_examples::{
     digits::{
-        accuracy, agreement, order_arg, output_error, predictions, quickstart_config, report_name,
-        train_float, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
+        accuracy, order_arg, quickstart_config, report_name, result_json, train_float, Digits,
+        FloatCnn, Granularity, QuantCnn, Scheme, Scores, FIXTURE,
     },
     svg,
 };
@@ -135,15 +135,15 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
             for bits in BITWIDTHS {
                 let model = quant.clone().with_weights(bits, granularity, scheme);
                 let logits = model.forward(x_test.clone());
-                let acc = accuracy(logits.clone(), y_test.clone());
-                let error = output_error(logits.clone(), float_logits.clone());
-                let agree = agreement(logits, float_logits.clone());
+                let scores = Scores::new(logits, y_test.clone(), float_logits.clone());
                 println!(
-                    "W{bits} {} {}: {acc:.2} % (agreement with float {agree:.2} %)",
+                    "W{bits} {} {}: {:.2} % (agreement with float {:.2} %)",
                     granularity.name(),
-                    scheme.name()
+                    scheme.name(),
+                    scores.accuracy,
+                    scores.agreement
                 );
-                rows.push((granularity, scheme, bits, (acc, agree, error)));
+                rows.push((granularity, scheme, bits, scores));
             }
         }
     }
@@ -159,12 +159,7 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
         let (rounded, report) =
             adaround(&model, samples.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
         let logits = rounded.forward(x_test.clone());
-        let acc = (
-            accuracy(logits.clone(), y_test.clone()),
-            agreement(logits.clone(), float_logits.clone()),
-            output_error(logits.clone(), float_logits.clone()),
-            predictions(logits),
-        );
+        let acc = Scores::new(logits, y_test.clone(), float_logits.clone());
         let weights = format!("W{bits} {} {}", granularity.name(), scheme.name());
         println!("{weights}: {:.1} s", report.seconds);
         for l in &report.layers {
@@ -200,27 +195,17 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
             "| W{bits} | {} | {} | {float_acc:.2} % | {:.2} % | {:.2} % | {:.2} % | {:.2} % | {secs:.1} s |",
             granularity.name(),
             scheme.name(),
-            nearest.0,
-            ada.0,
-            nearest.1,
-            ada.1
+            nearest.accuracy,
+            ada.accuracy,
+            nearest.agreement,
+            ada.agreement
         );
     }
     let json = serde_json::json!({
         "float_accuracy": float_acc,
         "calibration_order": order,
         "results": results.iter().map(|(granularity, scheme, b, n, a, s)| {
-            let (scale, grid) = match scheme {
-                Scheme::Max => ("max", Grid::Symmetric),
-                Scheme::Mse(grid) => ("mse", *grid),
-            };
-            serde_json::json!({
-                "bits": b, "granularity": granularity.name(), "scale": scale, "grid": grid,
-                "nearest_accuracy": n.0, "adaround_accuracy": a.0,
-                "nearest_agreement": n.1, "adaround_agreement": a.1,
-                "nearest_output_error": n.2, "adaround_output_error": a.2, "seconds": s,
-                "adaround_predictions": a.3
-            })
+            result_json(*b, *granularity, *scheme, n, a, *s)
         }).collect::<Vec<_>>(),
         "reports": reports.iter().map(|(w, r)| serde_json::json!({ "weights": w, "report": r })).collect::<Vec<_>>(),
     });

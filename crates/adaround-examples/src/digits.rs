@@ -393,6 +393,60 @@ pub fn predictions<B: Backend>(logits: Tensor<B, 2>) -> Vec<i64> {
     classes.to_vec().expect("i64 classes")
 }
 
+/// A rounded model's logits on the test images, scored: accuracy against the labels,
+/// agreement with and output error against the float model's logits, and the class per image.
+pub struct Scores {
+    /// Top-1 accuracy, %.
+    pub accuracy: f64,
+    /// Top-1 agreement with the float model, %.
+    pub agreement: f64,
+    /// Mean squared difference from the float model's logits.
+    pub output_error: f64,
+    /// The class each image gets.
+    pub predictions: Vec<i64>,
+}
+
+impl Scores {
+    /// Scores `logits` against `labels` and the float model's `reference` logits.
+    pub fn new<B: Backend>(
+        logits: Tensor<B, 2>,
+        labels: Tensor<B, 1, Int>,
+        reference: Tensor<B, 2>,
+    ) -> Self {
+        Self {
+            accuracy: accuracy(logits.clone(), labels),
+            agreement: agreement(logits.clone(), reference.clone()),
+            output_error: output_error(logits.clone(), reference),
+            predictions: predictions(logits),
+        }
+    }
+}
+
+/// One setting's entry in an example report's `results`, under the names the side-by-side
+/// scripts read: its bits, granularity, scale and grid, nearest rounding's and AdaRound's
+/// scores (AdaRound's classes per image too) and AdaRound's seconds.
+pub fn result_json(
+    bits: u32,
+    granularity: Granularity,
+    scheme: Scheme,
+    nearest: &Scores,
+    adaround: &Scores,
+    seconds: f64,
+) -> serde_json::Value {
+    let (scale, grid) = match scheme {
+        Scheme::Max => ("max", Grid::Symmetric),
+        Scheme::Mse(grid) => ("mse", grid),
+    };
+    serde_json::json!({
+        "bits": bits, "granularity": granularity.name(), "scale": scale, "grid": grid,
+        "nearest_accuracy": nearest.accuracy, "adaround_accuracy": adaround.accuracy,
+        "nearest_agreement": nearest.agreement, "adaround_agreement": adaround.agreement,
+        "nearest_output_error": nearest.output_error,
+        "adaround_output_error": adaround.output_error, "seconds": seconds,
+        "adaround_predictions": adaround.predictions,
+    })
+}
+
 /// The AdaRound configuration of the quickstart and the examples built on it:
 /// [`AdaRoundConfig::recommended`](adaround::AdaRoundConfig::recommended) (4 000 iterations,
 /// mean squared error against the float model's activations, chosen on held-out validation
