@@ -20,8 +20,8 @@
 use std::time::Instant;
 
 use adaround::{
-    adaround, AdaRoundConfig, FinalRounding, Grid, ReconstructionLoss, Schedule, SeparableStep,
-    Target,
+    adaround, AdaRoundConfig, FinalRounding, Grid, ReconstructionLoss, Refine, Schedule,
+    SeparableStep, Target,
 };
 use adaround_examples::digits::{
     accuracy, calibration_order, quickstart_config, short_config, train_float, Digits, FloatCnn,
@@ -251,6 +251,14 @@ fn sweep(
         (
             "recommended without bias correction",
             quickstart_config().with_bias_correction(false),
+        ),
+        (
+            "recommended + refine dense",
+            quickstart_config().with_refine(Refine::Dense),
+        ),
+        (
+            "recommended + refine all",
+            quickstart_config().with_refine(Refine::All),
         ),
         (
             "recommended + relu loss",

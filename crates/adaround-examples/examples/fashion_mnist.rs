@@ -27,7 +27,7 @@ use adaround::{
         QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
         QuantizedSeparableConv2d,
     },
-    AdaRoundConfig, AdaRoundReport, Grid, Schedule, WeightQuantizer,
+    AdaRoundConfig, AdaRoundReport, Grid, Refine, Schedule, WeightQuantizer,
 };
 use adaround_examples::{
     digits::{accuracy, agreement, output_error, result_json, Granularity, Scheme, Scores},
@@ -447,6 +447,8 @@ fn validate<B: Backend>(
             c.schedule = Schedule::warm_cosine(10_000);
             c
         }),
+        ("refine dense", preset().with_refine(Refine::Dense)),
+        ("refine all", preset().with_refine(Refine::All)),
         ("ReLU loss", preset().with_relu_loss(true)),
         ("learning rate 3e-3", preset().with_learning_rate(3e-3)),
         (

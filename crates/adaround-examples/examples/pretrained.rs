@@ -165,6 +165,14 @@ fn validate(float: &UspsNet<B>, calibration: &Tensor<B, 4>, held_out: &Tensor<B,
     let variants = [
         ("preset without bias correction", base()),
         ("bias correction (the preset)", quickstart_config()),
+        (
+            "refine dense",
+            quickstart_config().with_refine(adaround::Refine::Dense),
+        ),
+        (
+            "refine all",
+            quickstart_config().with_refine(adaround::Refine::All),
+        ),
         ("learning rate 3e-3", base().with_learning_rate(3e-3)),
         (
             "RD_REG 0.01",

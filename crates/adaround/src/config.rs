@@ -42,6 +42,18 @@ pub enum SeparableStep {
     Split,
 }
 
+/// Which layers get their rounding refined after AdaRound
+/// ([`AdaRoundConfig::refine`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refine {
+    /// None: AdaRound's rounding as it ends (the reference).
+    Off,
+    /// Dense layers.
+    Dense,
+    /// Dense and Conv2D layers, and a split separable convolution's halves.
+    All,
+}
+
 /// How the rounded weights are written into the float kernel at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FinalRounding {
@@ -186,6 +198,15 @@ pub struct AdaRoundConfig {
     /// Off reproduces the reference exactly.
     #[config(default = false)]
     pub bias_correction: bool,
+    /// After AdaRound has rounded a layer, flip single rounding decisions (down <-> up)
+    /// wherever the flip lowers the layer's loss on all the samples, greedily, row by row,
+    /// until no single flip does: coordinate descent on the exact Gram form of the loss,
+    /// which only lowers it (the loss before bias correction). For the layers [`Refine`]
+    /// names, without `include_activation` or `relu_loss` (others are left as AdaRound
+    /// rounded them). It costs one Gram matrix over all samples for layers on the direct
+    /// path. Off reproduces the reference exactly.
+    #[config(default = "Refine::Off")]
+    pub refine: Refine,
     /// Rectified-sigmoid and regulariser constants.
     #[config(default = "AdaRoundParams::new()")]
     pub params: AdaRoundParams,

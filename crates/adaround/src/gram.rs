@@ -37,6 +37,7 @@ pub enum LossPath {
 
 /// The Gram matrices of one layer, one per batch: `[groups, K, K]`, and the divisor that
 /// turns `sum(dW ⊙ (dW G))` into the configured loss.
+#[derive(Clone)]
 pub(crate) struct Grams<B: Backend> {
     pub grams: Vec<Tensor<B, 3>>,
     pub divisors: Vec<f64>,

@@ -63,6 +63,7 @@ pub mod import;
 mod optimize;
 mod params;
 mod progress;
+mod refine;
 mod report;
 mod schedule;
 mod site;
@@ -72,7 +73,8 @@ pub use adaround_core::{
     AdaRoundParams, AdaRoundQuantizer, Grid, QuantizerError, RoundingStatus, WeightQuantizer,
 };
 pub use config::{
-    AdaRoundConfig, Elementwise, FinalRounding, LossPath, ReconstructionLoss, SeparableStep, Target,
+    AdaRoundConfig, Elementwise, FinalRounding, LossPath, ReconstructionLoss, Refine,
+    SeparableStep, Target,
 };
 pub use driver::{
     adaround, adaround_with_optimizer, adaround_with_progress, adaround_with_simple_optimizer,

@@ -12,6 +12,7 @@ use crate::{
     fused::{self, Fused},
     gram::{self, Grams, LossPath},
     progress::{self, Progress},
+    refine,
     step::{lift, Ad, AutodiffData, Optimizers, Step},
     AdaRoundConfig, AdaRoundError, FinalRounding, KernelReport, LayerReport, ReconstructionLoss,
     Schedule, StepLog, HISTOGRAM_BINS,
@@ -461,6 +462,13 @@ pub(crate) fn optimize_unit<B: Backend>(
     let grams = (path == LossPath::Gram)
         .then(|| unit_grams(&unit, config.loss))
         .flatten();
+    let refine_grams = refine::wanted(&unit, config)
+        .then(|| {
+            grams
+                .clone()
+                .or_else(|| refine::all_samples_grams(&unit, config.loss))
+        })
+        .flatten();
     let (mut step, fused) = build_step(&unit, armed, grams, ctx);
     phases.mark("Gram matrices or patches and step set up in");
     debug!(
@@ -472,6 +480,11 @@ pub(crate) fn optimize_unit<B: Backend>(
     phases.mark(&format!("{} steps in", trace.steps));
     let statuses = step.status();
     let layer = step.into_layer().set_training(false);
+    let (layer, flips) = match refine_grams {
+        Some(grams) => refine::refine(layer, &grams),
+        None => (layer, 0),
+    };
+    phases.mark(&format!("{flips} rounding decisions flipped in"));
     let err_after = layer_error(&layer, act, unit.inputs, unit.targets);
     let after = histograms(&layer);
     let (finalized, changes) = layer.finalize(config.rounding == FinalRounding::Hard);
@@ -508,6 +521,7 @@ pub(crate) fn optimize_unit<B: Backend>(
         steps: trace.steps,
         early_stop: trace.early_stop,
         kept_nearest,
+        refined: flips,
         final_reconstruction_loss: trace.last.0,
         final_rounding_loss: trace.last.1,
         kernels,

@@ -66,6 +66,10 @@ pub struct LayerReport {
     pub early_stop: bool,
     /// Whether nearest rounding was kept because AdaRound ended worse (`never_worse`).
     pub kept_nearest: bool,
+    /// Rounding decisions flipped by the refinement after AdaRound
+    /// ([`AdaRoundConfig::refine`](crate::AdaRoundConfig::refine)); 0 without it.
+    #[serde(default)]
+    pub refined: usize,
     /// Last reconstruction loss read.
     pub final_reconstruction_loss: f64,
     /// Last (weighted) rounding loss read.

@@ -176,6 +176,7 @@ fn merge<B: Backend>(
         steps: dw.steps + pw.steps,
         early_stop: dw.early_stop && pw.early_stop,
         kept_nearest,
+        refined: dw.refined + pw.refined,
         final_reconstruction_loss: pw.final_reconstruction_loss,
         final_rounding_loss: pw.final_rounding_loss,
         kernels,

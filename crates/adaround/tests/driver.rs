@@ -44,6 +44,40 @@ mod ndarray {
         }
     }
 
+    #[test]
+    fn should_refine_only_the_layer_kinds_asked_and_lower_their_error() {
+        use adaround::Refine;
+        let _seed = crate::seed_lock();
+        let model = net(44);
+        let run = |refine| {
+            let cfg = config(5)
+                .with_target(adaround::Target::FloatModel)
+                .with_refine(refine);
+            adaround(&model, samples(32, 45), |m: &Net<B>, x| m.forward(x), &cfg)
+                .unwrap()
+                .1
+        };
+        let [off, dense, all] = [Refine::Off, Refine::Dense, Refine::All].map(run);
+        let refined = |r: &adaround::AdaRoundReport, name: &str| {
+            let layer = r.layers.iter().find(|l| l.name == name).unwrap();
+            (layer.refined, layer.err_after)
+        };
+        for name in ["conv", "sep", "fc"] {
+            assert_eq!(refined(&off, name).0, 0, "{name}: off");
+        }
+        assert_eq!(refined(&dense, "conv").0, 0);
+        assert_eq!(refined(&dense, "sep").0, 0);
+        let ((flips, err), (_, err_off)) = (refined(&dense, "fc"), refined(&off, "fc"));
+        assert!(flips > 0, "a short run leaves flips to gain");
+        // The same inputs (earlier layers unrefined): refinement only lowers the error.
+        assert!(err < err_off, "fc: {err} not below {err_off}");
+        let total: usize = ["conv", "sep", "fc"]
+            .map(|n| refined(&all, n).0)
+            .iter()
+            .sum();
+        assert!(total > flips, "all kinds refined: {total}");
+    }
+
     fn zero_scale(_w: &[f32], channels: usize, _kmax: f64, _p: &[f64]) -> Vec<f32> {
         vec![0.0; channels]
     }

@@ -1,0 +1,353 @@
+//! Greedy refinement of the hard rounding after AdaRound.
+//!
+//! Once AdaRound has decided every weight's rounding (down or up), the layer's loss on the
+//! calibration samples is the exact quadratic form of the [Gram module](crate::gram) in the
+//! rounding error `dW`. Flipping one decision of output row `o` moves `dW[o, i]` by the grid
+//! step `s` (signed, towards the other neighbour) and changes the loss by
+//! `2 s g[i] + s² G[i, i]`, with `g = dW[o] G + R[o]` the row's half-gradient. Each row is
+//! swept, flip by flip, keeping every flip that lowers the loss and updating `g` in `O(K)`,
+//! until a sweep keeps none (or [`MAX_SWEEPS`]). Every kept flip lowers the loss, so the
+//! refined rounding is never worse on the calibration samples than AdaRound's.
+
+use adaround_core::AdaRoundQuantizer;
+use adaround_layers::{probe::Flow, LayerKind, QuantizedLayer, QuantizerSlot};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::{
+    gram::{self, Grams},
+    optimize::Unit,
+    AdaRoundConfig, ReconstructionLoss, Refine,
+};
+
+/// Sweeps over a row at most.
+pub(crate) const MAX_SWEEPS: usize = 50;
+
+/// `alpha` that puts the rectified sigmoid at exactly 0 or 1 (`h(±10)` clips for the usual
+/// `gamma = -0.1`, `zeta = 1.1`; larger `|gamma|`, `zeta` still round the same way).
+const SATURATED_ALPHA: f32 = 10.0;
+
+/// The sum over batches of `G / divisor` (`[groups, K, K]`) and `R / divisor`.
+fn summed<B: Backend>(grams: &Grams<B>) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
+    let scaled = |t: &Tensor<B, 3>, b: usize| t.clone().div_scalar(grams.divisors[b]);
+    let g = (1..grams.grams.len()).fold(scaled(&grams.grams[0], 0), |acc, b| {
+        acc + scaled(&grams.grams[b], b)
+    });
+    let r = grams.residuals.as_ref().map(|residuals| {
+        (1..residuals.len()).fold(scaled(&residuals[0].0, 0), |acc, b| {
+            acc + scaled(&residuals[b].0, b)
+        })
+    });
+    (g, r)
+}
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f64>()
+        .to_vec()
+        .expect("f64 data after conversion")
+}
+
+/// One row's refinement: `d` the rounding error, `s` the step to the other neighbour (0
+/// where clipping makes both the same), `grad` its half-gradient, `gram` the `K x K` Gram
+/// matrix; flips `flipped` where kept. Returns the number of flips kept.
+fn refine_row(
+    d: &mut [f64],
+    s: &mut [f64],
+    grad: &mut [f64],
+    gram: &[f64],
+    flipped: &mut [bool],
+) -> usize {
+    let k = d.len();
+    let mut flips = 0;
+    for _ in 0..MAX_SWEEPS {
+        let mut kept = 0;
+        for i in 0..k {
+            let step = s[i];
+            let curvature = step * step * gram[i * k + i];
+            let change = 2.0 * step * grad[i] + curvature;
+            // A margin against flips that only rounding noise calls gains.
+            if step == 0.0 || change >= -1e-9 * curvature.max(f64::MIN_POSITIVE) {
+                continue;
+            }
+            let row = &gram[i * k..(i + 1) * k];
+            grad.iter_mut().zip(row).for_each(|(g, r)| *g += step * r);
+            d[i] += step;
+            s[i] = -step;
+            flipped[i] = !flipped[i];
+            kept += 1;
+        }
+        flips += kept;
+        if kept == 0 {
+            break;
+        }
+    }
+    flips
+}
+
+/// `layer` (AdaRound armed, one kernel with a matrix form) with its hard rounding refined
+/// on the loss `grams` describe, every `alpha` saturated to its decision; and the number of
+/// decisions changed. Layers with another form come back as they are, with 0.
+pub(crate) fn refine<B: Backend>(
+    layer: QuantizedLayer<B>,
+    grams: &Grams<B>,
+) -> (QuantizedLayer<B>, usize) {
+    let Some(matrix) = layer.matrix() else {
+        return (layer, 0);
+    };
+    let [ada] = layer.adarounds()[..] else {
+        return (layer, 0);
+    };
+    let (h, step_kernel, rounded) = neighbours(ada);
+    let d = matrix.to_matrix(rounded) - matrix.float_matrix();
+    let s = matrix.to_matrix(step_kernel);
+    let [groups, rows, k] = d.dims();
+    let (g, r) = summed(grams);
+    let (gram, r) = (values(g), r.map(values));
+    let (mut d, mut s) = (values(d), values(s));
+    let mut flipped = vec![false; groups * rows * k];
+    let mut flips = 0;
+    for gi in 0..groups {
+        let gram = &gram[gi * k * k..(gi + 1) * k * k];
+        for o in 0..rows {
+            let at = (gi * rows + o) * k;
+            let dr = &mut d[at..at + k];
+            let mut grad: Vec<f64> = (0..k)
+                .map(|j| {
+                    let quad: f64 = (0..k).map(|i| dr[i] * gram[i * k + j]).sum();
+                    quad + r.as_ref().map_or(0.0, |r| r[at + j])
+                })
+                .collect();
+            let f = &mut flipped[at..at + k];
+            flips += refine_row(dr, &mut s[at..at + k], &mut grad, gram, f);
+        }
+    }
+    // Decisions changed in all (a decision may flip back in a later sweep).
+    let changed = flipped.iter().filter(|&&f| f).count();
+    log::trace!("{flips} flips kept, {changed} decisions changed");
+    if changed == 0 && !has_roamers(ada) {
+        return (layer, 0);
+    }
+    let device = h.device();
+    let mask: Vec<f32> = flipped.iter().map(|&f| f32::from(u8::from(f))).collect();
+    let mask = Tensor::<B, 1>::from_floats(mask.as_slice(), &device).reshape([groups, rows, k]);
+    let mask = matrix.to_kernel(mask);
+    // h XOR mask, then alpha at +-SATURATED_ALPHA.
+    let decided = (h.clone() - mask).abs();
+    let alpha = decided
+        .mul_scalar(2.0 * SATURATED_ALPHA)
+        .sub_scalar(SATURATED_ALPHA);
+    let layer = layer.map_slots(|slot| match slot {
+        QuantizerSlot::AdaRound(mut a) => {
+            a.alpha = a.alpha.map(|_| alpha.clone());
+            QuantizerSlot::AdaRound(a)
+        }
+        plain => plain,
+    });
+    (layer, changed)
+}
+
+/// Whether some `h` is strictly between 0 and 1.
+fn has_roamers<B: Backend>(ada: &AdaRoundQuantizer<B>) -> bool {
+    ada.status().roamers > 0
+}
+
+/// The hard decimals `h`, the signed step from the hard rounding to the other neighbour
+/// (0 where the grid's clipping makes them equal), and the hard-rounded kernel, all in
+/// AdaRound's rank-4 layout.
+fn neighbours<B: Backend>(
+    ada: &AdaRoundQuantizer<B>,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let (lo, hi) = ada.levels();
+    let h = ada.hard_decimals();
+    let floor = ada.w_floor.val();
+    let sf = ada.sf.val();
+    let z = (floor.clone() + h.clone()).clamp(lo, hi);
+    let other = (floor - h.clone()).add_scalar(1.0).clamp(lo, hi);
+    let step = (other - z.clone()) / sf.clone();
+    let z = match ada.offset() {
+        Some(o) => z + o,
+        None => z,
+    };
+    (h, step, z / sf)
+}
+
+/// Whether `config` refines `unit`: a layer kind [`Refine`] names, with the Gram form (no
+/// activation, no ReLU before the loss).
+pub(crate) fn wanted<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> bool {
+    let kind = match config.refine {
+        Refine::Off => false,
+        Refine::Dense => unit.layer.kind() == LayerKind::Dense,
+        Refine::All => true,
+    };
+    kind && unit.activation.is_none() && unit.relu.is_none() && gram::supports(&unit.layer)
+}
+
+/// The Gram matrices of `unit` over all its samples as one batch (full batches have equal
+/// divisors, so the refined rounding is that of the per-batch sum).
+pub(crate) fn all_samples_grams<B: Backend>(
+    unit: &Unit<'_, B>,
+    loss: ReconstructionLoss,
+) -> Option<Grams<B>> {
+    let inputs = [cat(unit.inputs)];
+    let targets = (!unit.same_inputs).then(|| [cat(unit.targets)]);
+    gram::grams(&unit.layer, &inputs, targets.as_ref().map(|t| &t[..]), loss)
+}
+
+/// The flows of all batches as one.
+fn cat<B: Backend>(flows: &[Flow<B>]) -> Flow<B> {
+    match &flows[0] {
+        Flow::Rows(_) => Flow::Rows(Tensor::cat(
+            flows
+                .iter()
+                .map(|f| match f {
+                    Flow::Rows(x) => x.clone(),
+                    Flow::Maps(x) => panic!("batches of rows and maps {:?}", x.dims()),
+                })
+                .collect(),
+            0,
+        )),
+        Flow::Maps(_) => Flow::Maps(Tensor::cat(
+            flows
+                .iter()
+                .map(|f| match f {
+                    Flow::Maps(x) => x.clone(),
+                    Flow::Rows(x) => panic!("batches of maps and rows {:?}", x.dims()),
+                })
+                .collect(),
+            0,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use adaround_core::{Grid, WeightQuantizer};
+    use adaround_layers::{QuantizedConv2dConfig, QuantizedDenseConfig};
+    use burn::{
+        nn::PaddingConfig2d,
+        tensor::{Distribution, ElementConversion},
+    };
+
+    use super::*;
+    use crate::{gram::tests::armed, optimize::reconstruction_loss};
+
+    type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
+
+    fn device() -> burn::tensor::Device<B> {
+        Default::default()
+    }
+
+    /// The summed loss over the batches of the layer rounded by its hard decisions.
+    fn hard_loss(
+        layer: &QuantizedLayer<B>,
+        data: &[(Flow<B>, Flow<B>)],
+        loss: ReconstructionLoss,
+    ) -> f64 {
+        let (rounded, _) = layer.clone().finalize(true);
+        data.iter()
+            .map(|(x, t)| {
+                let l = reconstruction_loss(rounded.forward_flow(x.clone()), t.clone(), loss);
+                l.into_scalar().elem::<f64>()
+            })
+            .sum()
+    }
+
+    fn alpha(layer: &QuantizedLayer<B>) -> Vec<f32> {
+        let a = layer.adarounds()[0].alpha.val();
+        a.into_data().to_vec().unwrap()
+    }
+
+    /// `layer` with the decision of weight `i` (in alpha's order) reversed.
+    fn flip_one(layer: &QuantizedLayer<B>, i: usize) -> QuantizedLayer<B> {
+        let mut values = alpha(layer);
+        values[i] = if values[i] >= 0.0 { -10.0 } else { 10.0 };
+        let dims = layer.adarounds()[0].alpha.dims();
+        let t = Tensor::<B, 1>::from_floats(values.as_slice(), &device()).reshape(dims);
+        layer.clone().map_slots(|slot| match slot {
+            QuantizerSlot::AdaRound(mut a) => {
+                a.alpha = a.alpha.map(|_| t.clone());
+                QuantizerSlot::AdaRound(a)
+            }
+            plain => plain,
+        })
+    }
+
+    /// Refines `layer` (armed at random) on two batches of `x`-like inputs, for each loss and
+    /// target case, and checks that the loss does not rise, that the flips reported are the
+    /// decisions changed, and that no single flip lowers the refined loss further.
+    fn assert_refines(layer: QuantizedLayer<B>, x: [Flow<B>; 2]) {
+        for (case, (loss, shift)) in gram::tests::target_cases(&x[0]).into_iter().enumerate() {
+            let layer = armed(layer.clone()).set_training(false);
+            let targets: Vec<Flow<B>> = x
+                .iter()
+                .map(|xb| {
+                    let input = match (&shift, xb) {
+                        (Some(_), Flow::Rows(t)) => Flow::Rows(t.clone().mul_scalar(1.1)),
+                        (Some(_), Flow::Maps(t)) => Flow::Maps(t.clone().mul_scalar(1.1)),
+                        (None, flow) => flow.clone(),
+                    };
+                    layer.forward_float_flow(input).detach()
+                })
+                .collect();
+            let other = shift.is_some().then_some(&targets[..]);
+            let grams = gram::grams(&layer, &x, other, loss).expect("a matrix layer");
+            let data: Vec<_> = x.iter().cloned().zip(targets.iter().cloned()).collect();
+            let before = hard_loss(&layer, &data, loss);
+            let (refined, flips) = refine(layer.clone(), &grams);
+            let after = hard_loss(&refined, &data, loss);
+            let changed = alpha(&layer)
+                .iter()
+                .zip(alpha(&refined))
+                .filter(|(a, b)| (**a >= 0.0) != (*b >= 0.0))
+                .count();
+            assert_eq!(flips, changed, "case {case}: decisions changed");
+            assert!(
+                flips > 0,
+                "case {case}: a random rounding has flips to gain"
+            );
+            assert!(after < before, "case {case}: {after} not below {before}");
+            for i in 0..alpha(&refined).len() {
+                let one = hard_loss(&flip_one(&refined, i), &data, loss);
+                assert!(
+                    one >= after * (1.0 - 1e-5),
+                    "case {case}: flipping weight {i} lowers {after} to {one}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn should_refine_dense_rounding_to_a_local_minimum() {
+        B::seed(&device(), 11);
+        let dense = QuantizedDenseConfig::new(12, 5)
+            .with_quantizer(WeightQuantizer::max_per_axis(3).unwrap())
+            .init::<B>(&device());
+        let x = [0, 1].map(|_| {
+            Flow::Rows(Tensor::<B, 2>::random(
+                [30, 12],
+                Distribution::Normal(0.5, 1.0),
+                &device(),
+            ))
+        });
+        assert_refines(QuantizedLayer::Dense(dense), x);
+    }
+
+    #[test]
+    fn should_refine_grouped_conv_rounding_on_an_asymmetric_grid_to_a_local_minimum() {
+        B::seed(&device(), 12);
+        let quantizer = WeightQuantizer::mse(2, true, Grid::Asymmetric).unwrap();
+        let conv = QuantizedConv2dConfig::new([4, 6], [3, 3])
+            .with_groups(2)
+            .with_padding(PaddingConfig2d::Same)
+            .with_quantizer(quantizer)
+            .init::<B>(&device());
+        let x = [0, 1].map(|_| {
+            Flow::Maps(Tensor::<B, 4>::random(
+                [2, 4, 6, 6],
+                Distribution::Normal(0.2, 1.0),
+                &device(),
+            ))
+        });
+        assert_refines(QuantizedLayer::Conv2d(conv), x);
+    }
+}
