@@ -17,7 +17,9 @@
 //! the activation ranges and each setting's classes per test image, for the side-by-side with
 //! AIMET (`benches/aimet_side_by_side.py --model fashion`). `--validate` scores variants of
 //! the AdaRound configuration on 5 000 training images that neither training nor calibration
-//! uses (`--only NAME,..` picks variants), without looking at the test images.
+//! uses (`--only NAME,..` picks variants), without looking at the test images. The test
+//! run uses `AdaRoundConfig::recommended()` with [`Refine::Dense`], which `--validate`
+//! chose for this model; `--refine off|all` runs it with another [`AdaRoundConfig::refine`].
 
 use std::{io::Read, path::PathBuf, time::Instant};
 
@@ -250,7 +252,7 @@ impl<B: Backend> QuantNet<B> {
     }
 }
 
-/// The command line: `[DIR] [--float PATH] [--validate [--only NAME,..]]`.
+/// The command line: `[DIR] [--float PATH] [--refine off|dense|all] [--validate [--only NAME,..]]`.
 struct Args {
     dir: PathBuf,
     /// A float model saved by an earlier run (`out/fashion_mnist/float.bin`), instead of
@@ -260,6 +262,9 @@ struct Args {
     validate: bool,
     /// With `validate`, the variants to run (comma-separated names).
     only: Option<String>,
+    /// The test run's [`AdaRoundConfig::refine`]: `Dense` (chosen with `--validate`) unless
+    /// given.
+    refine: Refine,
 }
 
 impl Args {
@@ -269,6 +274,7 @@ impl Args {
             float: None,
             validate: false,
             only: None,
+            refine: Refine::Dense,
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
@@ -276,9 +282,20 @@ impl Args {
                 "--float" => args.float = it.next(),
                 "--validate" => args.validate = true,
                 "--only" => args.only = it.next(),
+                "--refine" => {
+                    args.refine = match it.next().as_deref() {
+                        Some("off") => Refine::Off,
+                        Some("dense") => Refine::Dense,
+                        Some("all") => Refine::All,
+                        other => {
+                            eprintln!("--refine takes off, dense or all, got {other:?}");
+                            std::process::exit(2);
+                        }
+                    }
+                }
                 _ if a.starts_with("--") => {
                     eprintln!(
-                        "unknown option {a}: [DIR] [--float PATH] [--validate [--only NAME,..]]"
+                        "unknown option {a}: [DIR] [--float PATH] [--refine off|dense|all] [--validate [--only NAME,..]]"
                     );
                     std::process::exit(2);
                 }
@@ -550,7 +567,7 @@ fn run<B: AutodiffBackend>(args: &Args, device: &B::Device, train: Split, test: 
 
     // 4. Nearest vs AdaRound
     println!("\n## 4. Nearest vs AdaRound");
-    let config = AdaRoundConfig::recommended();
+    let config = AdaRoundConfig::recommended().with_refine(args.refine);
     let mut rows = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
     // Per setting, for the report: its grid, both roundings' agreement with the float model
