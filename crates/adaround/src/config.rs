@@ -203,8 +203,10 @@ pub struct AdaRoundConfig {
     /// until no single flip does: coordinate descent on the exact Gram form of the loss,
     /// which only lowers it (the loss before bias correction). For the layers [`Refine`]
     /// names, without `include_activation` or `relu_loss` (others are left as AdaRound
-    /// rounded them). It costs one Gram matrix over all samples for layers on the direct
-    /// path. Off reproduces the reference exactly.
+    /// rounded them; so are layers whose patch size `K` is above 8 192, with a warning: the
+    /// sweeps hold a `K x K` Gram matrix in host memory). It costs one Gram matrix over all
+    /// samples for layers on the direct path. [`LayerReport::refined`](crate::LayerReport)
+    /// counts the decisions changed. Off reproduces the reference exactly.
     #[config(default = "Refine::Off")]
     pub refine: Refine,
     /// Rectified-sigmoid and regulariser constants.

@@ -22,6 +22,11 @@ use crate::{
 /// Sweeps over a row at most.
 pub(crate) const MAX_SWEEPS: usize = 50;
 
+/// Largest patch size `K` refined: the sweeps hold each group's `K x K` Gram matrix in host
+/// memory as `f64` (512 MiB at this size); larger layers keep AdaRound's rounding, with a
+/// warning.
+pub(crate) const MAX_K: usize = 8192;
+
 /// `alpha` that puts the rectified sigmoid at exactly 0 or 1 (`h(±10)` clips for the usual
 /// `gamma = -0.1`, `zeta = 1.1`; larger `|gamma|`, `zeta` still round the same way).
 const SATURATED_ALPHA: f32 = 10.0;
@@ -179,7 +184,18 @@ pub(crate) fn wanted<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) ->
         Refine::Dense => unit.layer.kind() == LayerKind::Dense,
         Refine::All => true,
     };
-    kind && unit.activation.is_none() && unit.relu.is_none() && gram::supports(&unit.layer)
+    if !(kind && unit.activation.is_none() && unit.relu.is_none() && gram::supports(&unit.layer)) {
+        return false;
+    }
+    let (k, _) = gram::sizes(&unit.layer, &unit.inputs[0]);
+    if k > MAX_K {
+        log::warn!(
+            "{}: not refined, patch size {k} above {MAX_K} (its Gram matrix would not fit)",
+            unit.name
+        );
+        return false;
+    }
+    true
 }
 
 /// The Gram matrices of `unit` over all its samples as one batch (full batches have equal
