@@ -201,7 +201,8 @@ pub struct AdaRoundConfig {
     /// After AdaRound has rounded a layer, flip single rounding decisions (down <-> up)
     /// wherever the flip lowers the layer's loss on all the samples, greedily, row by row,
     /// until no single flip does: coordinate descent on the exact Gram form of the loss,
-    /// which only lowers it (the loss before bias correction). For the layers [`Refine`]
+    /// which only lowers it (with [`bias_correction`](Self::bias_correction), the loss left
+    /// after the bias is corrected). For the layers [`Refine`]
     /// names, without `include_activation` or `relu_loss` (others are left as AdaRound
     /// rounded them; so are layers whose patch size `K` is above 8 192, with a warning: the
     /// sweeps hold a `K x K` Gram matrix in host memory). It costs one Gram matrix over all

@@ -177,7 +177,7 @@ pub(crate) fn layer_error<B: Backend>(
 
 /// `layer` with its bias shifted by the mean, per output channel, of the targets less its
 /// outputs over all batches (unchanged without a bias).
-fn correct_bias<B: Backend>(
+pub(crate) fn correct_bias<B: Backend>(
     layer: QuantizedLayer<B>,
     inputs: &[Flow<B>],
     targets: &[Flow<B>],
@@ -481,7 +481,14 @@ pub(crate) fn optimize_unit<B: Backend>(
     let statuses = step.status();
     let layer = step.into_layer().set_training(false);
     let (layer, flips) = match refine_grams {
-        Some(grams) => refine::refine(layer, &grams),
+        Some(grams) => {
+            // With bias correction to follow, the loss it leaves: centred per channel.
+            let centre = config
+                .bias_correction
+                .then(|| refine::centre(&unit))
+                .flatten();
+            refine::refine(layer, &grams, centre)
+        }
         None => (layer, 0),
     };
     phases.mark(&format!("{flips} rounding decisions flipped in"));

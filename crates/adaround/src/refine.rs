@@ -8,6 +8,10 @@
 //! swept, flip by flip, keeping every flip that lowers the loss and updating `g` in `O(K)`,
 //! until a sweep keeps none (or [`MAX_SWEEPS`]). Every kept flip lowers the loss, so the
 //! refined rounding is never worse on the calibration samples than AdaRound's.
+//!
+//! With bias correction to follow, the loss that matters is the one left after it: the
+//! bias then absorbs each output channel's mean error, so `G` and `R` are centred on the
+//! samples' mean patch and mean residual ([`Centre`]): `G - M μᵀμ`, `R - M d̄ᵀμ`.
 
 use adaround_core::AdaRoundQuantizer;
 use adaround_layers::{probe::Flow, LayerKind, QuantizedLayer, QuantizerSlot};
@@ -95,6 +99,7 @@ fn refine_row(
 pub(crate) fn refine<B: Backend>(
     layer: QuantizedLayer<B>,
     grams: &Grams<B>,
+    centre: Option<Centre<B>>,
 ) -> (QuantizedLayer<B>, usize) {
     let Some(matrix) = layer.matrix() else {
         return (layer, 0);
@@ -107,6 +112,21 @@ pub(crate) fn refine<B: Backend>(
     let s = matrix.to_matrix(step_kernel);
     let [groups, rows, k] = d.dims();
     let (g, r) = summed(grams);
+    let (g, r) = match centre {
+        Some(c) => {
+            let scale = 1.0 / (c.count as f64 * grams.divisors[0]);
+            let sx = c.x;
+            let g = g - gram::matmul(sx.clone().swap_dims(1, 2), sx.clone()).mul_scalar(scale);
+            let r = match (r, c.d0) {
+                (Some(r), Some(sd)) => {
+                    Some(r - gram::matmul(sd.swap_dims(1, 2), sx).mul_scalar(scale))
+                }
+                (r, _) => r,
+            };
+            (g, r)
+        }
+        None => (g, r),
+    };
     let (gram, r) = (values(g), r.map(values));
     let (mut d, mut s) = (values(d), values(s));
     let mut flipped = vec![false; groups * rows * k];
@@ -174,6 +194,38 @@ fn neighbours<B: Backend>(
         None => z,
     };
     (h, step, z / sf)
+}
+
+/// Sums over all samples' rows of the input patches `[groups, 1, K]` and of the float
+/// kernel's residuals `[groups, 1, C_out / groups]`, and the row count: centring the loss on
+/// them gives the loss after bias correction.
+pub(crate) struct Centre<B: Backend> {
+    pub x: Tensor<B, 3>,
+    pub d0: Option<Tensor<B, 3>>,
+    pub count: usize,
+}
+
+/// The [`Centre`] of `unit`'s samples; `None` for a layer without a bias.
+pub(crate) fn centre<B: Backend>(unit: &Unit<'_, B>) -> Option<Centre<B>> {
+    let m = unit.layer.matrix()?;
+    m.bias()?;
+    let w = m.float_matrix().swap_dims(1, 2);
+    let mut acc: Option<Centre<B>> = None;
+    for (x, t) in unit.inputs.iter().zip(unit.targets) {
+        let (xr, tr) = gram::rows_less_bias(m, x, t);
+        let count = xr.dims()[1];
+        let d0 = (!unit.same_inputs).then(|| (gram::matmul(xr.clone(), w.clone()) - tr).sum_dim(1));
+        let x = xr.sum_dim(1);
+        acc = Some(match acc {
+            None => Centre { x, d0, count },
+            Some(a) => Centre {
+                x: a.x + x,
+                d0: a.d0.zip(d0).map(|(a, b)| a + b),
+                count: a.count + count,
+            },
+        });
+    }
+    acc
 }
 
 /// Whether `config` refines `unit`: a layer kind [`Refine`] names, with the Gram form (no
@@ -253,13 +305,18 @@ mod tests {
         Default::default()
     }
 
-    /// The summed loss over the batches of the layer rounded by its hard decisions.
+    /// The summed loss over the batches of the layer rounded by its hard decisions, its bias
+    /// corrected first where `corrected`.
     fn hard_loss(
         layer: &QuantizedLayer<B>,
         data: &[(Flow<B>, Flow<B>)],
-        loss: ReconstructionLoss,
+        (loss, corrected): (ReconstructionLoss, bool),
     ) -> f64 {
-        let (rounded, _) = layer.clone().finalize(true);
+        let (mut rounded, _) = layer.clone().finalize(true);
+        if corrected {
+            let (inputs, targets): (Vec<_>, Vec<_>) = data.iter().cloned().unzip();
+            rounded = crate::optimize::correct_bias(rounded, &inputs, &targets);
+        }
         data.iter()
             .map(|(x, t)| {
                 let l = reconstruction_loss(rounded.forward_flow(x.clone()), t.clone(), loss);
@@ -289,10 +346,15 @@ mod tests {
     }
 
     /// Refines `layer` (armed at random) on two batches of `x`-like inputs, for each loss and
-    /// target case, and checks that the loss does not rise, that the flips reported are the
-    /// decisions changed, and that no single flip lowers the refined loss further.
+    /// target case, plain and centred (the loss after bias correction), and checks that the
+    /// loss does not rise, that the flips reported are the decisions changed, and that no
+    /// single flip lowers the refined loss further.
     fn assert_refines(layer: QuantizedLayer<B>, x: [Flow<B>; 2]) {
-        for (case, (loss, shift)) in gram::tests::target_cases(&x[0]).into_iter().enumerate() {
+        let cases = gram::tests::target_cases(&x[0]);
+        let cases = cases
+            .iter()
+            .flat_map(|c| [(c.clone(), false), (c.clone(), true)]);
+        for (case, ((loss, shift), centred)) in cases.enumerate() {
             let layer = armed(layer.clone()).set_training(false);
             let targets: Vec<Flow<B>> = x
                 .iter()
@@ -308,9 +370,22 @@ mod tests {
             let other = shift.is_some().then_some(&targets[..]);
             let grams = gram::grams(&layer, &x, other, loss).expect("a matrix layer");
             let data: Vec<_> = x.iter().cloned().zip(targets.iter().cloned()).collect();
-            let before = hard_loss(&layer, &data, loss);
-            let (refined, flips) = refine(layer.clone(), &grams);
-            let after = hard_loss(&refined, &data, loss);
+            let centre = centred.then(|| {
+                let unit = Unit {
+                    name: "layer",
+                    layer: layer.clone(),
+                    activation: None,
+                    relu: None,
+                    inputs: &x,
+                    targets: &targets,
+                    same_inputs: shift.is_none(),
+                };
+                super::centre(&unit).expect("a layer with a bias")
+            });
+            let measure = (loss, centred);
+            let before = hard_loss(&layer, &data, measure);
+            let (refined, flips) = refine(layer.clone(), &grams, centre);
+            let after = hard_loss(&refined, &data, measure);
             let changed = alpha(&layer)
                 .iter()
                 .zip(alpha(&refined))
@@ -323,7 +398,7 @@ mod tests {
             );
             assert!(after < before, "case {case}: {after} not below {before}");
             for i in 0..alpha(&refined).len() {
-                let one = hard_loss(&flip_one(&refined, i), &data, loss);
+                let one = hard_loss(&flip_one(&refined, i), &data, measure);
                 assert!(
                     one >= after * (1.0 - 1e-5),
                     "case {case}: flipping weight {i} lowers {after} to {one}"
