@@ -440,6 +440,25 @@ fn arm<B: Backend>(
         })
 }
 
+/// Errors unless the last losses read, the rounded kernels and their error are finite.
+fn ensure_finalized_finite<B: Backend>(
+    name: &str,
+    (rec, round): (f64, f64),
+    finalized: &QuantizedLayer<B>,
+    err_final: f64,
+) -> Result<(), AdaRoundError> {
+    ensure_finite(rec.is_finite() && round.is_finite(), name, "losses")?;
+    let rounded_finite = finalized
+        .kernel_values()
+        .iter()
+        .all(|(_, w)| adaround_core::all_finite(w));
+    ensure_finite(
+        rounded_finite && err_final.is_finite(),
+        name,
+        "rounded weights or error",
+    )
+}
+
 /// Optimises `unit` and returns its report (name, position and time left to the caller)
 /// and the finalized layer (rounded float kernels, original quantizers).
 pub(crate) fn optimize_unit<B: Backend>(
@@ -462,13 +481,7 @@ pub(crate) fn optimize_unit<B: Backend>(
     let grams = (path == LossPath::Gram)
         .then(|| unit_grams(&unit, config.loss))
         .flatten();
-    let refine_grams = refine::wanted(&unit, config)
-        .then(|| {
-            grams
-                .clone()
-                .or_else(|| refine::all_samples_grams(&unit, config.loss))
-        })
-        .flatten();
+    let refine_grams = refine::grams_for(&unit, config, grams.as_ref());
     let (mut step, fused) = build_step(&unit, armed, grams, ctx);
     phases.mark("Gram matrices or patches and step set up in");
     debug!(
@@ -480,33 +493,13 @@ pub(crate) fn optimize_unit<B: Backend>(
     phases.mark(&format!("{} steps in", trace.steps));
     let statuses = step.status();
     let layer = step.into_layer().set_training(false);
-    let (layer, flips) = match refine_grams {
-        Some(grams) => {
-            // With bias correction to follow, the loss it leaves: centred per channel.
-            let centre = config
-                .bias_correction
-                .then(|| refine::centre(&unit))
-                .flatten();
-            refine::refine(layer, &grams, centre)
-        }
-        None => (layer, 0),
-    };
+    let (layer, flips) = refine::apply(&unit, config, layer, refine_grams);
     phases.mark(&format!("{flips} rounding decisions flipped in"));
     let err_after = layer_error(&layer, act, unit.inputs, unit.targets);
     let after = histograms(&layer);
     let (finalized, changes) = layer.finalize(config.rounding == FinalRounding::Hard);
     let (finalized, err_final) = with_bias_correction(&unit, finalized, config.bias_correction);
-    let (rec, round) = trace.last;
-    ensure_finite(rec.is_finite() && round.is_finite(), unit.name, "losses")?;
-    let rounded_finite = finalized
-        .kernel_values()
-        .iter()
-        .all(|(_, w)| adaround_core::all_finite(w));
-    ensure_finite(
-        rounded_finite && err_final.is_finite(),
-        unit.name,
-        "rounded weights or error",
-    )?;
+    ensure_finalized_finite(unit.name, trace.last, &finalized, err_final)?;
     phases.mark("finalized and checked in");
     let kept_nearest = config.never_worse && err_final > err_before;
     let kernels = kernel_reports(changes, statuses, (before, after), kept_nearest);

@@ -136,12 +136,17 @@ pub(crate) fn refine<B: Backend>(
         for o in 0..rows {
             let at = (gi * rows + o) * k;
             let dr = &mut d[at..at + k];
-            let mut grad: Vec<f64> = (0..k)
-                .map(|j| {
-                    let quad: f64 = (0..k).map(|i| dr[i] * gram[i * k + j]).sum();
-                    quad + r.as_ref().map_or(0.0, |r| r[at + j])
-                })
-                .collect();
+            // g = dW[o] G + R[o], row by row of G (contiguous).
+            let mut grad = vec![0.0; k];
+            for (i, &di) in dr.iter().enumerate() {
+                let row = &gram[i * k..(i + 1) * k];
+                grad.iter_mut().zip(row).for_each(|(g, w)| *g += di * w);
+            }
+            if let Some(r) = &r {
+                grad.iter_mut()
+                    .zip(&r[at..at + k])
+                    .for_each(|(g, r)| *g += r);
+            }
             let f = &mut flipped[at..at + k];
             flips += refine_row(dr, &mut s[at..at + k], &mut grad, gram, f);
         }
@@ -161,14 +166,21 @@ pub(crate) fn refine<B: Backend>(
     let alpha = decided
         .mul_scalar(2.0 * SATURATED_ALPHA)
         .sub_scalar(SATURATED_ALPHA);
-    let layer = layer.map_slots(|slot| match slot {
+    (with_alpha(layer, alpha), changed)
+}
+
+/// `layer` with its AdaRound kernel's `alpha` replaced by `alpha` (same parameter id).
+pub(crate) fn with_alpha<B: Backend>(
+    layer: QuantizedLayer<B>,
+    alpha: Tensor<B, 4>,
+) -> QuantizedLayer<B> {
+    layer.map_slots(|slot| match slot {
         QuantizerSlot::AdaRound(mut a) => {
             a.alpha = a.alpha.map(|_| alpha.clone());
             QuantizerSlot::AdaRound(a)
         }
         plain => plain,
-    });
-    (layer, changed)
+    })
 }
 
 /// Whether some `h` is strictly between 0 and 1.
@@ -230,7 +242,7 @@ pub(crate) fn centre<B: Backend>(unit: &Unit<'_, B>) -> Option<Centre<B>> {
 
 /// Whether `config` refines `unit`: a layer kind [`Refine`] names, with the Gram form (no
 /// activation, no ReLU before the loss).
-pub(crate) fn wanted<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> bool {
+fn wanted<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> bool {
     let kind = match config.refine {
         Refine::Off => false,
         Refine::Dense => unit.layer.kind() == LayerKind::Dense,
@@ -250,12 +262,39 @@ pub(crate) fn wanted<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) ->
     true
 }
 
+/// The Gram matrices the refinement of `unit` needs (`None` where `config` does not refine
+/// it): the step's own, else those over all samples.
+pub(crate) fn grams_for<B: Backend>(
+    unit: &Unit<'_, B>,
+    config: &AdaRoundConfig,
+    step_grams: Option<&Grams<B>>,
+) -> Option<Grams<B>> {
+    if !wanted(unit, config) {
+        return None;
+    }
+    step_grams
+        .cloned()
+        .or_else(|| all_samples_grams(unit, config.loss))
+}
+
+/// `layer` refined on `grams` (unchanged, 0 flips, without them); with bias correction to
+/// follow, on the loss it leaves (centred per channel).
+pub(crate) fn apply<B: Backend>(
+    unit: &Unit<'_, B>,
+    config: &AdaRoundConfig,
+    layer: QuantizedLayer<B>,
+    grams: Option<Grams<B>>,
+) -> (QuantizedLayer<B>, usize) {
+    let Some(grams) = grams else {
+        return (layer, 0);
+    };
+    let centre = config.bias_correction.then(|| centre(unit)).flatten();
+    refine(layer, &grams, centre)
+}
+
 /// The Gram matrices of `unit` over all its samples as one batch (full batches have equal
 /// divisors, so the refined rounding is that of the per-batch sum).
-pub(crate) fn all_samples_grams<B: Backend>(
-    unit: &Unit<'_, B>,
-    loss: ReconstructionLoss,
-) -> Option<Grams<B>> {
+fn all_samples_grams<B: Backend>(unit: &Unit<'_, B>, loss: ReconstructionLoss) -> Option<Grams<B>> {
     let inputs = [cat(unit.inputs)];
     let targets = (!unit.same_inputs).then(|| [cat(unit.targets)]);
     gram::grams(&unit.layer, &inputs, targets.as_ref().map(|t| &t[..]), loss)
@@ -263,27 +302,21 @@ pub(crate) fn all_samples_grams<B: Backend>(
 
 /// The flows of all batches as one.
 fn cat<B: Backend>(flows: &[Flow<B>]) -> Flow<B> {
-    match &flows[0] {
-        Flow::Rows(_) => Flow::Rows(Tensor::cat(
-            flows
-                .iter()
-                .map(|f| match f {
-                    Flow::Rows(x) => x.clone(),
-                    Flow::Maps(x) => panic!("batches of rows and maps {:?}", x.dims()),
-                })
-                .collect(),
-            0,
-        )),
-        Flow::Maps(_) => Flow::Maps(Tensor::cat(
-            flows
-                .iter()
-                .map(|f| match f {
-                    Flow::Maps(x) => x.clone(),
-                    Flow::Rows(x) => panic!("batches of maps and rows {:?}", x.dims()),
-                })
-                .collect(),
-            0,
-        )),
+    let (mut rows, mut maps) = (Vec::new(), Vec::new());
+    for flow in flows {
+        match flow {
+            Flow::Rows(x) => rows.push(x.clone()),
+            Flow::Maps(x) => maps.push(x.clone()),
+        }
+    }
+    match (rows.is_empty(), maps.is_empty()) {
+        (false, true) => Flow::Rows(Tensor::cat(rows, 0)),
+        (true, false) => Flow::Maps(Tensor::cat(maps, 0)),
+        _ => panic!(
+            "batches of rows and maps ({} and {})",
+            rows.len(),
+            maps.len()
+        ),
     }
 }
 
@@ -336,13 +369,7 @@ mod tests {
         values[i] = if values[i] >= 0.0 { -10.0 } else { 10.0 };
         let dims = layer.adarounds()[0].alpha.dims();
         let t = Tensor::<B, 1>::from_floats(values.as_slice(), &device()).reshape(dims);
-        layer.clone().map_slots(|slot| match slot {
-            QuantizerSlot::AdaRound(mut a) => {
-                a.alpha = a.alpha.map(|_| t.clone());
-                QuantizerSlot::AdaRound(a)
-            }
-            plain => plain,
-        })
+        with_alpha(layer.clone(), t)
     }
 
     /// Refines `layer` (armed at random) on two batches of `x`-like inputs, for each loss and
