@@ -8,6 +8,7 @@
 //! cargo run --release --example choose -- --sweep --held-out # the preset's variants
 //! cargo run --release --example choose -- --sweep --held-out --asymmetric # on the asymmetric grid
 //! cargo run --release --example choose -- --held-out --orders 3 # calibration-order spread
+//! cargo run --release --example choose -- --held-out --orders 3 --refine off # without refinement
 //! ```
 //!
 //! Calibration: training images 0..256 (as the quickstart); validation: training images
@@ -24,8 +25,8 @@ use adaround::{
     SeparableStep, Target,
 };
 use adaround_examples::digits::{
-    accuracy, calibration_order, quickstart_config, short_config, train_float, Digits, FloatCnn,
-    Granularity, QuantCnn, Scheme, FIXTURE,
+    accuracy, calibration_order, output_error, quickstart_config, short_config, train_float,
+    Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
 };
 use burn::{
     module::{AutodiffModule, Module},
@@ -95,7 +96,14 @@ fn main() {
     if std::env::args().any(|a| a == "--joint") {
         separable_steps(&base, &calibration, &val);
     } else if let Some(k) = std::env::args().skip_while(|a| a != "--orders").nth(1) {
-        orders(&base, &calibration, &val, k.parse().expect("--orders K"));
+        let reference = float.forward(val.0.clone());
+        orders(
+            &base,
+            &calibration,
+            &val,
+            &reference,
+            k.parse().expect("--orders K"),
+        );
     } else if std::env::args().any(|a| a == "--sweep") {
         sweep(&base, &calibration, &val);
     } else {
@@ -207,6 +215,7 @@ fn sweep(
     let earlier = || iterations(short_config(), 4000);
     let mse = || earlier().with_loss(ReconstructionLoss::Mse);
     let mse_float = || mse().with_target(Target::FloatModel);
+    let unrefined = || quickstart_config().with_refine(Refine::Off);
     let with_reg = |c: AdaRoundConfig, reg| {
         let params = c.params.clone().with_reg(reg);
         c.with_params(params)
@@ -248,27 +257,23 @@ fn sweep(
         ),
         ("mse + 10000 it", iterations(mse(), 10_000)),
         ("recommended", quickstart_config()),
+        // The preset before `Refine::Dense` joined it, and the variants scored on it.
+        ("recommended without refinement", unrefined()),
         (
-            "recommended without bias correction",
-            quickstart_config().with_bias_correction(false),
-        ),
-        (
-            "recommended + refine dense",
-            quickstart_config().with_refine(Refine::Dense),
+            "recommended without refinement or bias correction",
+            unrefined().with_bias_correction(false),
         ),
         (
             "recommended + refine all",
             quickstart_config().with_refine(Refine::All),
         ),
         (
-            "recommended + relu loss",
-            quickstart_config().with_relu_loss(true),
+            "recommended without refinement + relu loss",
+            unrefined().with_relu_loss(true),
         ),
         (
-            "recommended + relu loss - bias correction",
-            quickstart_config()
-                .with_relu_loss(true)
-                .with_bias_correction(false),
+            "recommended without refinement + relu loss - bias correction",
+            unrefined().with_relu_loss(true).with_bias_correction(false),
         ),
     ];
     // `--only a,b`: the variants whose names are listed.
@@ -315,14 +320,29 @@ fn sweep(
 /// others shuffled) in each of the eighteen cells: how far the order alone moves validation
 /// accuracy, and whether keeping the order with the lowest model output error on the
 /// calibration samples (`AdaRoundReport::model`) would pick better ones. Prints each run's
-/// accuracy, model output error and summed per-layer error ratio, then the sums over cells.
+/// accuracy, model output error, summed per-layer error ratio and output error against the
+/// float model on the validation images (`reference`: its logits), then the sums over cells
+/// and the summed validation cross-entropy per order. `--refine off|all` sets another
+/// [`AdaRoundConfig::refine`] on the preset (`Dense`).
 fn orders(
     base: &QuantCnn<B>,
     calibration: &Tensor<B, 4>,
     (x, y): &(Tensor<B, 4>, Tensor<B, 1, Int>),
+    reference: &Tensor<B, 2>,
     k: usize,
 ) {
-    let config = quickstart_config();
+    let refine = match std::env::args()
+        .skip_while(|a| a != "--refine")
+        .nth(1)
+        .as_deref()
+    {
+        Some("off") => Refine::Off,
+        None | Some("dense") => Refine::Dense,
+        Some("all") => Refine::All,
+        Some(other) => panic!("--refine takes off, dense or all, got {other:?}"),
+    };
+    println!("preset: recommended, refine {refine:?}");
+    let config = quickstart_config().with_refine(refine);
     let mut cells_all = CELLS.to_vec();
     cells_all.extend(ASYMMETRIC_CELLS);
     // The given order, then shuffles.
@@ -330,16 +350,22 @@ fn orders(
         .map(|order| calibration_order(calibration.clone(), order))
         .collect();
     let (mut first, mut chosen, mut best, mut mean, mut near_sum) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    let (mut acc_sums, mut ce_sums, mut err_sums) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
     for &(scheme, granularity) in &cells_all {
         for bits in [4, 3, 2] {
             let model = base.clone().with_weights(bits, granularity, scheme);
             let nearest = accuracy(model.forward(x.clone()), y.clone());
             near_sum += nearest;
             let mut runs = Vec::new();
-            for samples in &orders {
+            for (order, samples) in orders.iter().enumerate() {
                 let (rounded, report) =
                     adaround(&model, samples.clone(), |m, x| m.forward(x), &config).unwrap();
-                let acc = accuracy(rounded.forward(x.clone()), y.clone());
+                let logits = rounded.forward(x.clone());
+                let acc = accuracy(logits.clone(), y.clone());
+                acc_sums[order] += acc;
+                let val_err = output_error(logits.clone(), reference.clone());
+                err_sums[order] += val_err;
+                ce_sums[order] += cross_entropy(logits, y.clone());
                 let err = report
                     .model
                     .as_ref()
@@ -350,7 +376,7 @@ fn orders(
                     .iter()
                     .map(|l| l.err_final / l.err_before.max(1e-30))
                     .sum();
-                runs.push((acc, err, layer_sum));
+                runs.push((acc, err, layer_sum, val_err));
             }
             let pick = runs
                 .iter()
@@ -364,11 +390,23 @@ fn orders(
                 "| W{bits} {granularity:?} {} | {nearest:.2} | {} |",
                 scheme.name(),
                 runs.iter()
-                    .map(|r| format!("{:.2} ({:.4e}, {:.4e})", r.0, r.1, r.2))
+                    .map(|r| format!("{:.2} ({:.4e}, {:.4e}, {:.4e})", r.0, r.1, r.2, r.3))
                     .collect::<Vec<_>>()
                     .join(" ")
             );
         }
     }
     println!("nearest {near_sum:.2} first {first:.2} chosen-by-error {chosen:.2} mean {mean:.2} oracle {best:.2}");
+    let sums = |v: &[f64], digits: usize| {
+        v.iter()
+            .map(|s| format!("{s:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!(
+        "per order: accuracy {} ; cross-entropy {} ; validation output error {}",
+        sums(&acc_sums, 2),
+        sums(&ce_sums, 4),
+        sums(&err_sums, 4)
+    );
 }

@@ -18,8 +18,8 @@
 //! AIMET (`benches/aimet_side_by_side.py --model fashion`). `--validate` scores variants of
 //! the AdaRound configuration on 5 000 training images that neither training nor calibration
 //! uses (`--only NAME,..` picks variants), without looking at the test images. The test
-//! run uses `AdaRoundConfig::recommended()` with [`Refine::Dense`], which `--validate`
-//! chose for this model; `--refine off|all` runs it with another [`AdaRoundConfig::refine`].
+//! run uses `AdaRoundConfig::recommended()`, whose [`Refine::Dense`] `--validate` chose here
+//! too; `--refine off|all` runs it with another [`AdaRoundConfig::refine`].
 
 use std::{io::Read, path::PathBuf, time::Instant};
 
@@ -262,8 +262,7 @@ struct Args {
     validate: bool,
     /// With `validate`, the variants to run (comma-separated names).
     only: Option<String>,
-    /// The test run's [`AdaRoundConfig::refine`]: `Dense` (chosen with `--validate`) unless
-    /// given.
+    /// The test run's [`AdaRoundConfig::refine`]: the preset's (`Dense`) unless given.
     refine: Refine,
 }
 
@@ -274,7 +273,7 @@ impl Args {
             float: None,
             validate: false,
             only: None,
-            refine: Refine::Dense,
+            refine: AdaRoundConfig::recommended().refine,
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
@@ -456,26 +455,27 @@ fn validate<B: Backend>(
     let (calibration, quant) = convert(float, train, device);
     let labels = train.labels::<B>(VALIDATION, device);
     let reference = logits(|x| float.forward(x), train, VALIDATION, device);
-    let preset = AdaRoundConfig::recommended;
+    // The preset before `Refine::Dense` joined it; the variants change it.
+    let unrefined = || AdaRoundConfig::recommended().with_refine(Refine::Off);
     let variants = [
-        ("preset", preset()),
+        ("without refinement", unrefined()),
         ("10 000 iterations", {
-            let mut c = preset();
+            let mut c = unrefined();
             c.schedule = Schedule::warm_cosine(10_000);
             c
         }),
-        ("refine dense", preset().with_refine(Refine::Dense)),
-        ("refine all", preset().with_refine(Refine::All)),
-        ("ReLU loss", preset().with_relu_loss(true)),
-        ("learning rate 3e-3", preset().with_learning_rate(3e-3)),
+        ("refine dense (the preset)", AdaRoundConfig::recommended()),
+        ("refine all", unrefined().with_refine(Refine::All)),
+        ("ReLU loss", unrefined().with_relu_loss(true)),
+        ("learning rate 3e-3", unrefined().with_learning_rate(3e-3)),
         (
             "RD_REG 0.01",
-            preset().with_params(preset().params.with_reg(0.01)),
+            unrefined().with_params(unrefined().params.with_reg(0.01)),
         ),
-        ("batch 64", preset().with_batch_size(Some(64))),
+        ("batch 64", unrefined().with_batch_size(Some(64))),
         (
             "without bias correction",
-            preset().with_bias_correction(false),
+            unrefined().with_bias_correction(false),
         ),
     ];
     println!(

@@ -22,7 +22,8 @@
 //! that calibration does not use (1 091 images, unlabeled: the score is agreement with the
 //! float model), never on the test images; it is how `bias_correction` was chosen.
 //! `--order K` gives AdaRound the calibration images in another fixed order and writes
-//! `report_order{K}.json` (as the quickstart's).
+//! `report_order{K}.json` (as the quickstart's); with `--validate`, the variants run on that
+//! order.
 
 use adaround::{adaround, AdaRoundReport, Grid, WeightQuantizer};
 use adaround_examples::{
@@ -50,7 +51,8 @@ fn main() {
     let calibration = images::<B>(&train, 0..256, &device);
     if std::env::args().any(|a| a == "--validate") {
         let held_out = images::<B>(&train, 256..train.len(), &device);
-        validate(&float, &calibration, &held_out);
+        let (_, samples) = order_arg(calibration);
+        validate(&float, &samples, &held_out);
         return;
     }
     let (x_test, y_test) = (
@@ -161,14 +163,13 @@ const RELU_LAYERS: [&str; 3] = ["conv1", "conv2", "fc1"];
 /// the nine settings on `held_out` (images calibration does not use).
 fn validate(float: &UspsNet<B>, calibration: &Tensor<B, 4>, held_out: &Tensor<B, 4>) {
     let reference = float.forward(held_out.clone());
-    let base = || quickstart_config().with_bias_correction(false);
+    // The preset before bias correction and refinement joined it; most variants change it.
+    let unrefined = || quickstart_config().with_refine(adaround::Refine::Off);
+    let base = || unrefined().with_bias_correction(false);
     let variants = [
-        ("preset without bias correction", base()),
-        ("bias correction (the preset)", quickstart_config()),
-        (
-            "refine dense",
-            quickstart_config().with_refine(adaround::Refine::Dense),
-        ),
+        ("without bias correction or refinement", base()),
+        ("bias correction", unrefined()),
+        ("refine dense (the preset)", quickstart_config()),
         (
             "refine all",
             quickstart_config().with_refine(adaround::Refine::All),
@@ -189,7 +190,7 @@ fn validate(float: &UspsNet<B>, calibration: &Tensor<B, 4>, held_out: &Tensor<B,
         }),
         (
             "ReLU loss",
-            quickstart_config()
+            unrefined()
                 .with_relu_loss(true)
                 .with_relu_layers(RELU_LAYERS.map(String::from).to_vec()),
         ),

@@ -459,6 +459,71 @@ fn ensure_finalized_finite<B: Backend>(
     )
 }
 
+/// A layer after AdaRound (and the refinement), finalized: rounded float kernels and the
+/// original quantizers, the bias corrected where asked.
+struct Finished<B: Backend> {
+    layer: QuantizedLayer<B>,
+    changes: Vec<KernelChange>,
+    /// The error before finalizing and bias correction.
+    err_after: f64,
+    /// The error of `layer`.
+    err_final: f64,
+    /// The rounding variables' histograms before finalizing.
+    after: Vec<Vec<usize>>,
+}
+
+/// `layer` (AdaRound armed and trained) finalized as `config` asks.
+fn finish<B: Backend>(
+    unit: &Unit<'_, B>,
+    config: &AdaRoundConfig,
+    layer: QuantizedLayer<B>,
+) -> Finished<B> {
+    let act = (unit.activation.as_ref(), unit.relu);
+    let err_after = layer_error(&layer, act, unit.inputs, unit.targets);
+    let after = histograms(&layer);
+    let (finalized, changes) = layer.finalize(config.rounding == FinalRounding::Hard);
+    let (layer, err_final) = with_bias_correction(unit, finalized, config.bias_correction);
+    Finished {
+        layer,
+        changes,
+        err_after,
+        err_final,
+        after,
+    }
+}
+
+/// `layer` refined where `refine_grams` says (see [`refine`]) and finalized, with the number
+/// of decisions the refinement changed. The refinement lowers the loss of the rounded
+/// kernels; the finalized layer quantizes them again with its original quantizer, whose
+/// scale may follow the weights (the max and standard-deviation scales): where the refined
+/// layer's error after finalizing is not below AdaRound's own, AdaRound's rounding is kept
+/// (with a warning) and the count is 0.
+fn refine_and_finish<B: Backend>(
+    unit: &Unit<'_, B>,
+    config: &AdaRoundConfig,
+    layer: QuantizedLayer<B>,
+    refine_grams: Option<Grams<B>>,
+) -> (Finished<B>, usize) {
+    let unrefined = refine_grams.is_some().then(|| layer.clone());
+    let (layer, flips) = refine::apply(unit, config, layer, refine_grams);
+    let refined = finish(unit, config, layer);
+    let Some(unrefined) = unrefined.filter(|_| flips > 0) else {
+        return (refined, flips);
+    };
+    let plain = finish(unit, config, unrefined);
+    if plain.err_final <= refined.err_final {
+        log::warn!(
+            "{}: refinement undone: its {flips} flips end at error {:.4e} once finalized, \
+             AdaRound's rounding at {:.4e}",
+            unit.name,
+            refined.err_final,
+            plain.err_final
+        );
+        return (plain, 0);
+    }
+    (refined, flips)
+}
+
 /// Optimises `unit` and returns its report (name, position and time left to the caller)
 /// and the finalized layer (rounded float kernels, original quantizers).
 pub(crate) fn optimize_unit<B: Backend>(
@@ -493,12 +558,15 @@ pub(crate) fn optimize_unit<B: Backend>(
     phases.mark(&format!("{} steps in", trace.steps));
     let statuses = step.status();
     let layer = step.into_layer().set_training(false);
-    let (layer, flips) = refine::apply(&unit, config, layer, refine_grams);
+    let (done, flips) = refine_and_finish(&unit, config, layer, refine_grams);
     phases.mark(&format!("{flips} rounding decisions flipped in"));
-    let err_after = layer_error(&layer, act, unit.inputs, unit.targets);
-    let after = histograms(&layer);
-    let (finalized, changes) = layer.finalize(config.rounding == FinalRounding::Hard);
-    let (finalized, err_final) = with_bias_correction(&unit, finalized, config.bias_correction);
+    let Finished {
+        layer: finalized,
+        changes,
+        err_after,
+        err_final,
+        after,
+    } = done;
     ensure_finalized_finite(unit.name, trace.last, &finalized, err_final)?;
     phases.mark("finalized and checked in");
     let kept_nearest = config.never_worse && err_final > err_before;

@@ -13,7 +13,7 @@
 //! bias then absorbs each output channel's mean error, so `G` and `R` are centred on the
 //! samples' mean patch and mean residual ([`Centre`]): `G - M μᵀμ`, `R - M d̄ᵀμ`.
 
-use adaround_core::AdaRoundQuantizer;
+use adaround_core::{AdaRoundQuantizer, WeightQuantizer};
 use adaround_layers::{probe::Flow, LayerKind, QuantizedLayer, QuantizerSlot};
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -189,8 +189,8 @@ fn has_roamers<B: Backend>(ada: &AdaRoundQuantizer<B>) -> bool {
 }
 
 /// The hard decimals `h`, the signed step from the hard rounding to the other neighbour
-/// (0 where the grid's clipping makes them equal), and the hard-rounded kernel, all in
-/// AdaRound's rank-4 layout.
+/// (0 where the grid's clipping makes them equal, and for the max scales on the top level),
+/// and the hard-rounded kernel, all in AdaRound's rank-4 layout.
 fn neighbours<B: Backend>(
     ada: &AdaRoundQuantizer<B>,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
@@ -201,6 +201,15 @@ fn neighbours<B: Backend>(
     let z = (floor.clone() + h.clone()).clamp(lo, hi);
     let other = (floor - h.clone()).add_scalar(1.0).clamp(lo, hi);
     let step = (other - z.clone()) / sf.clone();
+    // The max scales derive `sf` from the largest magnitude, which the finalized layer's
+    // quantizer takes again from the rounded weights: weights on the top level stay there.
+    let step = match ada.quantizer {
+        WeightQuantizer::Max { .. } | WeightQuantizer::MaxPerAxis { .. } => {
+            let top = z.clone().abs().greater_equal_elem(hi - 0.5);
+            step.mask_fill(top, 0.0)
+        }
+        _ => step,
+    };
     let z = match ada.offset() {
         Some(o) => z + o,
         None => z,
@@ -322,7 +331,7 @@ fn cat<B: Backend>(flows: &[Flow<B>]) -> Flow<B> {
 
 #[cfg(test)]
 mod tests {
-    use adaround_core::{Grid, WeightQuantizer};
+    use adaround_core::{AdaRoundParams, Grid, WeightQuantizer};
     use adaround_layers::{QuantizedConv2dConfig, QuantizedDenseConfig};
     use burn::{
         nn::PaddingConfig2d,
@@ -375,7 +384,7 @@ mod tests {
     /// Refines `layer` (armed at random) on two batches of `x`-like inputs, for each loss and
     /// target case, plain and centred (the loss after bias correction), and checks that the
     /// loss does not rise, that the flips reported are the decisions changed, and that no
-    /// single flip lowers the refined loss further.
+    /// single flip it may make lowers the refined loss further.
     fn assert_refines(layer: QuantizedLayer<B>, x: [Flow<B>; 2]) {
         let cases = gram::tests::target_cases(&x[0]);
         let cases = cases
@@ -424,7 +433,10 @@ mod tests {
                 "case {case}: a random rounding has flips to gain"
             );
             assert!(after < before, "case {case}: {after} not below {before}");
-            for i in 0..alpha(&refined).len() {
+            // Every flip the refinement may make (not those of the locked top weights).
+            let (_, steps, _) = neighbours(refined.adarounds()[0]);
+            let steps: Vec<f32> = steps.into_data().to_vec().unwrap();
+            for i in (0..steps.len()).filter(|&i| steps[i] != 0.0) {
                 let one = hard_loss(&flip_one(&refined, i), &data, measure);
                 assert!(
                     one >= after * (1.0 - 1e-5),
@@ -448,6 +460,91 @@ mod tests {
             ))
         });
         assert_refines(QuantizedLayer::Dense(dense), x);
+    }
+
+    /// The max scales take `sf` again from the finalized kernel's largest magnitude: a flip
+    /// of a channel's top weight inwards would stretch the channel's whole grid.
+    #[test]
+    fn should_keep_max_scaled_top_weights_on_the_top_level() {
+        // No random numbers: the tests share the backend's generator.
+        let values = |n: usize, seed: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (i as f32 * 0.731 + seed).sin() * (i as f32 * 0.37).cos())
+                .collect()
+        };
+        let mut dense = QuantizedDenseConfig::new(12, 5)
+            .with_quantizer(WeightQuantizer::max_per_axis(3).unwrap())
+            .init::<B>(&device());
+        let w = Tensor::<B, 1>::from_floats(values(60, 0.3).as_slice(), &device()).reshape([12, 5]);
+        // Each channel's largest magnitude alone on the top level and negative (exactly -kmax
+        // once scaled, so it can move inwards), and targets from a kernel whose top weights
+        // are halved.
+        let top = w
+            .clone()
+            .abs()
+            .equal(w.clone().abs().max_dim(0).expand([12, 5]));
+        let w = w
+            .clone()
+            .mul_scalar(0.5)
+            .mask_where(top.clone(), w.abs().neg());
+        dense.weight = dense.weight.map(|_| w.clone());
+        dense.bias = dense.bias.map(|b| b.map(|b| b.zeros_like()));
+        let mut shrunk = dense.clone();
+        shrunk.weight = shrunk
+            .weight
+            .map(|_| w.clone().mask_where(top, w.clone().div_scalar(2.0)));
+        let x = [0.1, 0.2].map(|seed| {
+            let rows = Tensor::<B, 1>::from_floats(values(360, seed).as_slice(), &device());
+            Flow::Rows(rows.reshape([30, 12]).add_scalar(0.5))
+        });
+        let shrunk = QuantizedLayer::Dense(shrunk);
+        let targets: Vec<Flow<B>> = x
+            .iter()
+            .map(|f| shrunk.forward_float_flow(f.clone()))
+            .collect();
+        let layer = QuantizedLayer::Dense(dense)
+            .with_adaround(&AdaRoundParams::new())
+            .unwrap()
+            .set_training(false);
+        let loss = ReconstructionLoss::Mse;
+        let grams = gram::grams(&layer, &x, Some(&targets), loss).unwrap();
+        let data: Vec<_> = x.iter().cloned().zip(targets.iter().cloned()).collect();
+        // Top weights the grid alone would let move inwards (-3 -> -2): the lock's cases.
+        let ada = layer.adarounds()[0];
+        let (h, step, _) = neighbours(ada);
+        let floor = ada.w_floor.val();
+        let z = (floor.clone() + h.clone()).clamp(-3.0, 3.0);
+        let other = (floor - h).add_scalar(1.0).clamp(-3.0, 3.0);
+        let tops = z.clone().abs().greater_equal_elem(2.5).float() * (other - z).abs();
+        let count = |t: Tensor<B, 4>| t.sum().into_scalar().elem::<f32>();
+        assert!(
+            count(tops.clone()) > 0.0,
+            "no top weight could move inwards"
+        );
+        assert_eq!(count(tops * step.abs()), 0.0, "a top weight may flip");
+        let before = hard_loss(&layer, &data, (loss, false));
+        let (refined, flips) = refine(layer, &grams, None);
+        assert!(flips > 0);
+        let after = hard_loss(&refined, &data, (loss, false));
+        assert!(after < before, "{after} not below {before}");
+        // The finalized kernel quantizes to itself: every channel keeps its top level.
+        let (finalized, _) = refined.clone().finalize(true);
+        let QuantizedLayer::Dense(d) = &finalized else {
+            unreachable!()
+        };
+        let kernel = d.weight.val();
+        let requantized = WeightQuantizer::max_per_axis(3)
+            .unwrap()
+            .quantize(kernel.clone(), 1);
+        let gap = (requantized - kernel)
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f32>();
+        assert!(
+            gap < 1e-6,
+            "the finalized kernel moves by {gap} when quantized again"
+        );
     }
 
     #[test]

@@ -78,6 +78,49 @@ mod ndarray {
         assert!(total > flips, "all kinds refined: {total}");
     }
 
+    /// The max scale per channel, as a custom quantizer: the refinement does not know that
+    /// its scale follows the rounded weights' largest magnitude.
+    fn max_scale(w: &[f32], channels: usize, kmax: f64, _p: &[f64]) -> Vec<f32> {
+        w.chunks(w.len() / channels)
+            .map(|row| kmax as f32 / row.iter().fold(1e-10f32, |m, v| m.max(v.abs())))
+            .collect()
+    }
+
+    #[test]
+    fn should_keep_adaround_rounding_where_the_refined_layer_ends_worse_once_finalized() {
+        use adaround::Refine;
+        let _seed = crate::seed_lock();
+        adaround::core::register_quantizer("driver-test-max", max_scale);
+        let mut model = net(46);
+        model.fc.quantizer = WeightQuantizer::Custom {
+            name: "driver-test-max".into(),
+            bitwidth: 3,
+            per_axis: true,
+            params: vec![],
+        }
+        .into();
+        let run = |refine| {
+            let cfg = config(5)
+                .with_target(adaround::Target::FloatModel)
+                .with_bias_correction(true)
+                .with_refine(refine);
+            let (_, report) =
+                adaround(&model, samples(32, 47), |m: &Net<B>, x| m.forward(x), &cfg).unwrap();
+            report.layers.into_iter().find(|l| l.name == "fc").unwrap()
+        };
+        let (off, dense) = (run(Refine::Off), run(Refine::Dense));
+        // The same AdaRound run up to the refinement: the finalized error never ends above it.
+        assert!(
+            dense.err_final <= off.err_final,
+            "fc: {} above {}",
+            dense.err_final,
+            off.err_final
+        );
+        if dense.refined > 0 {
+            assert!(dense.err_final < off.err_final);
+        }
+    }
+
     fn zero_scale(_w: &[f32], channels: usize, _kmax: f64, _p: &[f64]) -> Vec<f32> {
         vec![0.0; channels]
     }
