@@ -461,19 +461,19 @@ fn ensure_finalized_finite<B: Backend>(
 
 /// A layer after AdaRound (and the refinement), finalized: rounded float kernels and the
 /// original quantizers, the bias corrected where asked.
-struct Finished<B: Backend> {
-    layer: QuantizedLayer<B>,
+pub(crate) struct Finished<B: Backend> {
+    pub(crate) layer: QuantizedLayer<B>,
     changes: Vec<KernelChange>,
     /// The error before finalizing and bias correction.
     err_after: f64,
     /// The error of `layer`.
-    err_final: f64,
+    pub(crate) err_final: f64,
     /// The rounding variables' histograms before finalizing.
     after: Vec<Vec<usize>>,
 }
 
 /// `layer` (AdaRound armed and trained) finalized as `config` asks.
-fn finish<B: Backend>(
+pub(crate) fn finish<B: Backend>(
     unit: &Unit<'_, B>,
     config: &AdaRoundConfig,
     layer: QuantizedLayer<B>,
@@ -498,7 +498,7 @@ fn finish<B: Backend>(
 /// scale may follow the weights (the max and standard-deviation scales): where the refined
 /// layer's error after finalizing is not below AdaRound's own, AdaRound's rounding is kept
 /// (with a warning) and the count is 0.
-fn refine_and_finish<B: Backend>(
+pub(crate) fn refine_and_finish<B: Backend>(
     unit: &Unit<'_, B>,
     config: &AdaRoundConfig,
     layer: QuantizedLayer<B>,

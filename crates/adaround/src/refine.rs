@@ -332,7 +332,7 @@ fn cat<B: Backend>(flows: &[Flow<B>]) -> Flow<B> {
 #[cfg(test)]
 mod tests {
     use adaround_core::{AdaRoundParams, Grid, WeightQuantizer};
-    use adaround_layers::{QuantizedConv2dConfig, QuantizedDenseConfig};
+    use adaround_layers::{QuantizedConv2dConfig, QuantizedDense, QuantizedDenseConfig};
     use burn::{
         nn::PaddingConfig2d,
         tensor::{Distribution, ElementConversion},
@@ -464,9 +464,15 @@ mod tests {
 
     /// The max scales take `sf` again from the finalized kernel's largest magnitude: a flip
     /// of a channel's top weight inwards would stretch the channel's whole grid.
-    #[test]
-    fn should_keep_max_scaled_top_weights_on_the_top_level() {
-        // No random numbers: the tests share the backend's generator.
+    /// Inputs and targets of one batch.
+    type Batch = (Flow<B>, Flow<B>);
+
+    /// A Dense layer (12 -> 5, max scale per channel, 3 bits) whose every channel has its
+    /// largest magnitude alone on the top level and negative (exactly -kmax once scaled, so
+    /// it can move inwards; the others at half their size), and two batches of inputs with
+    /// targets from the same kernel with its top weights halved. No random numbers: the
+    /// tests share the backend's generator.
+    fn lone_negative_tops() -> (QuantizedDense<B>, Vec<Batch>) {
         let values = |n: usize, seed: f32| -> Vec<f32> {
             (0..n)
                 .map(|i| (i as f32 * 0.731 + seed).sin() * (i as f32 * 0.37).cos())
@@ -476,9 +482,6 @@ mod tests {
             .with_quantizer(WeightQuantizer::max_per_axis(3).unwrap())
             .init::<B>(&device());
         let w = Tensor::<B, 1>::from_floats(values(60, 0.3).as_slice(), &device()).reshape([12, 5]);
-        // Each channel's largest magnitude alone on the top level and negative (exactly -kmax
-        // once scaled, so it can move inwards), and targets from a kernel whose top weights
-        // are halved.
         let top = w
             .clone()
             .abs()
@@ -493,15 +496,21 @@ mod tests {
         shrunk.weight = shrunk
             .weight
             .map(|_| w.clone().mask_where(top, w.clone().div_scalar(2.0)));
-        let x = [0.1, 0.2].map(|seed| {
-            let rows = Tensor::<B, 1>::from_floats(values(360, seed).as_slice(), &device());
-            Flow::Rows(rows.reshape([30, 12]).add_scalar(0.5))
-        });
         let shrunk = QuantizedLayer::Dense(shrunk);
-        let targets: Vec<Flow<B>> = x
-            .iter()
-            .map(|f| shrunk.forward_float_flow(f.clone()))
-            .collect();
+        let data = [0.1, 0.2]
+            .map(|seed| {
+                let rows = Tensor::<B, 1>::from_floats(values(360, seed).as_slice(), &device());
+                let x = Flow::Rows(rows.reshape([30, 12]).add_scalar(0.5));
+                (x.clone(), shrunk.forward_float_flow(x))
+            })
+            .to_vec();
+        (dense, data)
+    }
+
+    #[test]
+    fn should_keep_max_scaled_top_weights_on_the_top_level() {
+        let (dense, data) = lone_negative_tops();
+        let (x, targets): (Vec<_>, Vec<_>) = data.iter().cloned().unzip();
         let layer = QuantizedLayer::Dense(dense)
             .with_adaround(&AdaRoundParams::new())
             .unwrap()
@@ -545,6 +554,67 @@ mod tests {
             gap < 1e-6,
             "the finalized kernel moves by {gap} when quantized again"
         );
+    }
+
+    /// The max scale per channel as a custom quantizer, which the refinement cannot know
+    /// follows the rounded weights.
+    fn custom_max(w: &[f32], channels: usize, kmax: f64, _p: &[f64]) -> Vec<f32> {
+        w.chunks(w.len() / channels)
+            .map(|row| kmax as f32 / row.iter().fold(1e-10f32, |m, v| m.max(v.abs())))
+            .collect()
+    }
+
+    #[test]
+    fn should_keep_adaround_rounding_where_the_refined_layer_ends_worse_once_finalized() {
+        use crate::optimize::{finish, refine_and_finish};
+        adaround_core::register_quantizer("refine-test-max", custom_max);
+        let custom = WeightQuantizer::Custom {
+            name: "refine-test-max".into(),
+            bitwidth: 3,
+            per_axis: true,
+            params: vec![],
+        };
+        let (dense, data) = lone_negative_tops();
+        let (x, targets): (Vec<_>, Vec<_>) = data.into_iter().unzip();
+        let mut unit = Unit {
+            name: "fc",
+            layer: QuantizedLayer::Dense(dense.clone()),
+            activation: None,
+            relu: None,
+            inputs: &x,
+            targets: &targets,
+            same_inputs: false,
+        };
+        let config =
+            AdaRoundConfig::new(crate::Schedule::warm_cosine(10)).with_refine(Refine::Dense);
+        let armed = |layer: &QuantizedLayer<B>| {
+            layer
+                .clone()
+                .with_adaround(&AdaRoundParams::new())
+                .unwrap()
+                .set_training(false)
+        };
+        // AdaRound's rounding as the max scale's refinement leaves it: no single flip but
+        // those of the top weights lowers the loss.
+        let grams = grams_for(&unit, &config, None);
+        let (locked, _) = apply(&unit, &config, armed(&unit.layer), grams.clone());
+        let alpha = locked.adarounds()[0].alpha.val();
+        // The same scales from the custom quantizer, which the refinement cannot lock.
+        let mut unlocked = dense;
+        unlocked.quantizer = custom.into();
+        unit.layer = QuantizedLayer::Dense(unlocked);
+        let rounded = with_alpha(armed(&unit.layer), alpha);
+        let (refined, flips) = apply(&unit, &config, rounded.clone(), grams.clone());
+        assert!(flips > 0, "the top weights flip inwards");
+        let kept = finish(&unit, &config, rounded.clone()).err_final;
+        let refined = finish(&unit, &config, refined).err_final;
+        assert!(
+            refined > kept,
+            "the case: {refined} not above {kept} once finalized"
+        );
+        let (done, flips) = refine_and_finish(&unit, &config, rounded, grams);
+        assert_eq!(flips, 0);
+        assert_eq!(done.err_final, kept);
     }
 
     #[test]
