@@ -206,8 +206,12 @@ pub struct AdaRoundConfig {
     /// names, without `include_activation` or `relu_loss` (others are left as AdaRound
     /// rounded them; so are layers whose patch size `K` is above 8 192, with a warning: the
     /// sweeps hold a `K x K` Gram matrix in host memory). It costs one Gram matrix over all
-    /// samples for layers on the direct path. [`LayerReport::refined`](crate::LayerReport)
-    /// counts the decisions changed. Off reproduces the reference exactly.
+    /// samples for layers on the direct path. With the max scales, weights on the grid's top
+    /// level stay there (the finalized layer's quantizer takes its scale again from the
+    /// rounded weights); and where the refined layer's error once finalized is not below
+    /// AdaRound's own, AdaRound's rounding is kept, with a warning.
+    /// [`LayerReport::refined`](crate::LayerReport) counts the decisions changed. Off
+    /// reproduces the reference exactly.
     #[config(default = "Refine::Off")]
     pub refine: Refine,
     /// Rectified-sigmoid and regulariser constants.
