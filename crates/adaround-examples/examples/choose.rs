@@ -25,8 +25,8 @@ use adaround::{
     SeparableStep, Target,
 };
 use adaround_examples::digits::{
-    accuracy, calibration_order, output_error, quickstart_config, short_config, train_float,
-    Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
+    accuracy, calibration_order, output_error, quickstart_config, refine_named, short_config,
+    train_float, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
 };
 use burn::{
     module::{AutodiffModule, Module},
@@ -331,16 +331,13 @@ fn orders(
     reference: &Tensor<B, 2>,
     k: usize,
 ) {
-    let refine = match std::env::args()
+    let refine = std::env::args()
         .skip_while(|a| a != "--refine")
         .nth(1)
-        .as_deref()
-    {
-        Some("off") => Refine::Off,
-        None | Some("dense") => Refine::Dense,
-        Some("all") => Refine::All,
-        Some(other) => panic!("--refine takes off, dense or all, got {other:?}"),
-    };
+        .map_or(Refine::Dense, |name| {
+            refine_named(&name)
+                .unwrap_or_else(|| panic!("--refine takes off, dense or all, got {name:?}"))
+        });
     println!("preset: recommended, refine {refine:?}");
     let config = quickstart_config().with_refine(refine);
     let mut cells_all = CELLS.to_vec();
@@ -349,7 +346,7 @@ fn orders(
     let orders: Vec<Tensor<B, 4>> = (0..k)
         .map(|order| calibration_order(calibration.clone(), order))
         .collect();
-    let (mut first, mut chosen, mut best, mut mean, mut near_sum) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    let (mut chosen, mut best, mut near_sum) = (0.0, 0.0, 0.0);
     let (mut acc_sums, mut ce_sums, mut err_sums) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
     for &(scheme, granularity) in &cells_all {
         for bits in [4, 3, 2] {
@@ -382,10 +379,8 @@ fn orders(
                 .iter()
                 .min_by(|a, b| a.1.partial_cmp(&b.1).unwrap())
                 .unwrap();
-            first += runs[0].0;
             chosen += pick.0;
             best += runs.iter().map(|r| r.0).fold(0.0, f64::max);
-            mean += runs.iter().map(|r| r.0).sum::<f64>() / k as f64;
             println!(
                 "| W{bits} {granularity:?} {} | {nearest:.2} | {} |",
                 scheme.name(),
@@ -396,6 +391,7 @@ fn orders(
             );
         }
     }
+    let (first, mean) = (acc_sums[0], acc_sums.iter().sum::<f64>() / k as f64);
     println!("nearest {near_sum:.2} first {first:.2} chosen-by-error {chosen:.2} mean {mean:.2} oracle {best:.2}");
     let sums = |v: &[f64], digits: usize| {
         v.iter()

@@ -32,7 +32,9 @@ use adaround::{
     AdaRoundConfig, AdaRoundReport, Grid, Refine, Schedule, WeightQuantizer,
 };
 use adaround_examples::{
-    digits::{accuracy, agreement, output_error, result_json, Granularity, Scheme, Scores},
+    digits::{
+        accuracy, agreement, output_error, refine_named, result_json, Granularity, Scheme, Scores,
+    },
     svg, tensor_json,
 };
 use burn::{
@@ -282,12 +284,11 @@ impl Args {
                 "--validate" => args.validate = true,
                 "--only" => args.only = it.next(),
                 "--refine" => {
-                    args.refine = match it.next().as_deref() {
-                        Some("off") => Refine::Off,
-                        Some("dense") => Refine::Dense,
-                        Some("all") => Refine::All,
-                        other => {
-                            eprintln!("--refine takes off, dense or all, got {other:?}");
+                    let name = it.next();
+                    args.refine = match name.as_deref().and_then(refine_named) {
+                        Some(refine) => refine,
+                        None => {
+                            eprintln!("--refine takes off, dense or all, got {name:?}");
                             std::process::exit(2);
                         }
                     }

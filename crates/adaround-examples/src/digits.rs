@@ -354,6 +354,17 @@ pub fn order_arg<B: Backend, const D: usize>(samples: Tensor<B, D>) -> (usize, T
     (order, calibration_order(samples, order))
 }
 
+/// The [`Refine`](adaround::Refine) an example's `--refine off|dense|all` names (`None` for
+/// another word).
+pub fn refine_named(name: &str) -> Option<adaround::Refine> {
+    match name {
+        "off" => Some(adaround::Refine::Off),
+        "dense" => Some(adaround::Refine::Dense),
+        "all" => Some(adaround::Refine::All),
+        _ => None,
+    }
+}
+
 /// The file an example writes its report to: `report.json` for the given order,
 /// `report_order{K}.json` for order `K`.
 pub fn report_name(order: usize) -> String {
