@@ -97,13 +97,16 @@ fn main() {
         .equal(straight.forward(x_test.clone()))
         .all()
         .into_scalar();
-    let rounded = rounded;
     let ada = accuracy(rounded.forward(x_test.clone()), y_test.clone());
     println!(
         "Accuracy: nearest {nearest:.2} %, AdaRound {ada:.2} % ({} of {} weights rounded \
          otherwise than nearest); resumed run identical to an uninterrupted one: {same}",
         report.changed(),
         report.weights()
+    );
+    assert!(
+        same,
+        "the resumed run must end where the uninterrupted run ends"
     );
 
     // 3. Weights out: integers as JSON, and Burn quantized tensors.

@@ -213,7 +213,8 @@ where
         }
     }
     let run = Run {
-        float_model: (config.target == Target::FloatModel).then(|| work.clone()),
+        // The caller's model, not `work`: a resumed `work` holds rounded layers already.
+        float_model: (config.target == Target::FloatModel).then(|| model.clone()),
         batches,
         forward,
         config,

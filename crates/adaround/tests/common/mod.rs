@@ -748,42 +748,55 @@ macro_rules! driver_tests {
                 std::process::id(),
                 std::any::type_name::<B>().len()
             ));
-            let _ = std::fs::remove_dir_all(&dir);
             let model = net(22);
-            let cfg = config(8).with_batch_size(Some(16));
             let run = |cfg: &AdaRoundConfig| {
                 adaround(&model, samples(32, 23), |m, x| m.forward(x), cfg).unwrap()
             };
-            let (full, full_report) = run(&cfg);
+            // The reference's settings, and the recommended preset's (the float model's
+            // activations as targets, bias correction, refinement, model guard): a resumed
+            // run must take its targets from the float model, not from the checkpoint's
+            // partly rounded one.
+            let mut preset = AdaRoundConfig::recommended();
+            preset.schedule = Schedule::warm_cosine(60);
+            for cfg in [config(8), preset] {
+                let _ = std::fs::remove_dir_all(&dir);
+                let cfg = cfg.with_batch_size(Some(16));
+                let (full, full_report) = run(&cfg);
 
-            let with_dir = cfg.clone().with_checkpoint(Some(dir.display().to_string()));
-            // "Interrupted" after the first layer: the checkpoint holds one finished layer.
-            let (_, partial) = run(&with_dir.clone().with_stop_after(Some(1)));
-            assert_eq!(partial.layers.len(), 1);
-            assert!(
-                partial.model.is_none(),
-                "no model check before the last layer"
-            );
-            assert!(dir.join("progress.json").exists() && dir.join("model-1.bin").exists());
-            // The resumed run skips it and ends where the uninterrupted run ends.
-            let (resumed, report) = run(&with_dir);
-            assert_eq!(report.layers.len(), 3);
-            assert_eq!(
-                report.layers[0], partial.layers[0],
-                "the finished layer comes from the checkpoint"
-            );
-            let values = |m: &Net<B>| snapshot(m).into_iter().map(|(_, v)| v).collect::<Vec<_>>();
-            assert_eq!(values(&resumed), values(&full));
-            assert!(report.model.is_some());
-            assert_eq!(report.model, full_report.model);
-            for (a, b) in report.layers.iter().zip(&full_report.layers) {
-                assert_eq!(
-                    (a.err_before, a.err_final, a.changed()),
-                    (b.err_before, b.err_final, b.changed())
+                let with_dir = cfg.clone().with_checkpoint(Some(dir.display().to_string()));
+                // "Interrupted" after the first layer: the checkpoint holds one finished layer.
+                let (_, partial) = run(&with_dir.clone().with_stop_after(Some(1)));
+                assert_eq!(partial.layers.len(), 1);
+                assert!(
+                    partial.model.is_none(),
+                    "no model check before the last layer"
                 );
+                assert!(dir.join("progress.json").exists() && dir.join("model-1.bin").exists());
+                // The resumed run skips it and ends where the uninterrupted run ends.
+                let (resumed, report) = run(&with_dir);
+                assert_eq!(report.layers.len(), 3);
+                assert_eq!(
+                    report.layers[0], partial.layers[0],
+                    "the finished layer comes from the checkpoint"
+                );
+                let values =
+                    |m: &Net<B>| snapshot(m).into_iter().map(|(_, v)| v).collect::<Vec<_>>();
+                assert_eq!(values(&resumed), values(&full), "{:?}", cfg.target);
+                assert!(report.model.is_some());
+                assert_eq!(report.model, full_report.model);
+                for (a, b) in report.layers.iter().zip(&full_report.layers) {
+                    assert_eq!(
+                        (a.err_before, a.err_final, a.changed()),
+                        (b.err_before, b.err_final, b.changed()),
+                        "{:?}",
+                        cfg.target
+                    );
+                }
             }
             // A checkpoint from another configuration is refused, not silently reused.
-            let other = with_dir.clone().with_learning_rate(0.5);
+            let other = config(8)
+                .with_batch_size(Some(16))
+                .with_checkpoint(Some(dir.display().to_string()));
             let err = adaround(&model, samples(32, 23), |m, x| m.forward(x), &other).unwrap_err();
             assert!(
                 matches!(
