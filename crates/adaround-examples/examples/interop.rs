@@ -117,8 +117,12 @@ fn main() {
     println!("\n## 3. Weights out\nIntegers: {json}");
     for k in &integers.kernels {
         let max = k.integers.iter().map(|q| q.abs()).max().unwrap_or(0);
+        let bias = k
+            .bias
+            .as_ref()
+            .map_or(String::new(), |b| format!(", bias of {}", b.len()));
         println!(
-            "- {} {}: shape {:?}, {} bits, |q| <= {max}",
+            "- {} {}: shape {:?}, {} bits, |q| <= {max}{bias}",
             k.layer, k.kernel, k.shape, k.bitwidth
         );
     }

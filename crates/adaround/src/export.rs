@@ -1,7 +1,7 @@
 //! Integer export: the quantized weights of a model as integers, scale factors and bitwidths.
 
 use adaround_core::Grid;
-use adaround_layers::{KernelRole, QuantizerSlot};
+use adaround_layers::{KernelRole, QuantizedLayer, QuantizerSlot};
 use burn::{
     module::Module,
     tensor::{backend::Backend, Tensor},
@@ -41,6 +41,14 @@ pub struct IntegerKernel {
     pub offsets: Vec<i32>,
     /// The integer weights relative to the offset, row-major in `shape`.
     pub integers: Vec<i32>,
+    /// The layer's float bias, one value per output channel, on the kernel it is added
+    /// after: the layer's last kernel (a Dense or Conv2D kernel, a separable convolution's
+    /// pointwise kernel). Absent on other kernels, where the layer has no bias, and in
+    /// exports written before biases were exported. After
+    /// [`bias_correction`](crate::AdaRoundConfig::bias_correction) it is the corrected bias,
+    /// not the float model's: deploy this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias: Option<Vec<f32>>,
 }
 
 /// A kernel's quantization parameters in AIMET's encoding convention, one per scale factor:
@@ -149,11 +157,35 @@ fn kernel<B: Backend, const D: usize>(
         scale_factors,
         offsets: offsets.iter().map(|v| *v as i32).collect(),
         integers: integers.iter().map(|v| *v as i32).collect(),
+        bias: None,
     }))
 }
 
+/// `layer`'s float bias as host numbers, refused where it is not finite.
+fn bias<B: Backend>(
+    layer: &QuantizedLayer<B>,
+    name: &str,
+) -> Result<Option<Vec<f32>>, AdaRoundError> {
+    let Some((_, bias)) = layer.bias() else {
+        return Ok(None);
+    };
+    let values = bias
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data converts to a f32 vector");
+    if !values.iter().all(|v| v.is_finite()) {
+        return Err(AdaRoundError::NonFinite {
+            layer: name.to_string(),
+            what: "exported bias",
+        });
+    }
+    Ok(Some(values))
+}
+
 /// The integers of every quantizing kernel of `model`, found by running `forward` once on
-/// `sample` (as the driver finds layers). Layers with the float quantizer are left out.
+/// `sample` (as the driver finds layers), each layer's float bias with its last kernel.
+/// Kernels with the float quantizer are left out (and a bias whose kernel is).
 pub fn export_integers<B, M, F, O, const D: usize>(
     model: &M,
     sample: Tensor<B, D>,
@@ -175,7 +207,9 @@ where
         let name = index
             .owner(&layer.kernels()[0].id)
             .unwrap_or_else(|| format!("layer{position}"));
-        for k in layer.kernels() {
+        let layer_kernels = layer.kernels();
+        let last = layer_kernels.len() - 1;
+        for (i, k) in layer_kernels.into_iter().enumerate() {
             let found = match k.shape[..] {
                 [rows, cols] => {
                     let weight = k.weight.reshape([rows, cols]);
@@ -183,7 +217,12 @@ where
                 }
                 _ => kernel(&name, k.role, k.weight, k.slot, k.axis)?,
             };
-            kernels.extend(found);
+            if let Some(mut found) = found {
+                if i == last {
+                    found.bias = bias(layer, &name)?;
+                }
+                kernels.push(found);
+            }
         }
     }
     Ok(IntegerExport {

@@ -820,10 +820,31 @@ macro_rules! driver_tests {
         }
 
         fn export_round_trip(model: Net<B>) {
-            let cfg = config(5).with_rounding(FinalRounding::Hard);
+            let cfg = config(5)
+                .with_rounding(FinalRounding::Hard)
+                .with_bias_correction(true);
             let (rounded, _) =
                 adaround(&model, samples(16, 25), |m, x| m.forward(x), &cfg).unwrap();
             let export = export_integers(&rounded, samples(1, 26), |m, x| m.forward(x)).unwrap();
+            // Each layer's bias with its last kernel: the corrected one, not the float model's.
+            let bias = |b: &Option<Param<Tensor<B, 1>>>| {
+                b.as_ref()
+                    .map(|b| b.val().into_data().to_vec::<f32>().unwrap())
+            };
+            let biases: Vec<_> = export.kernels.iter().map(|k| k.bias.clone()).collect();
+            assert_eq!(
+                biases,
+                [
+                    bias(&rounded.conv.bias),
+                    None,
+                    bias(&rounded.sep.bias),
+                    bias(&rounded.fc.bias)
+                ]
+            );
+            assert!(biases
+                .iter()
+                .all(|b| b.as_ref().is_none_or(|b| !b.is_empty())));
+            assert_ne!(bias(&rounded.fc.bias), bias(&model.fc.bias));
             let names: Vec<(&str, &str)> = export
                 .kernels
                 .iter()
