@@ -395,6 +395,12 @@ fn split_batches<B: Backend, const D: usize>(
             batch_size: batch,
         });
     }
+    if n % batch != 0 {
+        log::warn!(
+            "{} of {n} calibration samples do not fill a batch of {batch} and are left out",
+            n % batch
+        );
+    }
     Ok((0..n / batch)
         .map(|i| samples.clone().narrow(0, i * batch, batch))
         .collect())
