@@ -395,7 +395,7 @@ fn split_batches<B: Backend, const D: usize>(
             batch_size: batch,
         });
     }
-    if n % batch != 0 {
+    if !n.is_multiple_of(batch) {
         log::warn!(
             "{} of {n} calibration samples do not fill a batch of {batch} and are left out",
             n % batch

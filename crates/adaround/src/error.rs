@@ -95,6 +95,16 @@ pub enum AdaRoundError {
     /// A checkpoint could not be written or read (a damaged file: its checksum differs).
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A kernel's slot holds an AdaRound quantizer in training mode: the layer uses soft
+    /// weights, which are not on the grid, so there are no integers to export. Switch it to
+    /// evaluation mode (`QuantizedLayer::set_training(false)`) or finalize it first.
+    #[error(
+        "layer `{layer}`: AdaRound is in training mode (soft weights, not on the grid); switch it to evaluation mode or finalize it first"
+    )]
+    SoftWeights {
+        /// The layer.
+        layer: String,
+    },
     /// A quantizer could not be wrapped.
     #[error("layer `{layer}`: {source}")]
     Quantizer {

@@ -130,6 +130,17 @@ fn kernel<B: Backend, const D: usize>(
         source,
     };
     q.validate().map_err(refused)?;
+    // The weights the layer quantizes: with AdaRound in the slot, its reconstructed weights
+    // (evaluation mode applies `q` to them), not the float kernel.
+    let weights = match slot {
+        QuantizerSlot::Plain(_) => weights,
+        QuantizerSlot::AdaRound(ada) if !ada.is_training() => ada.recons_weights::<D>(),
+        QuantizerSlot::AdaRound(_) => {
+            return Err(AdaRoundError::SoftWeights {
+                layer: layer.to_string(),
+            })
+        }
+    };
     let encoding = q.encoding(weights.clone(), axis).map_err(refused)?;
     let ints = encoding.scaled(weights).round().clamp(lo, hi);
     let (sf, offsets) = (encoding.scale_factor, encoding.offset);
@@ -185,7 +196,9 @@ fn bias<B: Backend>(
 
 /// The integers of every quantizing kernel of `model`, found by running `forward` once on
 /// `sample` (as the driver finds layers), each layer's float bias with its last kernel.
-/// Kernels with the float quantizer are left out (and a bias whose kernel is).
+/// Kernels with the float quantizer are left out (and a bias whose kernel is). A kernel with
+/// an AdaRound quantizer in its slot exports the rounding the layer uses in evaluation mode;
+/// in training mode (soft weights) it is refused with [`AdaRoundError::SoftWeights`].
 pub fn export_integers<B, M, F, O, const D: usize>(
     model: &M,
     sample: Tensor<B, D>,
@@ -229,4 +242,67 @@ where
         format: INTEGER_FORMAT.to_string(),
         kernels,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use adaround_core::{AdaRoundParams, WeightQuantizer};
+    use adaround_layers::{QuantizedDense, QuantizedDenseConfig};
+    use burn::module::Param;
+
+    use super::*;
+
+    type B = burn_ndarray::NdArray<f32>;
+
+    fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().to_vec().unwrap()
+    }
+
+    #[test]
+    fn should_export_the_rounding_an_armed_layer_uses_and_refuse_soft_weights() {
+        let device = Default::default();
+        let dense = QuantizedDenseConfig::new(6, 4)
+            .with_quantizer(WeightQuantizer::max_per_axis(3).unwrap())
+            .init::<B>(&device);
+        let nearest = values(dense.quantized_weight());
+        // Armed, and every weight off the top level rounded the other way than nearest: the
+        // initial alphas (h(alpha) = the decimal) negated and saturated.
+        let armed = QuantizedLayer::Dense(dense)
+            .with_adaround(&AdaRoundParams::new())
+            .unwrap()
+            .map_slots(|slot| match slot {
+                QuantizerSlot::AdaRound(mut ada) => {
+                    ada.alpha = Param::from_tensor(ada.alpha.val().mul_scalar(-20.0));
+                    QuantizerSlot::AdaRound(ada)
+                }
+                plain => plain,
+            });
+        let dense = |layer: QuantizedLayer<B>| match layer {
+            QuantizedLayer::Dense(d) => d,
+            _ => unreachable!("a Dense layer"),
+        };
+        let forward = |m: &QuantizedDense<B>, x: Tensor<B, 2>| m.forward(x);
+        let sample = || Tensor::<B, 2>::zeros([1, 6], &device);
+
+        let soft = dense(armed.clone());
+        let err = export_integers(&soft, sample(), forward).unwrap_err();
+        assert!(matches!(err, AdaRoundError::SoftWeights { .. }), "{err:?}");
+
+        let evaluated = dense(armed.set_training(false));
+        let used = values(evaluated.quantized_weight());
+        assert!(
+            used.iter().zip(&nearest).filter(|(a, b)| a != b).count() > 4,
+            "the armed layer rounds otherwise than nearest"
+        );
+        let export = export_integers(&evaluated, sample(), forward).unwrap();
+        let k = &export.kernels[0];
+        assert_eq!(k.axis, Some(1));
+        for (i, (q, w)) in k.integers.iter().zip(&used).enumerate() {
+            let back = *q as f32 / k.scale_factors[i % 4];
+            assert!(
+                (back - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                "{i}: {back} vs {w}"
+            );
+        }
+    }
 }
