@@ -41,7 +41,11 @@ use crate::{
 /// the better mix is returned. The output must implement [`ModelOutput`] (tensors, tuples,
 /// vectors of them, or `()` to skip the check).
 ///
-/// Returns a new model and the report; `model` itself is never modified.
+/// Returns a new model and the report; `model` itself is never modified. The new model is
+/// built from `model.clone()`, so, as with any Burn clone, a BatchNorm's running statistics
+/// (Burn's `RunningState`) share their storage with `model`'s: a later `map`, `load_record`
+/// or `to_device` on one changes both. Fold BatchNorm into the layers first, or load the
+/// returned model's record into a newly built model to separate them.
 ///
 /// Memory: each layer's inputs and targets for all samples are held on the device while the
 /// layer is optimised (`samples x (input + output size)` floats, twice with

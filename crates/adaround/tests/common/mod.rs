@@ -1162,6 +1162,29 @@ macro_rules! driver_tests {
                 running,
                 "the rounded model keeps the statistics"
             );
+            // Burn's clones share a BatchNorm's statistics, the returned model's with the
+            // caller's too; the README's way to separate them: the returned record loaded
+            // into a newly built model, which gives the same outputs.
+            struct AddOne;
+            impl burn::module::ModuleMapper<B> for AddOne {
+                fn map_float<const D: usize>(
+                    &mut self,
+                    p: Param<Tensor<B, D>>,
+                ) -> Param<Tensor<B, D>> {
+                    p.map(|t| t + 1.0)
+                }
+            }
+            let separate = with_norm(q3()).load_record(rounded.clone().into_record());
+            let x = samples(4, 33);
+            let out = |m: &WithNorm<B>| m.forward(x.clone()).into_data().to_vec::<f32>().unwrap();
+            assert_eq!(out(&separate), out(&rounded));
+            let moved = separate.map(&mut AddOne);
+            assert_ne!(
+                stats(&moved),
+                running,
+                "the mapper moved the copy's statistics"
+            );
+            assert_eq!(stats(&model), running, "and not the caller's");
         }
 
         #[test]
