@@ -144,12 +144,6 @@ fn kernel<B: Backend, const D: usize>(
     let encoding = q.encoding(weights.clone(), axis).map_err(refused)?;
     let ints = encoding.scaled(weights).round().clamp(lo, hi);
     let (sf, offsets) = (encoding.scale_factor, encoding.offset);
-    let host = |t: Tensor<B, D>| {
-        t.into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32 data converts to a f32 vector")
-    };
     let (scale_factors, integers) = (host(sf), host(ints.clone()));
     let offsets = offsets.map(host).unwrap_or_default();
     if !(scale_factors.iter().chain(&integers).chain(&offsets)).all(|v| v.is_finite()) {
@@ -172,6 +166,14 @@ fn kernel<B: Backend, const D: usize>(
     }))
 }
 
+/// A tensor's values in host memory, as `f32`.
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data converts to a f32 vector")
+}
+
 /// `layer`'s float bias as host numbers, refused where it is not finite.
 fn bias<B: Backend>(
     layer: &QuantizedLayer<B>,
@@ -180,11 +182,7 @@ fn bias<B: Backend>(
     let Some((_, bias)) = layer.bias() else {
         return Ok(None);
     };
-    let values = bias
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data converts to a f32 vector");
+    let values = host(bias);
     if !values.iter().all(|v| v.is_finite()) {
         return Err(AdaRoundError::NonFinite {
             layer: name.to_string(),
