@@ -252,17 +252,13 @@ mod tests {
 
     type B = burn_ndarray::NdArray<f32>;
 
-    fn values<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().to_vec().unwrap()
-    }
-
     #[test]
     fn should_export_the_rounding_an_armed_layer_uses_and_refuse_soft_weights() {
         let device = Default::default();
         let dense = QuantizedDenseConfig::new(6, 4)
             .with_quantizer(WeightQuantizer::max_per_axis(3).unwrap())
             .init::<B>(&device);
-        let nearest = values(dense.quantized_weight());
+        let nearest = host(dense.quantized_weight());
         // Armed, and every weight off the top level rounded the other way than nearest: the
         // initial alphas (h(alpha) = the decimal) negated and saturated.
         let armed = QuantizedLayer::Dense(dense)
@@ -287,7 +283,7 @@ mod tests {
         assert!(matches!(err, AdaRoundError::SoftWeights { .. }), "{err:?}");
 
         let evaluated = dense(armed.set_training(false));
-        let used = values(evaluated.quantized_weight());
+        let used = host(evaluated.quantized_weight());
         assert!(
             used.iter().zip(&nearest).filter(|(a, b)| a != b).count() > 4,
             "the armed layer rounds otherwise than nearest"
