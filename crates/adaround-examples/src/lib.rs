@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod digits;
+pub mod efficientnet;
 pub mod svg;
 pub mod usps;
 pub mod xception;

