@@ -398,6 +398,64 @@ pub fn weights_path() -> Result<String, MissingData> {
     }
 }
 
+/// The 1 000 ImageNet class names (`classes.json` in [`data_dir`]).
+pub fn classes() -> Result<Vec<String>, MissingData> {
+    let path = data_dir().join("classes.json");
+    let bytes = std::fs::read(&path)
+        .map_err(|e| MissingData(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes).map_err(|e| MissingData(format!("{}: {e}", path.display())))
+}
+
+/// A tensor to write into a SafeTensors file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    /// Its name in the file.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// `F32` or `I64`.
+    pub dtype: &'static str,
+    /// Its little-endian bytes, row-major.
+    pub bytes: Vec<u8>,
+}
+
+impl NamedTensor {
+    /// An `f32` tensor.
+    pub fn f32(name: String, shape: Vec<usize>, values: Vec<f32>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Self { name, shape, dtype: "F32", bytes }
+    }
+
+    /// An `i64` scalar.
+    pub fn i64(name: String, value: i64) -> Self {
+        Self { name, shape: vec![], dtype: "I64", bytes: value.to_le_bytes().to_vec() }
+    }
+}
+
+/// Writes `tensors` as a SafeTensors file: an 8-byte header length, the JSON header (each
+/// tensor's dtype, shape and byte range), the data.
+pub fn write_safetensors(path: &std::path::Path, tensors: &[NamedTensor]) -> std::io::Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for t in tensors {
+        let end = offset + t.bytes.len();
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut text = serde_json::to_vec(&header).expect("a JSON header");
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(text);
+    for t in tensors {
+        bytes.extend(&t.bytes);
+    }
+    std::fs::write(path, bytes)
+}
+
 /// The crops of `fetch.sh`: u8 RGB `[n, 224, 224, 3]`, calibration crops first.
 pub struct Crops {
     /// The pixels of every crop.

@@ -6,8 +6,9 @@ use burn::{
     nn::{conv::Conv2d, Initializer, PaddingConfig2d},
     tensor::{
         backend::Backend,
-        module::{conv2d, unfold4d},
-        ops::{PadMode, PaddedConvOptions, UnfoldOptions},
+        module::conv2d,
+        ops::{PadMode, PaddedConvOptions},
+        Slice,
         Tensor,
     },
 };
@@ -201,7 +202,7 @@ impl<B: Backend> QuantizedConv2d<B> {
     /// with `L` the output positions per sample (channels outermost, as the kernel's
     /// `[channels_in / groups, kh, kw]` flattens).
     pub fn patches(&self, input: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [_, _, h, w] = input.dims();
+        let [b, c, h, w] = input.dims();
         let [_, _, kh, kw] = self.weight.dims();
         let ((top, bottom), (left, right)) = self.padding_pairs([h, w]);
         let x = if top + bottom + left + right > 0 {
@@ -209,8 +210,27 @@ impl<B: Backend> QuantizedConv2d<B> {
         } else {
             input
         };
-        let options = UnfoldOptions::new(self.stride, [0, 0], self.dilation);
-        unfold4d(x, [kh, kw], options)
+        let ([sh, sw], [dh, dw]) = (self.stride, self.dilation);
+        let (hp, wp) = (h + top + bottom, w + left + right);
+        let ho = (hp - (kh - 1) * dh - 1) / sh + 1;
+        let wo = (wp - (kw - 1) * dw - 1) / sw + 1;
+        if kh * kw == 1 && sh == 1 && sw == 1 {
+            return x.reshape([b, c, ho * wo]);
+        }
+        // One strided slice of the padded input per kernel offset: `kh * kw` copies of the
+        // output-sized maps (Burn's generic `unfold4d` is a convolution with a one-hot kernel,
+        // `c * kh * kw` output channels over `c` input channels: quadratic in the channels).
+        let offsets = (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j)));
+        let slices: Vec<_> = offsets
+            .map(|(i, j)| {
+                let rows = Slice::new((i * dh) as isize, Some((i * dh + (ho - 1) * sh + 1) as isize), sh as isize);
+                let cols = Slice::new((j * dw) as isize, Some((j * dw + (wo - 1) * sw + 1) as isize), sw as isize);
+                x.clone()
+                    .slice([Slice::full(), Slice::full(), rows, cols])
+                    .reshape([b, c, 1, ho * wo])
+            })
+            .collect();
+        Tensor::cat(slices, 2).reshape([b, c * kh * kw, ho * wo])
     }
 
     /// Applies the layer with its quantized kernel.

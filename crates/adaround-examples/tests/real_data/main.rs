@@ -2,4 +2,5 @@
 //! (each binary compiles Burn's generic code again: one builds faster than two).
 
 mod digits;
+mod efficientnet;
 mod interop;
