@@ -63,7 +63,11 @@ impl Scores {
         let reference = float.clone().argmax(1);
         let top1 = logits.clone().argmax(1).equal(reference.clone());
         let top1 = top1.int().sum().into_scalar() as f64;
-        let best5 = logits.clone().sort_descending_with_indices(1).1.narrow(1, 0, 5);
+        let best5 = logits
+            .clone()
+            .sort_descending_with_indices(1)
+            .1
+            .narrow(1, 0, 5);
         let top5 = best5.equal(reference.expand([n as usize, 5])).int().sum();
         let (p, q) = (log_softmax(float.clone(), 1), log_softmax(logits, 1));
         let kl = (p.clone().exp() * (p - q)).sum().into_scalar() as f64 / n;
@@ -125,7 +129,10 @@ fn burn_builtin(
         }
         4 | 2 => {
             let per_tensor = WeightQuantizer::max(bits).expect("valid bitwidth");
-            Some((QuantEfficientNet::from_float(float, &per_tensor, None), true))
+            Some((
+                QuantEfficientNet::from_float(float, &per_tensor, None),
+                true,
+            ))
         }
         _ => None,
     }
@@ -172,7 +179,10 @@ fn main() {
 
     println!("## 1. EfficientNet-Lite0 from {path}");
     let (float, import) = EfficientNetLite0::<B>::load(&path, &device).unwrap_or_else(|e| fail(&e));
-    println!("{} tensors loaded; BatchNorm folded into the 49 convolutions", import.loaded.len());
+    println!(
+        "{} tensors loaded; BatchNorm folded into the 49 convolutions",
+        import.loaded.len()
+    );
     let folded = QuantEfficientNet::from_float(&float, &WeightQuantizer::Float, None);
     let x_eval = crops.evaluation::<B>(&device);
     let t = Instant::now();
@@ -184,10 +194,17 @@ fn main() {
     );
     let first = crops.calibration;
     let photos = 6.min(crops.evaluation);
-    let top = reference.clone().narrow(0, 0, photos).sort_descending_with_indices(1).1;
+    let top = reference
+        .clone()
+        .narrow(0, 0, photos)
+        .sort_descending_with_indices(1)
+        .1;
     let top = top.narrow(1, 0, 3).into_data().to_vec::<i64>().unwrap();
     for (i, classes) in top.chunks(3).enumerate() {
-        let named: Vec<_> = classes.iter().map(|&c| format!("{c} {}", names[c as usize])).collect();
+        let named: Vec<_> = classes
+            .iter()
+            .map(|&c| format!("{c} {}", names[c as usize]))
+            .collect();
         println!("  {:<18} {}", crops.photos[first + i], named.join(", "));
     }
     let samples = crops.calibration::<B>(n_cal, &device);
@@ -263,11 +280,19 @@ fn print_table(
     row("nearest", nearest, "");
     match builtin {
         Some((s, false)) => row("Burn built-in Q8S (per tensor, min-max)", s, ""),
-        Some((s, true)) => row(&format!("Burn's Q{bits}S scheme (per tensor, min-max; emulated)"), s, ""),
+        Some((s, true)) => row(
+            &format!("Burn's Q{bits}S scheme (per tensor, min-max; emulated)"),
+            s,
+            "",
+        ),
         None => println!("| Burn built-in | no {bits}-bit type | | | |"),
     }
     let peak = peak.map_or(String::new(), |p| format!(", peak {p:.0} MiB"));
-    row("AdaRound (recommended)", ada, &format!("{seconds:.0} s{peak}"));
+    row(
+        "AdaRound (recommended)",
+        ada,
+        &format!("{seconds:.0} s{peak}"),
+    );
 }
 
 fn print_layers(reports: &[(u32, AdaRoundReport)]) {
@@ -283,7 +308,11 @@ fn print_layers(reports: &[(u32, AdaRoundReport)]) {
                 format!("{:.2e} -> {rel:.2}x, {:.1} s", l.err_before, l.seconds)
             })
             .collect();
-        println!("| {} | {} |", reports[0].1.layers[i].name, cells.join(" | "));
+        println!(
+            "| {} | {} |",
+            reports[0].1.layers[i].name,
+            cells.join(" | ")
+        );
     }
 }
 
@@ -297,7 +326,11 @@ fn export(model: &QuantEfficientNet<B>, x_eval: &Tensor<B, 4>, bits: u32, out: &
     adaround_examples::efficientnet::write_safetensors(&st, &tensors).expect("write safetensors");
     let enc = out.join(format!("w{bits}_encodings.json"));
     std::fs::write(&enc, serde_json::to_string_pretty(&encodings).unwrap()).expect("write");
-    let predictions = logits_of(model, x_eval).argmax(1).into_data().to_vec::<i64>().unwrap();
+    let predictions = logits_of(model, x_eval)
+        .argmax(1)
+        .into_data()
+        .to_vec::<i64>()
+        .unwrap();
     let pred = out.join(format!("w{bits}_predictions.json"));
     std::fs::write(&pred, serde_json::to_string(&predictions).unwrap()).expect("write");
     println!(
@@ -349,11 +382,23 @@ fn pytorch_state(
         } else {
             let bn = batch_norm_of(&torch);
             let n = bias.len();
-            tensors.push(NamedTensor::f32(format!("{bn}.weight"), vec![n], vec![1.0; n]));
+            tensors.push(NamedTensor::f32(
+                format!("{bn}.weight"),
+                vec![n],
+                vec![1.0; n],
+            ));
             tensors.push(NamedTensor::f32(format!("{bn}.bias"), vec![n], bias));
-            tensors.push(NamedTensor::f32(format!("{bn}.running_mean"), vec![n], vec![0.0; n]));
+            tensors.push(NamedTensor::f32(
+                format!("{bn}.running_mean"),
+                vec![n],
+                vec![0.0; n],
+            ));
             let var = (1.0 - 1e-3f64) as f32;
-            tensors.push(NamedTensor::f32(format!("{bn}.running_var"), vec![n], vec![var; n]));
+            tensors.push(NamedTensor::f32(
+                format!("{bn}.running_var"),
+                vec![n],
+                vec![var; n],
+            ));
             tensors.push(NamedTensor::i64(format!("{bn}.num_batches_tracked"), 0));
         }
         let encodings: Vec<_> = k

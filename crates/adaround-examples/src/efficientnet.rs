@@ -23,9 +23,7 @@
 
 use adaround::{
     import::{ImportError, ImportReport, Layout, WeightImport},
-    layers::{
-        FoldBatchNorm, QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
-    },
+    layers::{FoldBatchNorm, QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig},
     store::SafetensorsStore,
     WeightQuantizer,
 };
@@ -249,7 +247,7 @@ pub struct QuantMbConv<B: Backend> {
     pub residual: bool,
 }
 
-/// EfficientNet-Lite0 with BatchNorms folded and quantized weights: 65 quantized layers
+/// EfficientNet-Lite0 with BatchNorms folded and quantized weights: 50 quantized layers
 /// (stem, 15 expand, 16 depthwise, 16 project, head, classifier).
 #[derive(Module, Debug)]
 pub struct QuantEfficientNet<B: Backend> {
@@ -424,12 +422,22 @@ impl NamedTensor {
     pub fn f32(name: String, shape: Vec<usize>, values: Vec<f32>) -> Self {
         assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Self { name, shape, dtype: "F32", bytes }
+        Self {
+            name,
+            shape,
+            dtype: "F32",
+            bytes,
+        }
     }
 
     /// An `i64` scalar.
     pub fn i64(name: String, value: i64) -> Self {
-        Self { name, shape: vec![], dtype: "I64", bytes: value.to_le_bytes().to_vec() }
+        Self {
+            name,
+            shape: vec![],
+            dtype: "I64",
+            bytes: value.to_le_bytes().to_vec(),
+        }
     }
 }
 
@@ -484,7 +492,11 @@ impl Crops {
         let photos = |set: &str| -> Vec<String> {
             manifest[set]
                 .as_array()
-                .map(|a| a.iter().map(|c| c["photo"].as_str().unwrap_or("?").to_string()).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|c| c["photo"].as_str().unwrap_or("?").to_string())
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let (cal, eval) = (photos("calibration"), photos("evaluation"));
@@ -505,8 +517,15 @@ impl Crops {
     }
 
     /// Crops `range` (indices over calibration then evaluation) as the model's input.
-    pub fn tensor<B: Backend>(&self, range: std::ops::Range<usize>, device: &B::Device) -> Tensor<B, 4> {
-        normalise(&self.pixels[range.start * CROP_BYTES..range.end * CROP_BYTES], device)
+    pub fn tensor<B: Backend>(
+        &self,
+        range: std::ops::Range<usize>,
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
+        normalise(
+            &self.pixels[range.start * CROP_BYTES..range.end * CROP_BYTES],
+            device,
+        )
     }
 
     /// The calibration crops `0..n`.

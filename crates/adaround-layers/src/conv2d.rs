@@ -8,8 +8,7 @@ use burn::{
         backend::Backend,
         module::conv2d,
         ops::{PadMode, PaddedConvOptions},
-        Slice,
-        Tensor,
+        Slice, Tensor,
     },
 };
 
@@ -223,8 +222,16 @@ impl<B: Backend> QuantizedConv2d<B> {
         let offsets = (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j)));
         let slices: Vec<_> = offsets
             .map(|(i, j)| {
-                let rows = Slice::new((i * dh) as isize, Some((i * dh + (ho - 1) * sh + 1) as isize), sh as isize);
-                let cols = Slice::new((j * dw) as isize, Some((j * dw + (wo - 1) * sw + 1) as isize), sw as isize);
+                let rows = Slice::new(
+                    (i * dh) as isize,
+                    Some((i * dh + (ho - 1) * sh + 1) as isize),
+                    sh as isize,
+                );
+                let cols = Slice::new(
+                    (j * dw) as isize,
+                    Some((j * dw + (wo - 1) * sw + 1) as isize),
+                    sw as isize,
+                );
                 x.clone()
                     .slice([Slice::full(), Slice::full(), rows, cols])
                     .reshape([b, c, 1, ho * wo])

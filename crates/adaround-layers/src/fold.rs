@@ -20,7 +20,7 @@ use burn::{
 use crate::{QuantizedConv2d, QuantizedDense, QuantizedSeparableConv2d, QuantizerSlot};
 
 /// Why a BatchNorm could not be folded.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum FoldError {
     /// The BatchNorm normalises another number of channels than the layer outputs.
     Channels {
@@ -32,6 +32,21 @@ pub enum FoldError {
     /// The layer's quantizer is an armed AdaRound quantizer, whose rounding state belongs to
     /// the unfolded kernel: fold before quantizing.
     AdaRoundArmed,
+    /// A channel's statistics give no finite affine map: `running_var + epsilon` is not
+    /// positive and finite, or `gamma`, `beta` or `running_mean` is NaN or infinite.
+    Statistics {
+        /// The first such channel.
+        channel: usize,
+        /// Its running variance.
+        running_var: f32,
+        /// The BatchNorm's epsilon.
+        epsilon: f64,
+    },
+    /// The folded kernel or bias of a channel overflows to a non-finite value.
+    NonFinite {
+        /// The first such channel.
+        channel: usize,
+    },
 }
 
 impl fmt::Display for FoldError {
@@ -44,6 +59,19 @@ impl fmt::Display for FoldError {
             Self::AdaRoundArmed => write!(
                 f,
                 "the layer's quantizer is an armed AdaRound quantizer; fold before quantizing"
+            ),
+            Self::Statistics {
+                channel,
+                running_var,
+                epsilon,
+            } => write!(
+                f,
+                "BatchNorm channel {channel} has no finite affine map (running_var \
+                 {running_var}, epsilon {epsilon}, or a non-finite gamma, beta or mean)"
+            ),
+            Self::NonFinite { channel } => write!(
+                f,
+                "folding makes channel {channel}'s kernel or bias non-finite (overflow)"
             ),
         }
     }
@@ -67,6 +95,47 @@ pub trait FoldBatchNorm<B: Backend>: Sized {
     /// The layer followed by `norm` (in inference mode, with its running statistics) as one
     /// layer. `norm` itself is not changed.
     fn fold_batch_norm(self, norm: &BatchNorm<B>) -> Result<Self, FoldError>;
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32 values")
+}
+
+/// Refuses statistics without a finite affine map, naming the first such channel.
+fn check_statistics<B: Backend>(norm: &BatchNorm<B>) -> Result<(), FoldError> {
+    let var = host(norm.running_var.value());
+    let others = [
+        host(norm.gamma.val()),
+        host(norm.beta.val()),
+        host(norm.running_mean.value()),
+    ];
+    let bad = |c: usize| {
+        let denom = var[c] as f64 + norm.epsilon;
+        !(denom > 0.0 && denom.is_finite()) || others.iter().any(|o| !o[c].is_finite())
+    };
+    match (0..var.len()).find(|&c| bad(c)) {
+        Some(channel) => Err(FoldError::Statistics {
+            channel,
+            running_var: var[channel],
+            epsilon: norm.epsilon,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The first channel (along `axis`) of `weight` or `bias` holding a non-finite value.
+fn non_finite_channel<B: Backend, const D: usize>(
+    weight: &Tensor<B, D>,
+    bias: &Tensor<B, 1>,
+    axis: usize,
+) -> Option<usize> {
+    let dims = weight.dims();
+    let inner: usize = dims[axis + 1..].iter().product();
+    let channels = dims[axis];
+    let w = host(weight.clone());
+    let in_weight = w.iter().position(|v| !v.is_finite());
+    let in_bias = host(bias.clone()).iter().position(|v| !v.is_finite());
+    in_weight.map(|i| (i / inner) % channels).or(in_bias)
 }
 
 /// `(scale, shift)` of `norm` in inference.
@@ -96,6 +165,7 @@ fn fold<B: Backend, const D: usize>(
             norm: features,
         });
     }
+    check_statistics(norm)?;
     let (scale, shift) = affine(norm);
     let mut shape = [1; D];
     shape[axis] = channels;
@@ -105,6 +175,9 @@ fn fold<B: Backend, const D: usize>(
         Some(b) => b.map(|b| b * scale + shift),
         None => Param::from_tensor(shift),
     };
+    if let Some(channel) = non_finite_channel(&weight.val(), &bias.val(), axis) {
+        return Err(FoldError::NonFinite { channel });
+    }
     Ok((weight, Some(bias)))
 }
 

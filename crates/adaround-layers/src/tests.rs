@@ -471,6 +471,43 @@ fn should_refuse_to_fold_a_mismatched_or_armed_layer() {
     );
 }
 
+/// Statistics without a finite affine map are refused, naming the channel, on every layer
+/// kind; so is a fold that overflows the kernel.
+#[test]
+fn should_refuse_batch_norm_statistics_without_a_finite_map() {
+    use burn::module::RunningState;
+    let conv = || QuantizedConv2dConfig::new([4, 6], [3, 3]).init::<B>(&device());
+    let with = |var: f32, epsilon: f64| {
+        let mut bn = trained_bn(6);
+        let mut values = bn.running_var.value().into_data().to_vec::<f32>().unwrap();
+        values[2] = var;
+        bn.running_var = RunningState::new(Tensor::from_floats(values.as_slice(), &device()));
+        bn.epsilon = epsilon;
+        bn
+    };
+    for (var, epsilon) in [(0.0, 0.0), (-1.0, 1e-5), (1.0, f64::NAN)] {
+        let bn = with(var, epsilon);
+        let err = conv().fold_batch_norm(&bn).unwrap_err();
+        match err {
+            FoldError::Statistics { channel, .. } => assert_eq!(channel, 2, "{var} {epsilon}"),
+            other => panic!("expected Statistics, got {other:?}"),
+        }
+        let linear = init(LinearConfig::new(3, 6).init::<B>(&device()));
+        assert!(matches!(
+            linear.fold_batch_norm(&bn),
+            Err(FoldError::Statistics { channel: 2, .. })
+        ));
+    }
+    // A tiny variance: a finite map whose scale overflows the kernel.
+    let bn = with(1e-44, 0.0);
+    let mut layer = conv();
+    layer.weight = layer.weight.map(|w| w.mul_scalar(1e30));
+    assert_eq!(
+        layer.fold_batch_norm(&bn).unwrap_err(),
+        FoldError::NonFinite { channel: 2 }
+    );
+}
+
 #[test]
 fn should_split_and_join_a_separable_conv_without_changing_its_output() {
     B::seed(&device(), 22);

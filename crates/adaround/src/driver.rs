@@ -20,7 +20,8 @@ use crate::{
     progress::{self, Progress},
     site::{optimize_site, targets, SiteData},
     step::{Ad, DefaultAdam, ModuleOptimizers, Optimizers, SimpleOptimizers},
-    AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelCheck, ModelGuard, Target,
+    AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelCheck, ModelGuard,
+    SeparableStep, Target,
 };
 
 /// Optimises the rounding of every quantized layer of `model`, one layer at a time in
@@ -48,8 +49,8 @@ use crate::{
 /// returned model's record into a newly built model to separate them.
 ///
 /// Memory: each layer's inputs and targets for all samples are held on the device while the
-/// layer is optimised (`samples x (input + output size)` floats, twice with
-/// [`Target::FloatModel`]).
+/// layer is optimised (`samples x (input + output size)` floats; a split separable
+/// convolution with [`Target::FloatModel`] also holds the float model's inputs).
 pub fn adaround<B, M, F, O, const D: usize>(
     model: &M,
     samples: Tensor<B, D>,
@@ -162,19 +163,39 @@ struct Run<'a, B: Backend, M, F, const D: usize> {
 impl<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>
     Run<'_, B, M, F, D>
 {
-    /// The site's inputs and targets, from `work` (and the float model).
+    /// The site's inputs and targets, from `work` (and the float model). With targets from
+    /// the float model, each batch's float input is dropped once its targets are computed
+    /// (a split separable convolution keeps them: its depthwise half targets them), so the
+    /// layer holds `samples x (input + output size)` floats, not `2 x input` more.
     fn data(&self, work: &M, site: &Site<B>) -> Result<SiteData<B>, AdaRoundError> {
         let inputs = capture_inputs(work, &self.batches, &self.forward, site, false)?;
-        let float_inputs = match &self.float_model {
-            Some(m) => Some(capture_inputs(m, &self.batches, &self.forward, site, true)?),
-            None => None,
-        };
         let float_act = self.config.target == Target::FloatModel;
-        let targets = targets(site, float_inputs.as_ref().unwrap_or(&inputs), float_act);
+        let Some(float_model) = &self.float_model else {
+            let targets = targets(site, &inputs, float_act);
+            return Ok(SiteData {
+                inputs,
+                float_inputs: None,
+                targets,
+                from_float_model: false,
+            });
+        };
+        let split = matches!(site.layer, QuantizedLayer::SeparableConv2d(_))
+            && self.config.separable == SeparableStep::Split;
+        let mut float_inputs = Vec::new();
+        let mut all_targets = Vec::with_capacity(self.batches.len());
+        for batch in &self.batches {
+            let one = std::slice::from_ref(batch);
+            let x = capture_inputs(float_model, one, &self.forward, site, true)?;
+            all_targets.extend(targets(site, &x, float_act));
+            if split {
+                float_inputs.extend(x);
+            }
+        }
         Ok(SiteData {
             inputs,
-            float_inputs,
-            targets,
+            float_inputs: split.then_some(float_inputs),
+            targets: all_targets,
+            from_float_model: true,
         })
     }
 }

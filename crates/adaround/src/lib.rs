@@ -94,8 +94,9 @@ pub struct ReadmeDoctests;
 /// Backends re-exported for convenience.
 #[cfg(feature = "wgpu")]
 pub mod backend {
-    /// The GPU backend (WebGPU: Vulkan, Metal, DX12); wrap it in `burn_autodiff::Autodiff`
-    /// for [`adaround`](crate::adaround).
+    /// The GPU backend (WebGPU: Vulkan, Metal, DX12). Pass [`adaround`](crate::adaround) a
+    /// model on it as it is (an inference model: an `Autodiff` model is refused); the driver
+    /// wraps the layer it optimises in autodiff where a step needs it.
     pub type Wgpu = burn_wgpu::Wgpu;
     pub use burn_wgpu;
 }

@@ -17,10 +17,14 @@ use crate::{
 pub(crate) struct SiteData<B: Backend> {
     /// Inputs from the model being rounded (earlier layers rounded), one per batch.
     pub inputs: Vec<Flow<B>>,
-    /// The float model's inputs to the layer (`Target::FloatModel`), one per batch.
+    /// The float model's inputs to the layer (`Target::FloatModel`), one per batch; kept for
+    /// a split separable convolution only.
     pub float_inputs: Option<Vec<Flow<B>>>,
     /// The float layer's outputs on the target inputs (after the activation, if any).
     pub targets: Vec<Flow<B>>,
+    /// Whether the targets come from the float model's inputs (`Target::FloatModel`), not
+    /// from `inputs`.
+    pub from_float_model: bool,
 }
 
 /// Optimises `site` and returns its report and the rounded layer.
@@ -41,7 +45,7 @@ pub(crate) fn optimize_site<B: Backend>(
                 relu: site.relu,
                 inputs: &data.inputs,
                 targets: &data.targets,
-                same_inputs: data.float_inputs.is_none(),
+                same_inputs: !data.from_float_model,
             },
             ctx,
         )?,
