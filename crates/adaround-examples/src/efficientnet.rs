@@ -389,7 +389,12 @@ impl core::fmt::Display for MissingData {
 
 /// The weights file in [`data_dir`], if it is there.
 pub fn weights_path() -> Result<String, MissingData> {
-    let path = data_dir().join(WEIGHTS_FILE);
+    weights_path_in(&data_dir())
+}
+
+/// The weights file in `dir`, if it is there.
+pub fn weights_path_in(dir: &std::path::Path) -> Result<String, MissingData> {
+    let path = dir.join(WEIGHTS_FILE);
     match path.is_file() {
         true => Ok(path.display().to_string()),
         false => Err(MissingData(format!("no {}", path.display()))),

@@ -14,6 +14,7 @@ use burn::tensor::Tensor;
 
 type B = burn_ndarray::NdArray<f32>;
 
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/data/efficientnet_parity"
@@ -43,7 +44,12 @@ fn max_abs_diff(ours: Tensor<B, 2>, theirs: &[Vec<f32>]) -> f32 {
 #[test]
 #[ignore = "needs the weights: bash crates/adaround-examples/examples/data/efficientnet/fetch.sh"]
 fn should_give_pytorchs_logits_float_and_folded() {
-    let path = weights_path().unwrap_or_else(|e| panic!("{e}"));
+    // Tests run in the crate's folder: the fetched data lie under the repository root.
+    let path = match std::env::var_os("ADAROUND_EFFICIENTNET_DATA") {
+        Some(_) => weights_path(),
+        None => weights_path_in(&std::path::Path::new(ROOT).join("out/data/efficientnet")),
+    };
+    let path = path.unwrap_or_else(|e| panic!("{e}"));
     let device = Default::default();
     let (float, report) = EfficientNetLite0::<B>::load(&path, &device).unwrap();
     assert_eq!(
