@@ -8,7 +8,7 @@ use std::io::Read;
 
 use adaround::WeightQuantizer;
 use adaround_examples::efficientnet::{
-    normalise, weights_path, EfficientNetLite0, QuantEfficientNet,
+    normalise, weights_path, weights_path_in, EfficientNetLite0, QuantEfficientNet,
 };
 use burn::tensor::Tensor;
 
