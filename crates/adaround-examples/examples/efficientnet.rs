@@ -230,13 +230,14 @@ fn main() {
             .unwrap_or_else(|e| fail(&e));
         let seconds = t.elapsed().as_secs_f64();
         let peak = peak_rss_mib();
-        let ada = Scores::new(logits_of(&rounded, &x_eval), &reference);
+        let ada_logits = logits_of(&rounded, &x_eval);
+        let ada = Scores::new(ada_logits.clone(), &reference);
         print_table(b, nearest, builtin, ada, seconds, peak);
         if let Some(check) = &report.model {
             println!("model check: {check}");
         }
         if reports.is_empty() {
-            export(&rounded, &x_eval, b, out);
+            export(&rounded, &x_eval, ada_logits, b, out);
         }
         rows.push(serde_json::json!({
             "bits": b, "nearest": nearest, "adaround": ada,
@@ -317,8 +318,15 @@ fn print_layers(reports: &[(u32, AdaRoundReport)]) {
 }
 
 /// Writes the rounded model for PyTorch (SafeTensors, the original model's names), its AIMET
-/// encodings and its top-1 predictions on the evaluation crops.
-fn export(model: &QuantEfficientNet<B>, x_eval: &Tensor<B, 4>, bits: u32, out: &std::path::Path) {
+/// encodings and its top-1 predictions on the evaluation crops (from `logits`, its logits on
+/// them).
+fn export(
+    model: &QuantEfficientNet<B>,
+    x_eval: &Tensor<B, 4>,
+    logits: Tensor<B, 2>,
+    bits: u32,
+    out: &std::path::Path,
+) {
     let sample = x_eval.clone().narrow(0, 0, 1);
     let integers = export_integers(model, sample, |m, x| m.forward(x)).expect("export");
     let (tensors, encodings) = pytorch_state(&integers);
@@ -326,11 +334,7 @@ fn export(model: &QuantEfficientNet<B>, x_eval: &Tensor<B, 4>, bits: u32, out: &
     adaround_examples::efficientnet::write_safetensors(&st, &tensors).expect("write safetensors");
     let enc = out.join(format!("w{bits}_encodings.json"));
     std::fs::write(&enc, serde_json::to_string_pretty(&encodings).unwrap()).expect("write");
-    let predictions = logits_of(model, x_eval)
-        .argmax(1)
-        .into_data()
-        .to_vec::<i64>()
-        .unwrap();
+    let predictions = logits.argmax(1).into_data().to_vec::<i64>().unwrap();
     let pred = out.join(format!("w{bits}_predictions.json"));
     std::fs::write(&pred, serde_json::to_string(&predictions).unwrap()).expect("write");
     println!(
