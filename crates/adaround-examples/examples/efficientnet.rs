@@ -47,6 +47,10 @@ use burn::{
     },
 };
 
+/// The backend: Flex (`--features flex`), else NdArray.
+#[cfg(feature = "flex")]
+type B = burn_flex::Flex;
+#[cfg(not(feature = "flex"))]
 type B = burn_ndarray::NdArray<f32>;
 
 /// Scores of a model on the evaluation crops, against the float model.
@@ -199,7 +203,12 @@ fn main() {
         .narrow(0, 0, photos)
         .sort_descending_with_indices(1)
         .1;
-    let top = top.narrow(1, 0, 3).into_data().to_vec::<i64>().unwrap();
+    let top = top
+        .narrow(1, 0, 3)
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
     for (i, classes) in top.chunks(3).enumerate() {
         let named: Vec<_> = classes
             .iter()
@@ -334,7 +343,12 @@ fn export(
     adaround_examples::efficientnet::write_safetensors(&st, &tensors).expect("write safetensors");
     let enc = out.join(format!("w{bits}_encodings.json"));
     std::fs::write(&enc, serde_json::to_string_pretty(&encodings).unwrap()).expect("write");
-    let predictions = logits.argmax(1).into_data().to_vec::<i64>().unwrap();
+    let predictions = logits
+        .argmax(1)
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap();
     let pred = out.join(format!("w{bits}_predictions.json"));
     std::fs::write(&pred, serde_json::to_string(&predictions).unwrap()).expect("write");
     println!(

@@ -14,11 +14,12 @@ use log::info;
 use crate::{
     checkpoint::{checksum, Checkpoint, Fingerprint},
     discover::{capture_inputs, discover, Site},
-    guard::{self, ModelOutput, Reference},
+    guard::{self, outputs, ModelOutput, Reference},
     optimize::{ensure_finite, flows_finite, Context},
     params::{ParamIndex, WriteBack},
     progress::{self, Progress},
     site::{optimize_site, targets, SiteData},
+    stages::{flow_of, Stage, Staged},
     step::{Ad, DefaultAdam, ModuleOptimizers, Optimizers, SimpleOptimizers},
     AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelCheck, ModelGuard,
     SeparableStep, Target,
@@ -82,15 +83,9 @@ where
     F: Fn(&M, Tensor<B, D>) -> O,
     O: ModelOutput<B>,
 {
-    let mut optimizers = DefaultAdam;
-    run(
-        model,
-        samples,
-        forward,
-        config,
-        &mut optimizers,
-        &mut progress,
-    )
+    AdaRound::new(config.clone())
+        .with_progress(&mut progress)
+        .run(model, samples, forward)
 }
 
 /// [`adaround`] with any Burn optimizer: `optimizer()` is called once per layer, and every
@@ -111,15 +106,9 @@ where
     O: ModelOutput<B>,
     Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>> + 'static,
 {
-    let mut optimizers = ModuleOptimizers(optimizer);
-    run(
-        model,
-        samples,
-        forward,
-        config,
-        &mut optimizers,
-        &mut |_| {},
-    )
+    AdaRound::new(config.clone())
+        .with_optimizer(optimizer)
+        .run(model, samples, forward)
 }
 
 /// [`adaround`] with any [`SimpleOptimizer`] (a Burn optimizer on plain tensors, e.g.
@@ -141,36 +130,160 @@ where
     O: ModelOutput<B>,
     S: SimpleOptimizer<B> + 'static,
 {
-    let mut optimizers = SimpleOptimizers(optimizer);
-    run(
-        model,
-        samples,
-        forward,
-        config,
-        &mut optimizers,
-        &mut |_| {},
-    )
+    AdaRound::new(config.clone())
+        .with_simple_optimizer(optimizer)
+        .run(model, samples, forward)
+}
+
+/// AdaRound on a model, set up step by step in Burn's builder style: the configuration, then
+/// optionally an optimizer, a progress callback and the forward pass in stages, then
+/// [`run`](Self::run). The functions [`adaround`], [`adaround_with_progress`],
+/// [`adaround_with_optimizer`] and [`adaround_with_simple_optimizer`] are this builder with
+/// one option each.
+///
+/// ```no_run
+/// # use adaround::{AdaRound, AdaRoundConfig, AdaRoundError};
+/// # use adaround::layers::{QuantizedDense, probe::Flow};
+/// # use burn::tensor::Tensor;
+/// # type B = burn_ndarray::NdArray<f32>;
+/// # fn f(model: &QuantizedDense<B>, samples: Tensor<B, 2>) -> Result<(), AdaRoundError> {
+/// let (rounded, report) = AdaRound::new(AdaRoundConfig::recommended())
+///     .with_progress(|event| eprintln!("{}", event))
+///     .run(model, samples, |m, x| m.forward(x))?;
+/// # Ok(()) }
+/// ```
+pub struct AdaRound<'a, B: Backend, M> {
+    config: AdaRoundConfig,
+    optimizers: Box<dyn Optimizers<B> + 'a>,
+    progress: Box<dyn FnMut(Progress<'_>) + 'a>,
+    stages: Vec<Stage<'a, B, M>>,
+}
+
+impl<'a, B: Backend, M: Module<B>> AdaRound<'a, B, M> {
+    /// AdaRound with `config`, Burn's Adam with its defaults, no progress callback and the
+    /// forward pass in one piece.
+    pub fn new(config: AdaRoundConfig) -> Self {
+        Self {
+            config,
+            optimizers: Box::new(DefaultAdam),
+            progress: Box::new(|_| {}),
+            stages: Vec::new(),
+        }
+    }
+
+    /// Reports progress to `progress` (layer started, losses read, layer finished), e.g. to
+    /// drive a progress bar. The same lines go to `log` at `info` level.
+    pub fn with_progress(mut self, progress: impl FnMut(Progress<'_>) + 'a) -> Self {
+        self.progress = Box::new(progress);
+        self
+    }
+
+    /// Any Burn optimizer: `optimizer()` is called once per layer, and every step runs
+    /// through Burn's autodiff (on `Autodiff<B>`) and `optimizer`. With an optimizer Burn also
+    /// ships as a [`SimpleOptimizer`], [`Self::with_simple_optimizer`] keeps the fused step.
+    pub fn with_optimizer<Opt>(mut self, optimizer: impl FnMut() -> Opt + 'a) -> Self
+    where
+        Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>> + 'static,
+    {
+        self.optimizers = Box::new(ModuleOptimizers(optimizer));
+        self
+    }
+
+    /// Any [`SimpleOptimizer`] (a Burn optimizer on plain tensors, e.g.
+    /// `AdamWConfig::new().build()`): `optimizer()` is called once per layer. Layers with a
+    /// fused step run it on the plain tensors of `B`; the others step through autodiff with
+    /// it, wrapped in Burn's `OptimizerAdaptor`.
+    pub fn with_simple_optimizer<S>(mut self, optimizer: impl FnMut() -> S + 'a) -> Self
+    where
+        S: SimpleOptimizer<B> + 'static,
+    {
+        self.optimizers = Box::new(SimpleOptimizers(optimizer));
+        self
+    }
+
+    /// The forward pass cut into `stages` (for example the stem, each residual block and
+    /// the head), which run in order compute what `forward` computes (the driver checks it on
+    /// the first batch: [`AdaRoundError::Stages`] otherwise). A layer's inputs are then
+    /// captured by running its stage from the stage's input, kept for every sample, instead
+    /// of the model's whole prefix from the samples: a run of `L` layers costs about
+    /// `L x stage length` layer passes instead of `L² / 2`, and holds two stage inputs per
+    /// sample (one without [`Target::FloatModel`]). Samples of rank 2 or 4 (rows or maps).
+    /// The result is the same as without stages.
+    pub fn with_stages(mut self, stages: Vec<Stage<'a, B, M>>) -> Self {
+        self.stages = stages;
+        self
+    }
+
+    /// Optimises the rounding of every quantized layer of `model`, one layer at a time in
+    /// forward order, as [`adaround`] describes; returns a new model and the report.
+    pub fn run<F, O, const D: usize>(
+        mut self,
+        model: &M,
+        samples: Tensor<B, D>,
+        forward: F,
+    ) -> Result<(M, AdaRoundReport), AdaRoundError>
+    where
+        F: Fn(&M, Tensor<B, D>) -> O,
+        O: ModelOutput<B>,
+    {
+        run(
+            model,
+            samples,
+            forward,
+            &self.config,
+            self.optimizers.as_mut(),
+            self.progress.as_mut(),
+            &self.stages,
+        )
+    }
 }
 
 /// What a run carries from layer to layer.
-struct Run<'a, B: Backend, M, F, const D: usize> {
+struct Run<'a, 's, B: Backend, M, F, const D: usize> {
     batches: Vec<Tensor<B, D>>,
     forward: F,
     float_model: Option<M>,
     config: &'a AdaRoundConfig,
+    /// The forward pass in stages, with each batch's input to the current stage.
+    staged: Option<Staged<'s, 'a, B, M>>,
 }
 
 impl<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>
-    Run<'_, B, M, F, D>
+    Run<'_, '_, B, M, F, D>
 {
     /// The site's inputs and targets, from `work` (and the float model). With targets from
     /// the float model, each batch's float input is dropped once its targets are computed
     /// (a split separable convolution keeps them: its depthwise half targets them), so the
     /// layer holds `samples x (input + output size)` floats, not `2 x input` more.
-    fn data(&self, work: &M, site: &Site<B>) -> Result<SiteData<B>, AdaRoundError> {
-        let inputs = capture_inputs(work, &self.batches, &self.forward, site, false)?;
+    ///
+    /// `i` is the site's index among all sites (its place among the stages).
+    fn data(&self, work: &M, (i, site): (usize, &Site<B>)) -> Result<SiteData<B>, AdaRoundError> {
+        let float_model = self.float_model.as_ref();
+        let capture = |batch: usize, float: bool| -> Result<Vec<_>, AdaRoundError> {
+            match &self.staged {
+                Some(staged) => Ok(vec![staged.capture(
+                    (work, float_model),
+                    (i, site),
+                    batch,
+                    float,
+                )?]),
+                None => {
+                    let model = if float {
+                        float_model.unwrap_or(work)
+                    } else {
+                        work
+                    };
+                    let one = std::slice::from_ref(&self.batches[batch]);
+                    capture_inputs(model, one, &self.forward, site, float)
+                }
+            }
+        };
+        let mut inputs = Vec::with_capacity(self.batches.len());
+        for b in 0..self.batches.len() {
+            inputs.extend(capture(b, false)?);
+        }
         let float_act = self.config.target == Target::FloatModel;
-        let Some(float_model) = &self.float_model else {
+        if float_model.is_none() {
             let targets = targets(site, &inputs, float_act);
             return Ok(SiteData {
                 inputs,
@@ -178,14 +291,13 @@ impl<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>
                 targets,
                 from_float_model: false,
             });
-        };
+        }
         let split = matches!(site.layer, QuantizedLayer::SeparableConv2d(_))
             && self.config.separable == SeparableStep::Split;
         let mut float_inputs = Vec::new();
         let mut all_targets = Vec::with_capacity(self.batches.len());
-        for batch in &self.batches {
-            let one = std::slice::from_ref(batch);
-            let x = capture_inputs(float_model, one, &self.forward, site, true)?;
+        for b in 0..self.batches.len() {
+            let x = capture(b, true)?;
             all_targets.extend(targets(site, &x, float_act));
             if split {
                 float_inputs.extend(x);
@@ -207,6 +319,7 @@ fn run<'a, B, M, F, O, const D: usize>(
     config: &'a AdaRoundConfig,
     optimizers: &'a mut dyn Optimizers<B>,
     progress: &'a mut (dyn FnMut(Progress<'_>) + 'a),
+    stages: &[Stage<'a, B, M>],
 ) -> Result<(M, AdaRoundReport), AdaRoundError>
 where
     B: Backend,
@@ -237,12 +350,23 @@ where
             (work, layers) = found;
         }
     }
+    let float_targets = config.target == Target::FloatModel;
+    let staged = if stages.is_empty() {
+        None
+    } else {
+        let flows = batches.iter().map(flow_of).collect::<Result<Vec<_>, _>>()?;
+        let first = outputs(model, &batches[0], &forward, true)?;
+        let first = (!first.is_empty()).then(|| Tensor::cat(first, 0));
+        let sites = (&sites[..], first);
+        Some(Staged::new(stages, model, flows, float_targets, sites)?)
+    };
     let run = Run {
         // The caller's model, not `work`: a resumed `work` holds rounded layers already.
-        float_model: (config.target == Target::FloatModel).then(|| model.clone()),
+        float_model: float_targets.then(|| model.clone()),
         batches,
         forward,
         config,
+        staged,
     };
     let start_at = layers.len();
     let end_at = config
@@ -258,7 +382,7 @@ where
     for (i, site) in sites[start_at..end_at].iter().enumerate() {
         ctx.index = i;
         let report;
-        (work, report) = optimize_layer(&run, work, site, &mut ctx)?;
+        (work, report) = optimize_layer(&run, work, (start_at + i, site), &mut ctx)?;
         layers.push(report);
         if let (Some(checkpoint), Some(fingerprint)) = (&checkpoint, &fingerprint) {
             checkpoint.save(&work, &layers, &names, config, fingerprint)?;
@@ -283,7 +407,7 @@ fn check_model<B, M, F, O, const D: usize>(
     nearest: &M,
     rounded: M,
     sites: &[Site<B>],
-    run: &Run<'_, B, M, F, D>,
+    run: &Run<'_, '_, B, M, F, D>,
     finished: bool,
 ) -> Result<(M, Option<ModelCheck>), AdaRoundError>
 where
@@ -357,9 +481,9 @@ fn quantizers_json<B: Backend>(sites: &[Site<B>]) -> String {
 
 /// Optimises one site of `work` and writes its rounded kernels back.
 fn optimize_layer<B, M, F, O, const D: usize>(
-    run: &Run<'_, B, M, F, D>,
+    run: &Run<'_, '_, B, M, F, D>,
     work: M,
-    site: &Site<B>,
+    (i, site): (usize, &Site<B>),
     ctx: &mut Context<'_, B>,
 ) -> Result<(M, LayerReport), AdaRoundError>
 where
@@ -376,7 +500,7 @@ where
     info!("{}", progress::line(&started));
     (ctx.progress)(started);
     let mut phases = progress::Phases::new(&site.name);
-    let data = run.data(&work, site)?;
+    let data = run.data(&work, (i, site))?;
     let finite = flows_finite(&data.inputs) && flows_finite(&data.targets);
     ensure_finite(finite, &site.name, "inputs or float outputs")?;
     phases.mark("inputs and targets captured in");

@@ -105,6 +105,10 @@ pub enum AdaRoundError {
         /// The layer.
         layer: String,
     },
+    /// The stages given with [`AdaRound::with_stages`](crate::AdaRound::with_stages) do not
+    /// compute the forward pass: another output, or the layers elsewhere.
+    #[error("the stages do not compose to the forward pass: {0}")]
+    Stages(String),
     /// A quantizer could not be wrapped.
     #[error("layer `{layer}`: {source}")]
     Quantizer {

@@ -96,10 +96,22 @@ pub(crate) fn grams<B: Backend>(
             let d0 = matmul(x.clone(), w.clone()) - t;
             (matmul(d0.clone().swap_dims(1, 2), x), d0.square().sum())
         };
-        inputs.iter().zip(targets).map(residual).collect()
+        let batch = |(x, t): (&Flow<B>, &Flow<B>)| {
+            chunks(layer, x)
+                .map(|(start, n)| residual((&narrow(x, start, n), &narrow(t, start, n))))
+                .reduce(|(r, c), (r2, c2)| (r + r2, c + c2))
+                .expect("a batch holds a sample")
+        };
+        inputs.iter().zip(targets).map(batch).collect()
     });
     let [groups, rows, _] = layer.matrix_dims();
-    let grams = inputs.iter().map(|input| layer.gram(input)).collect();
+    let gram = |x: &Flow<B>| {
+        chunks(layer, x)
+            .map(|(start, n)| layer.gram(&narrow(x, start, n)))
+            .reduce(|a, b| a + b)
+            .expect("a batch holds a sample")
+    };
+    let grams = inputs.iter().map(gram).collect();
     let divisors = inputs
         .iter()
         .map(|input| {
@@ -115,6 +127,36 @@ pub(crate) fn grams<B: Backend>(
         divisors,
         residuals,
     })
+}
+
+/// Most patch values (`samples x positions x K` per group) built at once for a Gram matrix:
+/// larger batches are taken in chunks of samples, so that the patches stay in cache-sized
+/// pieces and their memory does not grow with the batch (16 MiB of `f32`).
+const MAX_PATCH_VALUES: usize = 1 << 22;
+
+/// `(start, samples)` of the chunks of `input` whose patches hold at most
+/// [`MAX_PATCH_VALUES`] values (at least one sample each).
+fn chunks<B: Backend>(
+    layer: &dyn MatrixLayer<B>,
+    input: &Flow<B>,
+) -> impl Iterator<Item = (usize, usize)> {
+    let dims = input.dims();
+    let n = dims[0];
+    let [groups, _, k] = layer.matrix_dims();
+    let per_sample = (layer.positions(&dims) / n.max(1)) * groups * k;
+    let step = (MAX_PATCH_VALUES / per_sample.max(1)).clamp(1, n.max(1));
+    (0..n)
+        .step_by(step)
+        .map(move |start| (start, step.min(n - start)))
+}
+
+/// Samples `start..start + n` of `flow`.
+fn narrow<B: Backend>(flow: &Flow<B>, start: usize, n: usize) -> Flow<B> {
+    if start == 0 && n == flow.dims()[0] {
+        return flow.clone();
+    }
+    flow.clone()
+        .map(|t| t.narrow(0, start, n), |t| t.narrow(0, start, n))
 }
 
 /// The input patches `[groups, M, K]` and the targets less the bias `[groups, M, C_out /

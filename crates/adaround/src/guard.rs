@@ -170,7 +170,7 @@ impl<'a, B: Backend, F, const D: usize> Reference<'a, B, F, D> {
 
 /// The output tensors of `forward` on `batch`, in float mode or as the model is; a panic
 /// becomes [`AdaRoundError::Forward`].
-fn outputs<B, M, F, O, const D: usize>(
+pub(crate) fn outputs<B, M, F, O, const D: usize>(
     model: &M,
     batch: &Tensor<B, D>,
     forward: &F,

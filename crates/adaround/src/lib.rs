@@ -67,6 +67,7 @@ mod refine;
 mod report;
 mod schedule;
 mod site;
+mod stages;
 mod step;
 
 pub use adaround_core::{
@@ -78,6 +79,7 @@ pub use config::{
 };
 pub use driver::{
     adaround, adaround_with_optimizer, adaround_with_progress, adaround_with_simple_optimizer,
+    AdaRound,
 };
 pub use error::AdaRoundError;
 pub use export::{export_integers, AimetEncoding, IntegerExport, IntegerKernel, INTEGER_FORMAT};
@@ -85,6 +87,7 @@ pub use guard::{ModelCheck, ModelGuard, ModelOutput};
 pub use progress::Progress;
 pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};
 pub use schedule::{BetaDecay, Schedule};
+pub use stages::Stage;
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../../../README.md")]

@@ -546,9 +546,10 @@ pub(crate) fn optimize_unit<B: Backend>(
     let grams = (path == LossPath::Gram)
         .then(|| unit_grams(&unit, config.loss))
         .flatten();
+    phases.mark("Gram matrices in");
     let refine_grams = refine::grams_for(&unit, config, grams.as_ref());
     let (mut step, fused) = build_step(&unit, armed, grams, ctx);
-    phases.mark("Gram matrices or patches and step set up in");
+    phases.mark("refinement's Gram matrices, patches and step set up in");
     debug!(
         "{}: {path:?} loss path, {} step",
         unit.name,

@@ -17,8 +17,10 @@ macro_rules! driver_tests {
                 QuantizedLayer, QuantizedReLU, QuantizedReLUConfig, QuantizedSeparableConv2d,
                 QuantizedSeparableConv2dConfig,
             },
-            AdaRoundConfig, AdaRoundError, AdaRoundReport, Elementwise, FinalRounding,
-            IntegerExport, LossPath, ReconstructionLoss, Schedule, SeparableStep, WeightQuantizer,
+            layers::probe::Flow,
+            AdaRound, AdaRoundConfig, AdaRoundError, AdaRoundReport, Elementwise, FinalRounding,
+            IntegerExport, LossPath, ReconstructionLoss, Schedule, SeparableStep, Stage, Target,
+            WeightQuantizer,
         };
         use burn::{
             module::{Module, ModuleVisitor, Param, ParamId},
@@ -286,6 +288,106 @@ macro_rules! driver_tests {
                 let x = self.act2.forward_float(self.sep.forward_float(x));
                 self.fc.forward_float(x.flatten(1, 3))
             }
+        }
+
+        fn residual(seed: u64) -> Residual<B> {
+            let q = q3();
+            B::seed(&device(), seed);
+            materialize(Residual {
+                stem: conv([2, 4], &q),
+                act: relu(),
+                body: conv([4, 4], &q),
+                head: QuantizedDenseConfig::new(4 * 8 * 8, 3)
+                    .with_quantizer(q.clone())
+                    .init(&device()),
+            })
+        }
+
+        /// The residual model's forward pass in three stages: stem, residual block, head.
+        fn residual_stages<'a>() -> Vec<Stage<'a, B, Residual<B>>> {
+            vec![
+                Box::new(|m: &Residual<B>, x: Flow<B>| Flow::Maps(m.act.forward(m.stem.forward(maps(x))))),
+                Box::new(|m: &Residual<B>, x: Flow<B>| {
+                    let x = maps(x);
+                    Flow::Maps(m.body.forward(x.clone()) + x)
+                }),
+                Box::new(|m: &Residual<B>, x: Flow<B>| {
+                    Flow::Rows(m.head.forward(m.act.forward(maps(x)).flatten(1, 3)))
+                }),
+            ]
+        }
+
+        fn maps(x: Flow<B>) -> Tensor<B, 4> {
+            match x {
+                Flow::Maps(t) => t,
+                Flow::Rows(_) => panic!("maps expected"),
+            }
+        }
+
+        #[test]
+        fn should_round_the_same_with_the_forward_pass_in_stages() {
+            let _seed = crate::seed_lock();
+            let model = residual(5);
+            let calib = samples(32, 6);
+            for target in [Target::QuantizedInputs, Target::FloatModel] {
+                let cfg = config(5).with_batch_size(Some(16)).with_target(target);
+                let forward = |m: &Residual<B>, x| m.forward(x);
+                let (whole, whole_report) = adaround(&model, calib.clone(), forward, &cfg).unwrap();
+                let (staged, staged_report) = AdaRound::new(cfg.clone())
+                    .with_stages(residual_stages())
+                    .run(&model, calib.clone(), forward)
+                    .unwrap();
+                let errors = |r: &AdaRoundReport| -> Vec<(f64, f64)> {
+                    r.layers.iter().map(|l| (l.err_before, l.err_final)).collect()
+                };
+                assert_eq!(staged_report.layers.len(), 3);
+                for ((b1, f1), (b2, f2)) in errors(&whole_report).into_iter().zip(errors(&staged_report)) {
+                    assert!((b1 - b2).abs() <= 1e-6 * b1.abs().max(1e-12), "{target:?}: before {b1} vs {b2}");
+                    assert!((f1 - f2).abs() <= 1e-6 * f1.abs().max(1e-12), "{target:?}: after {f1} vs {f2}");
+                }
+                for ((id1, w1), (id2, w2)) in snapshot(&whole).into_iter().zip(snapshot(&staged)) {
+                    assert_eq!(id1, id2);
+                    let diff = w1.iter().zip(&w2).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(diff <= 1e-6, "{target:?}: weights differ by {diff}");
+                }
+            }
+        }
+
+        #[test]
+        fn should_refuse_stages_that_are_not_the_forward_pass() {
+            let _seed = crate::seed_lock();
+            let model = residual(5);
+            let calib = samples(16, 6);
+            let cfg = config(2);
+            let forward = |m: &Residual<B>, x| m.forward(x);
+            // The residual add left out: another output.
+            let mut stages = residual_stages();
+            stages[1] = Box::new(|m: &Residual<B>, x: Flow<B>| Flow::Maps(m.body.forward(maps(x))));
+            let err = AdaRound::new(cfg.clone())
+                .with_stages(stages)
+                .run(&model, calib.clone(), forward)
+                .unwrap_err();
+            assert!(matches!(err, AdaRoundError::Stages(ref m) if m.contains("differs")), "{err:?}");
+            // The first stage also runs the block's layer (result unused): the head is not
+            // where the forward pass runs it. A stage that fails is a failed forward pass.
+            let mut stages = residual_stages();
+            stages[0] = Box::new(|m: &Residual<B>, x: Flow<B>| {
+                let x = m.act.forward(m.stem.forward(maps(x)));
+                let _ = m.body.forward(x.clone());
+                Flow::Maps(x)
+            });
+            let err = AdaRound::new(cfg.clone())
+                .with_stages(stages)
+                .run(&model, calib.clone(), forward)
+                .unwrap_err();
+            assert!(matches!(err, AdaRoundError::Stages(ref m) if m.contains("`head`")), "{err:?}");
+            let mut stages = residual_stages();
+            stages[0] = Box::new(|m: &Residual<B>, x: Flow<B>| Flow::Maps(m.act.forward(maps(x))));
+            let err = AdaRound::new(cfg)
+                .with_stages(stages)
+                .run(&model, calib, forward)
+                .unwrap_err();
+            assert!(matches!(err, AdaRoundError::Forward(_)), "{err:?}");
         }
 
         #[test]
