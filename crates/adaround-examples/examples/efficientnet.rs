@@ -29,7 +29,7 @@
 use std::time::Instant;
 
 use adaround::{
-    adaround, export_integers, AdaRoundConfig, AdaRoundReport, Grid, IntegerExport, Schedule,
+    export_integers, AdaRound, AdaRoundConfig, AdaRoundReport, Grid, IntegerExport, Schedule,
     WeightQuantizer,
 };
 use adaround_examples::efficientnet::{
@@ -235,7 +235,10 @@ fn main() {
             .map(|(m, emulated)| (Scores::new(logits_of(&m, &x_eval), &reference), emulated));
         reset_peak_rss();
         let t = Instant::now();
-        let (rounded, report) = adaround(&model, samples.clone(), |m, x| m.forward(x), &config)
+        let stages = QuantEfficientNet::stages(model.blocks.len());
+        let (rounded, report) = AdaRound::new(config.clone())
+            .with_stages(stages)
+            .run(&model, samples.clone(), |m, x| m.forward(x))
             .unwrap_or_else(|e| fail(&e));
         let seconds = t.elapsed().as_secs_f64();
         let peak = peak_rss_mib();

@@ -23,9 +23,12 @@
 
 use adaround::{
     import::{ImportError, ImportReport, Layout, WeightImport},
-    layers::{FoldBatchNorm, QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig},
+    layers::{
+        probe::Flow, FoldBatchNorm, QuantizedConv2d, QuantizedDense, QuantizedReLU,
+        QuantizedReLUConfig,
+    },
     store::SafetensorsStore,
-    WeightQuantizer,
+    Stage, WeightQuantizer,
 };
 use burn::{
     module::Module,
@@ -312,21 +315,52 @@ impl<B: Backend> QuantEfficientNet<B> {
         }
     }
 
-    /// Logits `[n, 1000]` of normalised `[n, 3, 224, 224]` images.
+    /// Logits `[n, 1000]` of normalised `[n, 3, 224, 224]` images: the stem, the blocks,
+    /// the head.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let mut x = self.relu6(self.conv_stem.forward(x));
-        for b in &self.blocks {
-            let input = x.clone();
-            let mut h = match &b.expand_conv {
-                Some(c) => self.relu6(c.forward(x)),
-                None => x,
-            };
-            h = self.relu6(b.depthwise_conv.forward(h));
-            h = b.project_conv.forward(h);
-            x = if b.residual { h + input } else { h };
+        let x = (0..self.blocks.len()).fold(self.stem(x), |x, i| self.block(i, x));
+        self.head(x)
+    }
+
+    /// The stem conv and its ReLU6.
+    pub fn stem(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.relu6(self.conv_stem.forward(x))
+    }
+
+    /// Block `i`: expand, depthwise, project, and the residual add.
+    pub fn block(&self, i: usize, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let b = &self.blocks[i];
+        let input = x.clone();
+        let mut h = match &b.expand_conv {
+            Some(c) => self.relu6(c.forward(x)),
+            None => x,
+        };
+        h = self.relu6(b.depthwise_conv.forward(h));
+        h = b.project_conv.forward(h);
+        if b.residual {
+            h + input
+        } else {
+            h
         }
+    }
+
+    /// The head conv, its ReLU6, the average pool and the classifier.
+    pub fn head(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         let x = self.relu6(self.conv_head.forward(x));
         self.fc.forward(pool(x))
+    }
+
+    /// [`Self::forward`] as the driver's stages ([`AdaRound::with_stages`]): the stem, each
+    /// block, the head. Capturing a layer's inputs then runs one block, not the network up
+    /// to it.
+    pub fn stages<'a>(blocks: usize) -> Vec<Stage<'a, B, Self>> {
+        let mut stages: Vec<Stage<'a, B, Self>> =
+            vec![Box::new(|m: &Self, x: Flow<B>| Flow::Maps(m.stem(maps(x))))];
+        stages.extend((0..blocks).map(|i| -> Stage<'a, B, Self> {
+            Box::new(move |m: &Self, x: Flow<B>| Flow::Maps(m.block(i, maps(x))))
+        }));
+        stages.push(Box::new(|m: &Self, x: Flow<B>| Flow::Rows(m.head(maps(x)))));
+        stages
     }
 
     /// Every quantized layer's path in the model and its PyTorch name prefix, in forward
@@ -581,5 +615,13 @@ mod tests {
             "_blocks.3._depthwise_conv"
         );
         assert_eq!(pytorch_name("fc"), "_fc");
+    }
+}
+
+/// The maps of a stage's input (every stage after the first takes the previous block's maps).
+fn maps<B: Backend>(x: Flow<B>) -> Tensor<B, 4> {
+    match x {
+        Flow::Maps(t) => t,
+        Flow::Rows(t) => panic!("a block takes maps, got rows {:?}", t.dims()),
     }
 }
