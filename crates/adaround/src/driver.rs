@@ -49,9 +49,15 @@ use crate::{
 /// or `to_device` on one changes both. Fold BatchNorm into the layers first, or load the
 /// returned model's record into a newly built model to separate them.
 ///
+/// Time: capturing a layer's inputs runs `forward` up to the layer on every sample (twice
+/// with [`Target::FloatModel`]), so a model of `L` layers costs about `L² / 2` layer passes;
+/// give the forward pass in stages ([`AdaRound::with_stages`]) to run one stage per layer
+/// instead.
+///
 /// Memory: each layer's inputs and targets for all samples are held on the device while the
 /// layer is optimised (`samples x (input + output size)` floats; a split separable
-/// convolution with [`Target::FloatModel`] also holds the float model's inputs).
+/// convolution with [`Target::FloatModel`] also holds the float model's inputs), and with
+/// stages the inputs of the current stage (two per sample with float-model targets).
 pub fn adaround<B, M, F, O, const D: usize>(
     model: &M,
     samples: Tensor<B, D>,
@@ -142,13 +148,17 @@ where
 /// one option each.
 ///
 /// ```no_run
-/// # use adaround::{AdaRound, AdaRoundConfig, AdaRoundError};
-/// # use adaround::layers::{QuantizedDense, probe::Flow};
+/// # use adaround::{AdaRound, AdaRoundConfig, AdaRoundError, Progress};
+/// # use adaround::layers::QuantizedDense;
 /// # use burn::tensor::Tensor;
 /// # type B = burn_ndarray::NdArray<f32>;
 /// # fn f(model: &QuantizedDense<B>, samples: Tensor<B, 2>) -> Result<(), AdaRoundError> {
 /// let (rounded, report) = AdaRound::new(AdaRoundConfig::recommended())
-///     .with_progress(|event| eprintln!("{}", event))
+///     .with_progress(|event| {
+///         if let Progress::LayerFinished { index, layers, report } = event {
+///             eprintln!("{}/{layers} {} rounded", index + 1, report.name);
+///         }
+///     })
 ///     .run(model, samples, |m, x| m.forward(x))?;
 /// # Ok(()) }
 /// ```

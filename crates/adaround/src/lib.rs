@@ -94,6 +94,11 @@ pub use stages::Stage;
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+/// The guide's examples (`docs/guide.md`), compiled and run as doctests.
+#[doc = include_str!("../../../docs/guide.md")]
+#[cfg(doctest)]
+pub struct GuideDoctests;
+
 /// Backends re-exported for convenience.
 #[cfg(feature = "wgpu")]
 pub mod backend {
