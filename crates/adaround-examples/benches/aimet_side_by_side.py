@@ -427,6 +427,17 @@ def aimet_config(per_channel, symmetric):
     }
 
 
+def weights_only(sim):
+    """Removes every activation quantizer from AIMET's simulation (its configuration cannot
+    turn them off)."""
+    for module in sim.model.modules():
+        for kind in ("input_quantizers", "output_quantizers"):
+            quantizers = getattr(module, kind, None)
+            if quantizers is not None:
+                for i in range(len(quantizers)):
+                    quantizers[i] = None
+
+
 def aimet_adaround(spec, model, calibration, bits, per_channel, grid, scales, seed, iterations, tmp):
     """AIMET's AdaRound with its weight encodings set to `scales`; returns the model with the
     rounded weights (on the grid) and the seconds AIMET took."""
@@ -465,14 +476,7 @@ def aimet_adaround(spec, model, calibration, bits, per_channel, grid, scales, se
         config_file=config,
     )
     if not spec.act_quant:
-        # Weights only: AIMET's configuration cannot turn activation quantizers off, so
-        # remove them from the simulation.
-        for module in sim.model.modules():
-            for kind in ("input_quantizers", "output_quantizers"):
-                quantizers = getattr(module, kind, None)
-                if quantizers is not None:
-                    for i in range(len(quantizers)):
-                        quantizers[i] = None
+        weights_only(sim)
     Adaround._compute_param_encodings(sim)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     for name in spec.weighted:

@@ -94,6 +94,27 @@ pub(crate) fn discover<
     Ok(sites)
 }
 
+/// The bitwidth and range of every quantized activation the forward pass runs, in order.
+pub(crate) fn activations<B: Backend, M, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>(
+    model: &M,
+    batch: &Tensor<B, D>,
+    forward: &F,
+) -> Result<Vec<(u32, f64)>, AdaRoundError> {
+    let probe = capture::run::<B, _, _>(Discover { events: Vec::new() }, || {
+        forward(model, batch.clone())
+    })?;
+    Ok(probe
+        .events
+        .iter()
+        .filter_map(|event| match event {
+            Seen::Activation { activation, .. } => {
+                Some((activation.bitwidth, activation.max_value))
+            }
+            Seen::Layer { .. } => None,
+        })
+        .collect())
+}
+
 /// The ReLU the loss of layer `name` compares after (`relu_loss`): the quantized ReLU found
 /// after the layer, in its float form, else a plain ReLU the caller named.
 fn relu_after<B: Backend>(

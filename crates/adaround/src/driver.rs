@@ -13,7 +13,7 @@ use log::info;
 
 use crate::{
     checkpoint::{checksum, Checkpoint, Fingerprint},
-    discover::{capture_inputs, discover, Site},
+    discover::{activations, capture_inputs, discover, Site},
     guard::{self, outputs, ModelOutput, Reference},
     optimize::{ensure_finite, flows_finite, Context},
     params::{ParamIndex, WriteBack},
@@ -352,7 +352,11 @@ where
     let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
     let fingerprint = checkpoint
         .as_ref()
-        .map(|_| Fingerprint::of(&work, &quantizers_json(&sites), &batches));
+        .map(|_| {
+            let settings = settings_json(&sites, &work, &batches[0], &forward)?;
+            Ok::<_, AdaRoundError>(Fingerprint::of(&work, &settings, &batches))
+        })
+        .transpose()?;
     let mut layers = Vec::with_capacity(sites.len());
     if let (Some(checkpoint), Some(fingerprint)) = (&checkpoint, &fingerprint) {
         let context = (&batches[0], &forward, &index, config);
@@ -460,7 +464,9 @@ where
         return Ok(None);
     };
     let loaded = discover(&state, batch, forward, index, config)?;
-    if checksum(quantizers_json(&loaded).as_bytes()) != fingerprint.quantizers {
+    if checksum(settings_json(&loaded, &state, batch, forward)?.as_bytes())
+        != fingerprint.quantizers
+    {
         return Err(AdaRoundError::CheckpointMismatch {
             dir: checkpoint.dir.display().to_string(),
             what: "quantizers in the checkpoint",
@@ -474,7 +480,26 @@ where
     Ok(Some((state, done)))
 }
 
-/// The quantizers of every site, as JSON (what a checkpoint's fingerprint hashes).
+/// The settings a checkpoint's fingerprint hashes besides the float weights: the quantizers
+/// of every site and the bitwidth and range of every quantized activation `forward` runs on
+/// `batch`, as JSON.
+fn settings_json<B, M, F, O, const D: usize>(
+    sites: &[Site<B>],
+    model: &M,
+    batch: &Tensor<B, D>,
+    forward: &F,
+) -> Result<String, AdaRoundError>
+where
+    B: Backend,
+    M: Module<B>,
+    F: Fn(&M, Tensor<B, D>) -> O,
+{
+    let activations = activations(model, batch, forward)?;
+    let activations = serde_json::to_string(&activations).expect("numbers serialize");
+    Ok(format!("{}{activations}", quantizers_json(sites)))
+}
+
+/// The quantizers of every site, as JSON.
 fn quantizers_json<B: Backend>(sites: &[Site<B>]) -> String {
     let quantizers: Vec<Vec<_>> = sites
         .iter()

@@ -146,10 +146,13 @@ fn kernel<B: Backend, const D: usize>(
     let (sf, offsets) = (encoding.scale_factor, encoding.offset);
     let (scale_factors, integers) = (host(sf), host(ints.clone()));
     let offsets = offsets.map(host).unwrap_or_default();
-    if !(scale_factors.iter().chain(&integers).chain(&offsets)).all(|v| v.is_finite()) {
+    // A scale factor of 0 (a range that overflows to infinity) would decode every integer
+    // to a non-finite weight.
+    let positive = scale_factors.iter().all(|v| v.is_finite() && *v > 0.0);
+    if !(positive && integers.iter().chain(&offsets).all(|v| v.is_finite())) {
         return Err(AdaRoundError::NonFinite {
             layer: layer.to_string(),
-            what: "exported integers or scale factors",
+            what: "exported integers or scale factors (a scale factor must be positive)",
         });
     }
     Ok(Some(IntegerKernel {
@@ -251,6 +254,23 @@ mod tests {
     use super::*;
 
     type B = burn_ndarray::NdArray<f32>;
+
+    #[test]
+    fn should_refuse_to_export_a_range_that_overflows() {
+        let device = Default::default();
+        let q = WeightQuantizer::mse(2, false, adaround_core::Grid::Asymmetric).unwrap();
+        let mut dense = QuantizedDenseConfig::new(2, 2)
+            .with_quantizer(q)
+            .init::<B>(&device);
+        let w = Tensor::<B, 2>::from_floats([[3e38, -3e38], [1.0, -1.0]], &device);
+        dense.weight = Param::from_tensor(w);
+        let forward = |m: &QuantizedDense<B>, x: Tensor<B, 2>| m.forward(x);
+        let err = export_integers(&dense, Tensor::zeros([1, 2], &device), forward).unwrap_err();
+        assert!(
+            matches!(err, AdaRoundError::NonFinite { ref what, .. } if what.contains("positive")),
+            "{err:?}"
+        );
+    }
 
     #[test]
     fn should_export_the_rounding_an_armed_layer_uses_and_refuse_soft_weights() {

@@ -201,6 +201,10 @@ mod ndarray {
         let mut w3 = model.clone();
         w3.fc.quantizer = WeightQuantizer::max_per_axis(2).unwrap().into();
         assert_eq!(mismatch(&w3, x.clone()), "quantizers");
+        // An activation's range is part of the model the rounding was computed for.
+        let mut relu = model.clone();
+        relu.act1.max_value *= 2.0;
+        assert_eq!(mismatch(&relu, x.clone()), "quantizers");
         let mut halved = model.clone();
         halved.fc.weight = halved.fc.weight.map(|w| w.div_scalar(2.0));
         assert_eq!(mismatch(&halved, x.clone()), "float weights");

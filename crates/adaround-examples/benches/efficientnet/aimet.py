@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 from torch_model import crops, float_model, logits, normalise  # noqa: E402
-from aimet_side_by_side import aimet_config, scale_factors  # noqa: E402
+from aimet_side_by_side import aimet_config, scale_factors, weights_only  # noqa: E402
 
 
 def fold(model):
@@ -148,12 +148,7 @@ def main():
         model, dummy_input=dummy, quant_scheme=QuantScheme.post_training_tf,
         default_param_bw=bits, config_file=config,
     )
-    for module in sim.model.modules():
-        for kind in ("input_quantizers", "output_quantizers"):
-            quantizers = getattr(module, kind, None)
-            if quantizers is not None:
-                for i in range(len(quantizers)):
-                    quantizers[i] = None
+    weights_only(sim)
     Adaround._compute_param_encodings(sim)
     for name, new_name in zip(weighted, names):
         quantizer = sim.model.get_submodule(new_name).param_quantizers["weight"]

@@ -357,36 +357,32 @@ macro_rules! driver_tests {
         fn should_refuse_stages_that_are_not_the_forward_pass() {
             let _seed = crate::seed_lock();
             let model = residual(5);
-            let calib = samples(16, 6);
-            let cfg = config(2);
-            let forward = |m: &Residual<B>, x| m.forward(x);
+            // The residual model's stages with stage `i` replaced by `stage`: the run's error.
+            let with = |i: usize, stage: Stage<'static, B, Residual<B>>| {
+                let mut stages = residual_stages();
+                stages[i] = stage;
+                AdaRound::new(config(2))
+                    .with_stages(stages)
+                    .run(&model, samples(16, 6), |m, x| m.forward(x))
+                    .unwrap_err()
+            };
             // The residual add left out: another output.
-            let mut stages = residual_stages();
-            stages[1] = Box::new(|m: &Residual<B>, x: Flow<B>| Flow::Maps(m.body.forward(maps(x))));
-            let err = AdaRound::new(cfg.clone())
-                .with_stages(stages)
-                .run(&model, calib.clone(), forward)
-                .unwrap_err();
+            let err = with(1, Box::new(|m, x| Flow::Maps(m.body.forward(maps(x)))));
             assert!(matches!(err, AdaRoundError::Stages(ref m) if m.contains("differs")), "{err:?}");
             // The first stage also runs the block's layer (result unused): the head is not
-            // where the forward pass runs it. A stage that fails is a failed forward pass.
-            let mut stages = residual_stages();
-            stages[0] = Box::new(|m: &Residual<B>, x: Flow<B>| {
-                let x = m.act.forward(m.stem.forward(maps(x)));
-                let _ = m.body.forward(x.clone());
-                Flow::Maps(x)
-            });
-            let err = AdaRound::new(cfg.clone())
-                .with_stages(stages)
-                .run(&model, calib.clone(), forward)
-                .unwrap_err();
+            // where the forward pass runs it.
+            let err = with(
+                0,
+                Box::new(|m, x| {
+                    let x = m.act.forward(m.stem.forward(maps(x)));
+                    let _ = m.body.forward(x.clone());
+                    Flow::Maps(x)
+                }),
+            );
             assert!(matches!(err, AdaRoundError::Stages(ref m) if m.contains("`head`")), "{err:?}");
-            let mut stages = residual_stages();
-            stages[0] = Box::new(|m: &Residual<B>, x: Flow<B>| Flow::Maps(m.act.forward(maps(x))));
-            let err = AdaRound::new(cfg)
-                .with_stages(stages)
-                .run(&model, calib, forward)
-                .unwrap_err();
+            // A stage that fails (the stem left out: the block gets 2 channels, not 4) is a
+            // failed forward pass.
+            let err = with(0, Box::new(|m, x| Flow::Maps(m.act.forward(maps(x)))));
             assert!(matches!(err, AdaRoundError::Forward(_)), "{err:?}");
         }
 
@@ -394,15 +390,7 @@ macro_rules! driver_tests {
         fn should_optimise_each_layer_of_residual_and_nested_models_once_in_forward_order() {
             let _seed = crate::seed_lock();
             let q = q3();
-            B::seed(&device(), 5);
-            let residual = materialize(Residual {
-                stem: conv([2, 4], &q),
-                act: relu(),
-                body: conv([4, 4], &q),
-                head: QuantizedDenseConfig::new(4 * 8 * 8, 3)
-                    .with_quantizer(q.clone())
-                    .init(&device()),
-            });
+            let residual = residual(5);
             let (_, report) =
                 adaround(&residual, samples(16, 6), |m, x| m.forward(x), &config(5)).unwrap();
             let names: Vec<&str> = report.layers.iter().map(|l| l.name.as_str()).collect();
