@@ -595,6 +595,14 @@ pub fn normalise<B: Backend>(pixels: &[u8], device: &B::Device) -> Tensor<B, 4> 
     Tensor::from_data(data, device)
 }
 
+/// The maps of a stage's input (every stage after the first takes the previous block's maps).
+fn maps<B: Backend>(x: Flow<B>) -> Tensor<B, 4> {
+    match x {
+        Flow::Maps(t) => t,
+        Flow::Rows(t) => panic!("a block takes maps, got rows {:?}", t.dims()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -615,13 +623,5 @@ mod tests {
             "_blocks.3._depthwise_conv"
         );
         assert_eq!(pytorch_name("fc"), "_fc");
-    }
-}
-
-/// The maps of a stage's input (every stage after the first takes the previous block's maps).
-fn maps<B: Backend>(x: Flow<B>) -> Tensor<B, 4> {
-    match x {
-        Flow::Maps(t) => t,
-        Flow::Rows(t) => panic!("a block takes maps, got rows {:?}", t.dims()),
     }
 }

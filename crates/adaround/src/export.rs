@@ -267,7 +267,7 @@ mod tests {
         let forward = |m: &QuantizedDense<B>, x: Tensor<B, 2>| m.forward(x);
         let err = export_integers(&dense, Tensor::zeros([1, 2], &device), forward).unwrap_err();
         assert!(
-            matches!(err, AdaRoundError::NonFinite { ref what, .. } if what.contains("positive")),
+            matches!(err, AdaRoundError::NonFinite { what, .. } if what.contains("positive")),
             "{err:?}"
         );
     }

@@ -502,8 +502,10 @@ pub(crate) mod tests {
         }
     }
 
-    /// Depthwise variants: padding, kernel, stride, dilation.
-    fn depthwise_variants() -> Vec<(PaddingConfig2d, [usize; 2], [usize; 2], [usize; 2])> {
+    /// A depthwise variant: padding, kernel, stride, dilation.
+    type Variant = (PaddingConfig2d, [usize; 2], [usize; 2], [usize; 2]);
+
+    fn depthwise_variants() -> Vec<Variant> {
         vec![
             (PaddingConfig2d::Same, [3, 3], [2, 2], [1, 1]),
             (PaddingConfig2d::Same, [5, 5], [1, 1], [1, 1]),
@@ -517,9 +519,7 @@ pub(crate) mod tests {
         ]
     }
 
-    fn depthwise_conv(
-        (padding, kernel, stride, dilation): (PaddingConfig2d, [usize; 2], [usize; 2], [usize; 2]),
-    ) -> QuantizedLayer<B> {
+    fn depthwise_conv((padding, kernel, stride, dilation): Variant) -> QuantizedLayer<B> {
         let conv = QuantizedConv2dConfig::new([5, 5], kernel)
             .with_groups(5)
             .with_padding(padding)

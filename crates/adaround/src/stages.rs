@@ -193,7 +193,7 @@ fn same_output<B: Backend>(
         .max()
         .into_scalar()
         .elem::<f64>();
-    if !(diff <= 1e-4 * (1.0 + scale)) {
+    if diff.is_nan() || diff > 1e-4 * (1.0 + scale) {
         return Err(AdaRoundError::Stages(format!(
             "the stages' output differs from the forward pass's by up to {diff:.3e}"
         )));
