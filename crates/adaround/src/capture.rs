@@ -76,6 +76,25 @@ impl<B: Backend> Probe<B> for Capture<B> {
     }
 }
 
+/// The input of event `target` in the pass `forward` runs (`float`: every quantized layer with
+/// its float weights); `LayerNotReached` naming `layer` if the pass never gets there.
+pub(crate) fn input_of<B: Backend, R>(
+    target: usize,
+    float: bool,
+    layer: &str,
+    forward: impl FnOnce() -> R,
+) -> Result<Flow<B>, AdaRoundError> {
+    let probe = Capture {
+        target,
+        float,
+        input: None,
+    };
+    let probe = run(probe, forward)?;
+    probe.input.ok_or_else(|| AdaRoundError::LayerNotReached {
+        layer: layer.to_string(),
+    })
+}
+
 /// A forward pass that records nothing: float weights and activations everywhere, or the
 /// model as it is.
 pub(crate) struct Pass {

@@ -8,7 +8,7 @@ use burn::{
 };
 
 use crate::{
-    capture::{self, Capture, Discover, Seen},
+    capture::{self, Discover, Seen},
     optimize::Relu,
     params::ParamIndex,
     AdaRoundConfig, AdaRoundError,
@@ -165,29 +165,4 @@ fn same_values<B: Backend>(a: &Flow<B>, b: &Flow<B>) -> bool {
             .into_scalar();
         diff.elem::<f64>() == 0.0
     }
-}
-
-/// The layer's input for every batch, from the model's own forward pass (`float`: every
-/// quantized layer with its float weights).
-pub(crate) fn capture_inputs<B: Backend, M, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>(
-    model: &M,
-    batches: &[Tensor<B, D>],
-    forward: &F,
-    site: &Site<B>,
-    float: bool,
-) -> Result<Vec<Flow<B>>, AdaRoundError> {
-    batches
-        .iter()
-        .map(|batch| {
-            let probe = Capture {
-                target: site.position,
-                float,
-                input: None,
-            };
-            let probe = capture::run(probe, || forward(model, batch.clone()))?;
-            probe.input.ok_or_else(|| AdaRoundError::LayerNotReached {
-                layer: site.name.clone(),
-            })
-        })
-        .collect()
 }

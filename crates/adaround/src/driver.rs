@@ -12,14 +12,15 @@ use burn::{
 use log::info;
 
 use crate::{
+    capture,
     checkpoint::{checksum, Checkpoint, Fingerprint},
-    discover::{activations, capture_inputs, discover, Site},
-    guard::{self, outputs, ModelOutput, Reference},
+    discover::{activations, discover, Site},
+    guard::{self, ModelOutput, Reference},
     optimize::{ensure_finite, flows_finite, Context},
     params::{ParamIndex, WriteBack},
     progress::{self, Progress},
     site::{optimize_site, targets, SiteData},
-    stages::{flow_of, Stage, Staged},
+    stages::{Stage, Staged},
     step::{Ad, DefaultAdam, ModuleOptimizers, Optimizers, SimpleOptimizers},
     AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelCheck, ModelGuard,
     SeparableStep, Target,
@@ -258,9 +259,34 @@ struct Run<'a, 's, B: Backend, M, F, const D: usize> {
     staged: Option<Staged<'s, 'a, B, M>>,
 }
 
-impl<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>
-    Run<'_, '_, B, M, F, D>
+impl<'a, 's, B, M, F, O, const D: usize> Run<'a, 's, B, M, F, D>
+where
+    B: Backend,
+    M: Module<B>,
+    F: Fn(&M, Tensor<B, D>) -> O,
+    O: ModelOutput<B>,
 {
+    /// The run over `model` (the caller's: the float model, not a resumed one), with its
+    /// stages in place when there are any.
+    fn new(
+        model: &M,
+        (batches, forward): (Vec<Tensor<B, D>>, F),
+        config: &'a AdaRoundConfig,
+        (stages, sites): (&'s [Stage<'a, B, M>], &[Site<B>]),
+    ) -> Result<Self, AdaRoundError> {
+        let float_targets = config.target == Target::FloatModel;
+        let staged = (!stages.is_empty())
+            .then(|| Staged::new(stages, model, (&batches, &forward), float_targets, sites))
+            .transpose()?;
+        Ok(Self {
+            float_model: float_targets.then(|| model.clone()),
+            batches,
+            forward,
+            config,
+            staged,
+        })
+    }
+
     /// The site's inputs and targets, from `work` (and the float model). With targets from
     /// the float model, each batch's float input is dropped once its targets are computed
     /// (a split separable convolution keeps them: its depthwise half targets them), so the
@@ -269,29 +295,23 @@ impl<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>
     /// `i` is the site's index among all sites (its place among the stages).
     fn data(&self, work: &M, (i, site): (usize, &Site<B>)) -> Result<SiteData<B>, AdaRoundError> {
         let float_model = self.float_model.as_ref();
-        let capture = |batch: usize, float: bool| -> Result<Vec<_>, AdaRoundError> {
-            match &self.staged {
-                Some(staged) => Ok(vec![staged.capture(
-                    (work, float_model),
-                    (i, site),
-                    batch,
-                    float,
-                )?]),
-                None => {
-                    let model = if float {
-                        float_model.unwrap_or(work)
-                    } else {
-                        work
-                    };
-                    let one = std::slice::from_ref(&self.batches[batch]);
-                    capture_inputs(model, one, &self.forward, site, float)
-                }
+        // Batch `b`'s input to the site, from `work` or (`float`) from the float model.
+        let capture = |b: usize, float: bool| match &self.staged {
+            Some(staged) => staged.capture((work, float_model), (i, site), b, float),
+            None => {
+                let model = if float {
+                    float_model.unwrap_or(work)
+                } else {
+                    work
+                };
+                let x = &self.batches[b];
+                let forward = || (self.forward)(model, x.clone());
+                capture::input_of(site.position, float, &site.name, forward)
             }
         };
-        let mut inputs = Vec::with_capacity(self.batches.len());
-        for b in 0..self.batches.len() {
-            inputs.extend(capture(b, false)?);
-        }
+        let inputs = (0..self.batches.len())
+            .map(|b| capture(b, false))
+            .collect::<Result<Vec<_>, _>>()?;
         let float_act = self.config.target == Target::FloatModel;
         if float_model.is_none() {
             let targets = targets(site, &inputs, float_act);
@@ -307,7 +327,7 @@ impl<B: Backend, M: Module<B>, F: Fn(&M, Tensor<B, D>) -> O, O, const D: usize>
         let mut float_inputs = Vec::new();
         let mut all_targets = Vec::with_capacity(self.batches.len());
         for b in 0..self.batches.len() {
-            let x = capture(b, true)?;
+            let x = [capture(b, true)?];
             all_targets.extend(targets(site, &x, float_act));
             if split {
                 float_inputs.extend(x);
@@ -350,38 +370,20 @@ where
     let mut work = model.clone();
     let sites = discover(&work, &batches[0], &forward, &index, config)?;
     let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
-    let fingerprint = checkpoint
-        .as_ref()
-        .map(|_| {
-            let settings = settings_json(&sites, &work, &batches[0], &forward)?;
-            Ok::<_, AdaRoundError>(Fingerprint::of(&work, &settings, &batches))
-        })
-        .transpose()?;
     let mut layers = Vec::with_capacity(sites.len());
-    if let (Some(checkpoint), Some(fingerprint)) = (&checkpoint, &fingerprint) {
-        let context = (&batches[0], &forward, &index, config);
-        if let Some(found) = resume(checkpoint, fingerprint, &work, &names, context)? {
-            (work, layers) = found;
+    let fingerprint = match &checkpoint {
+        Some(checkpoint) => {
+            let settings = settings_json(&sites, &work, &batches[0], &forward)?;
+            let fingerprint = Fingerprint::of(&work, &settings, &batches);
+            let context = (&batches[0], &forward, &index, config);
+            if let Some(found) = resume(checkpoint, &fingerprint, &work, &names, context)? {
+                (work, layers) = found;
+            }
+            Some(fingerprint)
         }
-    }
-    let float_targets = config.target == Target::FloatModel;
-    let staged = if stages.is_empty() {
-        None
-    } else {
-        let flows = batches.iter().map(flow_of).collect::<Result<Vec<_>, _>>()?;
-        let first = outputs(model, &batches[0], &forward, true)?;
-        let first = (!first.is_empty()).then(|| Tensor::cat(first, 0));
-        let sites = (&sites[..], first);
-        Some(Staged::new(stages, model, flows, float_targets, sites)?)
+        None => None,
     };
-    let run = Run {
-        // The caller's model, not `work`: a resumed `work` holds rounded layers already.
-        float_model: float_targets.then(|| model.clone()),
-        batches,
-        forward,
-        config,
-        staged,
-    };
+    let run = Run::new(model, (batches, forward), config, (stages, &sites))?;
     let start_at = layers.len();
     let end_at = config
         .stop_after
@@ -403,8 +405,7 @@ where
         }
     }
     let mut phases = progress::Phases::new("model");
-    let check;
-    (work, check) = check_model(model, work, &sites, &run, end_at == sites.len())?;
+    let (work, check) = check_model(model, work, &sites, &run, end_at == sites.len())?;
     phases.mark("guard checked in");
     let report = AdaRoundReport {
         config: config.clone(),
@@ -525,6 +526,7 @@ where
     B: Backend,
     M: Module<B>,
     F: Fn(&M, Tensor<B, D>) -> O,
+    O: ModelOutput<B>,
 {
     let layer_start = Instant::now();
     let started = Progress::LayerStarted {

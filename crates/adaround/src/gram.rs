@@ -196,7 +196,6 @@ fn depthwise_stats<B: Backend>(
     let device = x.device();
     let [n, c, h, w] = x.dims();
     let [_, _, kh, kw] = conv.weight.dims();
-    let k = kh * kw;
     let ((top, bottom), (left, right)) = conv.padding_pairs([h, w]);
     let x = if top + bottom + left + right > 0 {
         x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0))
@@ -205,8 +204,16 @@ fn depthwise_stats<B: Backend>(
     };
     let (hp, wp) = (h + top + bottom, w + left + right);
     let ([sh, sw], [dh, dw]) = (conv.stride, conv.dilation);
-    let ho = (hp - (kh - 1) * dh - 1) / sh + 1;
-    let wo = (wp - (kw - 1) * dw - 1) / sw + 1;
+    let window = Window {
+        input: [n, c, hp, wp],
+        output: [
+            (hp - (kh - 1) * dh - 1) / sh + 1,
+            (wp - (kw - 1) * dw - 1) / sw + 1,
+        ],
+        kernel: [kh, kw],
+        stride: conv.stride,
+        dilation: conv.dilation,
+    };
     let host = |t: Tensor<B, 1>| -> Vec<f32> {
         t.into_data().convert::<f32>().to_vec().expect("f32 values")
     };
@@ -217,65 +224,103 @@ fn depthwise_stats<B: Backend>(
     });
     let weights = host(conv.weight.val().detach().flatten(0, 3));
     let bias = conv.bias.as_ref().map(|b| host(b.val().detach()));
-    let per_channel: Vec<(Vec<f64>, Vec<f64>, f64)> = (0..c)
+    let per_channel: Vec<ChannelStats> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mut g = vec![0f64; k * k];
-            let mut r = vec![0f64; k];
-            let mut c0 = 0f64;
-            let mut v = vec![0f64; k];
-            let wk = &weights[ch * k..(ch + 1) * k];
             let b = bias.as_ref().map_or(0.0, |b| b[ch] as f64);
-            for img in 0..n {
-                let plane = &xs[(img * c + ch) * hp * wp..(img * c + ch + 1) * hp * wp];
-                for oh in 0..ho {
-                    for ow in 0..wo {
-                        for i in 0..kh {
-                            let row = (oh * sh + i * dh) * wp + ow * sw;
-                            for j in 0..kw {
-                                v[i * kw + j] = plane[row + j * dw] as f64;
-                            }
-                        }
-                        for a in 0..k {
-                            let va = v[a];
-                            for (gb, vb) in g[a * k..a * k + a + 1].iter_mut().zip(&v[..=a]) {
-                                *gb += va * vb;
-                            }
-                        }
-                        if let Some(t) = &t {
-                            let out: f64 = wk.iter().zip(&v).map(|(&w, &x)| w as f64 * x).sum();
-                            let d0 = out + b - t[((img * c + ch) * ho + oh) * wo + ow] as f64;
-                            c0 += d0 * d0;
-                            r.iter_mut().zip(&v).for_each(|(r, x)| *r += d0 * x);
-                        }
-                    }
-                }
-            }
-            for a in 0..k {
-                for b in a + 1..k {
-                    g[a * k + b] = g[b * k + a];
-                }
-            }
-            (g, r, c0)
+            window.channel(ch, &xs, (&weights, b), t.as_deref())
         })
         .collect();
+    let k = kh * kw;
     let tensor = |values: Vec<f32>, shape: [usize; 3]| {
         Tensor::<B, 3>::from_data(TensorData::new(values, shape), &device)
     };
-    let g = per_channel
-        .iter()
-        .flat_map(|(g, _, _)| g.iter().map(|&v| v as f32))
-        .collect();
-    let residual = t.map(|_| {
-        let r = per_channel
+    let flat = |part: fn(&ChannelStats) -> &[f64]| -> Vec<f32> {
+        per_channel
             .iter()
-            .flat_map(|(_, r, _)| r.iter().map(|&v| v as f32))
-            .collect();
-        let c0: f64 = per_channel.iter().map(|(_, _, c0)| c0).sum();
+            .flat_map(|s| part(s).iter().map(|&v| v as f32))
+            .collect()
+    };
+    let residual = t.map(|_| {
+        let c0: f64 = per_channel.iter().map(|s| s.c0).sum();
         let c0 = Tensor::<B, 1>::from_data(TensorData::new(vec![c0 as f32], [1]), &device);
-        (tensor(r, [c, 1, k]), c0)
+        (tensor(flat(|s| &s.r), [c, 1, k]), c0)
     });
-    (tensor(g, [c, k, k]), residual)
+    (tensor(flat(|s| &s.g), [c, k, k]), residual)
+}
+
+/// A depthwise convolution over a padded input: `[n, c, h, w]` in, `[h', w']` out.
+struct Window {
+    input: [usize; 4],
+    output: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+}
+
+/// One channel's Gram matrix `G` (`K x K`, row-major), and with targets its residual
+/// product `R` (`K`) and `c0`.
+struct ChannelStats {
+    g: Vec<f64>,
+    r: Vec<f64>,
+    c0: f64,
+}
+
+impl Window {
+    /// Channel `ch`'s statistics on the padded input `xs`, its float kernel (all channels'
+    /// kernels, `K` each) and bias, and the targets (all channels) if any.
+    fn channel(
+        &self,
+        ch: usize,
+        xs: &[f32],
+        (weights, bias): (&[f32], f64),
+        targets: Option<&[f32]>,
+    ) -> ChannelStats {
+        let [n, c, hp, wp] = self.input;
+        let [ho, wo] = self.output;
+        let [kh, kw] = self.kernel;
+        let ([sh, sw], [dh, dw]) = (self.stride, self.dilation);
+        let k = kh * kw;
+        let mut s = ChannelStats {
+            g: vec![0.0; k * k],
+            r: vec![0.0; k],
+            c0: 0.0,
+        };
+        let mut v = vec![0f64; k];
+        let kernel = &weights[ch * k..(ch + 1) * k];
+        for img in 0..n {
+            let plane = &xs[(img * c + ch) * hp * wp..(img * c + ch + 1) * hp * wp];
+            for oh in 0..ho {
+                for ow in 0..wo {
+                    for i in 0..kh {
+                        let row = (oh * sh + i * dh) * wp + ow * sw;
+                        for j in 0..kw {
+                            v[i * kw + j] = plane[row + j * dw] as f64;
+                        }
+                    }
+                    // The lower triangle; mirrored below.
+                    for a in 0..k {
+                        let va = v[a];
+                        for (g, vb) in s.g[a * k..=a * k + a].iter_mut().zip(&v[..=a]) {
+                            *g += va * vb;
+                        }
+                    }
+                    if let Some(t) = targets {
+                        let out: f64 = kernel.iter().zip(&v).map(|(&w, &x)| w as f64 * x).sum();
+                        let d0 = out + bias - t[((img * c + ch) * ho + oh) * wo + ow] as f64;
+                        s.c0 += d0 * d0;
+                        s.r.iter_mut().zip(&v).for_each(|(r, x)| *r += d0 * x);
+                    }
+                }
+            }
+        }
+        for a in 0..k {
+            for b in a + 1..k {
+                s.g[a * k + b] = s.g[b * k + a];
+            }
+        }
+        s
+    }
 }
 
 /// Most patch values (`samples x positions x K` per group) built at once for a Gram matrix:

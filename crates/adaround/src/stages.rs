@@ -17,8 +17,9 @@ use burn::{
 };
 
 use crate::{
-    capture::{self, Capture, Discover, Pass, Seen},
+    capture::{self, Discover, Pass, Seen},
     discover::Site,
+    guard::{outputs, ModelOutput},
     AdaRoundError,
 };
 
@@ -29,9 +30,7 @@ use crate::{
 pub type Stage<'a, B, M> = Box<dyn Fn(&M, Flow<B>) -> Flow<B> + 'a>;
 
 /// `samples` as a flow: rank 2 as rows, rank 4 as maps.
-pub(crate) fn flow_of<B: Backend, const D: usize>(
-    samples: &Tensor<B, D>,
-) -> Result<Flow<B>, AdaRoundError> {
+fn flow_of<B: Backend, const D: usize>(samples: &Tensor<B, D>) -> Result<Flow<B>, AdaRoundError> {
     let dims = samples.dims();
     match D {
         2 => Ok(Flow::Rows(samples.clone().reshape([dims[0], dims[1]]))),
@@ -70,16 +69,23 @@ struct Inputs<B: Backend> {
 }
 
 impl<'s, 'a, B: Backend, M: Module<B>> Staged<'s, 'a, B, M> {
-    /// Places every site in its stage and checks, on `first` (the first batch's output of
-    /// the user's `forward` in float mode), that the stages compose to the forward pass: the
-    /// same layers at the same positions and the same output.
-    pub(crate) fn new(
+    /// Places every site in its stage and checks, on the first batch (in float mode), that
+    /// the stages compose to `forward`: the same layers at the same positions and the same
+    /// output.
+    pub(crate) fn new<F, O, const D: usize>(
         stages: &'s [Stage<'a, B, M>],
         model: &M,
-        batches: Vec<Flow<B>>,
+        (batches, forward): (&[Tensor<B, D>], &F),
         float_targets: bool,
-        (sites, first): (&[Site<B>], Option<Tensor<B, 1>>),
-    ) -> Result<Self, AdaRoundError> {
+        sites: &[Site<B>],
+    ) -> Result<Self, AdaRoundError>
+    where
+        F: Fn(&M, Tensor<B, D>) -> O,
+        O: ModelOutput<B>,
+    {
+        let first = outputs(model, &batches[0], forward, true)?;
+        let first = (!first.is_empty()).then(|| Tensor::cat(first, 0));
+        let batches = batches.iter().map(flow_of).collect::<Result<Vec<_>, _>>()?;
         let mut x = batches[0].clone();
         let mut events = Vec::new();
         for (s, stage) in stages.iter().enumerate() {
@@ -139,15 +145,7 @@ impl<'s, 'a, B: Backend, M: Module<B>> Staged<'s, 'a, B, M> {
             _ => (work, &state.quantized[b]),
         };
         let stage = &self.stages[place.stage];
-        let probe = Capture {
-            target: place.local,
-            float,
-            input: None,
-        };
-        let probe = capture::run(probe, || stage(model, x.clone()))?;
-        probe.input.ok_or_else(|| AdaRoundError::LayerNotReached {
-            layer: site.name.clone(),
-        })
+        capture::input_of(place.local, float, &site.name, || stage(model, x.clone()))
     }
 
     /// Moves the stage inputs on to stage `to`: through the stages between, `work` as it is
