@@ -410,14 +410,15 @@ impl<B: Backend> MatrixLayer<B> for QuantizedConv2d<B> {
         self.bias.as_ref().map(|b| b.val())
     }
 
-    fn gram(&self, input: &Flow<B>) -> Tensor<B, 3> {
+    fn gram(&self, input: &Flow<B>) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [groups, _, k] = self.matrix_dims();
         let p = self.patches(maps_of(input).clone().detach());
         let [b, _, positions] = p.dims();
         // [b, groups, K, L] -> [groups, K, b * L]
         let p = p.reshape([b, groups, k, positions]).permute([1, 2, 0, 3]);
         let p = p.reshape([groups, k, b * positions]);
-        p.clone().matmul(p.swap_dims(1, 2))
+        let sums = p.clone().sum_dim(2).swap_dims(1, 2);
+        (p.clone().matmul(p.swap_dims(1, 2)), sums)
     }
 
     fn rows(&self, input: &Flow<B>, output: &Flow<B>) -> (Tensor<B, 3>, Tensor<B, 3>) {

@@ -263,9 +263,10 @@ impl<B: Backend> MatrixLayer<B> for QuantizedDense<B> {
         self.bias.as_ref().map(|b| b.val())
     }
 
-    fn gram(&self, input: &Flow<B>) -> Tensor<B, 3> {
+    fn gram(&self, input: &Flow<B>) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let x = rows_of(input).clone().detach();
-        x.clone().transpose().matmul(x).unsqueeze_dim(0)
+        let sums = x.clone().sum_dim(0).unsqueeze_dim(0);
+        (x.clone().transpose().matmul(x).unsqueeze_dim(0), sums)
     }
 
     fn rows(&self, input: &Flow<B>, output: &Flow<B>) -> (Tensor<B, 3>, Tensor<B, 3>) {

@@ -111,8 +111,9 @@ pub trait MatrixLayer<B: Backend> {
     /// The float bias `[C_out]`.
     fn bias(&self) -> Option<Tensor<B, 1>>;
 
-    /// `X^T X` of the input patches `X` (`[groups, K, K]`, summed over all output positions).
-    fn gram(&self, input: &Flow<B>) -> Tensor<B, 3>;
+    /// `X^T X` of the input patches `X` (`[groups, K, K]`, summed over all output positions)
+    /// and the patches' column sums (`[groups, 1, K]`).
+    fn gram(&self, input: &Flow<B>) -> (Tensor<B, 3>, Tensor<B, 3>);
 
     /// The input patches `[groups, M, K]` and the outputs `[groups, M, C_out / groups]` as
     /// rows, one per output position (`M` over the whole batch).

@@ -3,7 +3,7 @@
 use std::{collections::HashMap, time::Instant};
 
 use adaround_core::all_finite;
-use adaround_layers::QuantizedLayer;
+use adaround_layers::{probe::Flow, QuantizedLayer};
 use burn::{
     module::Module,
     optim::{Optimizer, SimpleOptimizer},
@@ -15,11 +15,12 @@ use crate::{
     capture,
     checkpoint::{checksum, Checkpoint, Fingerprint},
     discover::{activations, discover, Site},
+    gram::{self, Grams},
     guard::{self, ModelOutput, Reference},
     optimize::{ensure_finite, flows_finite, Context},
     params::{ParamIndex, WriteBack},
     progress::{self, Progress},
-    site::{optimize_site, targets, SiteData},
+    site::{optimize_site, targets, Held, SiteData},
     stages::{Stage, Staged},
     step::{Ad, DefaultAdam, ModuleOptimizers, Optimizers, SimpleOptimizers},
     AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelCheck, ModelGuard,
@@ -287,16 +288,17 @@ where
         })
     }
 
-    /// The site's inputs and targets, from `work` (and the float model). With targets from
-    /// the float model, each batch's float input is dropped once its targets are computed
-    /// (a split separable convolution keeps them: its depthwise half targets them), so the
-    /// layer holds `samples x (input + output size)` floats, not `2 x input` more.
-    ///
-    /// `i` is the site's index among all sites (its place among the stages).
-    fn data(&self, work: &M, (i, site): (usize, &Site<B>)) -> Result<SiteData<B>, AdaRoundError> {
+    /// Batch `b`'s input to the site (the `i`-th of all sites), from `work` or (`float`)
+    /// from the float model.
+    fn capture(
+        &self,
+        work: &M,
+        (i, site): (usize, &Site<B>),
+        b: usize,
+        float: bool,
+    ) -> Result<Flow<B>, AdaRoundError> {
         let float_model = self.float_model.as_ref();
-        // Batch `b`'s input to the site, from `work` or (`float`) from the float model.
-        let capture = |b: usize, float: bool| match &self.staged {
+        match &self.staged {
             Some(staged) => staged.capture((work, float_model), (i, site), b, float),
             None => {
                 let model = if float {
@@ -308,14 +310,86 @@ where
                 let forward = || (self.forward)(model, x.clone());
                 capture::input_of(site.position, float, &site.name, forward)
             }
-        };
-        let inputs = (0..self.batches.len())
-            .map(|b| capture(b, false))
+        }
+    }
+
+    /// The site's data, from `work` (and the float model): its Gram matrices accumulated
+    /// batch by batch where the layer takes the Gram path, else its inputs and targets.
+    fn data(&self, work: &M, at: (usize, &Site<B>)) -> Result<SiteData<B>, AdaRoundError> {
+        let site = at.1;
+        let first = self.capture(work, at, 0, false)?;
+        let streamed = site.activation.is_none()
+            && site.relu.is_none()
+            && gram::chosen(&site.layer, &first, self.config.path);
+        if streamed {
+            self.streamed(work, at, first)
+        } else {
+            self.held(work, at, first).map(SiteData::Held)
+        }
+    }
+
+    /// The site's Gram matrices, one batch at a time: each batch's input (and the float
+    /// model's) is dropped once its Gram matrix is computed, so the memory held does not grow
+    /// with the samples' size beyond `K x K` floats per batch.
+    fn streamed(
+        &self,
+        work: &M,
+        at: (usize, &Site<B>),
+        first: Flow<B>,
+    ) -> Result<SiteData<B>, AdaRoundError> {
+        let site = at.1;
+        let float_act = self.config.target == Target::FloatModel;
+        let from_float_model = self.float_model.is_some();
+        let mut first = Some(first);
+        let mut all: Option<Grams<B>> = None;
+        for b in 0..self.batches.len() {
+            let x = match first.take() {
+                Some(x) => x,
+                None => self.capture(work, at, b, false)?,
+            };
+            ensure_finite(flows_finite(std::slice::from_ref(&x)), &site.name, "inputs")?;
+            let targets = match from_float_model {
+                true => targets(site, &[self.capture(work, at, b, true)?], float_act),
+                false => Vec::new(),
+            };
+            ensure_finite(flows_finite(&targets), &site.name, "float outputs")?;
+            let other = from_float_model.then_some(&targets[..]);
+            let grams = gram::grams(&site.layer, &[x], other, self.config.loss)
+                .expect("the Gram path is chosen only for layers with a matrix form");
+            all = Some(match all {
+                Some(all) => all.join(grams),
+                None => grams,
+            });
+        }
+        Ok(SiteData::Streamed {
+            grams: all.expect("a run holds a batch"),
+            from_float_model,
+        })
+    }
+
+    /// The site's inputs and targets, held. With targets from the float model, each batch's
+    /// float input is dropped once its targets are computed (a split separable convolution
+    /// keeps them: its depthwise half targets them), so the layer holds `samples x (input +
+    /// output size)` floats, not `2 x input` more.
+    fn held(
+        &self,
+        work: &M,
+        at: (usize, &Site<B>),
+        first: Flow<B>,
+    ) -> Result<Held<B>, AdaRoundError> {
+        let site = at.1;
+        let inputs = std::iter::once(Ok(first))
+            .chain((1..self.batches.len()).map(|b| self.capture(work, at, b, false)))
             .collect::<Result<Vec<_>, _>>()?;
         let float_act = self.config.target == Target::FloatModel;
-        if float_model.is_none() {
+        let finite = |inputs: &[Flow<B>], targets: &[Flow<B>]| {
+            let ok = flows_finite(inputs) && flows_finite(targets);
+            ensure_finite(ok, &site.name, "inputs or float outputs")
+        };
+        if self.float_model.is_none() {
             let targets = targets(site, &inputs, float_act);
-            return Ok(SiteData {
+            finite(&inputs, &targets)?;
+            return Ok(Held {
                 inputs,
                 float_inputs: None,
                 targets,
@@ -327,13 +401,14 @@ where
         let mut float_inputs = Vec::new();
         let mut all_targets = Vec::with_capacity(self.batches.len());
         for b in 0..self.batches.len() {
-            let x = [capture(b, true)?];
+            let x = [self.capture(work, at, b, true)?];
             all_targets.extend(targets(site, &x, float_act));
             if split {
                 float_inputs.extend(x);
             }
         }
-        Ok(SiteData {
+        finite(&inputs, &all_targets)?;
+        Ok(Held {
             inputs,
             float_inputs: split.then_some(float_inputs),
             targets: all_targets,
@@ -538,8 +613,6 @@ where
     (ctx.progress)(started);
     let mut phases = progress::Phases::new(&site.name);
     let data = run.data(&work, (i, site))?;
-    let finite = flows_finite(&data.inputs) && flows_finite(&data.targets);
-    ensure_finite(finite, &site.name, "inputs or float outputs")?;
     phases.mark("inputs and targets captured in");
     let (mut report, rounded) = optimize_site(site, &data, ctx)?;
     drop(data);

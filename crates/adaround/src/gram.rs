@@ -18,7 +18,7 @@
 //! floating-point rounding.
 
 use adaround_layers::{probe::Flow, MatrixLayer, QuantizedConv2d, QuantizedLayer};
-use burn::tensor::{backend::Backend, ops::PadMode, Tensor, TensorData};
+use burn::tensor::{backend::Backend, ops::PadMode, ElementConversion, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::ReconstructionLoss;
@@ -45,10 +45,33 @@ pub(crate) struct Grams<B: Backend> {
     /// With targets from other inputs, per batch: `R = D0ᵀ X` (`[groups, C_out / groups,
     /// K]`) and `c0 = sum(D0²)` (see the [module docs](self)).
     pub residuals: Option<Vec<Residual<B>>>,
+    /// Over all batches.
+    pub sums: Sums<B>,
 }
 
 /// `R = D0ᵀ X` and `c0 = sum(D0²)` of one batch.
 pub(crate) type Residual<B> = (Tensor<B, 3>, Tensor<B, 1>);
+
+/// Sums over the rows (output positions) of all batches: of the input patches (`[groups, 1,
+/// K]`), of the float kernel's residuals `D0` with targets from other inputs (`[groups, 1,
+/// C_out / groups]`), and their number `M` per group. With them the Gram form also gives the
+/// error after a change of bias, and the bias correction itself ([`error`], [`bias_shift`]).
+#[derive(Clone)]
+pub(crate) struct Sums<B: Backend> {
+    pub x: Tensor<B, 3>,
+    pub d0: Option<Tensor<B, 3>>,
+    pub count: usize,
+}
+
+impl<B: Backend> Sums<B> {
+    fn add(self, other: Self) -> Self {
+        Self {
+            x: self.x + other.x,
+            d0: self.d0.zip(other.d0).map(|(a, b)| a + b),
+            count: self.count + other.count,
+        }
+    }
+}
 
 impl<B: Backend> Grams<B> {
     /// The same matrices on another backend.
@@ -63,13 +86,140 @@ impl<B: Backend> Grams<B> {
             residuals: self
                 .residuals
                 .map(|r| r.into_iter().map(|(r, c)| (f(r), g(c))).collect()),
+            sums: Sums {
+                x: f(self.sums.x),
+                d0: self.sums.d0.map(&f),
+                count: self.sums.count,
+            },
         }
     }
+
+    /// These batches followed by `other`'s.
+    pub(crate) fn join(mut self, other: Self) -> Self {
+        self.grams.extend(other.grams);
+        self.divisors.extend(other.divisors);
+        self.residuals = self.residuals.zip(other.residuals).map(|(mut a, b)| {
+            a.extend(b);
+            a
+        });
+        self.sums = self.sums.add(other.sums);
+        self
+    }
+
+    /// The sums over all batches of `G`, `R` and `c0` (not divided).
+    fn totals(&self) -> (Tensor<B, 3>, Option<Residual<B>>) {
+        let add3 = |a: Tensor<B, 3>, b: &Tensor<B, 3>| a + b.clone();
+        let g = self.grams[1..].iter().fold(self.grams[0].clone(), add3);
+        let r = self.residuals.as_ref().map(|rs| {
+            let (r0, c0) = rs[0].clone();
+            rs[1..].iter().fold((r0, c0), |(r, c), (r2, c2)| {
+                (r + r2.clone(), c + c2.clone())
+            })
+        });
+        (g, r)
+    }
+}
+
+/// The change of `layer` from `reference` (the layer the Gram matrices were computed for): its
+/// kernel as it computes now (quantized, AdaRound's weights or rounded) less the reference's
+/// float kernel, `[groups, C_out / groups, K]`, and its bias less the reference's,
+/// `[groups, C_out / groups, 1]` (`None` without a bias).
+fn change<B: Backend>(
+    reference: &dyn MatrixLayer<B>,
+    layer: &dyn MatrixLayer<B>,
+) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
+    let [groups, rows, _] = reference.matrix_dims();
+    let dw = layer.float_matrix() + layer.delta_matrix() - reference.float_matrix();
+    let db = reference
+        .bias()
+        .zip(layer.bias())
+        .map(|(b, b2)| (b2 - b).reshape([groups, rows, 1]));
+    (dw, db)
+}
+
+/// `dW s_xᵀ + s_d0ᵀ` (`[groups, C_out / groups, 1]`): the sum over all rows of the outputs'
+/// errors before the change of bias.
+fn summed_error<B: Backend>(dw: Tensor<B, 3>, sums: &Sums<B>) -> Tensor<B, 3> {
+    let e = matmul(dw, sums.x.clone().swap_dims(1, 2));
+    match &sums.d0 {
+        Some(d0) => e + d0.clone().swap_dims(1, 2),
+        None => e,
+    }
+}
+
+/// The mean squared error over all batches of `layer`'s outputs against the targets, from
+/// the Gram matrices of `reference` (`layer` before any change: the same float kernel
+/// and bias) alone: with `dW` and `e` the changes of kernel and bias ([`change`]),
+///
+/// `sum((X W~ᵀ + b + e - T)²) = sum(dW ⊙ (dW G + 2 R)) + c0 + 2 e · (dW s_xᵀ + s_d0ᵀ) + M |e|²`,
+///
+/// divided by the number of outputs `M x C_out`. Equals the direct error on the same
+/// batches (equal batches: the mean of the batches' errors) up to floating-point rounding.
+pub(crate) fn error<B: Backend>(
+    reference: &QuantizedLayer<B>,
+    layer: &QuantizedLayer<B>,
+    grams: &Grams<B>,
+) -> f64 {
+    let (reference, layer) = (matrix_of(reference), matrix_of(layer));
+    let [groups, rows, _] = reference.matrix_dims();
+    let (dw, db) = change(reference, layer);
+    let (g, residual) = grams.totals();
+    let dg = matmul(dw.clone(), g);
+    let mut total = match residual {
+        Some((r, c0)) => (dw.clone() * (dg + r.mul_scalar(2.0))).sum() + c0,
+        None => (dw.clone() * dg).sum(),
+    };
+    if let Some(e) = db {
+        let count = grams.sums.count as f64;
+        let cross = (e.clone() * summed_error(dw, &grams.sums))
+            .sum()
+            .mul_scalar(2.0);
+        total = total + cross + e.square().sum().mul_scalar(count);
+    }
+    let outputs = grams.sums.count * groups * rows;
+    total.into_scalar().elem::<f64>() / outputs as f64
+}
+
+/// The shift of `layer`'s bias that makes its outputs' mean error over all batches zero in
+/// every output channel (bias correction), `[C_out]`; `None` without a bias. See [`error`].
+pub(crate) fn bias_shift<B: Backend>(
+    reference: &QuantizedLayer<B>,
+    layer: &QuantizedLayer<B>,
+    grams: &Grams<B>,
+) -> Option<Tensor<B, 1>> {
+    let (reference, layer) = (matrix_of(reference), matrix_of(layer));
+    let (dw, db) = change(reference, layer);
+    let e = db?;
+    let mean = summed_error(dw, &grams.sums).div_scalar(grams.sums.count as f64);
+    Some((mean + e).neg().flatten(0, 2))
+}
+
+fn matrix_of<B: Backend>(layer: &QuantizedLayer<B>) -> &dyn MatrixLayer<B> {
+    layer
+        .matrix()
+        .expect("Gram matrices exist only for layers with a matrix form")
 }
 
 /// Whether the Gram form exists for `layer` (the caller checks activation and targets).
 pub(crate) fn supports<B: Backend>(layer: &QuantizedLayer<B>) -> bool {
     layer.matrix().is_some()
+}
+
+/// Whether `path` puts `layer` (with no activation or ReLU before the loss) on `input`'s
+/// batches on the Gram path: a layer with the Gram form, and for [`LossPath::Auto`] more
+/// output positions per batch than its patch size `K` (a step is then cheaper).
+pub(crate) fn chosen<B: Backend>(
+    layer: &QuantizedLayer<B>,
+    input: &Flow<B>,
+    path: LossPath,
+) -> bool {
+    let (k, positions) = sizes(layer, input);
+    supports(layer)
+        && match path {
+            LossPath::Gram => true,
+            LossPath::Auto => positions > k,
+            LossPath::Direct => false,
+        }
 }
 
 /// Patch size `K` and output positions per batch `M` of the layer on `input`.
@@ -89,83 +239,72 @@ pub(crate) fn grams<B: Backend>(
     other_targets: Option<&[Flow<B>]>,
     loss: ReconstructionLoss,
 ) -> Option<Grams<B>> {
-    if let Some(conv) = depthwise(layer) {
-        let stats: Vec<_> = match other_targets {
-            Some(targets) => inputs
-                .iter()
-                .zip(targets)
-                .map(|(x, t)| depthwise_stats(conv, x, Some(t)))
-                .collect(),
-            None => inputs
-                .iter()
-                .map(|x| depthwise_stats(conv, x, None))
-                .collect(),
+    let matrix = layer.matrix()?;
+    let [groups, rows, _] = matrix.matrix_dims();
+    let divisor = |positions: usize| match loss {
+        ReconstructionLoss::Mse => (positions * groups * rows) as f64,
+        ReconstructionLoss::ChannelSum => positions as f64,
+    };
+    let conv = depthwise(layer);
+    let batch = |b: usize| {
+        let x = &inputs[b];
+        let t = other_targets.map(|t| &t[b]);
+        let positions = matrix.positions(&x.dims());
+        let (gram, residual, sums) = match conv {
+            Some(conv) => depthwise_stats(conv, x, t),
+            None => patch_stats(matrix, x, t),
         };
-        let divisors = inputs
-            .iter()
-            .map(|x| {
-                let positions = conv.positions(&x.dims());
-                match loss {
-                    ReconstructionLoss::Mse => (positions * conv.groups) as f64,
-                    ReconstructionLoss::ChannelSum => positions as f64,
-                }
-            })
-            .collect();
-        let (grams, residuals): (Vec<_>, Vec<_>) = stats.into_iter().unzip();
-        return Some(Grams {
-            grams,
-            divisors,
-            residuals: other_targets.map(|_| residuals.into_iter().flatten().collect()),
-        });
-    }
-    Some(patch_grams(layer.matrix()?, inputs, other_targets, loss))
+        Grams {
+            grams: vec![gram],
+            divisors: vec![divisor(positions)],
+            residuals: residual.map(|r| vec![r]),
+            sums: Sums {
+                count: positions,
+                ..sums
+            },
+        }
+    };
+    Some((1..inputs.len()).map(batch).fold(batch(0), Grams::join))
 }
 
-/// [`grams`] from the input patches, in chunks of samples: any [`MatrixLayer`].
-fn patch_grams<B: Backend>(
+/// One batch's Gram matrix, residuals (with `target`) and [`Sums`], from the input patches
+/// in chunks of samples: any [`MatrixLayer`].
+fn patch_stats<B: Backend>(
     layer: &dyn MatrixLayer<B>,
-    inputs: &[Flow<B>],
-    other_targets: Option<&[Flow<B>]>,
-    loss: ReconstructionLoss,
-) -> Grams<B> {
-    let residuals = other_targets.map(|targets| {
+    x: &Flow<B>,
+    target: Option<&Flow<B>>,
+) -> (Tensor<B, 3>, Option<Residual<B>>, Sums<B>) {
+    let residual = target.map(|t| {
         let w = layer.float_matrix().swap_dims(1, 2);
         let residual = |(x, t): (&Flow<B>, &Flow<B>)| {
             let (x, t) = rows_less_bias(layer, x, t);
             let d0 = matmul(x.clone(), w.clone()) - t;
-            (matmul(d0.clone().swap_dims(1, 2), x), d0.square().sum())
+            let sum = d0.clone().sum_dim(1);
+            (
+                matmul(d0.clone().swap_dims(1, 2), x),
+                d0.square().sum(),
+                sum,
+            )
         };
-        let batch = |(x, t): (&Flow<B>, &Flow<B>)| {
-            chunks(layer, x)
-                .map(|(start, n)| residual((&narrow(x, start, n), &narrow(t, start, n))))
-                .reduce(|(r, c), (r2, c2)| (r + r2, c + c2))
-                .expect("a batch holds a sample")
-        };
-        inputs.iter().zip(targets).map(batch).collect()
-    });
-    let [groups, rows, _] = layer.matrix_dims();
-    let gram = |x: &Flow<B>| {
         chunks(layer, x)
-            .map(|(start, n)| layer.gram(&narrow(x, start, n)))
-            .reduce(|a, b| a + b)
+            .map(|(start, n)| residual((&narrow(x, start, n), &narrow(t, start, n))))
+            .reduce(|(r, c, s), (r2, c2, s2)| (r + r2, c + c2, s + s2))
             .expect("a batch holds a sample")
+    });
+    let (gram, x_sums) = chunks(layer, x)
+        .map(|(start, n)| layer.gram(&narrow(x, start, n)))
+        .reduce(|(g, s), (g2, s2)| (g + g2, s + s2))
+        .expect("a batch holds a sample");
+    let (residual, d0) = match residual {
+        Some((r, c0, d0)) => (Some((r, c0)), Some(d0)),
+        None => (None, None),
     };
-    let grams = inputs.iter().map(gram).collect();
-    let divisors = inputs
-        .iter()
-        .map(|input| {
-            let positions = layer.positions(&input.dims());
-            match loss {
-                ReconstructionLoss::Mse => (positions * groups * rows) as f64,
-                ReconstructionLoss::ChannelSum => positions as f64,
-            }
-        })
-        .collect();
-    Grams {
-        grams,
-        divisors,
-        residuals,
-    }
+    let sums = Sums {
+        x: x_sums,
+        d0,
+        count: 0,
+    };
+    (gram, residual, sums)
 }
 
 /// The layer as a depthwise convolution (one input and one output channel per group), if
@@ -180,8 +319,9 @@ fn depthwise<B: Backend>(layer: &QuantizedLayer<B>) -> Option<&QuantizedConv2d<B
     }
 }
 
-/// The Gram matrices `[C, K, K]` of a depthwise convolution on `input`, and with `target`
-/// the float kernel's residuals `R = D0ᵀ X` (`[C, 1, K]`) and `c0 = sum(D0²)`, computed in
+/// The Gram matrices `[C, K, K]` of a depthwise convolution on `input`, with `target` the
+/// float kernel's residuals `R = D0ᵀ X` (`[C, 1, K]`) and `c0 = sum(D0²)`, and the
+/// [`Sums`] (`count` left to the caller), computed in
 /// host memory, each channel a task on rayon's threads, without building patches: on the
 /// CPU backends a batched product of thousands of `K x K` matrices (`K = kh * kw`) costs
 /// far more than its arithmetic. Sums in `f64`.
@@ -189,7 +329,7 @@ fn depthwise_stats<B: Backend>(
     conv: &QuantizedConv2d<B>,
     input: &Flow<B>,
     target: Option<&Flow<B>>,
-) -> (Tensor<B, 3>, Option<Residual<B>>) {
+) -> (Tensor<B, 3>, Option<Residual<B>>, Sums<B>) {
     let Flow::Maps(x) = input.clone().detach() else {
         panic!("a convolution takes maps")
     };
@@ -241,12 +381,17 @@ fn depthwise_stats<B: Backend>(
             .flat_map(|s| part(s).iter().map(|&v| v as f32))
             .collect()
     };
-    let residual = t.map(|_| {
+    let residual = t.as_ref().map(|_| {
         let c0: f64 = per_channel.iter().map(|s| s.c0).sum();
         let c0 = Tensor::<B, 1>::from_data(TensorData::new(vec![c0 as f32], [1]), &device);
         (tensor(flat(|s| &s.r), [c, 1, k]), c0)
     });
-    (tensor(flat(|s| &s.g), [c, k, k]), residual)
+    let sums = Sums {
+        x: tensor(flat(|s| &s.x), [c, 1, k]),
+        d0: t.map(|_| tensor(flat(|s| std::slice::from_ref(&s.d0)), [c, 1, 1])),
+        count: 0,
+    };
+    (tensor(flat(|s| &s.g), [c, k, k]), residual, sums)
 }
 
 /// A depthwise convolution over a padded input: `[n, c, h, w]` in, `[h', w']` out.
@@ -258,12 +403,14 @@ struct Window {
     dilation: [usize; 2],
 }
 
-/// One channel's Gram matrix `G` (`K x K`, row-major), and with targets its residual
-/// product `R` (`K`) and `c0`.
+/// One channel's Gram matrix `G` (`K x K`, row-major) and patch sums (`K`), and with targets
+/// its residual product `R` (`K`), `c0` and the residuals' sum.
 struct ChannelStats {
     g: Vec<f64>,
+    x: Vec<f64>,
     r: Vec<f64>,
     c0: f64,
+    d0: f64,
 }
 
 impl Window {
@@ -283,8 +430,10 @@ impl Window {
         let k = kh * kw;
         let mut s = ChannelStats {
             g: vec![0.0; k * k],
+            x: vec![0.0; k],
             r: vec![0.0; k],
             c0: 0.0,
+            d0: 0.0,
         };
         let mut v = vec![0f64; k];
         let kernel = &weights[ch * k..(ch + 1) * k];
@@ -298,6 +447,7 @@ impl Window {
                             v[i * kw + j] = plane[row + j * dw] as f64;
                         }
                     }
+                    s.x.iter_mut().zip(&v).for_each(|(s, x)| *s += x);
                     // The lower triangle; mirrored below.
                     for a in 0..k {
                         let va = v[a];
@@ -309,6 +459,7 @@ impl Window {
                         let out: f64 = kernel.iter().zip(&v).map(|(&w, &x)| w as f64 * x).sum();
                         let d0 = out + bias - t[((img * c + ch) * ho + oh) * wo + ow] as f64;
                         s.c0 += d0 * d0;
+                        s.d0 += d0;
                         s.r.iter_mut().zip(&v).for_each(|(r, x)| *r += d0 * x);
                     }
                 }
@@ -587,17 +738,19 @@ pub(crate) mod tests {
             let targets = [layer.forward_float_flow(Flow::Maps(t_x.clone()))];
             let loss = ReconstructionLoss::Mse;
             let host = grams(&layer, &inputs, Some(&targets), loss).unwrap();
-            let patches = patch_grams(layer.matrix().unwrap(), &inputs, Some(&targets), loss);
-            assert_eq!(host.divisors, patches.divisors, "{variant:?}");
+            let (pg, residual, sums) =
+                patch_stats(layer.matrix().unwrap(), &inputs[0], Some(&targets[0]));
             let (hr, hc) = host.residuals.unwrap().remove(0);
-            let (pr, pc) = patches.residuals.unwrap().remove(0);
+            let (pr, pc) = residual.unwrap();
             let pairs = [
-                (
-                    host.grams[0].clone().flatten::<1>(0, 2),
-                    patches.grams[0].clone().flatten(0, 2),
-                ),
+                (host.grams[0].clone().flatten::<1>(0, 2), pg.flatten(0, 2)),
                 (hr.flatten(0, 2), pr.flatten(0, 2)),
                 (hc, pc),
+                (host.sums.x.flatten(0, 2), sums.x.flatten(0, 2)),
+                (
+                    host.sums.d0.unwrap().flatten(0, 2),
+                    sums.d0.unwrap().flatten(0, 2),
+                ),
             ];
             for (h, p) in pairs {
                 let scale: f32 = p.clone().abs().max().into_scalar();
@@ -618,6 +771,108 @@ pub(crate) mod tests {
         // strided grouped convolution; the test above covers strides.
         for variant in depthwise_variants().into_iter().filter(|v| v.2 == [1, 1]) {
             assert_agree(depthwise_conv(variant), Flow::Maps(x.clone()));
+        }
+    }
+
+    /// `(gram, direct)` differ by at most `tol` of the direct value's scale.
+    fn assert_close(gram: f64, direct: f64, tol: f64, what: &str) {
+        assert!(
+            (gram - direct).abs() <= tol * direct.abs().max(1e-12),
+            "{what}: Gram {gram} vs direct {direct}"
+        );
+    }
+
+    #[test]
+    fn should_give_the_direct_errors_and_bias_correction_from_the_streamed_grams() {
+        use crate::optimize::{correct_bias, layer_error};
+        B::seed(&device(), 9);
+        let maps =
+            |n| Tensor::<B, 4>::random([n, 4, 9, 8], Distribution::Normal(0.3, 1.0), &device());
+        let conv = |groups: usize, c_out: usize, stride: usize| {
+            QuantizedConv2dConfig::new([4, c_out], [3, 3])
+                .with_groups(groups)
+                .with_padding(PaddingConfig2d::Same)
+                .with_stride([stride, stride])
+                .with_quantizer(WeightQuantizer::max_per_axis(3).unwrap())
+                .init::<B>(&device())
+        };
+        let dense = QuantizedDenseConfig::new(12, 7)
+            .with_quantizer(WeightQuantizer::max_per_axis(3).unwrap())
+            .init::<B>(&device());
+        let rows = |n| Tensor::<B, 2>::random([n, 12], Distribution::Normal(0.5, 1.0), &device());
+        let cases: Vec<(QuantizedLayer<B>, Vec<Flow<B>>)> = vec![
+            (
+                QuantizedLayer::Conv2d(conv(1, 5, 2)),
+                (0..3).map(|_| Flow::Maps(maps(2))).collect(),
+            ),
+            (
+                QuantizedLayer::Conv2d(conv(2, 6, 1)),
+                (0..2).map(|_| Flow::Maps(maps(3))).collect(),
+            ),
+            // Depthwise: the host path.
+            (
+                QuantizedLayer::Conv2d(conv(4, 4, 2)),
+                (0..3).map(|_| Flow::Maps(maps(2))).collect(),
+            ),
+            (
+                QuantizedLayer::Dense(dense),
+                (0..3).map(|_| Flow::Rows(rows(10))).collect(),
+            ),
+        ];
+        for (c, (layer, inputs)) in cases.into_iter().enumerate() {
+            for (loss, shift) in target_cases(&inputs[0]) {
+                let targets: Vec<Flow<B>> = inputs
+                    .iter()
+                    .map(|x| {
+                        let x = match (&shift, x) {
+                            (Some(_), Flow::Maps(t)) => Flow::Maps(t.clone().mul_scalar(1.1)),
+                            (Some(_), Flow::Rows(t)) => Flow::Rows(t.clone().mul_scalar(1.1)),
+                            (None, x) => x.clone(),
+                        };
+                        layer.forward_float_flow(x)
+                    })
+                    .collect();
+                let other = shift.is_some().then_some(&targets[..]);
+                // Streamed: one batch at a time, joined.
+                let grams = (0..inputs.len())
+                    .map(|b| {
+                        let t = other.map(|t| &t[b..b + 1]);
+                        grams(&layer, &inputs[b..b + 1], t, loss).unwrap()
+                    })
+                    .reduce(Grams::join)
+                    .unwrap();
+                assert_eq!(grams.grams.len(), inputs.len());
+                let soft = armed(layer.clone()).set_training(false);
+                let (rounded, _) = soft.clone().finalize(true);
+                let corrected = correct_bias(rounded.clone(), &inputs, &targets);
+                let what = format!("case {c}, {loss:?}, other inputs {}", shift.is_some());
+                for (name, l) in [
+                    ("nearest", &layer),
+                    ("armed", &soft),
+                    ("rounded", &rounded),
+                    ("corrected", &corrected),
+                ] {
+                    let direct = layer_error(l, (None, None), &inputs, &targets);
+                    assert!(direct > 0.0, "{what}: {name} has an error");
+                    assert_close(
+                        error(&layer, l, &grams),
+                        direct,
+                        1e-4,
+                        &format!("{what}, {name}"),
+                    );
+                }
+                let shift = bias_shift(&layer, &rounded, &grams).expect("a bias");
+                let shifted = rounded.clone().shift_bias(shift).0;
+                let bias = |l: &QuantizedLayer<B>| -> Vec<f32> {
+                    l.bias().unwrap().1.into_data().to_vec().unwrap()
+                };
+                for (g, d) in bias(&shifted).into_iter().zip(bias(&corrected)) {
+                    assert!(
+                        (g - d).abs() <= 1e-4 * (1.0 + d.abs()),
+                        "{what}: bias {g} vs {d}"
+                    );
+                }
+            }
         }
     }
 

@@ -28,13 +28,67 @@ pub(crate) struct Unit<'a, B: Backend> {
     pub activation: Option<QuantizedReLU<B>>,
     /// The ReLU both outputs go through before the loss (`relu_loss`).
     pub relu: Option<Relu>,
-    /// The layer's inputs, one per batch.
-    pub inputs: &'a [Flow<B>],
-    /// The target outputs, one per batch (after `activation`, if any; before `relu`).
-    pub targets: &'a [Flow<B>],
+    pub samples: Samples<'a, B>,
     /// Whether the targets are the float layer on these very inputs (else the Gram form
     /// carries the float kernel's residuals).
     pub same_inputs: bool,
+}
+
+/// What a unit is optimised on.
+#[derive(Clone, Copy)]
+pub(crate) enum Samples<'a, B: Backend> {
+    /// The layer's inputs and target outputs, one per batch (targets after the unit's
+    /// activation, if any; before its ReLU).
+    Held {
+        inputs: &'a [Flow<B>],
+        targets: &'a [Flow<B>],
+    },
+    /// The layer's Gram matrices, accumulated batch by batch without keeping the batches
+    /// (a layer with the Gram form, no activation and no ReLU): errors and bias correction
+    /// come from them ([`gram::error`], [`gram::bias_shift`]).
+    Streamed(&'a Grams<B>),
+}
+
+impl<B: Backend> Unit<'_, B> {
+    /// The held inputs and targets (none when streamed).
+    pub(crate) fn held(&self) -> (&[Flow<B>], &[Flow<B>]) {
+        match self.samples {
+            Samples::Held { inputs, targets } => (inputs, targets),
+            Samples::Streamed(_) => (&[], &[]),
+        }
+    }
+
+    /// Batches per epoch.
+    pub(crate) fn batches(&self) -> usize {
+        match self.samples {
+            Samples::Held { inputs, .. } => inputs.len(),
+            Samples::Streamed(grams) => grams.grams.len(),
+        }
+    }
+
+    /// Mean over batches of `layer`'s error (this unit's layer in any state).
+    pub(crate) fn error(&self, layer: &QuantizedLayer<B>) -> f64 {
+        match self.samples {
+            Samples::Held { inputs, targets } => layer_error(
+                layer,
+                (self.activation.as_ref(), self.relu),
+                inputs,
+                targets,
+            ),
+            Samples::Streamed(grams) => gram::error(&self.layer, layer, grams),
+        }
+    }
+
+    /// `layer` with its bias corrected (see [`correct_bias`]).
+    pub(crate) fn correct_bias(&self, layer: QuantizedLayer<B>) -> QuantizedLayer<B> {
+        match self.samples {
+            Samples::Held { inputs, targets } => correct_bias(layer, inputs, targets),
+            Samples::Streamed(grams) => match gram::bias_shift(&self.layer, &layer, grams) {
+                Some(shift) => layer.shift_bias(shift).0,
+                None => layer,
+            },
+        }
+    }
 }
 
 /// The ReLU a layer's outputs and targets go through before the loss
@@ -244,19 +298,12 @@ fn with_bias_correction<B: Backend>(
     finalized: QuantizedLayer<B>,
     correct: bool,
 ) -> (QuantizedLayer<B>, f64) {
-    let error = |l: &QuantizedLayer<B>| {
-        layer_error(
-            l,
-            (unit.activation.as_ref(), unit.relu),
-            unit.inputs,
-            unit.targets,
-        )
-    };
+    let error = |l: &QuantizedLayer<B>| unit.error(l);
     if !correct || unit.activation.is_some() {
         let err = error(&finalized);
         return (finalized, err);
     }
-    let corrected = correct_bias(finalized.clone(), unit.inputs, unit.targets);
+    let corrected = unit.correct_bias(finalized.clone());
     let err_corrected = error(&corrected);
     if unit.relu.is_none() {
         return (corrected, err_corrected);
@@ -274,25 +321,28 @@ fn with_bias_correction<B: Backend>(
 /// The loss path of a unit: the Gram form needs no activation and a Dense or Conv2D layer;
 /// `Auto` also needs it to be cheaper.
 fn choose_path<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> LossPath {
-    let exact = unit.activation.is_none() && unit.relu.is_none() && gram::supports(&unit.layer);
-    match config.path {
-        LossPath::Gram | LossPath::Auto if exact => {
-            let (k, positions) = gram::sizes(&unit.layer, &unit.inputs[0]);
-            if config.path == LossPath::Gram || positions > k {
-                LossPath::Gram
-            } else {
-                LossPath::Direct
-            }
-        }
-        _ => LossPath::Direct,
+    let inputs = match unit.samples {
+        Samples::Held { inputs, .. } => inputs,
+        Samples::Streamed(_) => return LossPath::Gram,
+    };
+    let exact = unit.activation.is_none() && unit.relu.is_none();
+    if exact && gram::chosen(&unit.layer, &inputs[0], config.path) {
+        LossPath::Gram
+    } else {
+        LossPath::Direct
     }
 }
 
 /// The Gram matrices of `unit`, with the residuals of its targets when they come from other
 /// inputs.
 fn unit_grams<B: Backend>(unit: &Unit<'_, B>, loss: ReconstructionLoss) -> Option<Grams<B>> {
-    let other = (!unit.same_inputs).then_some(unit.targets);
-    gram::grams(&unit.layer, unit.inputs, other, loss)
+    match unit.samples {
+        Samples::Held { inputs, targets } => {
+            let other = (!unit.same_inputs).then_some(targets);
+            gram::grams(&unit.layer, inputs, other, loss)
+        }
+        Samples::Streamed(grams) => Some(grams.clone()),
+    }
 }
 
 /// The step for `layer` (armed): fused where it exists and the optimizer runs on it, else
@@ -304,11 +354,12 @@ fn build_step<B: Backend>(
     ctx: &mut Context<'_, B>,
 ) -> (Box<dyn Step<B>>, bool) {
     let rates = (ctx.config.params.reg, ctx.config.learning_rate);
+    let (inputs, targets) = unit.held();
     let fusable = unit.activation.is_none()
         && gram::supports(&layer)
-        && (grams.is_some() || fused::patch_bytes(&layer, unit.inputs) <= fused::MAX_PATCH_BYTES);
+        && (grams.is_some() || fused::patch_bytes(&layer, inputs) <= fused::MAX_PATCH_BYTES);
     if let Some(optimizer) = fusable.then(|| ctx.optimizers.fused()).flatten() {
-        let data = (unit.inputs, unit.targets);
+        let data = (inputs, targets);
         let optimizer = (
             optimizer,
             ctx.config.elementwise,
@@ -320,9 +371,8 @@ fn build_step<B: Backend>(
         return (Box::new(step), true);
     }
     let data = AutodiffData {
-        inputs: unit.inputs.iter().map(lift).collect(),
-        targets: unit
-            .targets
+        inputs: inputs.iter().map(lift).collect(),
+        targets: targets
             .iter()
             .map(|t| lift(&unit.relu.map_or_else(|| t.clone(), |r| r.flow(t.clone()))))
             .collect(),
@@ -344,7 +394,7 @@ fn run_schedule<B: Backend>(
     ctx: &mut Context<'_, B>,
 ) -> Trace {
     let config = ctx.config;
-    let n_batches = unit.inputs.len();
+    let n_batches = unit.batches();
     let (outer, epochs) = match config.schedule {
         Schedule::Epochs { epochs } => (epochs, true),
         Schedule::Iterations { iterations, .. } => (iterations, false),
@@ -478,8 +528,7 @@ pub(crate) fn finish<B: Backend>(
     config: &AdaRoundConfig,
     layer: QuantizedLayer<B>,
 ) -> Finished<B> {
-    let act = (unit.activation.as_ref(), unit.relu);
-    let err_after = layer_error(&layer, act, unit.inputs, unit.targets);
+    let err_after = unit.error(&layer);
     let after = histograms(&layer);
     let (finalized, changes) = layer.finalize(config.rounding == FinalRounding::Hard);
     let (layer, err_final) = with_bias_correction(unit, finalized, config.bias_correction);
@@ -531,9 +580,8 @@ pub(crate) fn optimize_unit<B: Backend>(
     ctx: &mut Context<'_, B>,
 ) -> Result<(LayerReport, QuantizedLayer<B>), AdaRoundError> {
     let config = ctx.config;
-    let act = (unit.activation.as_ref(), unit.relu);
     let mut phases = progress::Phases::new(unit.name);
-    let err_before = layer_error(&unit.layer, act, unit.inputs, unit.targets);
+    let err_before = unit.error(&unit.layer);
     ensure_finite(
         err_before.is_finite(),
         unit.name,

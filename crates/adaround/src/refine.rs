@@ -99,7 +99,7 @@ fn refine_row(
 pub(crate) fn refine<B: Backend>(
     layer: QuantizedLayer<B>,
     grams: &Grams<B>,
-    centre: Option<Centre<B>>,
+    centred: bool,
 ) -> (QuantizedLayer<B>, usize) {
     let Some(matrix) = layer.matrix() else {
         return (layer, 0);
@@ -112,12 +112,13 @@ pub(crate) fn refine<B: Backend>(
     let s = matrix.to_matrix(step_kernel);
     let [groups, rows, k] = d.dims();
     let (g, r) = summed(grams);
-    let (g, r) = match centre {
-        Some(c) => {
+    let (g, r) = match centred {
+        true => {
+            let c = &grams.sums;
             let scale = 1.0 / (c.count as f64 * grams.divisors[0]);
-            let sx = c.x;
+            let sx = c.x.clone();
             let g = g - gram::matmul(sx.clone().swap_dims(1, 2), sx.clone()).mul_scalar(scale);
-            let r = match (r, c.d0) {
+            let r = match (r, c.d0.clone()) {
                 (Some(r), Some(sd)) => {
                     Some(r - gram::matmul(sd.swap_dims(1, 2), sx).mul_scalar(scale))
                 }
@@ -125,7 +126,7 @@ pub(crate) fn refine<B: Backend>(
             };
             (g, r)
         }
-        None => (g, r),
+        false => (g, r),
     };
     let (gram, r) = (values(g), r.map(values));
     let (mut d, mut s) = (values(d), values(s));
@@ -217,38 +218,6 @@ fn neighbours<B: Backend>(
     (h, step, z / sf)
 }
 
-/// Sums over all samples' rows of the input patches `[groups, 1, K]` and of the float
-/// kernel's residuals `[groups, 1, C_out / groups]`, and the row count: centring the loss on
-/// them gives the loss after bias correction.
-pub(crate) struct Centre<B: Backend> {
-    pub x: Tensor<B, 3>,
-    pub d0: Option<Tensor<B, 3>>,
-    pub count: usize,
-}
-
-/// The [`Centre`] of `unit`'s samples; `None` for a layer without a bias.
-pub(crate) fn centre<B: Backend>(unit: &Unit<'_, B>) -> Option<Centre<B>> {
-    let m = unit.layer.matrix()?;
-    m.bias()?;
-    let w = m.float_matrix().swap_dims(1, 2);
-    let mut acc: Option<Centre<B>> = None;
-    for (x, t) in unit.inputs.iter().zip(unit.targets) {
-        let (xr, tr) = gram::rows_less_bias(m, x, t);
-        let count = xr.dims()[1];
-        let d0 = (!unit.same_inputs).then(|| (gram::matmul(xr.clone(), w.clone()) - tr).sum_dim(1));
-        let x = xr.sum_dim(1);
-        acc = Some(match acc {
-            None => Centre { x, d0, count },
-            Some(a) => Centre {
-                x: a.x + x,
-                d0: a.d0.zip(d0).map(|(a, b)| a + b),
-                count: a.count + count,
-            },
-        });
-    }
-    acc
-}
-
 /// Whether `config` refines `unit`: a layer kind [`Refine`] names, with the Gram form (no
 /// activation, no ReLU before the loss).
 fn wanted<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> bool {
@@ -260,7 +229,7 @@ fn wanted<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> bool {
     if !(kind && unit.activation.is_none() && unit.relu.is_none() && gram::supports(&unit.layer)) {
         return false;
     }
-    let (k, _) = gram::sizes(&unit.layer, &unit.inputs[0]);
+    let k = unit.layer.matrix().map_or(0, |m| m.matrix_dims()[2]);
     if k > MAX_K {
         log::warn!(
             "{}: not refined, patch size {k} above {MAX_K} (its Gram matrix would not fit)",
@@ -297,15 +266,16 @@ pub(crate) fn apply<B: Backend>(
     let Some(grams) = grams else {
         return (layer, 0);
     };
-    let centre = config.bias_correction.then(|| centre(unit)).flatten();
-    refine(layer, &grams, centre)
+    let centred = config.bias_correction && unit.layer.bias().is_some();
+    refine(layer, &grams, centred)
 }
 
 /// The Gram matrices of `unit` over all its samples as one batch (full batches have equal
 /// divisors, so the refined rounding is that of the per-batch sum).
 fn all_samples_grams<B: Backend>(unit: &Unit<'_, B>, loss: ReconstructionLoss) -> Option<Grams<B>> {
-    let inputs = [cat(unit.inputs)];
-    let targets = (!unit.same_inputs).then(|| [cat(unit.targets)]);
+    let (inputs, targets) = unit.held();
+    let inputs = [cat(inputs)];
+    let targets = (!unit.same_inputs).then(|| [cat(targets)]);
     gram::grams(&unit.layer, &inputs, targets.as_ref().map(|t| &t[..]), loss)
 }
 
@@ -339,7 +309,10 @@ mod tests {
     };
 
     use super::*;
-    use crate::{gram::tests::armed, optimize::reconstruction_loss};
+    use crate::{
+        gram::tests::armed,
+        optimize::{reconstruction_loss, Samples},
+    };
 
     type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
 
@@ -406,21 +379,10 @@ mod tests {
             let other = shift.is_some().then_some(&targets[..]);
             let grams = gram::grams(&layer, &x, other, loss).expect("a matrix layer");
             let data: Vec<_> = x.iter().cloned().zip(targets.iter().cloned()).collect();
-            let centre = centred.then(|| {
-                let unit = Unit {
-                    name: "layer",
-                    layer: layer.clone(),
-                    activation: None,
-                    relu: None,
-                    inputs: &x,
-                    targets: &targets,
-                    same_inputs: shift.is_none(),
-                };
-                super::centre(&unit).expect("a layer with a bias")
-            });
+            assert!(layer.bias().is_some(), "centring needs a bias");
             let measure = (loss, centred);
             let before = hard_loss(&layer, &data, measure);
-            let (refined, flips) = refine(layer.clone(), &grams, centre);
+            let (refined, flips) = refine(layer.clone(), &grams, centred);
             let after = hard_loss(&refined, &data, measure);
             let changed = alpha(&layer)
                 .iter()
@@ -532,7 +494,7 @@ mod tests {
         );
         assert_eq!(count(tops * step.abs()), 0.0, "a top weight may flip");
         let before = hard_loss(&layer, &data, (loss, false));
-        let (refined, flips) = refine(layer, &grams, None);
+        let (refined, flips) = refine(layer, &grams, false);
         assert!(flips > 0);
         let after = hard_loss(&refined, &data, (loss, false));
         assert!(after < before, "{after} not below {before}");
@@ -581,8 +543,10 @@ mod tests {
             layer: QuantizedLayer::Dense(dense.clone()),
             activation: None,
             relu: None,
-            inputs: &x,
-            targets: &targets,
+            samples: Samples::Held {
+                inputs: &x,
+                targets: &targets,
+            },
             same_inputs: false,
         };
         let config =

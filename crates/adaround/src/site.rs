@@ -9,12 +9,24 @@ use burn::tensor::backend::Backend;
 
 use crate::{
     discover::Site,
-    optimize::{layer_error, optimize_unit, Context, Unit},
+    gram::Grams,
+    optimize::{layer_error, optimize_unit, Context, Samples, Unit},
     AdaRoundError, LayerReport, SeparableStep,
 };
 
-/// The layer's data: inputs from the model being rounded, targets as configured.
-pub(crate) struct SiteData<B: Backend> {
+/// The layer's data.
+pub(crate) enum SiteData<B: Backend> {
+    Held(Held<B>),
+    /// The layer's Gram matrices, accumulated batch by batch ([`Samples::Streamed`]), with
+    /// targets from the float model's inputs or not.
+    Streamed {
+        grams: Grams<B>,
+        from_float_model: bool,
+    },
+}
+
+/// Inputs from the model being rounded and targets as configured, held per batch.
+pub(crate) struct Held<B: Backend> {
     /// Inputs from the model being rounded (earlier layers rounded), one per batch.
     pub inputs: Vec<Flow<B>>,
     /// The float model's inputs to the layer (`Target::FloatModel`), one per batch; kept for
@@ -33,22 +45,33 @@ pub(crate) fn optimize_site<B: Backend>(
     data: &SiteData<B>,
     ctx: &mut Context<'_, B>,
 ) -> Result<(LayerReport, QuantizedLayer<B>), AdaRoundError> {
-    let (mut report, layer) = match (&site.layer, ctx.config.separable) {
-        (QuantizedLayer::SeparableConv2d(l), SeparableStep::Split) => {
+    let unit = |samples, from_float_model: bool| Unit {
+        name: &site.name,
+        layer: site.layer.clone(),
+        activation: site.activation.clone(),
+        relu: site.relu,
+        samples,
+        same_inputs: !from_float_model,
+    };
+    let (mut report, layer) = match (data, &site.layer, ctx.config.separable) {
+        (
+            SiteData::Streamed {
+                grams,
+                from_float_model,
+            },
+            _,
+            _,
+        ) => optimize_unit(unit(Samples::Streamed(grams), *from_float_model), ctx)?,
+        (SiteData::Held(data), QuantizedLayer::SeparableConv2d(l), SeparableStep::Split) => {
             optimize_split(site, l, data, ctx)?
         }
-        _ => optimize_unit(
-            Unit {
-                name: &site.name,
-                layer: site.layer.clone(),
-                activation: site.activation.clone(),
-                relu: site.relu,
+        (SiteData::Held(data), _, _) => {
+            let samples = Samples::Held {
                 inputs: &data.inputs,
                 targets: &data.targets,
-                same_inputs: !data.from_float_model,
-            },
-            ctx,
-        )?,
+            };
+            optimize_unit(unit(samples, data.from_float_model), ctx)?
+        }
     };
     report.position = site.position;
     Ok((report, layer))
@@ -69,7 +92,7 @@ fn conv<B: Backend>(layer: QuantizedLayer<B>) -> QuantizedConv2d<B> {
 fn optimize_split<B: Backend>(
     site: &Site<B>,
     layer: &QuantizedSeparableConv2d<B>,
-    data: &SiteData<B>,
+    data: &Held<B>,
     ctx: &mut Context<'_, B>,
 ) -> Result<(LayerReport, QuantizedLayer<B>), AdaRoundError> {
     let (dw, pw) = layer.clone().split();
@@ -86,8 +109,10 @@ fn optimize_split<B: Backend>(
         layer: dw,
         activation: None,
         relu: None,
-        inputs: &data.inputs,
-        targets: &dw_targets,
+        samples: Samples::Held {
+            inputs: &data.inputs,
+            targets: &dw_targets,
+        },
         same_inputs: float_targets.is_none(),
     };
     let (dw_report, dw) = optimize_unit(unit, ctx)?;
@@ -111,8 +136,10 @@ fn optimize_split<B: Backend>(
         layer: pw,
         activation: site.activation.clone(),
         relu: site.relu,
-        inputs: &pw_inputs,
-        targets: pw_targets.as_ref().unwrap_or(&data.targets),
+        samples: Samples::Held {
+            inputs: &pw_inputs,
+            targets: pw_targets.as_ref().unwrap_or(&data.targets),
+        },
         same_inputs: float_targets.is_none(),
     };
     let (pw_report, pw) = optimize_unit(unit, ctx)?;
@@ -145,7 +172,7 @@ fn activate_float<B: Backend>(
 /// layer; with `never_worse`, nearest rounding is kept if the whole layer ended worse.
 fn merge<B: Backend>(
     site: &Site<B>,
-    data: &SiteData<B>,
+    data: &Held<B>,
     joined: QuantizedLayer<B>,
     [dw, pw]: [LayerReport; 2],
     never_worse: bool,
