@@ -12,10 +12,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use adaround_core::AdaRoundParams;
+use adaround_layers::{QuantizedLayer, QuantizerSlot};
 use burn::{
     module::{Module, ModuleVisitor, Param},
     record::{BinBytesRecorder, FullPrecisionSettings, Recorder},
-    tensor::{backend::Backend, Tensor},
+    tensor::{backend::Backend, Bool, ElementConversion, Tensor},
 };
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +35,7 @@ pub(crate) struct Fingerprint {
 }
 
 /// What `progress.json` holds.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Progress {
     config: String,
     fingerprint: Fingerprint,
@@ -41,6 +43,22 @@ struct Progress {
     done: Vec<LayerReport>,
     model_file: String,
     model_checksum: String,
+    /// The checksum of the file's JSON value with this field empty (as `serde_json::Value`
+    /// prints it): an edited report or name is refused, not resumed.
+    #[serde(default)]
+    seal: String,
+}
+
+impl Progress {
+    /// The checksum [`seal`](Self::seal) holds when nothing was edited.
+    fn expected_seal(&self) -> String {
+        let unsealed = Self {
+            seal: String::new(),
+            ..self.clone()
+        };
+        let value = serde_json::to_value(&unsealed).expect("reports serialize");
+        checksum(value.to_string().as_bytes())
+    }
 }
 
 /// 64-bit FNV-1a.
@@ -109,6 +127,45 @@ impl Fingerprint {
     }
 }
 
+/// Whether `loaded` is what a run leaves of `float` (a site's layer): with `finished`, each
+/// kernel it computes with is a rounding of the float kernel, every weight within one step
+/// of AdaRound's grid (from the float weights) of its float weight clipped to the grid's
+/// range (a thousandth of a step allowed for floating-point rounding); unfinished, its
+/// kernels are the float ones. Kernels without a quantizer are the float ones either way.
+/// (A bias moved by bias correction can hold any value: it is not checked.)
+pub(crate) fn is_state_of<B: Backend>(
+    float: &QuantizedLayer<B>,
+    loaded: &QuantizedLayer<B>,
+    finished: bool,
+) -> bool {
+    let Ok(armed) = float.clone().with_adaround(&AdaRoundParams::new()) else {
+        return false;
+    };
+    let yes = |t: Tensor<B, 4, Bool>| t.all().int().into_scalar().elem::<i64>() == 1;
+    let (floats, loaded) = (armed.kernels(), loaded.kernels());
+    floats.len() == loaded.len()
+        && floats.iter().zip(&loaded).all(|(f, l)| {
+            if f.weight.dims() != l.weight.dims() {
+                return false;
+            }
+            let ada = match f.slot {
+                QuantizerSlot::AdaRound(ada) if finished => ada,
+                _ => return yes(l.weight.clone().equal(f.weight.clone())),
+            };
+            let (lo, hi) = ada.levels();
+            let steps = |w: Tensor<B, 4>| {
+                let z = w * ada.sf.val();
+                match ada.offset() {
+                    Some(o) => z - o,
+                    None => z,
+                }
+            };
+            let effective = l.slot.apply(l.weight.clone(), l.axis);
+            let distance = (steps(effective) - steps(f.weight.clone()).clamp(lo, hi)).abs();
+            yes(distance.lower_equal_elem(1.0 + 1e-3))
+        })
+}
+
 pub(crate) struct Checkpoint {
     pub dir: PathBuf,
 }
@@ -154,14 +211,16 @@ impl Checkpoint {
             .map_err(|e| io(&self.dir, e))?;
         let model_file = format!("model-{}.bin", done.len());
         write_atomic(&self.dir.join(&model_file), &bytes)?;
-        let progress = Progress {
+        let mut progress = Progress {
             config: config.numerics(),
             fingerprint: fingerprint.clone(),
             layers: layers.to_vec(),
             done: done.to_vec(),
             model_checksum: checksum(&bytes),
             model_file: model_file.clone(),
+            seal: String::new(),
         };
+        progress.seal = progress.expected_seal();
         let json = serde_json::to_string_pretty(&progress).expect("reports serialize");
         write_atomic(&self.dir.join(PROGRESS), json.as_bytes())?;
         for entry in std::fs::read_dir(&self.dir)
@@ -193,6 +252,9 @@ impl Checkpoint {
         let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
         let progress: Progress =
             serde_json::from_str(&text).map_err(|e| damaged(&path, &e.to_string()))?;
+        if progress.seal != progress.expected_seal() {
+            return Err(damaged(&path, "its contents differ from their checksum"));
+        }
         let mismatch = |what| AdaRoundError::CheckpointMismatch {
             dir: self.dir.display().to_string(),
             what,

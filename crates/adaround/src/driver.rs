@@ -13,7 +13,7 @@ use log::info;
 
 use crate::{
     capture,
-    checkpoint::{checksum, Checkpoint, Fingerprint},
+    checkpoint::{checksum, is_state_of, Checkpoint, Fingerprint},
     discover::{activations, discover, Site},
     gram::{self, Grams},
     guard::{self, ModelOutput, Reference},
@@ -439,6 +439,7 @@ where
         .as_deref()
         .map(Checkpoint::open)
         .transpose()?;
+    let given = samples.dims()[0];
     let batches = split_batches(samples, config.batch_size)?;
     let n_samples = batches.len() * batches[0].dims()[0];
     let index = ParamIndex::of::<B, M>(model);
@@ -451,7 +452,7 @@ where
             let settings = settings_json(&sites, &work, &batches[0], &forward)?;
             let fingerprint = Fingerprint::of(&work, &settings, &batches);
             let context = (&batches[0], &forward, &index, config);
-            if let Some(found) = resume(checkpoint, &fingerprint, &work, &names, context)? {
+            if let Some(found) = resume(checkpoint, &fingerprint, &work, &sites, context)? {
                 (work, layers) = found;
             }
             Some(fingerprint)
@@ -485,6 +486,7 @@ where
     let report = AdaRoundReport {
         config: config.clone(),
         samples: n_samples,
+        samples_left_out: given - n_samples,
         layers,
         seconds: start.elapsed().as_secs_f64(),
         model: check,
@@ -526,7 +528,7 @@ fn resume<B, M, F, O, const D: usize>(
     checkpoint: &Checkpoint,
     fingerprint: &Fingerprint,
     work: &M,
-    names: &[String],
+    sites: &[Site<B>],
     (batch, forward, index, config): (&Tensor<B, D>, &F, &ParamIndex, &AdaRoundConfig),
 ) -> Result<Option<(M, Vec<LayerReport>)>, AdaRoundError>
 where
@@ -535,7 +537,8 @@ where
     F: Fn(&M, Tensor<B, D>) -> O,
 {
     let device = batch.device();
-    let found = checkpoint.resume(work.clone(), names, config, fingerprint, &device)?;
+    let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
+    let found = checkpoint.resume(work.clone(), &names, config, fingerprint, &device)?;
     let Some((state, done)) = found else {
         return Ok(None);
     };
@@ -547,6 +550,20 @@ where
             dir: checkpoint.dir.display().to_string(),
             what: "quantizers in the checkpoint",
         });
+    }
+    for (i, (float, loaded)) in sites.iter().zip(&loaded).enumerate() {
+        if !is_state_of(&float.layer, &loaded.layer, i < done.len()) {
+            let state = if i < done.len() {
+                "a rounding of its float weights"
+            } else {
+                "its float weights (not yet rounded)"
+            };
+            return Err(AdaRoundError::Checkpoint(format!(
+                "{}: layer `{}` of its model file is not {state}",
+                checkpoint.dir.display(),
+                float.name
+            )));
+        }
     }
     info!(
         "resuming after {} finished layers from {}",
@@ -610,7 +627,7 @@ where
         name: &site.name,
     };
     info!("{}", progress::line(&started));
-    (ctx.progress)(started);
+    progress::emit(ctx.progress, started)?;
     let mut phases = progress::Phases::new(&site.name);
     let data = run.data(&work, (i, site))?;
     phases.mark("inputs and targets captured in");
@@ -629,7 +646,7 @@ where
         report: &report,
     };
     info!("{}", progress::line(&finished));
-    (ctx.progress)(finished);
+    progress::emit(ctx.progress, finished)?;
     Ok((work, report))
 }
 

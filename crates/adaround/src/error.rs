@@ -30,6 +30,9 @@ pub enum AdaRoundError {
     /// The model's forward pass failed on the samples (a shape it rejects, say).
     #[error("the model's forward pass failed on the calibration samples: {0}")]
     Forward(String),
+    /// The progress callback panicked (with this message); the run stopped there.
+    #[error("the progress callback panicked: {0}")]
+    Progress(String),
     /// The forward pass runs no quantized layer with a quantizing kernel.
     #[error("the model has no quantized layer (none ran in its forward pass)")]
     NoQuantizedLayer,

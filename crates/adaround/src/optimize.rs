@@ -392,7 +392,7 @@ fn run_schedule<B: Backend>(
     step: &mut dyn Step<B>,
     unit: &Unit<'_, B>,
     ctx: &mut Context<'_, B>,
-) -> Trace {
+) -> Result<Trace, AdaRoundError> {
     let config = ctx.config;
     let n_batches = unit.batches();
     let (outer, epochs) = match config.schedule {
@@ -438,7 +438,7 @@ fn run_schedule<B: Backend>(
             log: &entry,
         };
         debug!("{}", progress::line(&event));
-        (ctx.progress)(event);
+        progress::emit(ctx.progress, event)?;
         trace.last = (entry.reconstruction, entry.rounding);
         trace.history.push(entry);
         if beta.is_some() && trace.last.1 == 0.0 {
@@ -446,7 +446,7 @@ fn run_schedule<B: Backend>(
             break;
         }
     }
-    trace
+    Ok(trace)
 }
 
 /// One report per kernel; a kernel put back to nearest rounding has no changed weights.
@@ -603,7 +603,7 @@ pub(crate) fn optimize_unit<B: Backend>(
         unit.name,
         if fused { "fused" } else { "autodiff" }
     );
-    let trace = run_schedule(step.as_mut(), &unit, ctx);
+    let trace = run_schedule(step.as_mut(), &unit, ctx)?;
     phases.mark(&format!("{} steps in", trace.steps));
     let statuses = step.status();
     let layer = step.into_layer().set_training(false);

@@ -1,6 +1,10 @@
 //! Progress of a run, for a caller who shows it (a progress bar, a log line).
 
-use crate::{LayerReport, StepLog};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use adaround_layers::probe::panic_message;
+
+use crate::{AdaRoundError, LayerReport, StepLog};
 
 /// What the driver reports while it runs ([`adaround_with_progress`](crate::adaround_with_progress)).
 ///
@@ -41,6 +45,17 @@ pub enum Progress<'a> {
         /// Its report.
         report: &'a LayerReport,
     },
+}
+
+/// Hands `event` to the caller's callback: a panic in it ends the run with
+/// [`AdaRoundError::Progress`], as a panic in the forward pass does with
+/// [`AdaRoundError::Forward`], instead of unwinding through the driver.
+pub(crate) fn emit(
+    progress: &mut dyn FnMut(Progress<'_>),
+    event: Progress<'_>,
+) -> Result<(), AdaRoundError> {
+    catch_unwind(AssertUnwindSafe(|| progress(event)))
+        .map_err(|payload| AdaRoundError::Progress(panic_message(payload.as_ref())))
 }
 
 /// The log line of an event, as the driver writes it through `log` (`info` level).

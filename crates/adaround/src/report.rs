@@ -96,6 +96,10 @@ pub struct AdaRoundReport {
     pub config: AdaRoundConfig,
     /// Number of calibration samples used (full batches only).
     pub samples: usize,
+    /// Calibration samples left out because they did not fill a last batch (also logged as
+    /// a warning).
+    #[serde(default)]
+    pub samples_left_out: usize,
     /// One entry per optimised layer, in forward order.
     pub layers: Vec<LayerReport>,
     /// Wall-clock seconds of the whole run.
@@ -131,7 +135,7 @@ impl PartialEq for AdaRoundReport {
             layers.iter_mut().for_each(|l| l.seconds = 0.0);
             (
                 serde_json::to_string(&r.config).ok(),
-                r.samples,
+                (r.samples, r.samples_left_out),
                 layers,
                 r.model.clone(),
             )

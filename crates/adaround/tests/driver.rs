@@ -252,10 +252,115 @@ mod ndarray {
             std::fs::write(&progress, &good_progress).unwrap();
             std::fs::write(&model_file, &good_model).unwrap();
         }
+        // Edited but well-formed: a report's error changed by one digit, and a finished
+        // layer's weight forged with every checksum recomputed (the model file's and the
+        // seal: 64-bit FNV-1a over the JSON value with the seal empty).
+        let good: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut edited = good.clone();
+        let err = edited["done"][0]["err_final"].as_f64().unwrap();
+        edited["done"][0]["err_final"] = (err * 1.1).into();
+        std::fs::write(&progress, edited.to_string()).unwrap();
+        let err = adaround(&model, x.clone(), forward, &cfg)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            matches!(err, AdaRoundError::Checkpoint(ref m) if m.contains("checksum")),
+            "{err:?}"
+        );
+        // The seal recomputed too: then the report is taken as written (the seal protects
+        // against damage and edits by mistake, not against forgery; the weights below are
+        // what matters).
+        std::fs::write(&progress, sealed(edited)).unwrap();
+        assert!(adaround(&model, x.clone(), forward, &cfg).is_ok());
+        use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+        let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+        for (layer, finished) in [("conv", true), ("fc", false)] {
+            let record = recorder
+                .load(good_model.clone(), &Default::default())
+                .unwrap();
+            let mut forged = model.clone().load_record(record);
+            match layer {
+                "conv" => {
+                    forged.conv.weight = forged.conv.weight.map(|w| {
+                        let one = Tensor::<B, 4>::full([1, 1, 1, 1], 1000.0, &w.device());
+                        w.slice_assign([0..1, 0..1, 0..1, 0..1], one)
+                    })
+                }
+                _ => {
+                    forged.fc.weight = forged.fc.weight.map(|w| {
+                        let one = Tensor::<B, 2>::full([1, 1], 1000.0, &w.device());
+                        w.slice_assign([0..1, 0..1], one)
+                    })
+                }
+            }
+            let bytes = recorder.record(forged.into_record(), ()).unwrap();
+            let mut v = good.clone();
+            v["model_checksum"] = fnv(&bytes).into();
+            std::fs::write(&model_file, &bytes).unwrap();
+            std::fs::write(&progress, sealed(v)).unwrap();
+            let err = adaround(&model, x.clone(), forward, &cfg)
+                .map(|_| ())
+                .unwrap_err();
+            let state = if finished {
+                "a rounding"
+            } else {
+                "its float weights"
+            };
+            assert!(
+                matches!(err, AdaRoundError::Checkpoint(ref m)
+                    if m.contains(&format!("`{layer}`")) && m.contains(state)),
+                "{layer}: {err:?}"
+            );
+        }
+        std::fs::write(&progress, &good_progress).unwrap();
+        std::fs::write(&model_file, &good_model).unwrap();
         // Restored, it resumes with both finished layers.
         let (_, report) = adaround(&model, x, forward, &cfg).unwrap();
         assert_eq!(report.layers[..2], partial.layers[..]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn should_return_a_panicking_progress_callback_as_an_error() {
+        let _seed = crate::seed_lock();
+        let model = net(70);
+        let before = snapshot(&model);
+        for at_step in [true, false] {
+            let result = adaround::adaround_with_progress(
+                &model,
+                samples(16, 71),
+                |m: &Net<B>, x| m.forward(x),
+                &config(2),
+                |p| match p {
+                    adaround::Progress::Step { .. } if at_step => panic!("callback failed (step)"),
+                    adaround::Progress::LayerFinished { .. } if !at_step => {
+                        panic!("callback failed (layer)")
+                    }
+                    _ => {}
+                },
+            );
+            match result {
+                Err(AdaRoundError::Progress(m)) => assert!(m.contains("callback failed"), "{m}"),
+                other => panic!("expected a progress error, got {:?}", other.map(|_| ())),
+            }
+        }
+        assert_eq!(snapshot(&model), before, "the caller's model is untouched");
+    }
+
+    /// 64-bit FNV-1a, as the checkpoint's checksums.
+    fn fnv(bytes: &[u8]) -> String {
+        let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("{h:016x}")
+    }
+
+    /// An edited `progress.json` value with its seal recomputed, as bytes.
+    fn sealed(mut v: serde_json::Value) -> Vec<u8> {
+        v["seal"] = "".into();
+        let seal = fnv(v.to_string().as_bytes());
+        v["seal"] = seal.into();
+        v.to_string().into_bytes()
     }
 
     /// The finished layers a run resumed with (from its progress events).
@@ -364,7 +469,7 @@ mod ndarray {
         };
         let mut progress = json(&ours);
         progress["model_checksum"] = json(&theirs)["model_checksum"].clone();
-        std::fs::write(ours.join("progress.json"), progress.to_string()).unwrap();
+        std::fs::write(ours.join("progress.json"), sealed(progress)).unwrap();
         std::fs::copy(theirs.join("model-1.bin"), ours.join("model-1.bin")).unwrap();
         let err = adaround(&model, x, forward, &with(&ours).with_stop_after(None))
             .map(|_| ())
