@@ -13,12 +13,11 @@
 use std::time::Instant;
 
 use adaround::{
-    adaround,
     layers::{
         QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense, QuantizedDenseConfig,
         QuantizedReLU, QuantizedReLUConfig,
     },
-    AdaRoundConfig, BetaDecay, ReconstructionLoss, Schedule, WeightQuantizer,
+    AdaRound, AdaRoundConfig, BetaDecay, ReconstructionLoss, Schedule, WeightQuantizer,
 };
 use adaround_examples::digits::{accuracy, Digits};
 use burn::{
@@ -116,8 +115,9 @@ fn run<B: AutodiffBackend>(name: &str, device: &B::Device) -> f64 {
     .with_loss(ReconstructionLoss::ChannelSum)
     .with_learning_rate(1e-2);
     let calibration = train.images::<B::InnerBackend>(0..256, device);
-    let (rounded, report) =
-        adaround(&quant, calibration, |m, x| m.forward(x), &config).expect("AdaRound");
+    let (rounded, report) = AdaRound::new(config.clone())
+        .run(&quant, calibration, |m, x| m.forward(x))
+        .expect("AdaRound");
     let ada = accuracy(rounded.forward(x_test), y_test);
     for l in &report.layers {
         println!(

@@ -21,7 +21,7 @@
 use std::time::Instant;
 
 use adaround::{
-    adaround, AdaRoundConfig, FinalRounding, Grid, ReconstructionLoss, Refine, Schedule,
+    AdaRound, AdaRoundConfig, FinalRounding, Grid, ReconstructionLoss, Refine, Schedule,
     SeparableStep, Target,
 };
 use adaround_examples::digits::{
@@ -119,7 +119,9 @@ fn score(
     config: &AdaRoundConfig,
 ) -> (f64, f64) {
     let start = Instant::now();
-    let (rounded, _) = adaround(model, calibration.clone(), |m, x| m.forward(x), config).unwrap();
+    let (rounded, _) = AdaRound::new(config.clone())
+        .run(model, calibration.clone(), |m, x| m.forward(x))
+        .unwrap();
     let seconds = start.elapsed().as_secs_f64();
     (accuracy(rounded.forward(x.clone()), y.clone()), seconds)
 }
@@ -298,8 +300,9 @@ fn sweep(
             for bits in [4, 3, 2] {
                 let model = base.clone().with_weights(bits, granularity, scheme);
                 let nearest = accuracy(model.forward(x.clone()), y.clone());
-                let (rounded, _) =
-                    adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
+                let (rounded, _) = AdaRound::new(config.clone())
+                    .run(&model, calibration.clone(), |m, x| m.forward(x))
+                    .unwrap();
                 let logits = rounded.forward(x.clone());
                 let acc = accuracy(logits.clone(), y.clone());
                 sum_acc += acc;
@@ -355,8 +358,9 @@ fn orders(
             near_sum += nearest;
             let mut runs = Vec::new();
             for (order, samples) in orders.iter().enumerate() {
-                let (rounded, report) =
-                    adaround(&model, samples.clone(), |m, x| m.forward(x), &config).unwrap();
+                let (rounded, report) = AdaRound::new(config.clone())
+                    .run(&model, samples.clone(), |m, x| m.forward(x))
+                    .unwrap();
                 let logits = rounded.forward(x.clone());
                 let acc = accuracy(logits.clone(), y.clone());
                 acc_sums[order] += acc;

@@ -9,7 +9,7 @@
 //! function registered under a name; the layer's configuration stays plain, serializable data
 //! (`{"kind": "Custom", "name": "percentile", ...}`).
 
-use adaround::{adaround, core::register_quantizer, WeightQuantizer};
+use adaround::{core::register_quantizer, AdaRound, WeightQuantizer};
 use adaround_examples::digits::{
     accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE,
 };
@@ -70,8 +70,9 @@ fn main() {
     custom.fc.quantizer = q.into();
     for (name, model) in [("MaxPerAxis", base), ("percentile 99 (custom)", custom)] {
         let nearest = accuracy(model.forward(x_test.clone()), y_test.clone());
-        let (rounded, _) =
-            adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
+        let (rounded, _) = AdaRound::new(config.clone())
+            .run(&model, calibration.clone(), |m, x| m.forward(x))
+            .unwrap();
         let ada = accuracy(rounded.forward(x_test.clone()), y_test.clone());
         println!("| {name} | {nearest:.2} % | {ada:.2} % |");
     }

@@ -24,12 +24,11 @@
 use std::{io::Read, path::PathBuf, time::Instant};
 
 use adaround::{
-    adaround,
     layers::{
         QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
         QuantizedSeparableConv2d,
     },
-    AdaRoundConfig, AdaRoundReport, Grid, Refine, Schedule, WeightQuantizer,
+    AdaRound, AdaRoundConfig, AdaRoundReport, Grid, Refine, Schedule, WeightQuantizer,
 };
 use adaround_examples::{
     digits::{
@@ -508,9 +507,9 @@ fn validate<B: Backend>(
         let (mut w2, mut acc, mut agree, mut error, mut below, mut seconds) =
             (Vec::new(), 0.0, 0.0, 0.0, 0, 0.0);
         for (bits, model, nearest) in &models {
-            let (rounded, report) =
-                adaround(model, calibration.clone(), |m, x| m.forward(x), &config)
-                    .expect("AdaRound");
+            let (rounded, report) = AdaRound::new(config.clone())
+                .run(model, calibration.clone(), |m, x| m.forward(x))
+                .expect("AdaRound");
             let out = logits(|x| rounded.forward(x), train, VALIDATION, device);
             let a = accuracy(out.clone(), labels.clone());
             if *bits == 2 {
@@ -579,8 +578,9 @@ fn run<B: AutodiffBackend>(args: &Args, device: &B::Device, train: Split, test: 
         let model = quant.clone().with_weights(bits, per_axis, mse);
         let score = |logits| Scores::new(logits, labels.clone(), float_logits.clone());
         let nearest_scores = score(logits(|x| model.forward(x), &test, 0..test.len(), device));
-        let (rounded, report) =
-            adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
+        let (rounded, report) = AdaRound::new(config.clone())
+            .run(&model, calibration.clone(), |m, x| m.forward(x))
+            .expect("AdaRound");
         let ada_scores = score(logits(|x| rounded.forward(x), &test, 0..test.len(), device));
         let (nearest, ada) = (nearest_scores.accuracy, ada_scores.accuracy);
         let recovered = if float_acc > nearest {

@@ -14,10 +14,11 @@
 //! Files go to `out/interop/`.
 
 use adaround::{
-    adaround, export_integers,
+    export_integers,
     import::{Layout, WeightImport},
     layers::AdaRoundLayer,
     store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore},
+    AdaRound,
 };
 use adaround_examples::digits::{
     accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE,
@@ -84,14 +85,17 @@ fn main() {
     let mut calls = 0;
     let (rounded, report) = loop {
         calls += 1;
-        let (m, r) = adaround(&model, calibration.clone(), |m, x| m.forward(x), &boxed).unwrap();
+        let (m, r) = AdaRound::new(boxed.clone())
+            .run(&model, calibration.clone(), |m, x| m.forward(x))
+            .unwrap();
         println!("call {calls}: {} / 3 layers done", r.layers.len());
         if r.layers.len() == 3 {
             break (m, r);
         }
     };
-    let (straight, _) =
-        adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
+    let (straight, _) = AdaRound::new(config.clone())
+        .run(&model, calibration.clone(), |m, x| m.forward(x))
+        .unwrap();
     let same = rounded
         .forward(x_test.clone())
         .equal(straight.forward(x_test.clone()))

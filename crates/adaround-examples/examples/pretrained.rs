@@ -25,7 +25,7 @@
 //! `report_order{K}.json` (as the quickstart's); with `--validate`, the variants run on that
 //! order.
 
-use adaround::{adaround, AdaRoundReport, Grid, WeightQuantizer};
+use adaround::{AdaRound, AdaRoundReport, Grid, WeightQuantizer};
 use adaround_examples::{
     digits::{
         accuracy, agreement, order_arg, quickstart_config, report_name, result_json, Digits,
@@ -87,8 +87,9 @@ fn main() {
         let quantizer = scheme.quantizer(bits, Granularity::PerAxis);
         let model = QuantUsps::from_float(&float, &quantizer);
         let nearest = model.forward(x_test.clone());
-        let (rounded, report) =
-            adaround(&model, samples.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
+        let (rounded, report) = AdaRound::new(config.clone())
+            .run(&model, samples.clone(), |m, x| m.forward(x))
+            .expect("AdaRound");
         let ada = rounded.forward(x_test.clone());
         let weights = format!("W{bits} {}", scheme.name());
         rows.push((
@@ -222,9 +223,9 @@ fn validate(float: &UspsNet<B>, calibration: &Tensor<B, 4>, held_out: &Tensor<B,
             for bits in [4, 3, 2] {
                 let model =
                     QuantUsps::from_float(float, &scheme.quantizer(bits, Granularity::PerAxis));
-                let (rounded, _) =
-                    adaround(&model, calibration.clone(), |m, x| m.forward(x), &config)
-                        .expect("AdaRound");
+                let (rounded, _) = AdaRound::new(config.clone())
+                    .run(&model, calibration.clone(), |m, x| m.forward(x))
+                    .expect("AdaRound");
                 cells.push(agreement(
                     rounded.forward(held_out.clone()),
                     reference.clone(),

@@ -26,7 +26,7 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use adaround::{adaround, AdaRoundReport, Grid};
+use adaround::{AdaRound, AdaRoundReport, Grid};
 use adaround_examples::{
     digits::{
         accuracy, order_arg, quickstart_config, report_name, result_json, train_float, Digits,
@@ -156,8 +156,9 @@ fn run<B: AutodiffBackend>(device: &B::Device, train_new: bool, write_fixture: b
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
     for (granularity, scheme, bits, nearest) in rows {
         let model = quant.clone().with_weights(bits, granularity, scheme);
-        let (rounded, report) =
-            adaround(&model, samples.clone(), |m, x| m.forward(x), &config).expect("AdaRound");
+        let (rounded, report) = AdaRound::new(config.clone())
+            .run(&model, samples.clone(), |m, x| m.forward(x))
+            .expect("AdaRound");
         let logits = rounded.forward(x_test.clone());
         let acc = Scores::new(logits, y_test.clone(), float_logits.clone());
         let weights = format!("W{bits} {} {}", granularity.name(), scheme.name());

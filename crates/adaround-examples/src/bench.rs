@@ -14,12 +14,11 @@ use std::{path::PathBuf, time::Instant};
 
 use crate::digits::{Digits, FloatCnn, Granularity, QuantCnn, FIXTURE};
 use adaround::{
-    adaround,
     layers::{
         QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense, QuantizedDenseConfig,
         QuantizedSeparableConv2d, QuantizedSeparableConv2dConfig,
     },
-    AdaRoundConfig, BetaDecay, Elementwise, LossPath, Schedule, WeightQuantizer,
+    AdaRound, AdaRoundConfig, BetaDecay, Elementwise, LossPath, Schedule, WeightQuantizer,
 };
 use burn::{
     module::Module,
@@ -77,8 +76,9 @@ pub fn per_step<B: Backend, M: Module<B>, const D: usize>(
 ) -> (f64, String) {
     let time = |n: usize| {
         let start = Instant::now();
-        let (_, report) =
-            adaround(model, samples.clone(), forward, &config(n, path, batch)).unwrap();
+        let (_, report) = AdaRound::new(config(n, path, batch))
+            .run(model, samples.clone(), forward)
+            .unwrap();
         (
             start.elapsed().as_secs_f64(),
             format!("{:?}", report.layers[0].path),
@@ -184,13 +184,9 @@ fn quickstart_totals<B: Backend>(device: &B::Device) -> Vec<(String, String, f64
     let mut totals = Vec::new();
     for path in [LossPath::Direct, LossPath::Auto] {
         let start = Instant::now();
-        let (_, report) = adaround(
-            &model,
-            calibration.clone(),
-            |m, x| m.forward(x),
-            &config.clone().with_path(path),
-        )
-        .unwrap();
+        let (_, report) = AdaRound::new(config.clone().with_path(path))
+            .run(&model, calibration.clone(), |m, x| m.forward(x))
+            .unwrap();
         let paths: Vec<String> = report
             .layers
             .iter()
@@ -214,7 +210,9 @@ pub fn quickstart_runs<B: Backend>(device: &B::Device, runs: usize) -> Vec<f64> 
     (0..runs)
         .map(|_| {
             let start = Instant::now();
-            adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
+            AdaRound::new(config.clone())
+                .run(&model, calibration.clone(), |m, x| m.forward(x))
+                .unwrap();
             start.elapsed().as_secs_f64()
         })
         .collect()
@@ -256,12 +254,8 @@ pub fn xception<B: Backend>(
     let mut totals = Vec::new();
     for &choice in separable {
         let config = short_config().with_separable(choice);
-        let (rounded, report) = adaround::adaround_with_progress(
-            &model,
-            x.clone(),
-            |m, x| m.forward(x),
-            &config,
-            |p| {
+        let (rounded, report) = AdaRound::new(config)
+            .with_progress(|p| {
                 if let adaround::Progress::LayerFinished {
                     index,
                     layers,
@@ -275,9 +269,9 @@ pub fn xception<B: Backend>(
                         report.seconds
                     );
                 }
-            },
-        )
-        .unwrap();
+            })
+            .run(&model, x.clone(), |m, x| m.forward(x))
+            .unwrap();
         // Random weights on random images: top-1 agreement is not meaningful, the output
         // error relative to the float output is.
         let f = float.forward(x.clone());

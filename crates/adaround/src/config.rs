@@ -1,12 +1,38 @@
 use adaround_core::AdaRoundParams;
 
-use crate::Schedule;
-
-use crate::{AdaRoundError, ModelGuard};
-
-pub use crate::gram::LossPath;
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
+
+use crate::{AdaRoundError, Schedule};
+
+/// Which way a layer's reconstruction loss is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LossPath {
+    /// Choose the Gram path when it is exact for the layer and cheaper (more output
+    /// positions per batch than patch size `K`), else the direct path.
+    Auto,
+    /// Run the layer on its cached inputs at every step.
+    Direct,
+    /// Use the precomputed Gram matrices where exact (Dense and Conv2D without
+    /// `include_activation`); the direct path elsewhere.
+    Gram,
+}
+
+/// What the driver does with the whole model once every layer is rounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelGuard {
+    /// Nothing: no extra forward passes, [`AdaRoundReport::model`](crate::AdaRoundReport)
+    /// is `None`.
+    Off,
+    /// Measure the output error (against the float model, on the calibration samples) of
+    /// nearest rounding and of AdaRound, and report both; the AdaRound model is returned.
+    Report,
+    /// As `Report`, and when AdaRound's output error ends above nearest's, return the better
+    /// mix: layers are put back to nearest rounding one at a time in forward order, each
+    /// kept only where it lowers the output error, and nearest rounding everywhere if that
+    /// is still better. The returned error is never above nearest's.
+    KeepBetter,
+}
 
 /// The reconstruction loss between a layer's quantized and target outputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,7 +121,7 @@ pub enum Elementwise {
     /// matrices (or patches and targets) cross to the host once per layer and the rounding
     /// variables go back at log points and at the end: no backend operation runs between.
     /// Only for `f32` kernels, Burn's Adam with its defaults (the optimizer of
-    /// [`adaround`](crate::adaround) and [`adaround_with_progress`](crate::adaround_with_progress))
+    /// [`AdaRound`](crate::AdaRound) unless another is given)
     /// and Gram matrices, or patches and targets, of at most 256 MiB; otherwise as
     /// [`Elementwise::Host`].
     Resident,

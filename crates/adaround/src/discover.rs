@@ -9,8 +9,8 @@ use burn::{
 
 use crate::{
     capture::{self, Discover, Seen},
-    optimize::Relu,
     params::ParamIndex,
+    unit::Relu,
     AdaRoundConfig, AdaRoundError,
 };
 

@@ -17,137 +17,21 @@ use crate::{
     discover::{activations, discover, Site},
     gram::{self, Grams},
     guard::{self, ModelOutput, Reference},
-    optimize::{ensure_finite, flows_finite, Context},
+    optimize::Context,
     params::{ParamIndex, WriteBack},
     progress::{self, Progress},
     site::{optimize_site, targets, Held, SiteData},
     stages::{Stage, Staged},
     step::{Ad, DefaultAdam, ModuleOptimizers, Optimizers, SimpleOptimizers},
+    unit::{ensure_finite, flows_finite},
     AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelCheck, ModelGuard,
     SeparableStep, Target,
 };
 
-/// Optimises the rounding of every quantized layer of `model`, one layer at a time in
-/// forward order.
-///
-/// `model` is an inference model on any backend `B` (a trained model on an autodiff backend:
-/// pass `model.valid()`): every pass through it runs in inference mode, so a BatchNorm uses
-/// its running statistics and nothing in `model` changes. `forward` runs the model on a
-/// batch of samples, exactly as the user would; its output is ignored. The driver finds the
-/// model's [quantized layers](adaround_layers) by running it, so any graph works:
-/// sequential, residual, nested. Only the layer being optimised is put on
-/// `Autodiff<B>`, and only when its step needs autodiff (a following activation); Dense,
-/// Conv2D and SeparableConv2D layers otherwise run a fused closed-form step with Adam.
-///
-/// After the last layer, [`AdaRoundConfig::model_guard`] compares the output error (against
-/// the float model, on the calibration samples) of the rounded model with nearest
-/// rounding's: reported in [`AdaRoundReport::model`], and with [`ModelGuard::KeepBetter`]
-/// the better mix is returned. The output must implement [`ModelOutput`] (tensors, tuples,
-/// vectors of them, or `()` to skip the check).
-///
-/// Returns a new model and the report; `model` itself is never modified. The new model is
-/// built from `model.clone()`, so, as with any Burn clone, a BatchNorm's running statistics
-/// (Burn's `RunningState`) share their storage with `model`'s: a later `map`, `load_record`
-/// or `to_device` on one changes both. Fold BatchNorm into the layers first, or load the
-/// returned model's record into a newly built model to separate them.
-///
-/// Time: capturing a layer's inputs runs `forward` up to the layer on every sample (twice
-/// with [`Target::FloatModel`]), so a model of `L` layers costs about `L² / 2` layer passes;
-/// give the forward pass in stages ([`AdaRound::with_stages`]) to run one stage per layer
-/// instead.
-///
-/// Memory: each layer's inputs and targets for all samples are held on the device while the
-/// layer is optimised (`samples x (input + output size)` floats; a split separable
-/// convolution with [`Target::FloatModel`] also holds the float model's inputs), and with
-/// stages the inputs of the current stage (two per sample with float-model targets).
-pub fn adaround<B, M, F, O, const D: usize>(
-    model: &M,
-    samples: Tensor<B, D>,
-    forward: F,
-    config: &AdaRoundConfig,
-) -> Result<(M, AdaRoundReport), AdaRoundError>
-where
-    B: Backend,
-    M: Module<B>,
-    F: Fn(&M, Tensor<B, D>) -> O,
-    O: ModelOutput<B>,
-{
-    // Burn's Adam with its defaults.
-    adaround_with_progress(model, samples, forward, config, |_| {})
-}
-
-/// [`adaround`] that reports its progress to `progress` (layer started, losses read, layer
-/// finished), e.g. to drive a progress bar. The same lines go to `log` at `info` level.
-pub fn adaround_with_progress<B, M, F, O, const D: usize>(
-    model: &M,
-    samples: Tensor<B, D>,
-    forward: F,
-    config: &AdaRoundConfig,
-    mut progress: impl FnMut(Progress<'_>),
-) -> Result<(M, AdaRoundReport), AdaRoundError>
-where
-    B: Backend,
-    M: Module<B>,
-    F: Fn(&M, Tensor<B, D>) -> O,
-    O: ModelOutput<B>,
-{
-    AdaRound::new(config.clone())
-        .with_progress(&mut progress)
-        .run(model, samples, forward)
-}
-
-/// [`adaround`] with any Burn optimizer: `optimizer()` is called once per layer, and every
-/// step runs through Burn's autodiff (on `Autodiff<B>`) and `optimizer`. With an optimizer
-/// Burn also ships as a [`SimpleOptimizer`], [`adaround_with_simple_optimizer`] keeps the
-/// fused step.
-pub fn adaround_with_optimizer<B, M, F, O, Opt, const D: usize>(
-    model: &M,
-    samples: Tensor<B, D>,
-    forward: F,
-    config: &AdaRoundConfig,
-    optimizer: impl FnMut() -> Opt,
-) -> Result<(M, AdaRoundReport), AdaRoundError>
-where
-    B: Backend,
-    M: Module<B>,
-    F: Fn(&M, Tensor<B, D>) -> O,
-    O: ModelOutput<B>,
-    Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>> + 'static,
-{
-    AdaRound::new(config.clone())
-        .with_optimizer(optimizer)
-        .run(model, samples, forward)
-}
-
-/// [`adaround`] with any [`SimpleOptimizer`] (a Burn optimizer on plain tensors, e.g.
-/// `AdamWConfig::new().build()` or `SgdConfig::new().build()`): `optimizer()` is called once
-/// per layer. Layers with a fused step run it on the plain tensors of `B`; the others step
-/// through autodiff with it, wrapped in Burn's `OptimizerAdaptor`.
-/// [`adaround`] is this function with `|| AdamConfig::new().build()`.
-pub fn adaround_with_simple_optimizer<B, M, F, O, S, const D: usize>(
-    model: &M,
-    samples: Tensor<B, D>,
-    forward: F,
-    config: &AdaRoundConfig,
-    optimizer: impl FnMut() -> S,
-) -> Result<(M, AdaRoundReport), AdaRoundError>
-where
-    B: Backend,
-    M: Module<B>,
-    F: Fn(&M, Tensor<B, D>) -> O,
-    O: ModelOutput<B>,
-    S: SimpleOptimizer<B> + 'static,
-{
-    AdaRound::new(config.clone())
-        .with_simple_optimizer(optimizer)
-        .run(model, samples, forward)
-}
-
-/// AdaRound on a model, set up step by step in Burn's builder style: the configuration, then
-/// optionally an optimizer, a progress callback and the forward pass in stages, then
-/// [`run`](Self::run). The functions [`adaround`], [`adaround_with_progress`],
-/// [`adaround_with_optimizer`] and [`adaround_with_simple_optimizer`] are this builder with
-/// one option each.
+/// AdaRound on a model, in Burn's builder style: the configuration, then optionally an
+/// optimizer, a progress callback and the forward pass in stages, then [`run`](Self::run),
+/// which optimises the rounding of every quantized layer of the model, one layer at a time
+/// in forward order.
 ///
 /// ```no_run
 /// # use adaround::{AdaRound, AdaRoundConfig, AdaRoundError, Progress};
@@ -164,6 +48,38 @@ where
 ///     .run(model, samples, |m, x| m.forward(x))?;
 /// # Ok(()) }
 /// ```
+///
+/// The model is an inference model on any backend `B` (a trained model on an autodiff
+/// backend: pass `model.valid()`): every pass through it runs in inference mode, so a
+/// BatchNorm uses its running statistics and nothing in the model changes. `forward` runs the
+/// model on a batch of samples, exactly as the user would. The driver finds the model's
+/// [quantized layers](adaround_layers) by running it, so any graph works: sequential,
+/// residual, nested. Only the layer being optimised is put on `Autodiff<B>`, and only when its
+/// step needs autodiff (a following activation, a module optimizer); Dense, Conv2D and
+/// SeparableConv2D layers otherwise run a fused closed-form step with Adam.
+///
+/// After the last layer, [`AdaRoundConfig::model_guard`] compares the output error (against
+/// the float model, on the calibration samples) of the rounded model with nearest
+/// rounding's: reported in [`AdaRoundReport::model`], and with [`ModelGuard::KeepBetter`]
+/// the better mix is returned. The output must implement [`ModelOutput`] (tensors, tuples,
+/// vectors of them, or `()` to skip the check).
+///
+/// [`run`](Self::run) returns a new model and the report; the caller's model is never
+/// modified. The new model is built from `model.clone()`, so, as with any Burn clone, a
+/// BatchNorm's running statistics (Burn's `RunningState`) share their storage with the
+/// caller's: fold BatchNorm into the layers first, or load the returned model's record into a
+/// newly built model to separate them.
+///
+/// Time: capturing a layer's inputs runs `forward` up to the layer on every sample (twice
+/// with [`Target::FloatModel`]), so a model of `L` layers costs about `L² / 2` layer passes;
+/// give the forward pass in stages ([`AdaRound::with_stages`]) to run one stage per layer
+/// instead.
+///
+/// Memory: a layer on the Gram path ([`LossPath`]) is optimised from its Gram matrices,
+/// accumulated one batch at a time (`batches x K²` floats per layer, whatever the image
+/// size); other layers hold their inputs and targets for all samples while they are
+/// optimised (`samples x (input + output size)` floats). With stages, the inputs of the
+/// current stage are held (two per sample with float-model targets).
 pub struct AdaRound<'a, B: Backend, M> {
     config: AdaRoundConfig,
     optimizers: Box<dyn Optimizers<B> + 'a>,
@@ -227,7 +143,7 @@ impl<'a, B: Backend, M: Module<B>> AdaRound<'a, B, M> {
     }
 
     /// Optimises the rounding of every quantized layer of `model`, one layer at a time in
-    /// forward order, as [`adaround`] describes; returns a new model and the report.
+    /// forward order (see [`AdaRound`]); returns a new model and the report.
     pub fn run<F, O, const D: usize>(
         mut self,
         model: &M,

@@ -29,8 +29,8 @@ use crate::{
     config::Place,
     gram::{self, matmul},
     host::{self, View},
-    optimize::Relu,
     step::{AlphaOptimizer, Losses, Step},
+    unit::Relu,
     Elementwise, ReconstructionLoss,
 };
 
@@ -694,8 +694,8 @@ mod tests {
     use super::*;
     use crate::{
         gram::tests::{armed, target_cases},
-        optimize::reconstruction_loss,
         step::{Optimizers, SimpleOptimizers},
+        unit::reconstruction_loss,
     };
 
     type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;

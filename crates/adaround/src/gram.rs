@@ -21,20 +21,7 @@ use adaround_layers::{probe::Flow, MatrixLayer, QuantizedConv2d, QuantizedLayer}
 use burn::tensor::{backend::Backend, ops::PadMode, ElementConversion, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::ReconstructionLoss;
-
-/// Which way a layer's reconstruction loss is computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum LossPath {
-    /// Choose the Gram path when it is exact for the layer and cheaper (more output
-    /// positions per batch than patch size `K`), else the direct path.
-    Auto,
-    /// Run the layer on its cached inputs at every step.
-    Direct,
-    /// Use the precomputed Gram matrices where exact (Dense and Conv2D without
-    /// `include_activation`); the direct path elsewhere.
-    Gram,
-}
+use crate::{LossPath, ReconstructionLoss};
 
 /// The Gram matrices of one layer, one per batch: `[groups, K, K]`, and the divisor that
 /// turns `sum(dW ⊙ (dW G))` into the configured loss.
@@ -566,7 +553,7 @@ pub(crate) mod tests {
     };
 
     use super::*;
-    use crate::optimize::reconstruction_loss;
+    use crate::unit::reconstruction_loss;
 
     type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
 
@@ -784,7 +771,7 @@ pub(crate) mod tests {
 
     #[test]
     fn should_give_the_direct_errors_and_bias_correction_from_the_streamed_grams() {
-        use crate::optimize::{correct_bias, layer_error};
+        use crate::unit::{correct_bias, layer_error};
         B::seed(&device(), 9);
         let maps =
             |n| Tensor::<B, 4>::random([n, 4, 9, 8], Distribution::Normal(0.3, 1.0), &device());

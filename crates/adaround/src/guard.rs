@@ -11,24 +11,8 @@ use crate::{
     capture::{self, Pass},
     discover::Site,
     params::WriteBack,
-    AdaRoundError,
+    AdaRoundError, ModelGuard,
 };
-
-/// What the driver does with the whole model once every layer is rounded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ModelGuard {
-    /// Nothing: no extra forward passes, [`AdaRoundReport::model`](crate::AdaRoundReport)
-    /// is `None`.
-    Off,
-    /// Measure the output error (against the float model, on the calibration samples) of
-    /// nearest rounding and of AdaRound, and report both; the AdaRound model is returned.
-    Report,
-    /// As `Report`, and when AdaRound's output error ends above nearest's, return the better
-    /// mix: layers are put back to nearest rounding one at a time in forward order, each
-    /// kept only where it lowers the output error, and nearest rounding everywhere if that
-    /// is still better. The returned error is never above nearest's.
-    KeepBetter,
-}
 
 /// The model-level comparison of a run (see [`ModelGuard`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -204,9 +188,8 @@ where
 {
     let nearest_error = reference.error(nearest)?;
     let adaround = reference.error(&rounded)?;
-    let finite = |e: f64| {
-        crate::optimize::ensure_finite(e.is_finite(), "model", "output error on the samples")
-    };
+    let finite =
+        |e: f64| crate::unit::ensure_finite(e.is_finite(), "model", "output error on the samples");
     finite(nearest_error)?;
     finite(adaround)?;
     let mut check = ModelCheck {

@@ -14,7 +14,7 @@
 //! the matrix products ([`matmul_into`], the `gemm` crate) and Burn's Adam ([`Adam`]), so
 //! that no backend operation runs between log points.
 //!
-//! The formulas are those of [`crate::fused`]; the two agree to floating-point rounding
+//! The formulas are those of the fused step (`fused.rs`); the two agree to floating-point rounding
 //! (tested).
 
 /// Below this many weights per thread the work runs on the calling thread.

@@ -6,10 +6,10 @@
 //! layer, whether each weight rounds down or up, from a few hundred unlabeled samples.
 //!
 //! Build the model from [`adaround_layers`] (or convert its float layers), then call
-//! [`adaround`] with calibration samples and the model's own forward:
+//! [`AdaRound`] with calibration samples and the model's own forward:
 //!
 //! ```
-//! use adaround::{adaround, AdaRoundConfig, Schedule, WeightQuantizer};
+//! use adaround::{AdaRound, AdaRoundConfig, Schedule, WeightQuantizer};
 //! use adaround::layers::{QuantizedDense, QuantizedDenseConfig, QuantizedReLU, QuantizedReLUConfig};
 //! use burn::{module::Module, tensor::{backend::Backend, Distribution, Tensor}};
 //!
@@ -37,7 +37,9 @@
 //! let samples = Tensor::<B, 2>::random([64, 8], Distribution::Normal(0.0, 1.0), &device);
 //!
 //! let config = AdaRoundConfig::new(Schedule::epochs(50)).with_learning_rate(1e-2);
-//! let (rounded, report) = adaround(&model, samples, |m, x| m.forward(x), &config).unwrap();
+//! let (rounded, report) = AdaRound::new(config)
+//!     .run(&model, samples, |m, x| m.forward(x))
+//!     .unwrap();
 //!
 //! assert_eq!(report.layers.len(), 2);
 //! assert_eq!(report.layers[0].name, "fc1");
@@ -69,21 +71,19 @@ mod schedule;
 mod site;
 mod stages;
 mod step;
+mod unit;
 
 pub use adaround_core::{
     AdaRoundParams, AdaRoundQuantizer, Grid, QuantizerError, RoundingStatus, WeightQuantizer,
 };
 pub use config::{
-    AdaRoundConfig, Elementwise, FinalRounding, LossPath, ReconstructionLoss, Refine,
+    AdaRoundConfig, Elementwise, FinalRounding, LossPath, ModelGuard, ReconstructionLoss, Refine,
     SeparableStep, Target,
 };
-pub use driver::{
-    adaround, adaround_with_optimizer, adaround_with_progress, adaround_with_simple_optimizer,
-    AdaRound,
-};
+pub use driver::AdaRound;
 pub use error::AdaRoundError;
 pub use export::{export_integers, AimetEncoding, IntegerExport, IntegerKernel, INTEGER_FORMAT};
-pub use guard::{ModelCheck, ModelGuard, ModelOutput};
+pub use guard::{ModelCheck, ModelOutput};
 pub use progress::Progress;
 pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};
 pub use schedule::{BetaDecay, Schedule};

@@ -6,7 +6,7 @@ use adaround_layers::probe::panic_message;
 
 use crate::{AdaRoundError, LayerReport, StepLog};
 
-/// What the driver reports while it runs ([`adaround_with_progress`](crate::adaround_with_progress)).
+/// What the driver reports while it runs ([`AdaRound::with_progress`](crate::AdaRound::with_progress)).
 ///
 /// `index` counts the layers to optimise in this call from 0; `layers` is their number. A
 /// separable convolution optimised as two problems reports its halves as

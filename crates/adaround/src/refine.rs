@@ -19,7 +19,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::{
     gram::{self, Grams},
-    optimize::Unit,
+    unit::Unit,
     AdaRoundConfig, ReconstructionLoss, Refine,
 };
 
@@ -311,7 +311,7 @@ mod tests {
     use super::*;
     use crate::{
         gram::tests::armed,
-        optimize::{reconstruction_loss, Samples},
+        unit::{reconstruction_loss, Samples},
     };
 
     type B = burn_autodiff::Autodiff<burn_ndarray::NdArray<f32>>;
@@ -330,7 +330,7 @@ mod tests {
         let (mut rounded, _) = layer.clone().finalize(true);
         if corrected {
             let (inputs, targets): (Vec<_>, Vec<_>) = data.iter().cloned().unzip();
-            rounded = crate::optimize::correct_bias(rounded, &inputs, &targets);
+            rounded = crate::unit::correct_bias(rounded, &inputs, &targets);
         }
         data.iter()
             .map(|(x, t)| {

@@ -10,7 +10,8 @@ use burn::tensor::backend::Backend;
 use crate::{
     discover::Site,
     gram::Grams,
-    optimize::{layer_error, optimize_unit, Context, Samples, Unit},
+    optimize::{optimize_unit, Context},
+    unit::{layer_error, Samples, Unit},
     AdaRoundError, LayerReport, SeparableStep,
 };
 

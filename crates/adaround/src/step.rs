@@ -1,5 +1,5 @@
 //! One optimisation step of a layer's rounding: by Burn's autodiff and an optimizer, or by
-//! the fused closed form ([`crate::fused`]). The schedule loop sees only [`Step`]; where each
+//! the fused closed form (`fused.rs`). The schedule loop sees only [`Step`]; where each
 //! layer's optimizer comes from is an [`Optimizers`].
 
 use std::collections::HashMap;
@@ -154,7 +154,7 @@ pub(crate) struct AutodiffData<B: Backend> {
     pub grams: Option<Grams<Ad<B>>>,
     pub activation: Option<QuantizedReLU<Ad<B>>>,
     /// The ReLU the outputs go through before the loss (the targets already have).
-    pub relu: Option<crate::optimize::Relu>,
+    pub relu: Option<crate::unit::Relu>,
     pub loss: ReconstructionLoss,
 }
 
@@ -217,7 +217,7 @@ impl<B: Backend, Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>>> AutodiffStep<B, O
                     Some(relu) => relu.flow(out),
                     None => out,
                 };
-                crate::optimize::reconstruction_loss(out, d.targets[b].clone(), d.loss)
+                crate::unit::reconstruction_loss(out, d.targets[b].clone(), d.loss)
             }
         }
     }

@@ -141,7 +141,7 @@ mod ndarray {
             };
             model.fc.quantizer = custom.into();
             let mut started = 0;
-            let err = adaround::adaround_with_progress(
+            let err = adaround_with_progress(
                 &model,
                 samples(16, 43),
                 |m: &Net<B>, x| m.forward(x),
@@ -326,7 +326,7 @@ mod ndarray {
         let model = net(70);
         let before = snapshot(&model);
         for at_step in [true, false] {
-            let result = adaround::adaround_with_progress(
+            let result = adaround_with_progress(
                 &model,
                 samples(16, 71),
                 |m: &Net<B>, x| m.forward(x),
@@ -345,6 +345,184 @@ mod ndarray {
             }
         }
         assert_eq!(snapshot(&model), before, "the caller's model is untouched");
+    }
+
+    #[test]
+    fn should_refuse_to_resume_after_any_change_of_setting_config_or_layer() {
+        use adaround::{Elementwise, FinalRounding, ModelGuard, Refine, SeparableStep, Target};
+        let _seed = crate::seed_lock();
+        let dir = std::env::temp_dir().join(format!("adaround-fields-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let base = config(2)
+            .with_batch_size(Some(8))
+            .with_checkpoint(Some(dir.display().to_string()));
+        let forward = |m: &Net<B>, x| m.forward(x);
+        let (model, x) = (net(64), samples(16, 65));
+        adaround(
+            &model,
+            x.clone(),
+            forward,
+            &base.clone().with_stop_after(Some(1)),
+        )
+        .unwrap();
+        let files = |d: &std::path::Path| {
+            let mut names: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .map(|e| (e.file_name(), std::fs::read(e.path()).unwrap()))
+                .collect();
+            names.sort();
+            names
+        };
+        let kept = files(&dir);
+        let params = base.params.clone();
+        // Every field of the configuration but the two run controls, one at a time.
+        let changed: Vec<(&str, AdaRoundConfig)> = vec![
+            (
+                "schedule",
+                AdaRoundConfig {
+                    schedule: Schedule::epochs(3),
+                    ..base.clone()
+                },
+            ),
+            ("batch_size", base.clone().with_batch_size(Some(16))),
+            ("learning_rate", base.clone().with_learning_rate(2e-2)),
+            (
+                "loss",
+                base.clone().with_loss(ReconstructionLoss::ChannelSum),
+            ),
+            (
+                "include_activation",
+                base.clone().with_include_activation(true),
+            ),
+            ("relu_loss", base.clone().with_relu_loss(true)),
+            (
+                "relu_layers",
+                base.clone()
+                    .with_relu_loss(true)
+                    .with_relu_layers(vec!["conv".into()]),
+            ),
+            ("target", base.clone().with_target(Target::FloatModel)),
+            ("rounding", base.clone().with_rounding(FinalRounding::Hard)),
+            (
+                "never_worse",
+                base.clone().with_never_worse(!base.never_worse),
+            ),
+            (
+                "bias_correction",
+                base.clone().with_bias_correction(!base.bias_correction),
+            ),
+            ("refine", base.clone().with_refine(Refine::All)),
+            (
+                "params.gamma",
+                base.clone().with_params(params.clone().with_gamma(-0.2)),
+            ),
+            (
+                "params.zeta",
+                base.clone().with_params(params.clone().with_zeta(1.2)),
+            ),
+            (
+                "params.beta_start",
+                base.clone()
+                    .with_params(params.clone().with_beta_start(10.0)),
+            ),
+            (
+                "params.beta_end",
+                base.clone().with_params(params.clone().with_beta_end(3.0)),
+            ),
+            (
+                "params.reg",
+                base.clone().with_params(params.clone().with_reg(0.02)),
+            ),
+            ("path", base.clone().with_path(LossPath::Direct)),
+            (
+                "separable",
+                base.clone().with_separable(SeparableStep::Joint),
+            ),
+            ("log_every", base.clone().with_log_every(7)),
+            (
+                "model_guard",
+                base.clone().with_model_guard(ModelGuard::KeepBetter),
+            ),
+            (
+                "elementwise",
+                base.clone().with_elementwise(Elementwise::Device),
+            ),
+        ];
+        for (field, cfg) in changed {
+            assert_ne!(
+                serde_json::to_string(&cfg).unwrap(),
+                serde_json::to_string(&base).unwrap(),
+                "{field}: the variant differs"
+            );
+            match adaround(&model, x.clone(), forward, &cfg) {
+                Err(AdaRoundError::CheckpointMismatch { what, .. }) => {
+                    assert_eq!(what, "configuration", "{field}")
+                }
+                // This model's last layer has no activation after it: refused before the
+                // checkpoint is read.
+                Err(AdaRoundError::NoFollowingActivation { .. })
+                    if field == "include_activation" => {}
+                other => panic!(
+                    "{field}: expected a refused resume, got {:?}",
+                    other.map(|_| ())
+                ),
+            }
+            assert!(
+                files(&dir) == kept,
+                "{field}: the checkpoint is left as it was"
+            );
+        }
+        // Every layer's quantizer, the activations' settings, and every layer's float weights.
+        let mut models: Vec<(&str, Net<B>, &str)> = Vec::new();
+        let q = || WeightQuantizer::max_per_axis(2).unwrap().into();
+        let mut m = model.clone();
+        m.conv.quantizer = q();
+        models.push(("conv quantizer", m, "quantizers"));
+        let mut m = model.clone();
+        m.sep.quantizer_dw = q();
+        models.push(("sep depthwise quantizer", m, "quantizers"));
+        let mut m = model.clone();
+        m.sep.quantizer = q();
+        models.push(("sep pointwise quantizer", m, "quantizers"));
+        let mut m = model.clone();
+        m.fc.quantizer = q();
+        models.push(("fc quantizer", m, "quantizers"));
+        let mut m = model.clone();
+        m.act1.bitwidth = 4;
+        models.push(("act1 bitwidth", m, "quantizers"));
+        let mut m = model.clone();
+        m.act2.max_value *= 0.5;
+        models.push(("act2 max_value", m, "quantizers"));
+        let halve = |w: Tensor<B, 4>| w.mul_scalar(0.5);
+        let mut m = model.clone();
+        m.conv.weight = m.conv.weight.map(halve);
+        models.push(("conv weights", m, "float weights"));
+        let mut m = model.clone();
+        m.sep.weight = m.sep.weight.map(halve);
+        models.push(("sep weights", m, "float weights"));
+        let mut m = model.clone();
+        m.fc.bias = m.fc.bias.map(|b| b.map(|t| t.add_scalar(0.5)));
+        models.push(("fc bias", m, "float weights"));
+        for (change, m, expected) in models {
+            match adaround(&m, x.clone(), forward, &base) {
+                Err(AdaRoundError::CheckpointMismatch { what, .. }) => {
+                    assert_eq!(what, expected, "{change}")
+                }
+                other => panic!(
+                    "{change}: expected a refused resume, got {:?}",
+                    other.map(|_| ())
+                ),
+            }
+        }
+        // The run controls are not part of it: the same run resumes.
+        let (_, report) = adaround(&model, x, forward, &base.with_stop_after(Some(1))).unwrap();
+        assert_eq!(
+            report.layers.len(),
+            2,
+            "resumed after the first layer, then one more"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// 64-bit FNV-1a, as the checkpoint's checksums.
@@ -366,7 +544,7 @@ mod ndarray {
     /// The finished layers a run resumed with (from its progress events).
     fn resumed_after(model: &Net<B>, x: Tensor<B, 4>, cfg: &AdaRoundConfig) -> (Net<B>, usize) {
         let mut started = 0;
-        let (out, report) = adaround::adaround_with_progress(
+        let (out, report) = adaround_with_progress(
             model,
             x,
             |m: &Net<B>, x| m.forward(x),
@@ -520,7 +698,7 @@ mod ndarray {
         std::fs::write(&file, b"a file").unwrap();
         let cfg = config(2).with_checkpoint(Some(file.join("sub").display().to_string()));
         let mut started = 0;
-        let err = adaround::adaround_with_progress(
+        let err = adaround_with_progress(
             &net(53),
             samples(16, 54),
             |m: &Net<B>, x| m.forward(x),

@@ -16,7 +16,6 @@ mod wgpu {
 /// rounding decisions agree.
 mod agreement {
     use adaround::{
-        adaround,
         layers::{
             QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense, QuantizedDenseConfig,
             QuantizedReLU, QuantizedReLUConfig,
@@ -87,8 +86,10 @@ mod agreement {
             .with_loss(ReconstructionLoss::ChannelSum)
             .with_rounding(FinalRounding::Hard)
             .with_never_worse(false);
-        let (cpu, r_cpu) = adaround(&cpu_model, x, |m, x| m.forward(x), &cfg).unwrap();
-        let (gpu, r_gpu) = adaround(&gpu_model, x_gpu, |m, x| m.forward(x), &cfg).unwrap();
+        let (cpu, r_cpu) =
+            crate::common::adaround(&cpu_model, x, |m, x| m.forward(x), &cfg).unwrap();
+        let (gpu, r_gpu) =
+            crate::common::adaround(&gpu_model, x_gpu, |m, x| m.forward(x), &cfg).unwrap();
         for (a, b) in r_cpu.layers.iter().zip(&r_gpu.layers) {
             let rel = (a.err_before - b.err_before).abs() / a.err_before;
             assert!(

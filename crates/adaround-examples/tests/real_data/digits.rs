@@ -1,6 +1,6 @@
 //! AdaRound on the embedded digits with the committed float model (`examples/data/digits_cnn.bin`).
 
-use adaround::{adaround, AdaRoundConfig, Grid, ReconstructionLoss, Schedule};
+use adaround::{AdaRound, AdaRoundConfig, Grid, ReconstructionLoss, Schedule};
 use adaround_examples::digits::{
     accuracy, predictions, Digits, FloatCnn, Granularity, QuantCnn, Scheme, FIXTURE,
 };
@@ -41,8 +41,9 @@ fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
         .with_batch_size(Some(32))
         .with_loss(ReconstructionLoss::ChannelSum)
         .with_learning_rate(1e-2);
-    let (rounded, report) =
-        adaround(&model, calibration.clone(), |m, x| m.forward(x), &config).unwrap();
+    let (rounded, report) = AdaRound::new(config.clone())
+        .run(&model, calibration.clone(), |m, x| m.forward(x))
+        .unwrap();
     let ada = accuracy(rounded.forward(x_test.clone()), y_test.clone());
     assert!(
         ada > nearest + 5.0,
@@ -54,8 +55,9 @@ fn should_round_the_digits_cnn_at_w2_better_than_nearest() {
     // bits, and AdaRound improves on it again.
     let full_range = model.with_weights(2, Granularity::PerAxis, Scheme::Mse(Grid::FullRange));
     let nearest_fr = accuracy(full_range.forward(x_test.clone()), y_test.clone());
-    let (rounded, report) =
-        adaround(&full_range, calibration, |m, x| m.forward(x), &config).unwrap();
+    let (rounded, report) = AdaRound::new(config.clone())
+        .run(&full_range, calibration, |m, x| m.forward(x))
+        .unwrap();
     let ada_fr = accuracy(rounded.forward(x_test), y_test);
     assert!(
         nearest_fr > nearest + 20.0 && ada_fr > nearest_fr && ada_fr > ada,

@@ -2,7 +2,6 @@
 //! (Burn-native quantized tensors). Fixtures and the scripts that wrote them: `tests/data/`.
 
 use adaround::{
-    adaround,
     import::{ImportError, Layout, WeightImport},
     layers::{
         AdaRoundLayer, KernelRole, NativeQuantError, QuantizedConv2d, QuantizedConv2dConfig,
@@ -10,7 +9,7 @@ use adaround::{
         QuantizedSeparableConv2d, QuantizedSeparableConv2dConfig,
     },
     store::{ModuleSnapshot, PytorchStore, SafetensorsStore},
-    AdaRoundConfig, ReconstructionLoss, Schedule, WeightQuantizer,
+    AdaRound, AdaRoundConfig, ReconstructionLoss, Schedule, WeightQuantizer,
 };
 use burn::{
     module::Module,
@@ -398,7 +397,9 @@ fn should_run_adarounded_layers_on_burn_quantized_tensors_with_the_same_integers
     let config = AdaRoundConfig::new(Schedule::epochs(5))
         .with_batch_size(Some(32))
         .with_loss(ReconstructionLoss::ChannelSum);
-    let (rounded, _) = adaround(&model, samples, |m, x| m.forward(x), &config).unwrap();
+    let (rounded, _) = AdaRound::new(config.clone())
+        .run(&model, samples, |m, x| m.forward(x))
+        .unwrap();
 
     let native = rounded
         .clone()

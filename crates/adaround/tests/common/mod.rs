@@ -7,11 +7,107 @@ pub fn seed_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The builder with one option each, the shape most tests call it in.
+#[allow(dead_code)]
+mod shorthand {
+    use adaround::{
+        layers::QuantizedLayer, AdaRound, AdaRoundConfig, AdaRoundError, AdaRoundReport,
+        ModelOutput, Progress,
+    };
+    use burn::{
+        module::Module,
+        optim::{Optimizer, SimpleOptimizer},
+        tensor::{backend::Backend, Tensor},
+    };
+
+    type Ad<B> = burn_autodiff::Autodiff<B>;
+    type Rounded<M> = Result<(M, AdaRoundReport), AdaRoundError>;
+
+    pub fn adaround<B, M, F, O, const D: usize>(
+        model: &M,
+        samples: Tensor<B, D>,
+        forward: F,
+        config: &AdaRoundConfig,
+    ) -> Rounded<M>
+    where
+        B: Backend,
+        M: Module<B>,
+        F: Fn(&M, Tensor<B, D>) -> O,
+        O: ModelOutput<B>,
+    {
+        AdaRound::new(config.clone()).run(model, samples, forward)
+    }
+
+    pub fn adaround_with_progress<B, M, F, O, const D: usize>(
+        model: &M,
+        samples: Tensor<B, D>,
+        forward: F,
+        config: &AdaRoundConfig,
+        progress: impl FnMut(Progress<'_>),
+    ) -> Rounded<M>
+    where
+        B: Backend,
+        M: Module<B>,
+        F: Fn(&M, Tensor<B, D>) -> O,
+        O: ModelOutput<B>,
+    {
+        AdaRound::new(config.clone())
+            .with_progress(progress)
+            .run(model, samples, forward)
+    }
+
+    pub fn adaround_with_optimizer<B, M, F, O, Opt, const D: usize>(
+        model: &M,
+        samples: Tensor<B, D>,
+        forward: F,
+        config: &AdaRoundConfig,
+        optimizer: impl FnMut() -> Opt,
+    ) -> Rounded<M>
+    where
+        B: Backend,
+        M: Module<B>,
+        F: Fn(&M, Tensor<B, D>) -> O,
+        O: ModelOutput<B>,
+        Opt: Optimizer<QuantizedLayer<Ad<B>>, Ad<B>> + 'static,
+    {
+        AdaRound::new(config.clone())
+            .with_optimizer(optimizer)
+            .run(model, samples, forward)
+    }
+
+    pub fn adaround_with_simple_optimizer<B, M, F, O, S, const D: usize>(
+        model: &M,
+        samples: Tensor<B, D>,
+        forward: F,
+        config: &AdaRoundConfig,
+        optimizer: impl FnMut() -> S,
+    ) -> Rounded<M>
+    where
+        B: Backend,
+        M: Module<B>,
+        F: Fn(&M, Tensor<B, D>) -> O,
+        O: ModelOutput<B>,
+        S: SimpleOptimizer<B> + 'static,
+    {
+        AdaRound::new(config.clone())
+            .with_simple_optimizer(optimizer)
+            .run(model, samples, forward)
+    }
+}
+
+#[allow(unused_imports)]
+pub use shorthand::*;
+
 /// The driver's tests for one backend.
 macro_rules! driver_tests {
     ($backend:ty) => {
+        #[allow(unused_imports)]
+        use crate::common::{
+            adaround, adaround_with_optimizer, adaround_with_progress,
+            adaround_with_simple_optimizer,
+        };
         use adaround::{
-            adaround, adaround_with_optimizer, adaround_with_simple_optimizer, export_integers,
+            export_integers,
             layers::{
                 QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense, QuantizedDenseConfig,
                 QuantizedLayer, QuantizedReLU, QuantizedReLUConfig, QuantizedSeparableConv2d,
