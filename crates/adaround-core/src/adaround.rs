@@ -12,7 +12,7 @@ use burn::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{quantizer::all_finite, Encoding, QuantizerError, WeightQuantizer};
+use crate::{quantizer::all_finite, Encoding, QuantizerError, Rounding, WeightQuantizer};
 
 /// Constants of the rectified sigmoid and of the rounding regulariser
 /// ([Nagel et al. 2020](https://arxiv.org/abs/2004.10568), SPEC §3).
@@ -168,10 +168,7 @@ impl<B: Backend> AdaRoundQuantizer<B> {
         let w_floor = scaled.clone().floor();
         let d = scaled - w_floor.clone();
         let (gamma, zeta) = (params.gamma, params.zeta);
-        // alpha = -ln((zeta - gamma) / (d - gamma) - 1)
-        // (exact divisions: `recip()` is an approximate reciprocal on some backends)
-        let ratio = d.ones_like().mul_scalar(zeta - gamma) / d.sub_scalar(gamma);
-        let alpha = ratio.sub_scalar(1.0).log().neg();
+        let alpha = Rounding { gamma, zeta }.alpha_of(d);
         // A fresh leaf: Burn's autodiff cannot track the result of ops as a parameter.
         let alpha = Tensor::from_data(pad4(alpha).into_data(), &w_floor.device());
         Ok(Self {
@@ -192,16 +189,21 @@ impl<B: Backend> AdaRoundQuantizer<B> {
 
     /// The rectified sigmoid `h(alpha)`, in `[0, 1]`: the decimals added to `w_floor`.
     pub fn decimals(&self) -> Tensor<B, 4> {
-        let AdaRoundMeta { gamma, zeta, .. } = self.meta;
-        // 1 / (1 + exp(-alpha)) with an exact division: Burn's generic `sigmoid` goes through
-        // exp(-log(1 + exp(-x))) and `recip()` may be approximate; the init identity
-        // `h(alpha) == d` needs full f32 precision.
-        let denom = self.alpha.val().neg().exp().add_scalar(1.0);
-        let sigmoid = denom.ones_like() / denom;
-        sigmoid
-            .mul_scalar(zeta - gamma)
-            .add_scalar(gamma)
-            .clamp(0.0, 1.0)
+        self.rounding().decimals(self.alpha.val()).h
+    }
+
+    /// The rectified sigmoid's stretch of this quantizer.
+    pub fn rounding(&self) -> Rounding {
+        Rounding {
+            gamma: self.meta.gamma,
+            zeta: self.meta.zeta,
+        }
+    }
+
+    /// This quantizer with `alpha` as its rounding variables (the same parameter id).
+    pub fn with_alpha(mut self, alpha: Tensor<B, 4>) -> Self {
+        self.alpha = self.alpha.map(|_| alpha);
+        self
     }
 
     /// Hard decimals `1[alpha >= 0]` (0 or 1 for every weight).
@@ -283,8 +285,7 @@ impl<B: Backend> AdaRoundQuantizer<B> {
         if beta == 0.0 {
             return Tensor::zeros([1], &device);
         }
-        let distance = self.decimals().mul_scalar(2.0).sub_scalar(1.0).abs();
-        distance.powf_scalar(beta).neg().add_scalar(1.0).sum()
+        Rounding::regulariser(self.decimals(), beta).sum()
     }
 
     /// Roamers (`h` not in `{0, 1}`) and the fractions rounded down (`h <= 0.5`) and up.

@@ -33,6 +33,7 @@ mod custom;
 mod error;
 mod persistent;
 mod quantizer;
+mod rounding;
 
 pub use adaround::{
     AdaRoundMeta, AdaRoundParams, AdaRoundQuantizer, AdaRoundQuantizerRecord, RoundingStatus,
@@ -43,6 +44,7 @@ pub use quantizer::{
     all_finite, mse_offsets, mse_scales, quantize_with, round_ste, Encoding, Grid, WeightQuantizer,
     DEFAULT_STD_THRESHOLD, MAX_SCALE_FACTOR, MIN_RANGE, MSE_CANDIDATES,
 };
+pub use rounding::{Decimals, Numeric, Rounding};
 
 #[doc(hidden)]
 pub mod __private {

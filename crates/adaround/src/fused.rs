@@ -18,12 +18,9 @@
 //! It computes what the autodiff step computes, with fewer and cheaper operations; the two
 //! agree to floating-point rounding (tested).
 
-use adaround_core::RoundingStatus;
+use adaround_core::{Decimals, Rounding, RoundingStatus};
 use adaround_layers::{probe::Flow, MatrixLayer, QuantizedLayer, QuantizerSlot};
-use burn::{
-    module::Param,
-    tensor::{backend::Backend, DType, Tensor, TensorData},
-};
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::{
     config::Place,
@@ -76,8 +73,7 @@ pub(crate) struct Fused<B: Backend> {
     shift: Option<Matrix<B>>,
     weight: Matrix<B>,
     levels: (f64, f64),
-    gamma: f64,
-    zeta: f64,
+    rounding: Rounding,
     optimizer: Box<dyn AlphaOptimizer<B>>,
     data: Data<B>,
     divisors: Vec<f64>,
@@ -355,11 +351,10 @@ impl<B: Backend> Fused<B> {
                 .clone()
                 .map(|shift| host_values(alpha.zeros_like() + shift)),
             levels: (levels.0 as f32, levels.1 as f32),
-            stretch: (ada.meta.gamma as f32, ada.meta.zeta as f32),
+            rounding: ada.rounding(),
         });
         Self {
-            gamma: ada.meta.gamma,
-            zeta: ada.meta.zeta,
+            rounding: ada.rounding(),
             layer,
             alpha,
             w_floor,
@@ -421,15 +416,9 @@ impl<B: Backend> Fused<B> {
         losses
     }
 
-    /// `(s, u, h)`: the sigmoid of alpha, its stretch, and the decimals `h = clip(u, 0, 1)`.
-    fn decimals(&self, alpha: Matrix<B>) -> (Matrix<B>, Matrix<B>, Matrix<B>) {
-        let (gamma, zeta) = (self.gamma, self.zeta);
-        // Exact division for the sigmoid (as `AdaRoundQuantizer::decimals`).
-        let denom = alpha.neg().exp().add_scalar(1.0);
-        let s = denom.ones_like() / denom;
-        let u = s.clone().mul_scalar(zeta - gamma).add_scalar(gamma);
-        let h = u.clone().clamp(0.0, 1.0);
-        (s, u, h)
+    /// The rectified sigmoid at `alpha`.
+    fn decimals(&self, alpha: Matrix<B>) -> Decimals<Matrix<B>> {
+        self.rounding.decimals(alpha)
     }
 
     /// The gradient of the step's loss with respect to alpha (in the matrix layout), and
@@ -537,8 +526,8 @@ impl<B: Backend> Fused<B> {
             reg,
             report,
         } = ask;
-        let (gamma, zeta, (lo, hi)) = (self.gamma, self.zeta, self.levels);
-        let (s, u, h) = self.decimals(self.alpha.clone());
+        let (lo, hi) = self.levels;
+        let Decimals { s, u, h } = self.decimals(self.alpha.clone());
         let outside_h = u.not_equal(h.clone());
         let z = self.w_floor.clone() + h.clone();
         let zc = z.clone().clamp(lo, hi);
@@ -559,18 +548,8 @@ impl<B: Backend> Fused<B> {
         let mut grad_h = (grad_w / self.sf.clone()).mask_fill(outside_z, 0.0);
         let round = match beta {
             Some(beta) if beta != 0.0 => {
-                let t = h.mul_scalar(2.0).sub_scalar(1.0);
-                let a = t.clone().abs();
-                let count = a.shape().num_elements() as f64;
-                // sum(1 - a^beta) = count - sum(a * a^(beta - 1))
-                let (p, loss) = if report {
-                    let p = a.clone().powf_scalar(beta - 1.0);
-                    let loss = (a * p.clone()).sum().neg().add_scalar(count);
-                    (p, Some(loss))
-                } else {
-                    (a.powf_scalar(beta - 1.0), None)
-                };
-                let slope = p * t.sign();
+                let loss = report.then(|| Rounding::regulariser(h.clone(), beta).sum());
+                let slope = Rounding::regulariser_slope(h, beta);
                 grad_h = grad_h - slope.mul_scalar(beta * reg * n);
                 loss.map(|l| Some(l.mul_scalar(reg)))
             }
@@ -583,7 +562,7 @@ impl<B: Backend> Fused<B> {
         };
         let grad = (grad_h * ds)
             .mask_fill(outside_h, 0.0)
-            .mul_scalar(2.0 / n * (zeta - gamma));
+            .mul_scalar(2.0 / n * self.rounding.stretch());
 
         (rec.zip(round), grad)
     }
@@ -592,10 +571,7 @@ impl<B: Backend> Fused<B> {
     pub(crate) fn layer(&self) -> QuantizedLayer<B> {
         let alpha = matrix_of(&self.layer).to_kernel(self.current_alpha());
         self.layer.clone().map_slots(|slot| match slot {
-            QuantizerSlot::AdaRound(mut ada) => {
-                ada.alpha = Param::initialized(ada.alpha.id, alpha.clone());
-                QuantizerSlot::AdaRound(ada)
-            }
+            QuantizerSlot::AdaRound(ada) => QuantizerSlot::AdaRound(ada.with_alpha(alpha.clone())),
             plain => plain,
         })
     }
@@ -620,7 +596,7 @@ impl<B: Backend> Step<B> for Fused<B> {
 
     fn status(&self) -> Vec<RoundingStatus> {
         vec![RoundingStatus::of_decimals(
-            self.decimals(self.current_alpha()).2,
+            self.decimals(self.current_alpha()).h,
         )]
     }
 

@@ -17,6 +17,8 @@
 //! The formulas are those of the fused step (`fused.rs`); the two agree to floating-point rounding
 //! (tested).
 
+use adaround_core::{Decimals, Numeric, Rounding};
+
 /// Below this many weights per thread the work runs on the calling thread.
 const MIN_PER_THREAD: usize = 1 << 14;
 
@@ -29,8 +31,8 @@ pub(crate) struct Kernel {
     pub shift: Option<Vec<f32>>,
     /// The grid's lowest and highest integer levels.
     pub levels: (f32, f32),
-    /// The rectified sigmoid's stretch `(gamma, zeta)`.
-    pub stretch: (f32, f32),
+    /// The rectified sigmoid's stretch.
+    pub rounding: Rounding,
 }
 
 /// What the first pass leaves for the second: per weight, `grad = a * dL/dW~ + c`.
@@ -173,11 +175,12 @@ where
 
 /// The per-step constants of the first pass.
 struct Factors {
-    stretch: (f32, f32),
+    rounding: Rounding,
     levels: (f32, f32),
     scale: f32,
     slope: f32,
-    exponent: f32,
+    /// The rounding loss's exponent (1 where `slope` is 0: any finite power).
+    beta: f64,
     /// 1 to send `W~ - W`, 0 to send `W~`.
     subtract: f32,
 }
@@ -210,7 +213,8 @@ fn forward_loop(factors: &Factors, constants: [&[f32]; 4], outputs: [&mut [f32];
     let [alpha, w_floor, inv_sf, weight] = constants.map(|x| &x[..len]);
     let (lo, hi) = factors.levels;
     for i in 0..len {
-        let (s, u, h) = decimals(alpha[i], factors.stretch);
+        let Decimals { s, u, h } = factors.rounding.decimals(Fast(alpha[i]));
+        let (s, u, h) = (s.0, u.0, h.0);
         let z = w_floor[i] + h;
         let soft = z.max(lo).min(hi) * inv_sf[i];
         send[i] = soft - weight[i] * factors.subtract;
@@ -224,18 +228,54 @@ fn forward_loop(factors: &Factors, constants: [&[f32]; 4], outputs: [&mut [f32];
         } else {
             0.0
         };
-        let t = 2.0 * h - 1.0;
-        c[i] = -k * factors.slope * power(t.abs(), factors.exponent) * sign(t);
+        c[i] = -k * factors.slope * Rounding::regulariser_slope(Fast(h), factors.beta).0;
     }
 }
 
-/// The sigmoid of `alpha` and the decimals `u` before and `h` after the clip to [0, 1], for
-/// the stretch `(gamma, zeta)`.
-#[inline(always)]
-fn decimals(alpha: f32, (gamma, zeta): (f32, f32)) -> (f32, f32, f32) {
-    let s = 1.0 / (1.0 + exp(-alpha));
-    let u = s * (zeta - gamma) + gamma;
-    (s, u, u.clamp(0.0, 1.0))
+/// A number of the host loops: [`Numeric`] with this module's vectorizable `exp` and power.
+#[derive(Clone, Copy)]
+struct Fast(f32);
+
+impl Numeric for Fast {
+    #[inline(always)]
+    fn scale(self, v: f64) -> Self {
+        Fast(self.0 * v as f32)
+    }
+
+    #[inline(always)]
+    fn shift(self, v: f64) -> Self {
+        Fast(self.0 + v as f32)
+    }
+
+    #[inline(always)]
+    fn times(self, other: Self) -> Self {
+        Fast(self.0 * other.0)
+    }
+
+    #[inline(always)]
+    fn logistic(self) -> Self {
+        Fast(1.0 / (1.0 + exp(-self.0)))
+    }
+
+    #[inline(always)]
+    fn clip(self, lo: f64, hi: f64) -> Self {
+        Fast(self.0.max(lo as f32).min(hi as f32))
+    }
+
+    #[inline(always)]
+    fn magnitude(self) -> Self {
+        Fast(self.0.abs())
+    }
+
+    #[inline(always)]
+    fn power(self, e: f64) -> Self {
+        Fast(power(self.0, e as f32))
+    }
+
+    #[inline(always)]
+    fn signum(self) -> Self {
+        Fast(sign(self.0))
+    }
 }
 
 impl Kernel {
@@ -244,20 +284,18 @@ impl Kernel {
     pub(crate) fn forward(&self, alpha: &[f32], pass: Pass) -> (Vec<f32>, Coefficients) {
         let len = alpha.len();
         let (mut send, mut a, mut c) = (vec![0f32; len], vec![0f32; len], vec![0f32; len]);
-        let (gamma, zeta) = self.stretch;
         // d/dh of the rounding loss is `-beta reg |t|^(beta-1) sign(t)`, `t = 2h - 1`; the
         // chain through `u = s (zeta - gamma) + gamma` and the final `2 / n` factor (the
         // gradient of W~ comes in as `n / 2` times itself) are folded into `a` and `c`.
-        let scale = (2.0 / pass.n * f64::from(zeta - gamma)) as f32;
+        let scale = (2.0 / pass.n * self.rounding.stretch()) as f32;
         let beta = pass.beta.filter(|&b| b != 0.0);
         let slope = beta.map_or(0.0, |b| (b * pass.reg * pass.n) as f32);
-        let exponent = beta.map_or(0.0, |b| (b - 1.0) as f32);
         let factors = Factors {
-            stretch: self.stretch,
+            rounding: self.rounding,
             levels: self.levels,
             scale,
             slope,
-            exponent,
+            beta: beta.unwrap_or(1.0),
             subtract: if pass.difference { 1.0 } else { 0.0 },
         };
         split([&mut send, &mut a, &mut c], |at, [send, a, c]| {
@@ -280,12 +318,14 @@ impl Kernel {
 
     /// The rounding loss `reg * sum(1 - |2h - 1|^beta)` at `alpha`.
     pub(crate) fn rounding_loss(&self, alpha: &[f32], beta: f64, reg: f64) -> f64 {
-        let beta = beta as f32;
         let sum: f64 = alpha
             .iter()
-            .map(|&x| f64::from(power((2.0 * decimals(x, self.stretch).2 - 1.0).abs(), beta)))
+            .map(|&x| {
+                let h = self.rounding.decimals(Fast(x)).h;
+                f64::from(Rounding::regulariser(h, beta).0)
+            })
             .sum();
-        reg * (alpha.len() as f64 - sum)
+        reg * sum
     }
 }
 

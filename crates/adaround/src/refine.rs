@@ -176,10 +176,7 @@ pub(crate) fn with_alpha<B: Backend>(
     alpha: Tensor<B, 4>,
 ) -> QuantizedLayer<B> {
     layer.map_slots(|slot| match slot {
-        QuantizerSlot::AdaRound(mut a) => {
-            a.alpha = a.alpha.map(|_| alpha.clone());
-            QuantizerSlot::AdaRound(a)
-        }
+        QuantizerSlot::AdaRound(a) => QuantizerSlot::AdaRound(a.with_alpha(alpha.clone())),
         plain => plain,
     })
 }
