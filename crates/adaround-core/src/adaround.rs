@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{quantizer::all_finite, Encoding, QuantizerError, Rounding, WeightQuantizer};
 
 /// Constants of the rectified sigmoid and of the rounding regulariser
-/// ([Nagel et al. 2020](https://arxiv.org/abs/2004.10568), SPEC §3).
+/// ([Nagel et al. 2020](https://arxiv.org/abs/2004.10568)).
 #[derive(Config, Debug, PartialEq)]
 pub struct AdaRoundParams {
     /// Lower stretch of the rectified sigmoid, `GAMMA`.
@@ -96,7 +96,7 @@ impl RoundingStatus {
 
 /// The AdaRound weight quantizer: learns, per weight, whether to round down or up.
 ///
-/// Wraps an original quantizer `q` and its weights `w` (SPEC §3):
+/// Wraps an original quantizer `q` and its weights `w` :
 ///
 /// - `sf = q.scale_factor(w)` (cached), `w_floor = floor(w * sf - o)`, `d = w * sf - o - w_floor`
 ///   (`o`: the integer offsets of the [asymmetric](crate::Grid::Asymmetric) grid, else 0);

@@ -40,10 +40,8 @@ pub use adaround::{
 };
 pub use custom::{register_quantizer, ScaleFn};
 pub use error::QuantizerError;
-pub use quantizer::{
-    all_finite, mse_offsets, mse_scales, quantize_with, round_ste, Encoding, Grid, WeightQuantizer,
-    DEFAULT_STD_THRESHOLD, MAX_SCALE_FACTOR, MIN_RANGE, MSE_CANDIDATES,
-};
+pub(crate) use quantizer::Encoding;
+pub use quantizer::{all_finite, Grid, WeightQuantizer, DEFAULT_STD_THRESHOLD};
 pub use rounding::{Decimals, Numeric, Rounding};
 
 #[doc(hidden)]

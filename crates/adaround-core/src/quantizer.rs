@@ -3,7 +3,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::QuantizerError;
 
-/// Upper bound of every scale factor (SPEC §1: `sf` is clipped to `[0, 1e3]`).
+/// Upper bound of every scale factor (`sf` is clipped to `[0, 1e3]`, as in the reference).
 pub const MAX_SCALE_FACTOR: f64 = 1e3;
 /// Floor of the statistic a scale factor divides by, so that all-zero weights stay finite.
 pub const MIN_RANGE: f64 = 1e-10;
@@ -144,7 +144,7 @@ impl<B: Backend, const D: usize> Encoding<B, D> {
     }
 
     /// `(clip(round_ste(w sf - o), lo, hi) + o) / sf` on the grid's `levels` (see
-    /// [`WeightQuantizer::levels`]): [`quantize_with`] with the offset.
+    /// [`WeightQuantizer::levels`]): `clip(round_ste(w * sf), lo, hi) / sf` with the offset.
     pub fn quantize(&self, weights: Tensor<B, D>, levels: (f64, f64)) -> Tensor<B, D> {
         let ints = round_ste(self.scaled(weights)).clamp(levels.0, levels.1);
         let ints = match &self.offset {
@@ -720,17 +720,6 @@ pub fn mse_offsets(
             first_lowest(candidates, whole, (codes / range, 0.0), error)
         })
         .collect()
-}
-
-/// `clip(round_ste(w * sf), lo, hi) / sf` with a given scale factor and the grid's
-/// `levels = (lo, hi)` (see [`WeightQuantizer::levels`]).
-pub fn quantize_with<B: Backend, const D: usize>(
-    weights: Tensor<B, D>,
-    sf: Tensor<B, D>,
-    levels: (f64, f64),
-) -> Tensor<B, D> {
-    let scaled = weights * sf.clone();
-    round_ste(scaled).clamp(levels.0, levels.1) / sf
 }
 
 /// Rounds half to even in the forward pass and passes the gradient unchanged (straight-through).

@@ -175,7 +175,7 @@ pub struct QuantCnn<B: Backend> {
 /// How to quantize the weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Granularity {
-    /// One scale factor per output channel (SPEC §1 defaults: the depthwise kernel per tensor).
+    /// One scale factor per output channel (the reference's defaults: the depthwise kernel per tensor).
     PerAxis,
     /// One scale factor per tensor, for every kernel.
     PerTensor,

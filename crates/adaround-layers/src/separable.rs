@@ -43,7 +43,7 @@ pub struct QuantizedSeparableConv2dConfig {
     /// Quantizer of the pointwise kernel (per output channel, 8 bits by default).
     #[config(default = "WeightQuantizer::MaxPerAxis { bitwidth: 8 }")]
     pub quantizer: WeightQuantizer,
-    /// Quantizer of the depthwise kernel; `None` copies `quantizer` (SPEC §2).
+    /// Quantizer of the depthwise kernel; `None` copies `quantizer` (as the reference does).
     #[config(default = "None")]
     pub quantizer_dw: Option<WeightQuantizer>,
     /// Initializer of the kernels and bias.

@@ -96,13 +96,13 @@ pub enum FinalRounding {
 pub enum Elementwise {
     /// [`Elementwise::Resident`] wherever it can run (an `f32` kernel, Burn's default Adam
     /// and at most 256 MiB of loss data): on Burn's CPU backends NdArray and Flex
-    /// ([`Backend::name`](burn::tensor::backend::Backend::name)) whatever the step's size
-    /// (1.2-5x faster per step than `Device` or `Host` there in the benchmark), on other backends
+    /// ([`Backend::name`](burn::tensor::backend::Backend::name)) whatever the step's size, on
+    /// other backends
     /// for steps of at most [`Elementwise::RESIDENT_MAX_WORK`] multiply-adds, where each
     /// backend operation is a kernel launch (a GPU): there a small step costs its ~20
     /// launches, not its arithmetic. Where it cannot run: [`Elementwise::Host`] for kernels
-    /// of at least [`Elementwise::HOST_MIN_WEIGHTS`] weights on Flex, where it was measured
-    /// faster; [`Elementwise::Device`] otherwise (on smaller kernels the copies cost more than
+    /// of at least [`Elementwise::HOST_MIN_WEIGHTS`] weights on Flex; [`Elementwise::Device`]
+    /// otherwise (on smaller kernels the copies cost more than
     /// the passes they save; on NdArray, reading a matrix product back to host memory at every
     /// step costs more than the whole step).
     Auto,
@@ -132,9 +132,8 @@ impl Elementwise {
     pub const HOST_MIN_WEIGHTS: usize = 1 << 15;
 
     /// The most multiply-adds per step [`Elementwise::Auto`] runs host-resident on a
-    /// backend other than NdArray and Flex. On the CPU of a lent GPU machine a host step
-    /// took about 0.13 ms plus 0.17 ms per million multiply-adds, a GPU step 0.2-0.4 ms
-    /// whatever its size: they break even near a million.
+    /// backend other than NdArray and Flex (where a host step and a GPU step break even;
+    /// the measurements are in `docs/performance.md`).
     pub const RESIDENT_MAX_WORK: usize = 1 << 20;
 
     /// Where the fused step runs for a kernel of `weights` weights whose step costs `work`
@@ -251,7 +250,7 @@ pub struct AdaRoundConfig {
     /// How a separable convolution's two kernels are optimised.
     #[config(default = "SeparableStep::Split")]
     pub separable: SeparableStep,
-    /// A folder for checkpoints: after each layer the model record (`model.bin`) and the
+    /// A folder for checkpoints: after each layer the model record (`model-<n>.bin`) and the
     /// report so far (`progress.json`) are written there, and a run that finds them resumes
     /// after the last finished layer (same model, samples and configuration required).
     #[config(default = "None")]
