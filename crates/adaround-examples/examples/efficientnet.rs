@@ -24,13 +24,14 @@
 //!
 //! Calibration: the first `--calibration` (default 512) of the 512 calibration crops;
 //! evaluation: the 256 crops of six other photographs. `--iterations N` sets the preset's
-//! iterations per layer (4 000 by default). Writes `out/efficientnet/report.json`.
+//! iterations per layer (4 000 by default); `--method gptq` rounds with GPTQ instead of
+//! AdaRound (`RoundingMethod::Gptq`, no iterations). Writes `out/efficientnet/report.json`.
 
 use std::time::Instant;
 
 use adaround::{
-    export_integers, AdaRound, AdaRoundConfig, AdaRoundReport, Grid, IntegerExport, Schedule,
-    WeightQuantizer,
+    export_integers, AdaRound, AdaRoundConfig, AdaRoundReport, Grid, IntegerExport, RoundingMethod,
+    Schedule, WeightQuantizer,
 };
 use adaround_examples::efficientnet::{
     classes, pytorch_name, weights_path, Crops, EfficientNetLite0, QuantEfficientNet,
@@ -219,6 +220,15 @@ fn main() {
     let samples = crops.calibration::<B>(n_cal, &device);
     let mut config = AdaRoundConfig::recommended();
     config.schedule = Schedule::warm_cosine(iterations);
+    let gptq = arg::<String>("--method").is_some_and(|m| m == "gptq");
+    if gptq {
+        config.method = RoundingMethod::Gptq;
+    }
+    let label = if gptq {
+        "GPTQ (recommended settings)"
+    } else {
+        "AdaRound (recommended)"
+    };
 
     println!(
         "\n## 2. Per channel, {} calibration crops, {iterations} iterations per layer",
@@ -244,7 +254,7 @@ fn main() {
         let peak = peak_rss_mib();
         let ada_logits = logits_of(&rounded, &x_eval);
         let ada = Scores::new(ada_logits.clone(), &reference);
-        print_table(b, nearest, builtin, ada, seconds, peak);
+        print_table(b, (nearest, builtin), (label, ada), seconds, peak);
         if let Some(check) = &report.model {
             println!("model check: {check}");
         }
@@ -275,9 +285,8 @@ fn main() {
 
 fn print_table(
     bits: u32,
-    nearest: Scores,
-    builtin: Option<(Scores, bool)>,
-    ada: Scores,
+    (nearest, builtin): (Scores, Option<(Scores, bool)>),
+    (label, ada): (&str, Scores),
     seconds: f64,
     peak: Option<f64>,
 ) {
@@ -301,11 +310,7 @@ fn print_table(
         None => println!("| Burn built-in | no {bits}-bit type | | | |"),
     }
     let peak = peak.map_or(String::new(), |p| format!(", peak {p:.0} MiB"));
-    row(
-        "AdaRound (recommended)",
-        ada,
-        &format!("{seconds:.0} s{peak}"),
-    );
+    row(label, ada, &format!("{seconds:.0} s{peak}"));
 }
 
 fn print_layers(reports: &[(u32, AdaRoundReport)]) {

@@ -68,6 +68,18 @@ pub enum SeparableStep {
     Split,
 }
 
+/// How each layer's rounding is chosen ([`AdaRoundConfig::method`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoundingMethod {
+    /// AdaRound: the rounding variables trained by the schedule.
+    AdaRound,
+    /// GPTQ (Frantar et al. 2022) on the layer's Gram matrices: one pass over the input
+    /// columns, each weight rounded down or up with the error of the earlier ones
+    /// compensated; seconds per layer, no schedule. Layers without the Gram form (an
+    /// activation or ReLU in the loss, a separable layer optimised jointly) use AdaRound.
+    Gptq,
+}
+
 /// Which layers get their rounding refined after AdaRound
 /// ([`AdaRoundConfig::refine`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +251,10 @@ pub struct AdaRoundConfig {
     /// reproduces the reference exactly.
     #[config(default = "Refine::Off")]
     pub refine: Refine,
+    /// How each layer's rounding is chosen: AdaRound (default) or GPTQ. The refinement, the
+    /// bias correction and the guards apply to either.
+    #[config(default = "RoundingMethod::AdaRound")]
+    pub method: RoundingMethod,
     /// Rectified-sigmoid and regulariser constants.
     #[config(default = "AdaRoundParams::new()")]
     pub params: AdaRoundParams,

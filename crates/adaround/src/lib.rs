@@ -58,6 +58,7 @@ mod driver;
 mod error;
 mod export;
 mod fused;
+mod gptq;
 mod gram;
 mod guard;
 mod host;
@@ -78,7 +79,7 @@ pub use adaround_core::{
 };
 pub use config::{
     AdaRoundConfig, Elementwise, FinalRounding, LossPath, ModelGuard, ReconstructionLoss, Refine,
-    SeparableStep, Target,
+    RoundingMethod, SeparableStep, Target,
 };
 pub use driver::AdaRound;
 pub use error::AdaRoundError;

@@ -10,13 +10,14 @@ use log::debug;
 
 use crate::{
     fused::{self, Fused},
+    gptq,
     gram::{self, Grams},
     progress::{self, Progress},
     refine,
     step::{lift, Ad, AutodiffData, Optimizers, Step},
     unit::{ensure_finite, Samples, Unit},
     AdaRoundConfig, AdaRoundError, FinalRounding, KernelReport, LayerReport, LossPath,
-    ReconstructionLoss, Schedule, StepLog, HISTOGRAM_BINS,
+    ReconstructionLoss, RoundingMethod, Schedule, StepLog, HISTOGRAM_BINS,
 };
 
 /// How the caller wants layers optimised, and who hears about it.
@@ -100,6 +101,23 @@ fn choose_path<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> LossP
     } else {
         LossPath::Direct
     }
+}
+
+/// Whether `unit` is rounded by GPTQ: [`RoundingMethod::Gptq`] asked, and the layer has the
+/// Gram form (no activation, no ReLU before the loss); otherwise AdaRound, with a warning.
+fn uses_gptq<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> bool {
+    if config.method != RoundingMethod::Gptq {
+        return false;
+    }
+    let exact = unit.activation.is_none() && unit.relu.is_none() && gram::supports(&unit.layer);
+    if !exact {
+        log::warn!(
+            "{}: rounded by AdaRound, not GPTQ (GPTQ needs the Gram form: no activation or ReLU \
+             in the loss, a Dense or Conv2D layer)",
+            unit.name
+        );
+    }
+    exact
 }
 
 /// The Gram matrices of `unit`, with the residuals of its targets when they come from other
@@ -359,23 +377,45 @@ pub(crate) fn optimize_unit<B: Backend>(
     let armed = arm(&unit, config)?;
     let before = histograms(&armed);
     phases.mark("nearest error and arming in");
-    let path = choose_path(&unit, config);
+    let gptq = uses_gptq(&unit, config);
+    let path = if gptq {
+        LossPath::Gram
+    } else {
+        choose_path(&unit, config)
+    };
     let grams = (path == LossPath::Gram)
         .then(|| unit_grams(&unit, config.loss))
         .flatten();
     phases.mark("Gram matrices in");
     let refine_grams = refine::grams_for(&unit, config, grams.as_ref());
-    let (mut step, fused) = build_step(&unit, armed, grams, ctx);
-    phases.mark("refinement's Gram matrices, patches and step set up in");
-    debug!(
-        "{}: {path:?} loss path, {} step",
-        unit.name,
-        if fused { "fused" } else { "autodiff" }
-    );
-    let trace = run_schedule(step.as_mut(), &unit, ctx)?;
-    phases.mark(&format!("{} steps in", trace.steps));
-    let statuses = step.status();
-    let layer = step.into_layer().set_training(false);
+    let (trace, statuses, layer, fused) = match grams {
+        Some(grams) if gptq => {
+            let layer = gptq::round(armed, &grams);
+            phases.mark("GPTQ in");
+            let trace = Trace {
+                history: Vec::new(),
+                steps: 0,
+                early_stop: false,
+                last: (unit.error(&layer), 0.0),
+            };
+            let statuses = layer.adarounds().iter().map(|a| a.status()).collect();
+            (trace, statuses, layer, false)
+        }
+        grams => {
+            let (mut step, fused) = build_step(&unit, armed, grams, ctx);
+            phases.mark("refinement's Gram matrices, patches and step set up in");
+            debug!(
+                "{}: {path:?} loss path, {} step",
+                unit.name,
+                if fused { "fused" } else { "autodiff" }
+            );
+            let trace = run_schedule(step.as_mut(), &unit, ctx)?;
+            phases.mark(&format!("{} steps in", trace.steps));
+            let statuses = step.status();
+            (trace, statuses, step.into_layer(), fused)
+        }
+    };
+    let layer = layer.set_training(false);
     let (done, flips) = refine_and_finish(&unit, config, layer, refine_grams);
     phases.mark(&format!("{flips} rounding decisions flipped in"));
     let Finished {

@@ -36,7 +36,7 @@ pub(crate) const MAX_K: usize = 8192;
 const SATURATED_ALPHA: f32 = 10.0;
 
 /// The sum over batches of `G / divisor` (`[groups, K, K]`) and `R / divisor`.
-fn summed<B: Backend>(grams: &Grams<B>) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
+pub(crate) fn summed<B: Backend>(grams: &Grams<B>) -> (Tensor<B, 3>, Option<Tensor<B, 3>>) {
     let scaled = |t: &Tensor<B, 3>, b: usize| t.clone().div_scalar(grams.divisors[b]);
     let g = (1..grams.grams.len()).fold(scaled(&grams.grams[0], 0), |acc, b| {
         acc + scaled(&grams.grams[b], b)
@@ -162,12 +162,21 @@ pub(crate) fn refine<B: Backend>(
     let mask: Vec<f32> = flipped.iter().map(|&f| f32::from(u8::from(f))).collect();
     let mask = Tensor::<B, 1>::from_floats(mask.as_slice(), &device).reshape([groups, rows, k]);
     let mask = matrix.to_kernel(mask);
-    // h XOR mask, then alpha at +-SATURATED_ALPHA.
+    // h XOR mask.
     let decided = (h.clone() - mask).abs();
-    let alpha = decided
+    (with_decisions(layer, decided), changed)
+}
+
+/// `layer` with its AdaRound kernel's decisions set to `h` (0: down, 1: up; AdaRound's
+/// rank-4 layout): every `alpha` saturated.
+pub(crate) fn with_decisions<B: Backend>(
+    layer: QuantizedLayer<B>,
+    h: Tensor<B, 4>,
+) -> QuantizedLayer<B> {
+    let alpha = h
         .mul_scalar(2.0 * SATURATED_ALPHA)
         .sub_scalar(SATURATED_ALPHA);
-    (with_alpha(layer, alpha), changed)
+    with_alpha(layer, alpha)
 }
 
 /// `layer` with its AdaRound kernel's `alpha` replaced by `alpha` (same parameter id).

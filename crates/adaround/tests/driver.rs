@@ -349,7 +349,9 @@ mod ndarray {
 
     #[test]
     fn should_refuse_to_resume_after_any_change_of_setting_config_or_layer() {
-        use adaround::{Elementwise, FinalRounding, ModelGuard, Refine, SeparableStep, Target};
+        use adaround::{
+            Elementwise, FinalRounding, ModelGuard, Refine, RoundingMethod, SeparableStep, Target,
+        };
         let _seed = crate::seed_lock();
         let dir = std::env::temp_dir().join(format!("adaround-fields-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -413,6 +415,7 @@ mod ndarray {
                 base.clone().with_bias_correction(!base.bias_correction),
             ),
             ("refine", base.clone().with_refine(Refine::All)),
+            ("method", base.clone().with_method(RoundingMethod::Gptq)),
             (
                 "params.gamma",
                 base.clone().with_params(params.clone().with_gamma(-0.2)),
@@ -523,6 +526,28 @@ mod ndarray {
             "resumed after the first layer, then one more"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn should_round_with_gptq_without_steps_and_below_nearest_error() {
+        let _seed = crate::seed_lock();
+        let (model, x) = (net(80), samples(32, 81));
+        let cfg = config(2)
+            .with_method(adaround::RoundingMethod::Gptq)
+            .with_never_worse(false);
+        let (rounded, report) =
+            adaround(&model, x.clone(), |m: &Net<B>, x| m.forward(x), &cfg).unwrap();
+        assert_eq!(report.layers.len(), 3);
+        for layer in &report.layers {
+            // The separable layer is split in two Conv2D problems, each rounded by GPTQ.
+            assert_eq!(layer.steps, 0, "{}: no schedule", layer.name);
+            assert!(
+                layer.err_final.is_finite() && layer.err_final < layer.err_before,
+                "{layer:?}"
+            );
+        }
+        assert!(report.changed() > 0);
+        assert_ne!(snapshot(&rounded), snapshot(&model));
     }
 
     /// 64-bit FNV-1a, as the checkpoint's checksums.
