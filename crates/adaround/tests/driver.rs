@@ -550,6 +550,59 @@ mod ndarray {
         assert_ne!(snapshot(&rounded), snapshot(&model));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Whatever the weights' and samples' magnitudes, the quantizer and the options: a run
+        /// returns `Ok` only with finite weights and errors, every layer's error at most
+        /// nearest's (`never_worse`), and integers on every kernel's grid; otherwise a typed
+        /// error, never a panic.
+        #[test]
+        fn should_return_ok_only_with_finite_on_grid_results(
+            weight_exp in -8i32..=12,
+            sample_exp in -8i32..=12,
+            quantizer in 0usize..4,
+            options in 0usize..16,
+            seed in 0u64..1_000,
+        ) {
+            let _seed = crate::seed_lock();
+            let q = match quantizer {
+                0 => q3(),
+                1 => WeightQuantizer::max(2).unwrap(),
+                2 => full_range_w2(),
+                _ => WeightQuantizer::mse(3, false, adaround::Grid::Asymmetric).unwrap(),
+            };
+            let mut model = net_with(seed, q);
+            let scale = |w: Tensor<B, 4>| w.mul_scalar(10f64.powi(weight_exp));
+            model.conv.weight = model.conv.weight.map(scale);
+            model.fc.weight = model.fc.weight.map(|w| w.mul_scalar(10f64.powi(weight_exp)));
+            let x = samples(16, seed + 1).mul_scalar(10f64.powi(sample_exp));
+            let cfg = config(2)
+                .with_batch_size(Some(8))
+                .with_target(if options & 1 == 1 { adaround::Target::FloatModel } else { adaround::Target::QuantizedInputs })
+                .with_bias_correction(options & 2 == 2)
+                .with_refine(if options & 4 == 4 { adaround::Refine::All } else { adaround::Refine::Off })
+                .with_method(if options & 8 == 8 { adaround::RoundingMethod::Gptq } else { adaround::RoundingMethod::AdaRound });
+            let forward = |m: &Net<B>, x| m.forward(x);
+            if let Ok((rounded, report)) = adaround(&model, x.clone(), forward, &cfg) {
+                for (_, values) in snapshot(&rounded) {
+                    proptest::prop_assert!(values.iter().all(|v| v.is_finite()));
+                }
+                for layer in &report.layers {
+                    proptest::prop_assert!(layer.err_before.is_finite() && layer.err_final.is_finite());
+                    proptest::prop_assert!(layer.err_final <= layer.err_before * (1.0 + 1e-6), "{layer:?}");
+                }
+                let exported = export_integers(&rounded, x.narrow(0, 0, 1), forward);
+                let exported = exported.map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{e}")))?;
+                for k in &exported.kernels {
+                    let (lo, hi) = k.grid.levels(k.bitwidth);
+                    proptest::prop_assert!(k.integers.iter().all(|&i| (lo as i32..=hi as i32).contains(&i)), "{}", k.layer);
+                    proptest::prop_assert!(k.scale_factors.iter().all(|s| s.is_finite() && *s > 0.0));
+                }
+            }
+        }
+    }
+
     /// 64-bit FNV-1a, as the checkpoint's checksums.
     fn fnv(bytes: &[u8]) -> String {
         let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
