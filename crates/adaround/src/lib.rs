@@ -51,28 +51,19 @@
 #![warn(missing_docs)]
 
 mod capture;
-mod checkpoint;
 mod config;
-mod discover;
-mod driver;
 mod error;
-mod export;
-mod fused;
-mod gptq;
-mod gram;
-mod guard;
-mod host;
-pub mod import;
-mod optimize;
-mod params;
+mod io;
+mod layer;
 mod progress;
-mod refine;
 mod report;
+mod run;
 mod schedule;
-mod site;
-mod stages;
-mod step;
-mod unit;
+
+pub use io::import;
+use io::{checkpoint, export, params};
+use layer::{fused, gptq, gram, host, optimize, refine, step, unit};
+use run::{discover, driver, guard, site, stages};
 
 pub use adaround_core::{
     AdaRoundParams, AdaRoundQuantizer, Grid, QuantizerError, RoundingStatus, WeightQuantizer,
@@ -84,9 +75,9 @@ pub use config::{
 pub use driver::AdaRound;
 pub use error::AdaRoundError;
 pub use export::{export_integers, AimetEncoding, IntegerExport, IntegerKernel, INTEGER_FORMAT};
-pub use guard::{ModelCheck, ModelOutput};
+pub use guard::ModelOutput;
 pub use progress::Progress;
-pub use report::{AdaRoundReport, KernelReport, LayerReport, StepLog, HISTOGRAM_BINS};
+pub use report::{AdaRoundReport, KernelReport, LayerReport, ModelCheck, StepLog, HISTOGRAM_BINS};
 pub use schedule::{BetaDecay, Schedule};
 pub use stages::Stage;
 

@@ -143,3 +143,37 @@ impl PartialEq for AdaRoundReport {
         strip(self) == strip(other)
     }
 }
+
+/// The model-level comparison of a run (see [`ModelGuard`](crate::ModelGuard)).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelCheck {
+    /// Mean squared error of the model's outputs against the float model's, all layers
+    /// rounded to nearest.
+    pub nearest: f64,
+    /// The same error, all layers rounded by AdaRound.
+    pub adaround: f64,
+    /// The same error for the returned model.
+    pub returned: f64,
+    /// Layers the guard put back to nearest rounding in the returned model.
+    pub reverted: Vec<String>,
+}
+
+impl std::fmt::Display for ModelCheck {
+    /// One line: `model output error against float: nearest .., AdaRound .., returned ..`,
+    /// and the layers put back to nearest rounding.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "model output error against float: nearest {:.4e}, AdaRound {:.4e}, returned {:.4e}",
+            self.nearest, self.adaround, self.returned
+        )?;
+        if !self.reverted.is_empty() {
+            write!(
+                f,
+                " (nearest rounding kept in {})",
+                self.reverted.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}

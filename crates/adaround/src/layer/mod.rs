@@ -1,0 +1,13 @@
+//! Optimising one layer: what it is optimised on (`unit`), the loss in Gram form (`gram`),
+//! the steps (`step`: autodiff; `fused` and `host`: the closed form), the schedule loop and
+//! finalizing (`optimize`), the refinement after it (`refine`) and GPTQ (`gptq`). Nothing here
+//! imports from `run`.
+
+pub(crate) mod fused;
+pub(crate) mod gptq;
+pub(crate) mod gram;
+pub(crate) mod host;
+pub(crate) mod optimize;
+pub(crate) mod refine;
+pub(crate) mod step;
+pub(crate) mod unit;

@@ -1,0 +1,9 @@
+//! Driving a run over a model: the builder and the run loop (`driver`), the forward pass in
+//! stages, finding the layers, the model-level guard, and one
+//! layer's data and halves (`site`).
+
+pub(crate) mod discover;
+pub(crate) mod driver;
+pub(crate) mod guard;
+pub(crate) mod site;
+pub(crate) mod stages;
