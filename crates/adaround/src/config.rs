@@ -438,7 +438,12 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(ProptestConfig {
+            cases: 256,
+            rng_seed: proptest::test_runner::RngSeed::Fixed(37),
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
 
         /// A configuration is accepted exactly when every numeric setting is in its domain,
         /// and an accepted one survives a JSON round trip unchanged.

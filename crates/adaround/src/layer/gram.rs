@@ -164,7 +164,8 @@ pub(crate) fn error<B: Backend>(
         total = total + cross + e.square().sum().mul_scalar(count);
     }
     let outputs = grams.sums.count * groups * rows;
-    total.into_scalar().elem::<f64>() / outputs as f64
+    // A sum of squares: a negative total is floating-point cancellation around zero.
+    (total.into_scalar().elem::<f64>() / outputs as f64).max(0.0)
 }
 
 /// The shift of `layer`'s bias that makes its outputs' mean error over all batches zero in
