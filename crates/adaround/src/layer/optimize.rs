@@ -360,6 +360,50 @@ pub(crate) fn refine_and_finish<B: Backend>(
     (refined, flips)
 }
 
+/// `unit`'s layer (`armed`) rounded: by GPTQ on its Gram matrices where `gptq`, else by the
+/// schedule's steps; with the trace of the steps, the rounding status of each kernel and
+/// whether the step was fused.
+fn round_unit<B: Backend>(
+    unit: &Unit<'_, B>,
+    armed: QuantizedLayer<B>,
+    (grams, gptq, path): (Option<Grams<B>>, bool, LossPath),
+    ctx: &mut Context<'_, B>,
+    phases: &mut progress::Phases<'_>,
+) -> Result<Rounded<B>, AdaRoundError> {
+    let rounded = match grams {
+        Some(grams) if gptq => {
+            let layer = gptq::round(armed, &grams);
+            phases.mark("GPTQ in");
+            let trace = Trace {
+                history: Vec::new(),
+                steps: 0,
+                early_stop: false,
+                last: (unit.error(&layer), 0.0),
+            };
+            let statuses = layer.adarounds().iter().map(|a| a.status()).collect();
+            (trace, statuses, layer, false)
+        }
+        grams => {
+            let (mut step, fused) = build_step(unit, armed, grams, ctx);
+            phases.mark("refinement's Gram matrices, patches and step set up in");
+            debug!(
+                "{}: {path:?} loss path, {} step",
+                unit.name,
+                if fused { "fused" } else { "autodiff" }
+            );
+            let trace = run_schedule(step.as_mut(), unit, ctx)?;
+            phases.mark(&format!("{} steps in", trace.steps));
+            let statuses = step.status();
+            (trace, statuses, step.into_layer(), fused)
+        }
+    };
+    Ok(rounded)
+}
+
+/// A rounded layer: the trace of its steps, each kernel's rounding status, the layer, and
+/// whether its step was fused.
+type Rounded<B> = (Trace, Vec<RoundingStatus>, QuantizedLayer<B>, bool);
+
 /// Optimises `unit` and returns its report (name, position and time left to the caller)
 /// and the finalized layer (rounded float kernels, original quantizers).
 pub(crate) fn optimize_unit<B: Backend>(
@@ -388,33 +432,8 @@ pub(crate) fn optimize_unit<B: Backend>(
         .flatten();
     phases.mark("Gram matrices in");
     let refine_grams = refine::grams_for(&unit, config, grams.as_ref());
-    let (trace, statuses, layer, fused) = match grams {
-        Some(grams) if gptq => {
-            let layer = gptq::round(armed, &grams);
-            phases.mark("GPTQ in");
-            let trace = Trace {
-                history: Vec::new(),
-                steps: 0,
-                early_stop: false,
-                last: (unit.error(&layer), 0.0),
-            };
-            let statuses = layer.adarounds().iter().map(|a| a.status()).collect();
-            (trace, statuses, layer, false)
-        }
-        grams => {
-            let (mut step, fused) = build_step(&unit, armed, grams, ctx);
-            phases.mark("refinement's Gram matrices, patches and step set up in");
-            debug!(
-                "{}: {path:?} loss path, {} step",
-                unit.name,
-                if fused { "fused" } else { "autodiff" }
-            );
-            let trace = run_schedule(step.as_mut(), &unit, ctx)?;
-            phases.mark(&format!("{} steps in", trace.steps));
-            let statuses = step.status();
-            (trace, statuses, step.into_layer(), fused)
-        }
-    };
+    let (trace, statuses, layer, fused) =
+        round_unit(&unit, armed, (grams, gptq, path), ctx, &mut phases)?;
     let layer = layer.set_training(false);
     let (done, flips) = refine_and_finish(&unit, config, layer, refine_grams);
     phases.mark(&format!("{flips} rounding decisions flipped in"));
