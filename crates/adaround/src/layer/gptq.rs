@@ -21,7 +21,10 @@ use adaround_layers::QuantizedLayer;
 use burn::tensor::{backend::Backend, Tensor};
 use rayon::prelude::*;
 
-use crate::{gram::Grams, refine};
+use crate::{
+    gram::Grams,
+    refine::{self, values},
+};
 
 /// Damping of `H`, relative to its mean diagonal (GPTQ's default).
 const DAMP: f64 = 0.01;
@@ -47,14 +50,14 @@ pub(crate) fn round<B: Backend>(layer: QuantizedLayer<B>, grams: &Grams<B>) -> Q
     let floor = values(matrix.to_matrix(ada.w_floor.val()));
     let (g, r) = refine::summed(grams);
     // The float weights that fit the targets best, in steps: `x - sf (R G⁻¹)` (below).
-    let r = r.map(|r| values(r * sf));
+    let r = r.map(|r| values(r * sf.clone()));
     let [groups, rows, k] = matrix.matrix_dims();
     let (g, x) = (values(g), values(x));
     let max_scale = matches!(
         ada.quantizer,
         WeightQuantizer::Max { .. } | WeightQuantizer::MaxPerAxis { .. }
     );
-    let grid = Grid {
+    let rows_rounding = RowRounding {
         levels: (lo, hi),
         max_scale,
     };
@@ -76,33 +79,21 @@ pub(crate) fn round<B: Backend>(layer: QuantizedLayer<B>, grams: &Grams<B>) -> Q
             .zip(target.par_chunks_mut(k))
             .zip(floor[at.clone()].par_chunks(k))
             .zip(x[at].par_chunks(k))
-            .for_each(|(((h, w), floor), x0)| grid.row(w, (floor, x0), &u, h));
+            .for_each(|(((h, w), floor), x0)| rows_rounding.row(w, (floor, x0), &u, h));
     }
-    let device = sf_device(&layer);
-    let h = Tensor::<B, 1>::from_floats(h.as_slice(), &device).reshape([groups, rows, k]);
+    let h = Tensor::<B, 1>::from_floats(h.as_slice(), &sf.device()).reshape([groups, rows, k]);
     let h = matrix.to_kernel(h);
     refine::with_decisions(layer, h)
 }
 
-fn sf_device<B: Backend>(layer: &QuantizedLayer<B>) -> B::Device {
-    layer.adarounds()[0].sf.val().device()
-}
-
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.into_data()
-        .convert::<f64>()
-        .to_vec()
-        .expect("f64 data after conversion")
-}
-
 /// The grid the rows are rounded on.
-struct Grid {
+struct RowRounding {
     levels: (f64, f64),
     /// Weights on the top level keep it.
     max_scale: bool,
 }
 
-impl Grid {
+impl RowRounding {
     /// Rounds one row in place: `w` the moved weights in steps (from the target), `floor`
     /// and `x0` AdaRound's floor and the float position of each weight, `u` the upper
     /// Cholesky factor of `H⁻¹` (row-major); writes the decisions (1: up) to `h`.

@@ -49,7 +49,8 @@ pub(crate) fn summed<B: Backend>(grams: &Grams<B>) -> (Tensor<B, 3>, Option<Tens
     (g, r)
 }
 
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+/// The values of `t` as `f64`, in row-major order.
+pub(crate) fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
     t.into_data()
         .convert::<f64>()
         .to_vec()
