@@ -242,14 +242,24 @@ impl<B: Backend> AdaRoundQuantizer<B> {
         Some(Tensor::<B, 1>::from_data(values, &device).reshape(self.sf.dims()))
     }
 
-    fn rebuild<const D: usize>(&self, decimals: Tensor<B, 4>) -> Tensor<B, D> {
+    /// The weights from `decimals`, in the padded rank-4 layout.
+    fn rebuild_padded(&self, decimals: Tensor<B, 4>) -> Tensor<B, 4> {
         let (lo, hi) = self.levels();
         let z = (self.w_floor.val() + decimals).clamp(lo, hi);
         let z = match self.offset() {
             Some(o) => z + o,
             None => z,
         };
-        self.unpad(z / self.sf.val())
+        z / self.sf.val()
+    }
+
+    fn rebuild<const D: usize>(&self, decimals: Tensor<B, 4>) -> Tensor<B, D> {
+        self.unpad(self.rebuild_padded(decimals))
+    }
+
+    /// [`Self::recons_weights`] flattened (row-major, whatever the weights' rank).
+    pub fn recons_weights_flat(&self) -> Tensor<B, 1> {
+        self.rebuild_padded(self.decimals()).flatten(0, 3)
     }
 
     /// `(clip(w_floor + h(alpha), lo, hi) + o) / sf`, in the shape of the original weights.

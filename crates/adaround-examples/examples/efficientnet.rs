@@ -25,13 +25,21 @@
 //! Calibration: the first `--calibration` (default 512) of the 512 calibration crops;
 //! evaluation: the 256 crops of six other photographs. `--iterations N` sets the preset's
 //! iterations per layer (4 000 by default); `--method gptq` rounds with GPTQ instead of
-//! AdaRound (`RoundingMethod::Gptq`, no iterations). Writes `out/efficientnet/report.json`.
+//! AdaRound (`RoundingMethod::Gptq`, no iterations); `--method block` reconstructs each
+//! stage (the stem with block 0, each block, the head) as one block
+//! (`AdaRound::with_blocks`; `--block-iterations N` steps per block, 1 000 by default,
+//! `--block-samples K` samples per step, the batch of 32 by default, `--block-lr`, and
+//! `--block-init fractional` for BRECQ's start instead of layer-wise decisions);
+//! `--validation V` holds out the last `V` calibration crops and scores them. Writes
+//! `out/efficientnet/report.json`.
 
 use std::time::Instant;
 
+use burn_autodiff::Autodiff;
+
 use adaround::{
-    export_integers, AdaRound, AdaRoundConfig, AdaRoundReport, Grid, IntegerExport, RoundingMethod,
-    Schedule, WeightQuantizer,
+    export_integers, AdaRound, AdaRoundConfig, AdaRoundReport, BlockInit, Grid, IntegerExport,
+    RoundingMethod, Schedule, WeightQuantizer,
 };
 use adaround_examples::efficientnet::{
     classes, pytorch_name, weights_path, Crops, EfficientNetLite0, QuantEfficientNet,
@@ -220,14 +228,37 @@ fn main() {
     let samples = crops.calibration::<B>(n_cal, &device);
     let mut config = AdaRoundConfig::recommended();
     config.schedule = Schedule::warm_cosine(iterations);
-    let gptq = arg::<String>("--method").is_some_and(|m| m == "gptq");
+    let method = arg::<String>("--method").unwrap_or_default();
+    let gptq = method == "gptq";
+    let blocks = method == "block";
     if gptq {
         config.method = RoundingMethod::Gptq;
     }
-    let label = if gptq {
-        "GPTQ (recommended settings)"
-    } else {
-        "AdaRound (recommended)"
+    if blocks {
+        config.block.schedule = Schedule::warm_cosine(arg("--block-iterations").unwrap_or(1000));
+        config.block.samples_per_step = arg("--block-samples");
+        config.block.learning_rate = arg("--block-lr");
+        if arg::<String>("--block-init").is_some_and(|i| i == "fractional") {
+            config.block.init = BlockInit::Fractional;
+        }
+    }
+    // Held-out calibration crops to choose settings on (never the evaluation crops).
+    let n_val = arg("--validation").unwrap_or(0usize);
+    assert!(
+        n_cal + n_val <= crops.calibration,
+        "--calibration and --validation take {} crops, there are {}",
+        n_cal + n_val,
+        crops.calibration
+    );
+    let validation = (n_val > 0).then(|| {
+        let x = crops.validation::<B>(n_val, &device);
+        let float = logits_of(&folded, &x);
+        (x, float)
+    });
+    let label = match method.as_str() {
+        "gptq" => "GPTQ (recommended settings)",
+        "block" => "block reconstruction (BRECQ)",
+        _ => "AdaRound (recommended)",
     };
 
     println!(
@@ -246,8 +277,11 @@ fn main() {
         reset_peak_rss();
         let t = Instant::now();
         let stages = QuantEfficientNet::stages(model.blocks.len());
-        let (rounded, report) = AdaRound::new(config.clone())
-            .with_stages(stages)
+        let mut run = AdaRound::new(config.clone()).with_stages(stages);
+        if blocks {
+            run = run.with_blocks(QuantEfficientNet::<Autodiff<B>>::stages(model.blocks.len()));
+        }
+        let (rounded, report) = run
             .run(&model, samples.clone(), |m, x| m.forward(x))
             .unwrap_or_else(|e| fail(&e));
         let seconds = t.elapsed().as_secs_f64();
@@ -255,6 +289,14 @@ fn main() {
         let ada_logits = logits_of(&rounded, &x_eval);
         let ada = Scores::new(ada_logits.clone(), &reference);
         print_table(b, (nearest, builtin), (label, ada), seconds, peak);
+        if let Some((x, float)) = &validation {
+            let nearest = Scores::new(logits_of(&model, x), float);
+            let val = Scores::new(logits_of(&rounded, x), float);
+            println!(
+                "validation ({n_val} held-out calibration crops): top-1 nearest {:.2} %, {label} {:.2} % (top-5 {:.2} %, KL {:.4})",
+                nearest.top1, val.top1, val.top5, val.kl
+            );
+        }
         if let Some(check) = &report.model {
             println!("model check: {check}");
         }

@@ -572,7 +572,15 @@ impl Crops {
         self.tensor(0..n.min(self.calibration), device)
     }
 
-    /// The evaluation crops (all of them), as the model's input.
+    /// The last `n` calibration crops, for choosing settings: a run that validates on them
+    /// calibrates on fewer than `calibration - n` crops (the crops cycle through the
+    /// calibration photographs, so they are other crops of the same photographs).
+    pub fn validation<B: Backend>(&self, n: usize, device: &B::Device) -> Tensor<B, 4> {
+        let n = n.min(self.calibration);
+        self.tensor(self.calibration - n..self.calibration, device)
+    }
+
+    /// The evaluation crops (other photographs than the calibration crops').
     pub fn evaluation<B: Backend>(&self, device: &B::Device) -> Tensor<B, 4> {
         self.tensor(self.calibration..self.calibration + self.evaluation, device)
     }

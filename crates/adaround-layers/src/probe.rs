@@ -104,6 +104,12 @@ pub trait Probe<B: Backend>: Any {
     fn float_mode(&self) -> bool {
         false
     }
+    /// Whether quantized activations run in float; by default as [`Self::float_mode`]. A
+    /// probe that hands the layers other float weights (soft ones, under optimisation) keeps
+    /// the activations quantized.
+    fn float_activations(&self) -> bool {
+        self.float_mode()
+    }
     /// Whether the event at `index` (0-based, in forward order) is wanted; the layer only
     /// builds the event when it is.
     fn wants(&self, index: usize) -> bool;
@@ -207,6 +213,11 @@ fn with_installed<B: Backend, R>(f: impl FnOnce(&mut Installed<B>) -> R) -> Opti
 /// Whether a probe on this thread asks layers of backend `B` to use float weights.
 pub fn float_mode<B: Backend>() -> bool {
     with_installed::<B, _>(|i| i.probe.float_mode()).unwrap_or(false)
+}
+
+/// Whether a probe on this thread asks quantized activations of backend `B` to run in float.
+pub fn float_activations<B: Backend>() -> bool {
+    with_installed::<B, _>(|i| i.probe.float_activations()).unwrap_or(false)
 }
 
 /// Reports an event to the probe of backend `B`, if one is installed and wants it.

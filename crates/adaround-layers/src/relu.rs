@@ -199,7 +199,7 @@ impl<B: Backend> QuantizedReLU<B> {
     /// - `input`: `[...]`
     /// - `output`: `[...]`, same shape
     pub fn forward<const D: usize>(&self, input: Tensor<B, D>) -> Tensor<B, D> {
-        let output = if probe::float_mode::<B>() {
+        let output = if probe::float_activations::<B>() {
             self.forward_float(input.clone())
         } else {
             self.forward_quantized(input.clone())

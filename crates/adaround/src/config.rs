@@ -287,6 +287,46 @@ pub struct AdaRoundConfig {
     /// Where the fused step does its elementwise work (see [`Elementwise`]).
     #[config(default = "Elementwise::Auto")]
     pub elementwise: Elementwise,
+    /// Block reconstruction's settings, used where blocks are given
+    /// ([`AdaRound::with_blocks`](crate::AdaRound::with_blocks)).
+    #[config(default = "BlockConfig::new()")]
+    pub block: BlockConfig,
+}
+
+/// Where block reconstruction starts a block's rounding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockInit {
+    /// Each layer of the block is first rounded on its own (the run's layer-wise method,
+    /// with its bias correction and refinement); the block then starts from those decisions
+    /// (`h(alpha)` at 0.96 or 0.04, where the rectified sigmoid still has slope 0.13) and
+    /// changes them jointly: few steps suffice, and with
+    /// [`AdaRoundConfig::never_worse`] a block never ends above its layer-wise rounding.
+    LayerWise,
+    /// BRECQ's start: `h(alpha)` equal to each weight's fractional part, as layer-wise
+    /// AdaRound starts (BRECQ runs 20 000 steps per block).
+    Fractional,
+}
+
+/// Block reconstruction (BRECQ): the rounding of every quantized layer of a block optimised
+/// together against the float block's output, by autodiff through the block. The learning
+/// rate, the regulariser constants and the reconstruction loss are the run's
+/// ([`AdaRoundConfig`]); the optimizer is Burn's Adam.
+#[derive(Config, Debug, PartialEq)]
+pub struct BlockConfig {
+    /// The schedule of each block (steps, warm start, `beta` decay).
+    #[config(default = "Schedule::warm_cosine(1000)")]
+    pub schedule: Schedule,
+    /// Samples per step, taken in turn from the run's batches (a divisor of the batch size
+    /// keeps every sample in use); `None` is the whole batch.
+    #[config(default = "None")]
+    pub samples_per_step: Option<usize>,
+    /// Where each block's rounding starts.
+    #[config(default = "BlockInit::LayerWise")]
+    pub init: BlockInit,
+    /// Adam's learning rate on the alphas; `None` is the run's
+    /// ([`AdaRoundConfig::learning_rate`]).
+    #[config(default = "None")]
+    pub learning_rate: Option<f64>,
 }
 
 impl AdaRoundConfig {
@@ -358,6 +398,15 @@ impl AdaRoundConfig {
         }
         if !self.relu_layers.is_empty() && !self.relu_loss {
             return Err("relu_layers is set but relu_loss is not: set relu_loss too".into());
+        }
+        self.block.schedule.validate()?;
+        if let Some(lr) = self.block.learning_rate {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(format!("block.learning_rate must be positive, got {lr}"));
+            }
+        }
+        if self.block.samples_per_step == Some(0) {
+            return Err("block.samples_per_step must be at least 1".into());
         }
         let p = &self.params;
         if !(p.reg.is_finite() && p.reg >= 0.0) {

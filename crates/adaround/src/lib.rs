@@ -63,14 +63,14 @@ mod schedule;
 pub use io::import;
 use io::{checkpoint, export, params};
 use layer::{fused, gptq, gram, host, optimize, refine, step, unit};
-use run::{discover, driver, guard, site, stages};
+use run::{block, discover, driver, guard, site, stages};
 
 pub use adaround_core::{
     AdaRoundParams, AdaRoundQuantizer, Grid, QuantizerError, RoundingStatus, WeightQuantizer,
 };
 pub use config::{
-    AdaRoundConfig, Elementwise, FinalRounding, LossPath, ModelGuard, ReconstructionLoss, Refine,
-    RoundingMethod, SeparableStep, Target,
+    AdaRoundConfig, BlockConfig, BlockInit, Elementwise, FinalRounding, LossPath, ModelGuard,
+    ReconstructionLoss, Refine, RoundingMethod, SeparableStep, Target,
 };
 pub use driver::AdaRound;
 pub use error::AdaRoundError;

@@ -45,6 +45,20 @@ pub enum Progress<'a> {
         /// Its report.
         report: &'a LayerReport,
     },
+    /// A block is done ([`AdaRound::with_blocks`](crate::AdaRound::with_blocks)): its
+    /// layers' final reports. With [`BlockInit::LayerWise`](crate::BlockInit::LayerWise)
+    /// each layer was first reported started and finished on its own; the block's steps are
+    /// [`Progress::Step`]s of `block <stage>`.
+    BlockFinished {
+        /// Position of the block's last layer among those optimised in this call.
+        index: usize,
+        /// Number of layers optimised in this call.
+        layers: usize,
+        /// The block's stage.
+        stage: usize,
+        /// Its layers' reports.
+        reports: &'a [LayerReport],
+    },
 }
 
 /// Hands `event` to the caller's callback: a panic in it ends the run with
@@ -99,6 +113,27 @@ pub(crate) fn line(event: &Progress<'_>) -> String {
             },
             report.seconds
         ),
+        Progress::BlockFinished {
+            index,
+            layers,
+            stage,
+            reports,
+        } => {
+            let first = reports.first();
+            format!(
+                "[{}/{layers}] block {stage} ({} layers): error {:.5} -> {:.5}{}, {:.2} s",
+                index + 1,
+                reports.len(),
+                first.map_or(f64::NAN, |r| r.err_before),
+                first.map_or(f64::NAN, |r| r.err_final),
+                if first.is_some_and(|r| r.err_final < r.err_after) {
+                    " (its start kept)"
+                } else {
+                    ""
+                },
+                first.map_or(0.0, |r| r.seconds)
+            )
+        }
     }
 }
 

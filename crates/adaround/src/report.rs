@@ -80,6 +80,14 @@ pub struct LayerReport {
     pub history: Vec<StepLog>,
     /// Wall-clock seconds spent on the layer.
     pub seconds: f64,
+    /// The block (stage index) the layer was optimised with, by block reconstruction
+    /// ([`AdaRound::with_blocks`](crate::AdaRound::with_blocks)): then the errors and losses
+    /// are the block output's, the same for every layer of the block (`err_before` with
+    /// nearest rounding, `err_after` after the block's steps, `err_final` as written: the
+    /// block's start where [`AdaRoundConfig::never_worse`](crate::AdaRoundConfig) kept it),
+    /// and `seconds` the block's steps. `None`: optimised on its own.
+    #[serde(default)]
+    pub block: Option<usize>,
 }
 
 impl LayerReport {

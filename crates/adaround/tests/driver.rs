@@ -451,6 +451,11 @@ mod ndarray {
                 "elementwise",
                 base.clone().with_elementwise(Elementwise::Device),
             ),
+            (
+                "block",
+                base.clone()
+                    .with_block(adaround::BlockConfig::new().with_samples_per_step(Some(4))),
+            ),
         ];
         for (field, cfg) in changed {
             assert_ne!(
@@ -806,5 +811,191 @@ mod ndarray {
         let x = Tensor::<Ad, 2>::random([8, 4], Distribution::Default, &device);
         let err = adaround(&model, x, |m, x| m.forward(x), &config(1)).unwrap_err();
         assert_eq!(err, AdaRoundError::AutodiffModel);
+    }
+}
+
+/// Block reconstruction ([`AdaRound::with_blocks`](adaround::AdaRound::with_blocks)) on a
+/// small MLP in two stages: two Dense layers with a ReLU between, then the head.
+mod blocks {
+    use adaround::{
+        layers::{probe::Flow, QuantizedDense, QuantizedDenseConfig},
+        AdaRound, AdaRoundConfig, AdaRoundError, BlockConfig, BlockInit, Schedule, Stage, Target,
+        WeightQuantizer,
+    };
+    use burn::{
+        module::Module,
+        tensor::{activation::relu, backend::Backend, Distribution, Tensor},
+    };
+
+    type N = burn_ndarray::NdArray<f32>;
+    type Ad = burn_autodiff::Autodiff<N>;
+
+    #[derive(Module, Debug)]
+    struct Mlp<B: Backend> {
+        l1: QuantizedDense<B>,
+        l2: QuantizedDense<B>,
+        head: QuantizedDense<B>,
+    }
+
+    impl<B: Backend> Mlp<B> {
+        fn body(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+            relu(self.l2.forward(relu(self.l1.forward(x))))
+        }
+
+        fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+            self.head.forward(self.body(x))
+        }
+
+        fn stages<'a>() -> Vec<Stage<'a, B, Self>> {
+            vec![
+                Box::new(|m: &Self, x: Flow<B>| Flow::Rows(m.body(rows(x)))),
+                Box::new(|m: &Self, x: Flow<B>| Flow::Rows(m.head.forward(rows(x)))),
+            ]
+        }
+    }
+
+    fn rows<B: Backend>(x: Flow<B>) -> Tensor<B, 2> {
+        match x {
+            Flow::Rows(t) => t,
+            Flow::Maps(_) => panic!("rows expected"),
+        }
+    }
+
+    fn mlp(bits: u32) -> Mlp<N> {
+        let device = Default::default();
+        N::seed(&device, 11);
+        let q = WeightQuantizer::max_per_axis(bits).unwrap();
+        let dense = |i, o| {
+            QuantizedDenseConfig::new(i, o)
+                .with_quantizer(q.clone())
+                .init(&device)
+        };
+        Mlp {
+            l1: dense(16, 32),
+            l2: dense(32, 32),
+            head: dense(32, 4),
+        }
+    }
+
+    fn samples(n: usize) -> Tensor<N, 2> {
+        let device = Default::default();
+        N::seed(&device, 12);
+        Tensor::random([n, 16], Distribution::Normal(0.0, 1.0), &device)
+    }
+
+    fn config(init: BlockInit) -> AdaRoundConfig {
+        AdaRoundConfig::new(Schedule::warm_cosine(200))
+            .with_learning_rate(1e-2)
+            .with_batch_size(Some(32))
+            .with_target(Target::FloatModel)
+            .with_never_worse(true)
+            .with_block(
+                BlockConfig::new()
+                    .with_schedule(Schedule::warm_cosine(1000))
+                    .with_init(init),
+            )
+    }
+
+    fn run(
+        model: &Mlp<N>,
+        cfg: &AdaRoundConfig,
+        blocks: bool,
+    ) -> (Mlp<N>, adaround::AdaRoundReport) {
+        let mut run = AdaRound::new(cfg.clone()).with_stages(Mlp::<N>::stages());
+        if blocks {
+            run = run.with_blocks(Mlp::<Ad>::stages());
+        }
+        run.run(model, samples(64), |m, x| m.forward(x)).unwrap()
+    }
+
+    /// The body block's output error with the rounded weights, against the float body.
+    fn body_error(float: &Mlp<N>, rounded: &Mlp<N>) -> f64 {
+        let x = samples(64);
+        let float_out = relu(
+            float
+                .l2
+                .forward_float(relu(float.l1.forward_float(x.clone()))),
+        );
+        let out = rounded.body(x);
+        (out - float_out).powi_scalar(2).mean().into_scalar() as f64
+    }
+
+    #[test]
+    fn should_reconstruct_each_block_below_layer_wise_rounding_and_keep_the_grid() {
+        let _seed = crate::seed_lock();
+        let model = mlp(2);
+        let before = snapshot(&model);
+        let (layer_wise, _) = run(&model, &config(BlockInit::Fractional), false);
+        let layers = body_error(&model, &layer_wise);
+        for init in [BlockInit::Fractional, BlockInit::LayerWise] {
+            let (block, report) = run(&model, &config(init), true);
+            assert_eq!(report.layers.len(), 3);
+            for l in &report.layers {
+                let stage = if l.name == "head" { 1 } else { 0 };
+                assert_eq!(l.block, Some(stage), "{}", l.name);
+                assert!(
+                    l.err_final < l.err_before,
+                    "{init:?} {}: {} not below nearest {}",
+                    l.name,
+                    l.err_final,
+                    l.err_before
+                );
+                assert!(l.changed() > 0, "{}", l.name);
+            }
+            // The body's output error: the joint rounding is below the layer-wise one (from
+            // layer-wise decisions, `never_worse` keeps them where the block ends above).
+            let ours = body_error(&model, &block);
+            let bound = if init == BlockInit::Fractional {
+                0.9 * layers
+            } else {
+                layers * (1.0 + 1e-6)
+            };
+            assert!(
+                ours < bound,
+                "{init:?}: block {ours} vs layer-wise {layers}"
+            );
+            // Every kernel on its grid.
+            for (w, q) in [&block.l1, &block.l2, &block.head]
+                .map(|l| (l.weight.val(), l.quantizer.quantizer().clone()))
+            {
+                let off = (q.quantize(w.clone(), 1) - w).abs().max().into_scalar();
+                assert!(off < 1e-5, "off the grid by {off}");
+            }
+        }
+        // The model given is not touched.
+        assert!(snapshot(&model) == before, "the caller's model changed");
+    }
+
+    /// Every float parameter's values, in visiting order.
+    fn snapshot(m: &Mlp<N>) -> Vec<Vec<f32>> {
+        struct Collect(Vec<Vec<f32>>);
+        impl burn::module::ModuleVisitor<N> for Collect {
+            fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<N, D>>) {
+                self.0.push(p.val().into_data().to_vec().unwrap());
+            }
+        }
+        let mut c = Collect(Vec::new());
+        m.visit(&mut c);
+        c.0
+    }
+
+    #[test]
+    fn should_refuse_blocks_that_are_not_the_stages() {
+        let model = mlp(3);
+        let one: Vec<Stage<'_, Ad, Mlp<Ad>>> = Mlp::<Ad>::stages().into_iter().take(1).collect();
+        let err = AdaRound::new(config(BlockInit::Fractional))
+            .with_stages(Mlp::<N>::stages())
+            .with_blocks(one)
+            .run(&model, samples(32), |m, x| m.forward(x))
+            .unwrap_err();
+        assert!(
+            matches!(err, AdaRoundError::Stages(ref m) if m.contains("1 blocks for 2 stages")),
+            "{err:?}"
+        );
+        let err = AdaRound::new(config(BlockInit::Fractional))
+            .with_blocks(Mlp::<Ad>::stages())
+            .run(&model, samples(32), |m, x| m.forward(x))
+            .unwrap_err();
+        assert!(matches!(err, AdaRoundError::Stages(_)), "{err:?}");
     }
 }

@@ -75,3 +75,17 @@ impl<B: Backend> ModuleMapper<B> for RestoreGrad {
         }
     }
 }
+
+/// Collects the values (flattened) of the parameters whose ids it is given.
+pub(crate) struct Values<B: Backend> {
+    pub ids: std::collections::HashSet<ParamId>,
+    pub found: HashMap<ParamId, Tensor<B, 1>>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Values<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.ids.contains(&param.id) {
+            self.found.insert(param.id, param.val().flatten(0, D - 1));
+        }
+    }
+}

@@ -53,7 +53,7 @@ fn histogram<B: Backend>(decimals: Tensor<B, 4>) -> Vec<usize> {
     bins
 }
 
-fn histograms<B: Backend>(layer: &QuantizedLayer<B>) -> Vec<Vec<usize>> {
+pub(crate) fn histograms<B: Backend>(layer: &QuantizedLayer<B>) -> Vec<Vec<usize>> {
     layer
         .adarounds()
         .iter()
@@ -237,7 +237,7 @@ fn run_schedule<B: Backend>(
 }
 
 /// One report per kernel; a kernel put back to nearest rounding has no changed weights.
-fn kernel_reports(
+pub(crate) fn kernel_reports(
     changes: Vec<KernelChange>,
     statuses: Vec<RoundingStatus>,
     (before, after): (Vec<Vec<usize>>, Vec<Vec<usize>>),
@@ -472,6 +472,7 @@ pub(crate) fn optimize_unit<B: Backend>(
         kernels,
         history: trace.history,
         seconds: 0.0,
+        block: None,
     };
     let layer = if kept_nearest { unit.layer } else { finalized };
     Ok((report, layer))

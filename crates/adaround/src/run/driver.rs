@@ -5,13 +5,14 @@ use std::{collections::HashMap, time::Instant};
 use adaround_core::all_finite;
 use adaround_layers::{probe::Flow, QuantizedLayer};
 use burn::{
-    module::Module,
+    module::{AutodiffModule, Module},
     optim::{Optimizer, SimpleOptimizer},
     tensor::{backend::Backend, Tensor},
 };
 use log::info;
 
 use crate::{
+    block::{optimize_block, Block, Blocks, Lifted},
     capture,
     checkpoint::{checksum, is_state_of, Checkpoint, Fingerprint},
     discover::{activations, discover, Site},
@@ -24,7 +25,7 @@ use crate::{
     stages::{Stage, Staged},
     step::{Ad, DefaultAdam, ModuleOptimizers, Optimizers, SimpleOptimizers},
     unit::{ensure_finite, flows_finite},
-    AdaRoundConfig, AdaRoundError, AdaRoundReport, LayerReport, ModelCheck, ModelGuard,
+    AdaRoundConfig, AdaRoundError, AdaRoundReport, BlockInit, LayerReport, ModelCheck, ModelGuard,
     SeparableStep, Target,
 };
 
@@ -85,6 +86,7 @@ pub struct AdaRound<'a, B: Backend, M> {
     optimizers: Box<dyn Optimizers<B> + 'a>,
     progress: Box<dyn FnMut(Progress<'_>) + 'a>,
     stages: Vec<Stage<'a, B, M>>,
+    blocks: Option<Box<dyn Blocks<B, M> + 'a>>,
 }
 
 impl<'a, B: Backend, M: Module<B>> AdaRound<'a, B, M> {
@@ -96,6 +98,7 @@ impl<'a, B: Backend, M: Module<B>> AdaRound<'a, B, M> {
             optimizers: Box::new(DefaultAdam),
             progress: Box::new(|_| {}),
             stages: Vec::new(),
+            blocks: None,
         }
     }
 
@@ -142,6 +145,31 @@ impl<'a, B: Backend, M: Module<B>> AdaRound<'a, B, M> {
         self
     }
 
+    /// Block reconstruction (BRECQ): the quantized layers of each stage are optimised
+    /// together against the float stage's output, by autodiff through the stage, instead of
+    /// one at a time. `blocks` are the stages given to [`Self::with_stages`], written for the
+    /// model on `Autodiff<B>` (`MA`, whose inner module is `M`; for a model generic over its
+    /// backend, the same function at `Autodiff<B>`). Settings: [`AdaRoundConfig::block`].
+    ///
+    /// Each step lifts the model to `Autodiff<B>` and runs the stage on the next samples of
+    /// its input from the model rounded so far, with every quantized kernel of the stage
+    /// replaced by AdaRound's soft weights; the loss is the run's reconstruction loss against
+    /// the float stage's output on the float model's input, plus the rounding regulariser of
+    /// every kernel. Quantized activations stay quantized. Without bias correction or
+    /// refinement; with [`AdaRoundConfig::never_worse`], a block whose output error ends
+    /// above nearest rounding's keeps nearest rounding. A stage of one layer is that layer's
+    /// AdaRound by autodiff. Memory: the stage's inputs and float outputs for every sample,
+    /// and one step's autodiff graph through the stage. [`AdaRoundError::Stages`] if the
+    /// number of blocks is not the number of stages.
+    pub fn with_blocks<MA>(mut self, blocks: Vec<Stage<'a, Ad<B>, MA>>) -> Self
+    where
+        MA: AutodiffModule<Ad<B>, InnerModule = M> + 'a,
+        M: 'a,
+    {
+        self.blocks = Some(Box::new(Lifted { stages: blocks }));
+        self
+    }
+
     /// Optimises the rounding of every quantized layer of `model`, one layer at a time in
     /// forward order (see [`AdaRound`]); returns a new model and the report.
     pub fn run<F, O, const D: usize>(
@@ -161,7 +189,7 @@ impl<'a, B: Backend, M: Module<B>> AdaRound<'a, B, M> {
             &self.config,
             self.optimizers.as_mut(),
             self.progress.as_mut(),
-            &self.stages,
+            (&self.stages, self.blocks.as_deref()),
         )
     }
 }
@@ -340,7 +368,7 @@ fn run<'a, B, M, F, O, const D: usize>(
     config: &'a AdaRoundConfig,
     optimizers: &'a mut dyn Optimizers<B>,
     progress: &'a mut (dyn FnMut(Progress<'_>) + 'a),
-    stages: &[Stage<'a, B, M>],
+    (stages, blocks): (&[Stage<'a, B, M>], Option<&dyn Blocks<B, M>>),
 ) -> Result<(M, AdaRoundReport), AdaRoundError>
 where
     B: Backend,
@@ -350,6 +378,15 @@ where
 {
     let start = Instant::now();
     config.validate()?;
+    if let Some(blocks) = blocks {
+        if blocks.len() != stages.len() {
+            return Err(AdaRoundError::Stages(format!(
+                "{} blocks for {} stages: block reconstruction takes the stages, on the autodiff backend",
+                blocks.len(),
+                stages.len()
+            )));
+        }
+    }
     let checkpoint = config
         .checkpoint
         .as_deref()
@@ -387,11 +424,42 @@ where
         index: 0,
         layers: end_at - start_at,
     };
-    for (i, site) in sites[start_at..end_at].iter().enumerate() {
-        ctx.index = i;
-        let report;
-        (work, report) = optimize_layer(&run, work, (start_at + i, site), &mut ctx)?;
-        layers.push(report);
+    let mut i = start_at;
+    while i < end_at {
+        ctx.index = i - start_at;
+        let reports;
+        (work, reports) = match (blocks, &run.staged) {
+            (Some(blocks), Some(staged)) => {
+                let stage = staged.stage_of(i);
+                let group: Vec<_> = (i..sites.len())
+                    .take_while(|&j| staged.stage_of(j) == stage)
+                    .map(|j| (j, &sites[j]))
+                    .collect();
+                let nearest = work.clone();
+                if config.block.init == BlockInit::LayerWise {
+                    for &(j, site) in &group {
+                        ctx.index = j - start_at;
+                        (work, _) = optimize_layer(&run, work, (j, site), &mut ctx)?;
+                    }
+                    ctx.index = i - start_at;
+                }
+                let float_model = run.float_model.as_ref();
+                let (inputs, targets) = staged.block_data((&work, float_model), stage)?;
+                let block = Block {
+                    stage,
+                    sites: group,
+                    inputs,
+                    targets,
+                };
+                optimize_block((blocks, staged), (&nearest, work), &block, &mut ctx)?
+            }
+            _ => {
+                let (work, report) = optimize_layer(&run, work, (i, &sites[i]), &mut ctx)?;
+                (work, vec![report])
+            }
+        };
+        i += reports.len();
+        layers.extend(reports);
         if let (Some(checkpoint), Some(fingerprint)) = (&checkpoint, &fingerprint) {
             checkpoint.save(&work, &layers, &names, config, fingerprint)?;
         }

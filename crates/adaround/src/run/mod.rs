@@ -1,7 +1,8 @@
 //! Driving a run over a model: the builder and the run loop (`driver`), the forward pass in
-//! stages, finding the layers, the model-level guard, and one
+//! stages, block reconstruction, finding the layers, the model-level guard, and one
 //! layer's data and halves (`site`).
 
+pub(crate) mod block;
 pub(crate) mod discover;
 pub(crate) mod driver;
 pub(crate) mod guard;

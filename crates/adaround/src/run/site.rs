@@ -214,6 +214,7 @@ fn merge<B: Backend>(
         kernels,
         history: dw.history.into_iter().chain(pw.history).collect(),
         seconds: 0.0,
+        block: None,
     };
     let layer = if kept_nearest {
         site.layer.clone()

@@ -148,6 +148,48 @@ impl<'s, 'a, B: Backend, M: Module<B>> Staged<'s, 'a, B, M> {
         capture::input_of(place.local, float, &site.name, || stage(model, x.clone()))
     }
 
+    /// The stage of site `i`.
+    pub(crate) fn stage_of(&self, i: usize) -> usize {
+        self.places[i].stage
+    }
+
+    /// Stage `stage` of `model` on `x` (`float`: every quantized layer with its float
+    /// weights).
+    pub(crate) fn run_stage(
+        &self,
+        model: &M,
+        stage: usize,
+        x: &Flow<B>,
+        float: bool,
+    ) -> Result<Flow<B>, AdaRoundError> {
+        let stage = &self.stages[stage];
+        let (_, out) =
+            capture::run_returning::<B, _, _>(Pass { float }, || stage(model, x.clone()))?;
+        Ok(out.expect("a pass that wants no event never stops"))
+    }
+
+    /// Block `stage`'s data, once the stage inputs are moved on to it: each batch's input
+    /// from `work`, and the float stage's output on the float model's input (on `work`'s
+    /// input without a float model), both with float weights.
+    pub(crate) fn block_data(
+        &self,
+        (work, float_model): (&M, Option<&M>),
+        stage: usize,
+    ) -> Result<(Vec<Flow<B>>, Vec<Flow<B>>), AdaRoundError> {
+        self.advance(work, float_model, stage)?;
+        let state = self.state.borrow();
+        let inputs = state.quantized.clone();
+        let (model, from) = match (float_model, &state.float) {
+            (Some(m), Some(f)) => (m, f),
+            _ => (work, &state.quantized),
+        };
+        let targets = from
+            .iter()
+            .map(|x| self.run_stage(model, stage, x, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((inputs, targets))
+    }
+
     /// Moves the stage inputs on to stage `to`: through the stages between, `work` as it is
     /// (every layer before `to` is rounded) and the float model with float weights.
     fn advance(&self, work: &M, float_model: Option<&M>, to: usize) -> Result<(), AdaRoundError> {
