@@ -27,8 +27,8 @@
 //! iterations per layer (4 000 by default); `--method gptq` rounds with GPTQ instead of
 //! AdaRound (`RoundingMethod::Gptq`, no iterations); `--method block` reconstructs each
 //! stage (the stem with block 0, each block, the head) as one block
-//! (`AdaRound::with_blocks`; `--block-iterations N` steps per block, 1 000 by default,
-//! `--block-samples K` samples per step, the batch of 32 by default, `--block-lr`, and
+//! (`AdaRound::with_blocks`; `--block-iterations N` steps per block, `--block-samples K`
+//! samples per step and `--block-lr` override `BlockConfig`'s 200, 8 and 0.1, and
 //! `--block-init fractional` for BRECQ's start instead of layer-wise decisions);
 //! `--validation V` holds out the last `V` calibration crops and scores them. Writes
 //! `out/efficientnet/report.json`.
@@ -235,9 +235,15 @@ fn main() {
         config.method = RoundingMethod::Gptq;
     }
     if blocks {
-        config.block.schedule = Schedule::warm_cosine(arg("--block-iterations").unwrap_or(1000));
-        config.block.samples_per_step = arg("--block-samples");
-        config.block.learning_rate = arg("--block-lr");
+        if let Some(steps) = arg("--block-iterations") {
+            config.block.schedule = Schedule::warm_cosine(steps);
+        }
+        if let Some(samples) = arg("--block-samples") {
+            config.block.samples_per_step = Some(samples);
+        }
+        if let Some(lr) = arg("--block-lr") {
+            config.block.learning_rate = lr;
+        }
         if arg::<String>("--block-init").is_some_and(|i| i == "fractional") {
             config.block.init = BlockInit::Fractional;
         }

@@ -19,16 +19,19 @@
 //! the AdaRound configuration on 5 000 training images that neither training nor calibration
 //! uses (`--only NAME,..` picks variants), without looking at the test images. The test
 //! run uses `AdaRoundConfig::recommended()`, whose [`Refine::Dense`] `--validate` chose here
-//! too; `--refine off|all` runs it with another [`AdaRoundConfig::refine`].
+//! too; `--refine off|all` runs it with another [`AdaRoundConfig::refine`]; `--blocks` with
+//! block reconstruction (`AdaRound::with_blocks`: the body's three convolutions together,
+//! then the classifier).
 
 use std::{io::Read, path::PathBuf, time::Instant};
 
 use adaround::{
+    layers::probe::Flow,
     layers::{
         QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
         QuantizedSeparableConv2d,
     },
-    AdaRound, AdaRoundConfig, AdaRoundReport, Grid, Refine, Schedule, WeightQuantizer,
+    AdaRound, AdaRoundConfig, AdaRoundReport, Grid, Refine, Schedule, Stage, WeightQuantizer,
 };
 use adaround_examples::{
     digits::{
@@ -245,11 +248,27 @@ impl<B: Backend> QuantNet<B> {
         self
     }
 
-    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+    fn body(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = self.act1.forward(self.conv.forward(x));
         let x = self.act2.forward(self.sep1.forward(x));
-        let x = self.act3.forward(self.sep2.forward(x));
-        self.fc.forward(x.flatten(1, 3))
+        self.act3.forward(self.sep2.forward(x))
+    }
+
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        self.fc.forward(self.body(x).flatten(1, 3))
+    }
+
+    /// The forward pass as two blocks for block reconstruction: the three convolutions with
+    /// their activations, then the classifier.
+    fn stages<'a>() -> Vec<Stage<'a, B, Self>> {
+        let maps = |x: Flow<B>| match x {
+            Flow::Maps(t) => t,
+            Flow::Rows(_) => unreachable!("the stages pass maps"),
+        };
+        vec![
+            Box::new(move |m: &Self, x: Flow<B>| Flow::Maps(m.body(maps(x)))),
+            Box::new(move |m: &Self, x: Flow<B>| Flow::Rows(m.fc.forward(maps(x).flatten(1, 3)))),
+        ]
     }
 }
 
@@ -265,6 +284,9 @@ struct Args {
     only: Option<String>,
     /// The test run's [`AdaRoundConfig::refine`]: the preset's (`Dense`) unless given.
     refine: Refine,
+    /// Block reconstruction (`--blocks`): the body and the classifier as two blocks,
+    /// `BlockConfig`'s defaults.
+    blocks: bool,
 }
 
 impl Args {
@@ -275,12 +297,14 @@ impl Args {
             validate: false,
             only: None,
             refine: AdaRoundConfig::recommended().refine,
+            blocks: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--float" => args.float = it.next(),
                 "--validate" => args.validate = true,
+                "--blocks" => args.blocks = true,
                 "--only" => args.only = it.next(),
                 "--refine" => {
                     let name = it.next();
@@ -294,7 +318,7 @@ impl Args {
                 }
                 _ if a.starts_with("--") => {
                     eprintln!(
-                        "unknown option {a}: [DIR] [--float PATH] [--refine off|dense|all] [--validate [--only NAME,..]]"
+                        "unknown option {a}: [DIR] [--float PATH] [--refine off|dense|all] [--blocks] [--validate [--only NAME,..]]"
                     );
                     std::process::exit(2);
                 }
@@ -578,7 +602,13 @@ fn run<B: AutodiffBackend>(args: &Args, device: &B::Device, train: Split, test: 
         let model = quant.clone().with_weights(bits, per_axis, mse);
         let score = |logits| Scores::new(logits, labels.clone(), float_logits.clone());
         let nearest_scores = score(logits(|x| model.forward(x), &test, 0..test.len(), device));
-        let (rounded, report) = AdaRound::new(config.clone())
+        let mut adaround = AdaRound::new(config.clone());
+        if args.blocks {
+            adaround = adaround
+                .with_stages(QuantNet::stages())
+                .with_blocks(QuantNet::<burn_autodiff::Autodiff<B::InnerBackend>>::stages());
+        }
+        let (rounded, report) = adaround
             .run(&model, calibration.clone(), |m, x| m.forward(x))
             .expect("AdaRound");
         let ada_scores = score(logits(|x| rounded.forward(x), &test, 0..test.len(), device));

@@ -162,8 +162,8 @@ pub(crate) fn conv_with<B: Backend>(
     let [n, c, h, w] = input.dims();
     let [c_out, _, kh, kw] = weight.dims();
     let ((top, bottom), (left, right)) = padding_pairs(padding, [h, w], [kh, kw], stride, dilation);
-    let pointwise = [kh, kw, stride[0], stride[1], groups] == [1; 5]
-        && [top, bottom, left, right] == [0; 4];
+    let pointwise =
+        [kh, kw, stride[0], stride[1], groups] == [1; 5] && [top, bottom, left, right] == [0; 4];
     if pointwise && B::ad_enabled(&input.device()) {
         // A 1x1 convolution as one matrix product: Burn's autodiff computes its gradients
         // with two more products, where the convolution's backward (on the CPU backends) is

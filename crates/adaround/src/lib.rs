@@ -62,7 +62,7 @@ mod schedule;
 
 pub use io::import;
 use io::{checkpoint, export, params};
-use layer::{fused, gptq, gram, host, optimize, refine, step, unit};
+use layer::{fused, gptq, gram, host, optimize, place, refine, step, unit};
 use run::{block, discover, driver, guard, site, stages};
 
 pub use adaround_core::{
@@ -94,7 +94,7 @@ pub struct GuideDoctests;
 /// Backends re-exported for convenience.
 #[cfg(feature = "wgpu")]
 pub mod backend {
-    /// The GPU backend (WebGPU: Vulkan, Metal, DX12). Pass [`adaround`](crate::adaround) a
+    /// The GPU backend (WebGPU: Vulkan, Metal, DX12). Pass [`AdaRound::run`](crate::AdaRound::run) a
     /// model on it as it is (an inference model: an `Autodiff` model is refused); the driver
     /// wraps the layer it optimises in autodiff where a step needs it.
     pub type Wgpu = burn_wgpu::Wgpu;

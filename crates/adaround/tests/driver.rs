@@ -892,6 +892,8 @@ mod blocks {
             .with_block(
                 BlockConfig::new()
                     .with_schedule(Schedule::warm_cosine(1000))
+                    .with_samples_per_step(None)
+                    .with_learning_rate(1e-2)
                     .with_init(init),
             )
     }

@@ -23,9 +23,9 @@ use adaround_layers::{probe::Flow, MatrixLayer, QuantizedLayer, QuantizerSlot};
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 
 use crate::{
-    config::Place,
     gram::{self, matmul},
     host::{self, View},
+    place::{place, Place},
     step::{AlphaOptimizer, Losses, Step},
     unit::Relu,
     Elementwise, ReconstructionLoss,
@@ -108,7 +108,12 @@ fn step_place<B: Backend>(
 ) -> Place {
     let weights = dims.iter().product();
     let work = step_work(data, dims);
-    elementwise.place::<B>(device, (weights, work), resident && HostData::fits(data))
+    place::<B>(
+        elementwise,
+        device,
+        (weights, work),
+        resident && HostData::fits(data),
+    )
 }
 
 /// [`Data`] in host memory.

@@ -1,5 +1,5 @@
 //! Optimising one layer: what it is optimised on (`unit`), the loss in Gram form (`gram`),
-//! the steps (`step`: autodiff; `fused` and `host`: the closed form), the schedule loop and
+//! the steps (`step`: autodiff; `fused` and `host`: the closed form, placed by `place`), the schedule loop and
 //! finalizing (`optimize`), the refinement after it (`refine`) and GPTQ (`gptq`). Nothing here
 //! imports from `run`.
 
@@ -8,6 +8,7 @@ pub(crate) mod gptq;
 pub(crate) mod gram;
 pub(crate) mod host;
 pub(crate) mod optimize;
+pub(crate) mod place;
 pub(crate) mod refine;
 pub(crate) mod step;
 pub(crate) mod unit;

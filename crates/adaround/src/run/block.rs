@@ -10,9 +10,10 @@
 
 use std::{collections::HashMap, time::Instant};
 
+use adaround_core::RoundingStatus;
 use adaround_layers::{
     probe::{Flow, Probe, ProbeAction, ProbeEvent},
-    QuantizedLayer, QuantizerSlot,
+    KernelChange, QuantizedLayer, QuantizerSlot,
 };
 use burn::{
     module::{AutodiffModule, Module, ModuleMapper, Param, ParamId},
@@ -30,7 +31,7 @@ use crate::{
     stages::{Stage, Staged},
     step::{lift, Ad},
     unit::{ensure_finite, reconstruction_loss},
-    AdaRoundError, BlockInit, LayerReport, LossPath, StepLog,
+    AdaRoundConfig, AdaRoundError, BlockInit, LayerReport, LossPath, StepLog,
 };
 
 /// The user's stages on `Autodiff<B>`, for a model whose inner module is `M`.
@@ -195,48 +196,10 @@ pub(crate) fn optimize_block<B: Backend, M: Module<B>>(
     let clock = Instant::now();
     let config = ctx.config;
     let names: Vec<&str> = block.sites.iter().map(|(_, s)| s.name.as_str()).collect();
-    let armed = block
-        .sites
-        .iter()
-        .map(|(_, s)| {
-            s.layer
-                .clone()
-                .with_adaround(&config.params)
-                .map_err(|source| AdaRoundError::Quantizer {
-                    layer: s.name.clone(),
-                    source,
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let armed: Vec<_> = match config.block.init {
-        BlockInit::Fractional => armed,
-        BlockInit::LayerWise => {
-            let ids = armed
-                .iter()
-                .flat_map(|l| l.kernels().into_iter().map(|k| k.id));
-            let mut values = Values {
-                ids: ids.collect(),
-                found: HashMap::new(),
-            };
-            start.visit(&mut values);
-            armed
-                .into_iter()
-                .map(|l| decided(l, &values.found))
-                .collect()
-        }
-    };
+    let armed = arm(block, &start, ctx)?;
     let before: Vec<_> = armed.iter().map(histograms).collect();
     let initial = armed.clone();
-    let alphas = armed
-        .iter()
-        .flat_map(|l| l.adarounds().into_iter().map(|a| (a.alpha.id, true)))
-        .collect();
-    let layers = Layers::<B>::from_inner(armed)
-        .no_grad()
-        .map(&mut RestoreGrad {
-            require_grad: alphas,
-        });
-    let (layers, history) = train(blocks, &start, block, layers, ctx)?;
+    let (layers, history) = train(blocks, &start, block, trainable(armed), ctx)?;
     let layers = layers.valid();
     let err_before = block_error(staged, nearest, block, config.loss)?;
     let err_start = block_error(staged, &start, block, config.loss)?;
@@ -267,45 +230,13 @@ pub(crate) fn optimize_block<B: Backend, M: Module<B>>(
         true => initial.into_iter().map(|l| l.finalize(true)).collect(),
         false => finalized,
     };
-    let kept_nearest = kept_start && config.block.init == BlockInit::Fractional;
-    let last = history
-        .last()
-        .map_or((f64::NAN, f64::NAN), |h| (h.reconstruction, h.rounding));
-    let seconds = clock.elapsed().as_secs_f64();
-    let mut reports = Vec::with_capacity(block.sites.len());
-    let parts = finalized
-        .into_iter()
-        .zip(statuses)
-        .zip(before.into_iter().zip(after));
-    for (k, (((layer, changes), statuses), histograms)) in parts.enumerate() {
-        let site = block.sites[k].1;
-        let report = LayerReport {
-            name: site.name.clone(),
-            kind: site.layer.kind(),
-            path: LossPath::Direct,
-            fused: false,
-            position: site.position,
-            weights: layer
-                .kernels()
-                .iter()
-                .map(|k| k.weight.shape().num_elements())
-                .sum(),
-            err_before,
-            err_after: err_final,
-            err_final: if kept_start { err_start } else { err_final },
-            steps: history.last().map_or(0, |h| h.step),
-            early_stop: false,
-            kept_nearest,
-            refined: 0,
-            final_reconstruction_loss: last.0,
-            final_rounding_loss: last.1,
-            kernels: kernel_reports(changes, statuses, histograms, kept_nearest),
-            history: history.clone(),
-            seconds,
-            block: Some(block.stage),
-        };
-        reports.push(report);
-    }
+    let outcome = Outcome {
+        errors: (err_before, err_start, err_final),
+        kept_start,
+        history,
+        seconds: clock.elapsed().as_secs_f64(),
+    };
+    let reports = reports(block, finalized, statuses, (before, after), outcome, config);
     let finished = Progress::BlockFinished {
         index: ctx.index + reports.len() - 1,
         layers: ctx.layers,
@@ -315,6 +246,150 @@ pub(crate) fn optimize_block<B: Backend, M: Module<B>>(
     info!("{}", progress::line(&finished));
     progress::emit(ctx.progress, finished)?;
     Ok((work, reports))
+}
+
+/// The block's layers armed with AdaRound quantizers: from AdaRound's start
+/// ([`BlockInit::Fractional`]) or from the decisions `start` holds ([`BlockInit::LayerWise`]).
+fn arm<B: Backend, M: Module<B>>(
+    block: &Block<'_, B>,
+    start: &M,
+    ctx: &Context<'_, B>,
+) -> Result<Vec<QuantizedLayer<B>>, AdaRoundError> {
+    let config = ctx.config;
+    let armed = block
+        .sites
+        .iter()
+        .map(|(_, s)| {
+            s.layer
+                .clone()
+                .with_adaround(&config.params)
+                .map_err(|source| AdaRoundError::Quantizer {
+                    layer: s.name.clone(),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(match config.block.init {
+        BlockInit::Fractional => armed,
+        BlockInit::LayerWise => {
+            let ids = armed
+                .iter()
+                .flat_map(|l| l.kernels().into_iter().map(|k| k.id));
+            let mut values = Values {
+                ids: ids.collect(),
+                found: HashMap::new(),
+            };
+            start.visit(&mut values);
+            armed
+                .into_iter()
+                .map(|l| decided(l, &values.found))
+                .collect()
+        }
+    })
+}
+
+/// Per layer, per kernel: the histogram of the decimals.
+type Histograms = Vec<Vec<Vec<usize>>>;
+
+/// What a block's optimisation ended with, for its reports.
+struct Outcome {
+    /// The block output's error with nearest rounding, at the start, and after the steps.
+    errors: (f64, f64, f64),
+    /// `never_worse` kept the start.
+    kept_start: bool,
+    history: Vec<StepLog>,
+    seconds: f64,
+}
+
+/// One report per layer of the block, each with the block output's errors.
+fn reports<B: Backend>(
+    block: &Block<'_, B>,
+    finalized: Vec<(QuantizedLayer<B>, Vec<KernelChange>)>,
+    statuses: Vec<Vec<RoundingStatus>>,
+    (before, after): (Histograms, Histograms),
+    outcome: Outcome,
+    config: &AdaRoundConfig,
+) -> Vec<LayerReport> {
+    let (err_before, err_start, err_final) = outcome.errors;
+    let kept_nearest = outcome.kept_start && config.block.init == BlockInit::Fractional;
+    let history = &outcome.history;
+    let last = history
+        .last()
+        .map_or((f64::NAN, f64::NAN), |h| (h.reconstruction, h.rounding));
+    let parts = finalized
+        .into_iter()
+        .zip(statuses)
+        .zip(before.into_iter().zip(after));
+    parts
+        .enumerate()
+        .map(|(k, (((layer, changes), statuses), histograms))| {
+            let site = block.sites[k].1;
+            LayerReport {
+                name: site.name.clone(),
+                kind: site.layer.kind(),
+                path: LossPath::Direct,
+                fused: false,
+                position: site.position,
+                weights: layer
+                    .kernels()
+                    .iter()
+                    .map(|k| k.weight.shape().num_elements())
+                    .sum(),
+                err_before,
+                err_after: err_final,
+                err_final: if outcome.kept_start {
+                    err_start
+                } else {
+                    err_final
+                },
+                steps: history.last().map_or(0, |h| h.step),
+                early_stop: false,
+                kept_nearest,
+                refined: 0,
+                final_reconstruction_loss: last.0,
+                final_rounding_loss: last.1,
+                kernels: kernel_reports(changes, statuses, histograms, kept_nearest),
+                history: history.clone(),
+                seconds: outcome.seconds,
+                block: Some(block.stage),
+            }
+        })
+        .collect()
+}
+
+/// The armed layers on `Autodiff<B>` with only their alphas tracked.
+fn trainable<B: Backend>(armed: Vec<QuantizedLayer<B>>) -> Layers<B> {
+    let alphas = armed
+        .iter()
+        .flat_map(|l| l.adarounds().into_iter().map(|a| (a.alpha.id, true)))
+        .collect();
+    Layers::<B>::from_inner(armed)
+        .no_grad()
+        .map(&mut RestoreGrad {
+            require_grad: alphas,
+        })
+}
+
+/// Each AdaRound kernel's soft weights, flattened, by the kernel's parameter id.
+fn soft_kernels<B: Backend>(layers: &Layers<B>) -> HashMap<ParamId, Tensor<Ad<B>, 1>> {
+    layers
+        .iter()
+        .flat_map(|l| {
+            l.kernels().into_iter().filter_map(|k| {
+                let ada = k.slot.adaround()?;
+                Some((k.id, ada.recons_weights_flat()))
+            })
+        })
+        .collect()
+}
+
+/// `reg` times the rounding regulariser summed over the block's kernels at `beta`.
+fn rounding_loss<B: Backend>(layers: &Layers<B>, beta: f64, reg: f64) -> Option<Tensor<Ad<B>, 1>> {
+    layers
+        .iter()
+        .flat_map(|l| l.adarounds().into_iter().map(|a| a.rounding_loss(beta)))
+        .reduce(|a, b| a + b)
+        .map(|r| r.mul_scalar(reg))
 }
 
 /// The block's schedule: Adam on the alphas of `layers`, each step on the next
@@ -335,32 +410,18 @@ fn train<B: Backend, M: Module<B>>(
         .collect();
     let mut optim: OptimizerAdaptor<Adam, Layers<B>, Ad<B>> = AdamConfig::new().build().into();
     let steps = schedule.length();
-    let lr = config.block.learning_rate.unwrap_or(config.learning_rate);
+    let lr = config.block.learning_rate;
     let name = format!("block {} ({} layers)", block.stage, layers.len());
     let mut history = Vec::new();
     for step in 0..steps {
         let (b, from) = pieces[step % pieces.len()];
         let beta = schedule.beta(step, &config.params);
-        let soft = layers
-            .iter()
-            .flat_map(|l| {
-                l.kernels().into_iter().filter_map(|k| {
-                    let ada = k.slot.adaround()?;
-                    Some((k.id, ada.recons_weights_flat()))
-                })
-            })
-            .collect();
+        let soft = soft_kernels(&layers);
         let x = lift(&narrow(&block.inputs[b], from, per_step));
         let target = lift(&narrow(&block.targets[b], from, per_step));
         let out = blocks.forward(block.stage, work, soft, x)?;
         let rec = reconstruction_loss(out, target, config.loss);
-        let round = beta.and_then(|beta| {
-            layers
-                .iter()
-                .flat_map(|l| l.adarounds().into_iter().map(|a| a.rounding_loss(beta)))
-                .reduce(|a, b| a + b)
-                .map(|r| r.mul_scalar(config.params.reg))
-        });
+        let round = beta.and_then(|beta| rounding_loss(&layers, beta, config.params.reg));
         let total = match &round {
             Some(r) => rec.clone() + r.clone(),
             None => rec.clone(),

@@ -378,15 +378,7 @@ where
 {
     let start = Instant::now();
     config.validate()?;
-    if let Some(blocks) = blocks {
-        if blocks.len() != stages.len() {
-            return Err(AdaRoundError::Stages(format!(
-                "{} blocks for {} stages: block reconstruction takes the stages, on the autodiff backend",
-                blocks.len(),
-                stages.len()
-            )));
-        }
-    }
+    check_blocks(blocks, stages.len())?;
     let checkpoint = config
         .checkpoint
         .as_deref()
@@ -396,22 +388,11 @@ where
     let batches = split_batches(samples, config.batch_size)?;
     let n_samples = batches.len() * batches[0].dims()[0];
     let index = ParamIndex::of::<B, M>(model);
-    let mut work = model.clone();
-    let sites = discover(&work, &batches[0], &forward, &index, config)?;
+    let sites = discover(model, &batches[0], &forward, &index, config)?;
     let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
-    let mut layers = Vec::with_capacity(sites.len());
-    let fingerprint = match &checkpoint {
-        Some(checkpoint) => {
-            let settings = settings_json(&sites, &work, &batches[0], &forward)?;
-            let fingerprint = Fingerprint::of(&work, &settings, &batches);
-            let context = (&batches[0], &forward, &index, config);
-            if let Some(found) = resume(checkpoint, &fingerprint, &work, &sites, context)? {
-                (work, layers) = found;
-            }
-            Some(fingerprint)
-        }
-        None => None,
-    };
+    let context = (&batches[..], &forward, &index, config);
+    let (mut work, mut layers, fingerprint) =
+        start_from(checkpoint.as_ref(), model, &sites, context)?;
     let run = Run::new(model, (batches, forward), config, (stages, &sites))?;
     let start_at = layers.len();
     let end_at = config
@@ -429,30 +410,13 @@ where
         ctx.index = i - start_at;
         let reports;
         (work, reports) = match (blocks, &run.staged) {
-            (Some(blocks), Some(staged)) => {
-                let stage = staged.stage_of(i);
-                let group: Vec<_> = (i..sites.len())
-                    .take_while(|&j| staged.stage_of(j) == stage)
-                    .map(|j| (j, &sites[j]))
-                    .collect();
-                let nearest = work.clone();
-                if config.block.init == BlockInit::LayerWise {
-                    for &(j, site) in &group {
-                        ctx.index = j - start_at;
-                        (work, _) = optimize_layer(&run, work, (j, site), &mut ctx)?;
-                    }
-                    ctx.index = i - start_at;
-                }
-                let float_model = run.float_model.as_ref();
-                let (inputs, targets) = staged.block_data((&work, float_model), stage)?;
-                let block = Block {
-                    stage,
-                    sites: group,
-                    inputs,
-                    targets,
-                };
-                optimize_block((blocks, staged), (&nearest, work), &block, &mut ctx)?
-            }
+            (Some(blocks), Some(staged)) => round_block(
+                &run,
+                (blocks, staged),
+                work,
+                (i, &sites, start_at),
+                &mut ctx,
+            )?,
             _ => {
                 let (work, report) = optimize_layer(&run, work, (i, &sites[i]), &mut ctx)?;
                 (work, vec![report])
@@ -476,6 +440,86 @@ where
         model: check,
     };
     Ok((work, report))
+}
+
+/// Block reconstruction takes one block per stage.
+fn check_blocks<B: Backend, M>(
+    blocks: Option<&dyn Blocks<B, M>>,
+    stages: usize,
+) -> Result<(), AdaRoundError> {
+    match blocks.filter(|b| b.len() != stages) {
+        Some(blocks) => Err(AdaRoundError::Stages(format!(
+            "{} blocks for {stages} stages: block reconstruction takes the stages, on the autodiff backend",
+            blocks.len()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The run's start: with a checkpoint, the model and reports it holds where this run's
+/// model, samples and configuration wrote it (else `model` and no reports), and the
+/// fingerprint to write it with.
+#[allow(clippy::type_complexity)]
+fn start_from<B, M, F, O, const D: usize>(
+    checkpoint: Option<&Checkpoint>,
+    model: &M,
+    sites: &[Site<B>],
+    (batches, forward, index, config): (&[Tensor<B, D>], &F, &ParamIndex, &AdaRoundConfig),
+) -> Result<(M, Vec<LayerReport>, Option<Fingerprint>), AdaRoundError>
+where
+    B: Backend,
+    M: Module<B>,
+    F: Fn(&M, Tensor<B, D>) -> O,
+    O: ModelOutput<B>,
+{
+    let Some(checkpoint) = checkpoint else {
+        return Ok((model.clone(), Vec::new(), None));
+    };
+    let settings = settings_json(sites, model, &batches[0], forward)?;
+    let fingerprint = Fingerprint::of(model, &settings, batches);
+    let context = (&batches[0], forward, index, config);
+    let (work, layers) = resume(checkpoint, &fingerprint, model, sites, context)?
+        .unwrap_or_else(|| (model.clone(), Vec::new()));
+    Ok((work, layers, Some(fingerprint)))
+}
+
+/// The layers of the stage that site `i` opens, rounded as one block (after each on its own
+/// with [`BlockInit::LayerWise`]); `start_at` is the run's first site.
+fn round_block<B, M, F, O, const D: usize>(
+    run: &Run<'_, '_, B, M, F, D>,
+    (blocks, staged): (&dyn Blocks<B, M>, &Staged<'_, '_, B, M>),
+    mut work: M,
+    (i, sites, start_at): (usize, &[Site<B>], usize),
+    ctx: &mut Context<'_, B>,
+) -> Result<(M, Vec<LayerReport>), AdaRoundError>
+where
+    B: Backend,
+    M: Module<B>,
+    F: Fn(&M, Tensor<B, D>) -> O,
+    O: ModelOutput<B>,
+{
+    let stage = staged.stage_of(i);
+    let group: Vec<_> = (i..sites.len())
+        .take_while(|&j| staged.stage_of(j) == stage)
+        .map(|j| (j, &sites[j]))
+        .collect();
+    let nearest = work.clone();
+    if run.config.block.init == BlockInit::LayerWise {
+        for &(j, site) in &group {
+            ctx.index = j - start_at;
+            (work, _) = optimize_layer(run, work, (j, site), ctx)?;
+        }
+        ctx.index = i - start_at;
+    }
+    let float_model = run.float_model.as_ref();
+    let (inputs, targets) = staged.block_data((&work, float_model), stage)?;
+    let block = Block {
+        stage,
+        sites: group,
+        inputs,
+        targets,
+    };
+    optimize_block((blocks, staged), (&nearest, work), &block, ctx)
 }
 
 /// The model-level guard, once the last layer is `finished` (see [`ModelGuard`]).
