@@ -18,7 +18,7 @@ use adaround::{
     import::{Layout, WeightImport},
     layers::AdaRoundLayer,
     store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore},
-    AdaRound,
+    AdaRound, RunConfig,
 };
 use adaround_examples::digits::{
     accuracy, quickstart_config, Digits, FloatCnn, Granularity, QuantCnn, FIXTURE,
@@ -77,10 +77,11 @@ fn main() {
     let checkpoint = format!("{OUT}/checkpoint");
     let _ = std::fs::remove_dir_all(&checkpoint);
     let config = quickstart_config();
-    let boxed = config
-        .clone()
-        .with_checkpoint(Some(checkpoint.clone()))
-        .with_stop_after(Some(1));
+    let boxed = config.clone().with_run(
+        RunConfig::new()
+            .with_checkpoint(Some(checkpoint.clone()))
+            .with_stop_after(Some(1)),
+    );
     println!("\n## 2. AdaRound W4, checkpointed in {checkpoint}");
     let mut calls = 0;
     let (rounded, report) = loop {

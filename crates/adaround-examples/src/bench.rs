@@ -18,7 +18,8 @@ use adaround::{
         QuantizedConv2d, QuantizedConv2dConfig, QuantizedDense, QuantizedDenseConfig,
         QuantizedSeparableConv2d, QuantizedSeparableConv2dConfig,
     },
-    AdaRound, AdaRoundConfig, BetaDecay, Elementwise, LossPath, Schedule, WeightQuantizer,
+    AdaRound, AdaRoundConfig, BetaDecay, Elementwise, LossPath, PerformanceConfig, RunConfig,
+    Schedule, WeightQuantizer,
 };
 use burn::{
     module::Module,
@@ -50,7 +51,8 @@ fn elementwise() -> Elementwise {
 /// The quickstart's settings ([`short_config`](crate::digits::short_config)) with the
 /// benchmark's placement.
 fn short_config() -> AdaRoundConfig {
-    crate::digits::short_config().with_elementwise(elementwise())
+    crate::digits::short_config()
+        .with_performance(PerformanceConfig::new().with_elementwise(elementwise()))
 }
 
 pub(crate) fn config(iterations: usize, path: LossPath, batch: usize) -> AdaRoundConfig {
@@ -60,10 +62,13 @@ pub(crate) fn config(iterations: usize, path: LossPath, batch: usize) -> AdaRoun
         decay: BetaDecay::Cosine,
     })
     .with_batch_size(Some(batch))
-    .with_path(path)
     .with_never_worse(false)
-    .with_log_every(iterations)
-    .with_elementwise(elementwise())
+    .with_run(RunConfig::new().with_log_every(iterations))
+    .with_performance(
+        PerformanceConfig::new()
+            .with_path(path)
+            .with_elementwise(elementwise()),
+    )
 }
 
 /// Seconds per step of the driver's loop on `model`.
@@ -184,9 +189,13 @@ fn quickstart_totals<B: Backend>(device: &B::Device) -> Vec<(String, String, f64
     let mut totals = Vec::new();
     for path in [LossPath::Direct, LossPath::Auto] {
         let start = Instant::now();
-        let (_, report) = AdaRound::new(config.clone().with_path(path))
-            .run(&model, calibration.clone(), |m, x| m.forward(x))
-            .unwrap();
+        let (_, report) = AdaRound::new(
+            config
+                .clone()
+                .with_performance(config.performance.clone().with_path(path)),
+        )
+        .run(&model, calibration.clone(), |m, x| m.forward(x))
+        .unwrap();
         let paths: Vec<String> = report
             .layers
             .iter()

@@ -227,14 +227,32 @@ pub struct AdaRoundConfig {
     /// Rectified-sigmoid and regulariser constants.
     #[config(default = "AdaRoundParams::new()")]
     pub params: AdaRoundParams,
-    /// How the reconstruction loss is computed: the exact Gram-matrix form where it exists
-    /// and is cheaper (`Auto`), always the direct layer forward (`Direct`), or the Gram form
-    /// wherever it exists (`Gram`).
-    #[config(default = "LossPath::Auto")]
-    pub path: LossPath,
     /// How a separable convolution's two kernels are optimised.
     #[config(default = "SeparableStep::Split")]
     pub separable: SeparableStep,
+    /// What to do with the whole model once every layer is rounded: compare its output
+    /// error with nearest rounding's on the calibration samples, and optionally keep the
+    /// better (see [`ModelGuard`]).
+    #[config(default = "ModelGuard::Report")]
+    pub model_guard: ModelGuard,
+    /// Run control: checkpoints, stopping early, how often losses are read.
+    #[config(default = "RunConfig::new()")]
+    pub run: RunConfig,
+    /// Where and how each step computes (the numbers stay the same up to floating-point
+    /// rounding): the loss path and the fused step's placement.
+    #[config(default = "PerformanceConfig::new()")]
+    pub performance: PerformanceConfig,
+    /// Block reconstruction's settings, used where blocks are given
+    /// ([`AdaRound::with_blocks`](crate::AdaRound::with_blocks)).
+    #[config(default = "BlockConfig::new()")]
+    pub block: BlockConfig,
+}
+
+/// Run control ([`AdaRoundConfig::run`]): where a run is checkpointed, where it stops, how
+/// often it reads its losses. The rounding a finished run returns does not depend on
+/// `checkpoint` or `stop_after`.
+#[derive(Config, Debug, PartialEq)]
+pub struct RunConfig {
     /// A folder for checkpoints: after each layer the model record (`model-<n>.bin`) and the
     /// report so far (`progress.json`) are written there, and a run that finds them resumes
     /// after the last finished layer (same model, samples and configuration required).
@@ -248,18 +266,21 @@ pub struct AdaRoundConfig {
     /// many iterations; reading a loss waits for the device.
     #[config(default = 100)]
     pub log_every: usize,
-    /// What to do with the whole model once every layer is rounded: compare its output
-    /// error with nearest rounding's on the calibration samples, and optionally keep the
-    /// better (see [`ModelGuard`]).
-    #[config(default = "ModelGuard::Report")]
-    pub model_guard: ModelGuard,
+}
+
+/// Performance ([`AdaRoundConfig::performance`]): how each layer's steps are computed. The
+/// choices give the same rounding up to floating-point rounding (tested); the defaults pick
+/// per layer and backend.
+#[derive(Config, Debug, PartialEq)]
+pub struct PerformanceConfig {
+    /// How the reconstruction loss is computed: the exact Gram-matrix form where it exists
+    /// and is cheaper (`Auto`), always the direct layer forward (`Direct`), or the Gram form
+    /// wherever it exists (`Gram`).
+    #[config(default = "LossPath::Auto")]
+    pub path: LossPath,
     /// Where the fused step does its elementwise work (see [`Elementwise`]).
     #[config(default = "Elementwise::Auto")]
     pub elementwise: Elementwise,
-    /// Block reconstruction's settings, used where blocks are given
-    /// ([`AdaRound::with_blocks`](crate::AdaRound::with_blocks)).
-    #[config(default = "BlockConfig::new()")]
-    pub block: BlockConfig,
 }
 
 /// Where block reconstruction starts a block's rounding.
@@ -335,7 +356,7 @@ impl AdaRoundConfig {
             .with_model_guard(ModelGuard::KeepBetter)
     }
 
-    /// Checks the configuration as [`adaround`](crate::adaround) does before it starts:
+    /// Checks the configuration as [`AdaRound::run`](crate::AdaRound::run) does before it starts:
     /// a schedule with steps, positive batch size, learning rate, `stop_after` and
     /// `log_every`, `reg >= 0`, `gamma < 0 < 1 < zeta`, `beta_start >= beta_end >= 1`, all
     /// finite.
@@ -354,11 +375,11 @@ impl AdaRoundConfig {
                 self.learning_rate
             ));
         }
-        if self.stop_after == Some(0) {
-            return Err("stop_after must be at least 1".into());
+        if self.run.stop_after == Some(0) {
+            return Err("run.stop_after must be at least 1".into());
         }
-        if self.log_every == 0 {
-            return Err("log_every must be at least 1".into());
+        if self.run.log_every == 0 {
+            return Err("run.log_every must be at least 1".into());
         }
         if self.relu_loss && self.include_activation {
             return Err(
@@ -401,8 +422,8 @@ impl AdaRoundConfig {
     /// The configuration that decides the numbers of a run (without checkpoint settings).
     pub(crate) fn numerics(&self) -> String {
         let mut c = self.clone();
-        c.checkpoint = None;
-        c.stop_after = None;
+        c.run.checkpoint = None;
+        c.run.stop_after = None;
         serde_json::to_string(&c).expect("configs serialize")
     }
 }

@@ -70,7 +70,8 @@ pub use adaround_core::{
 };
 pub use config::{
     AdaRoundConfig, BlockConfig, BlockInit, Elementwise, FinalRounding, LossPath, ModelGuard,
-    ReconstructionLoss, Refine, RoundingMethod, SeparableStep, Target,
+    PerformanceConfig, ReconstructionLoss, Refine, RoundingMethod, RunConfig, SeparableStep,
+    Target,
 };
 pub use driver::AdaRound;
 pub use error::AdaRoundError;

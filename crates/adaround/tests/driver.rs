@@ -182,7 +182,8 @@ mod ndarray {
         let _seed = crate::seed_lock();
         let dir = std::env::temp_dir().join(format!("adaround-bound-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let cfg = config(3).with_checkpoint(Some(dir.display().to_string()));
+        let cfg = config(3)
+            .with_run(adaround::RunConfig::new().with_checkpoint(Some(dir.display().to_string())));
         let forward = |m: &Net<B>, x| m.forward(x);
         let model = net(50);
         let x = samples(16, 51);
@@ -190,7 +191,8 @@ mod ndarray {
             &model,
             x.clone(),
             forward,
-            &cfg.clone().with_stop_after(Some(2)),
+            &cfg.clone()
+                .with_run(cfg.run.clone().with_stop_after(Some(2))),
         )
         .unwrap();
         assert_eq!(partial.layers.len(), 2);
@@ -357,14 +359,16 @@ mod ndarray {
         let _ = std::fs::remove_dir_all(&dir);
         let base = config(2)
             .with_batch_size(Some(8))
-            .with_checkpoint(Some(dir.display().to_string()));
+            .with_run(adaround::RunConfig::new().with_checkpoint(Some(dir.display().to_string())));
         let forward = |m: &Net<B>, x| m.forward(x);
         let (model, x) = (net(64), samples(16, 65));
         adaround(
             &model,
             x.clone(),
             forward,
-            &base.clone().with_stop_after(Some(1)),
+            &base
+                .clone()
+                .with_run(base.run.clone().with_stop_after(Some(1))),
         )
         .unwrap();
         let files = |d: &std::path::Path| {
@@ -437,19 +441,29 @@ mod ndarray {
                 "params.reg",
                 base.clone().with_params(params.clone().with_reg(0.02)),
             ),
-            ("path", base.clone().with_path(LossPath::Direct)),
+            (
+                "performance.path",
+                base.clone().with_performance(
+                    adaround::PerformanceConfig::new().with_path(LossPath::Direct),
+                ),
+            ),
             (
                 "separable",
                 base.clone().with_separable(SeparableStep::Joint),
             ),
-            ("log_every", base.clone().with_log_every(7)),
+            (
+                "run.log_every",
+                base.clone().with_run(base.run.clone().with_log_every(7)),
+            ),
             (
                 "model_guard",
                 base.clone().with_model_guard(ModelGuard::KeepBetter),
             ),
             (
-                "elementwise",
-                base.clone().with_elementwise(Elementwise::Device),
+                "performance.elementwise",
+                base.clone().with_performance(
+                    adaround::PerformanceConfig::new().with_elementwise(Elementwise::Device),
+                ),
             ),
             (
                 "block",
@@ -524,7 +538,15 @@ mod ndarray {
             }
         }
         // The run controls are not part of it: the same run resumes.
-        let (_, report) = adaround(&model, x, forward, &base.with_stop_after(Some(1))).unwrap();
+        let (_, report) = adaround(
+            &model,
+            x,
+            forward,
+            &base
+                .clone()
+                .with_run(base.run.clone().with_stop_after(Some(1))),
+        )
+        .unwrap();
         assert_eq!(
             report.layers.len(),
             2,
@@ -649,7 +671,8 @@ mod ndarray {
         let _seed = crate::seed_lock();
         let dir = std::env::temp_dir().join(format!("adaround-crash-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let cfg = config(3).with_checkpoint(Some(dir.display().to_string()));
+        let cfg = config(3)
+            .with_run(adaround::RunConfig::new().with_checkpoint(Some(dir.display().to_string())));
         let (model, x) = (net(60), samples(16, 61));
         let forward = |m: &Net<B>, x| m.forward(x);
         let (full, _) = adaround(&model, x.clone(), forward, &config(3)).unwrap();
@@ -657,7 +680,9 @@ mod ndarray {
         // The checkpoint after one layer (A), then after two (B): B's save writes
         // `model-2.tmp`, renames it, writes `progress.tmp`, renames it, removes
         // `model-1.bin`.
-        let one = cfg.clone().with_stop_after(Some(1));
+        let one = cfg
+            .clone()
+            .with_run(cfg.run.clone().with_stop_after(Some(1)));
         adaround(&model, x.clone(), forward, &one).unwrap();
         let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
         let (progress_a, model_a) = (read("progress.json"), read("model-1.bin"));
@@ -719,9 +744,11 @@ mod ndarray {
         let (ours, theirs) = (base.join("ours"), base.join("theirs"));
         let _ = std::fs::remove_dir_all(&base);
         let with = |d: &std::path::Path| {
-            config(2)
-                .with_checkpoint(Some(d.display().to_string()))
-                .with_stop_after(Some(1))
+            config(2).with_run(
+                adaround::RunConfig::new()
+                    .with_checkpoint(Some(d.display().to_string()))
+                    .with_stop_after(Some(1)),
+            )
         };
         let forward = |m: &Net<B>, x| m.forward(x);
         let (model, x) = (net(62), samples(16, 63));
@@ -738,9 +765,14 @@ mod ndarray {
         progress["model_checksum"] = json(&theirs)["model_checksum"].clone();
         std::fs::write(ours.join("progress.json"), sealed(progress)).unwrap();
         std::fs::copy(theirs.join("model-1.bin"), ours.join("model-1.bin")).unwrap();
-        let err = adaround(&model, x, forward, &with(&ours).with_stop_after(None))
-            .map(|_| ())
-            .unwrap_err();
+        let err = adaround(
+            &model,
+            x,
+            forward,
+            &with(&ours).with_run(with(&ours).run.with_stop_after(None)),
+        )
+        .map(|_| ())
+        .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -785,7 +817,10 @@ mod ndarray {
     fn should_refuse_an_unwritable_checkpoint_folder_before_optimising() {
         let file = std::env::temp_dir().join(format!("adaround-not-a-dir-{}", std::process::id()));
         std::fs::write(&file, b"a file").unwrap();
-        let cfg = config(2).with_checkpoint(Some(file.join("sub").display().to_string()));
+        let cfg = config(2).with_run(
+            adaround::RunConfig::new()
+                .with_checkpoint(Some(file.join("sub").display().to_string())),
+        );
         let mut started = 0;
         let err = adaround_with_progress(
             &net(53),

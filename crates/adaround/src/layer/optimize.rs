@@ -96,7 +96,7 @@ fn choose_path<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> LossP
         Samples::Streamed(_) => return LossPath::Gram,
     };
     let exact = unit.activation.is_none() && unit.relu.is_none();
-    if exact && gram::chosen(&unit.layer, &inputs[0], config.path) {
+    if exact && gram::chosen(&unit.layer, &inputs[0], config.performance.path) {
         LossPath::Gram
     } else {
         LossPath::Direct
@@ -149,7 +149,7 @@ fn build_step<B: Backend>(
         let data = (inputs, targets);
         let optimizer = (
             optimizer,
-            ctx.config.elementwise,
+            ctx.config.performance.elementwise,
             ctx.optimizers.default_adam(),
         );
         let loss = (ctx.config.loss, unit.relu);
@@ -199,7 +199,7 @@ fn run_schedule<B: Backend>(
         } else {
             k % n_batches..k % n_batches + 1
         };
-        let log = epochs || (k + 1) % config.log_every == 0 || k + 1 == outer;
+        let log = epochs || (k + 1) % config.run.log_every == 0 || k + 1 == outer;
         let last = batches.end - 1;
         let mut losses = None;
         for b in batches {

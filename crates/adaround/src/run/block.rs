@@ -428,7 +428,7 @@ fn train<B: Backend, M: Module<B>>(
         };
         let grads = GradientsParams::from_grads(total.backward(), &layers);
         layers = optim.step(lr, layers, grads);
-        if (step + 1) % config.log_every != 0 && step + 1 != steps {
+        if (step + 1) % config.run.log_every != 0 && step + 1 != steps {
             continue;
         }
         let entry = StepLog {

@@ -264,7 +264,7 @@ where
         let first = self.capture(work, at, 0, false)?;
         let streamed = site.activation.is_none()
             && site.relu.is_none()
-            && gram::chosen(&site.layer, &first, self.config.path);
+            && gram::chosen(&site.layer, &first, self.config.performance.path);
         if streamed {
             self.streamed(work, at, first)
         } else {
@@ -361,6 +361,9 @@ where
     }
 }
 
+/// The forward pass's stages and, for block reconstruction, the same stages on `Autodiff<B>`.
+type StagesAndBlocks<'s, 'a, B, M> = (&'s [Stage<'a, B, M>], Option<&'s dyn Blocks<B, M>>);
+
 fn run<'a, B, M, F, O, const D: usize>(
     model: &M,
     samples: Tensor<B, D>,
@@ -368,7 +371,7 @@ fn run<'a, B, M, F, O, const D: usize>(
     config: &'a AdaRoundConfig,
     optimizers: &'a mut dyn Optimizers<B>,
     progress: &'a mut (dyn FnMut(Progress<'_>) + 'a),
-    (stages, blocks): (&[Stage<'a, B, M>], Option<&dyn Blocks<B, M>>),
+    (stages, blocks): StagesAndBlocks<'_, 'a, B, M>,
 ) -> Result<(M, AdaRoundReport), AdaRoundError>
 where
     B: Backend,
@@ -380,6 +383,7 @@ where
     config.validate()?;
     check_blocks(blocks, stages.len())?;
     let checkpoint = config
+        .run
         .checkpoint
         .as_deref()
         .map(Checkpoint::open)
@@ -396,6 +400,7 @@ where
     let run = Run::new(model, (batches, forward), config, (stages, &sites))?;
     let start_at = layers.len();
     let end_at = config
+        .run
         .stop_after
         .map_or(sites.len(), |n| (start_at + n).min(sites.len()));
     let mut ctx = Context {

@@ -52,6 +52,9 @@ pub(crate) struct Place {
     pub local: usize,
 }
 
+/// A block's data: each batch's input and the float stage's output for it.
+pub(crate) type BlockData<B> = (Vec<Flow<B>>, Vec<Flow<B>>);
+
 /// The stages and each batch's input to the current stage.
 pub(crate) struct Staged<'s, 'a, B: Backend, M> {
     stages: &'s [Stage<'a, B, M>],
@@ -175,7 +178,7 @@ impl<'s, 'a, B: Backend, M: Module<B>> Staged<'s, 'a, B, M> {
         &self,
         (work, float_model): (&M, Option<&M>),
         stage: usize,
-    ) -> Result<(Vec<Flow<B>>, Vec<Flow<B>>), AdaRoundError> {
+    ) -> Result<BlockData<B>, AdaRoundError> {
         self.advance(work, float_model, stage)?;
         let state = self.state.borrow();
         let inputs = state.quantized.clone();

@@ -949,9 +949,11 @@ macro_rules! driver_tests {
                 let cfg = cfg.with_batch_size(Some(16));
                 let (full, full_report) = run(&cfg);
 
-                let with_dir = cfg.clone().with_checkpoint(Some(dir.display().to_string()));
+                let with_dir = cfg
+                    .clone()
+                    .with_run(cfg.run.clone().with_checkpoint(Some(dir.display().to_string())));
                 // "Interrupted" after the first layer: the checkpoint holds one finished layer.
-                let (_, partial) = run(&with_dir.clone().with_stop_after(Some(1)));
+                let (_, partial) = run(&with_dir.clone().with_run(with_dir.run.clone().with_stop_after(Some(1))));
                 assert_eq!(partial.layers.len(), 1);
                 assert!(
                     partial.model.is_none(),
@@ -982,7 +984,7 @@ macro_rules! driver_tests {
             // A checkpoint from another configuration is refused, not silently reused.
             let other = config(8)
                 .with_batch_size(Some(16))
-                .with_checkpoint(Some(dir.display().to_string()));
+                .with_run(adaround::RunConfig::new().with_checkpoint(Some(dir.display().to_string())));
             let err = adaround(&model, samples(32, 23), |m, x| m.forward(x), &other).unwrap_err();
             assert!(
                 matches!(
@@ -1116,7 +1118,7 @@ macro_rules! driver_tests {
                     &model,
                     samples(64, 21),
                     |m, x| m.forward(x),
-                    &cfg.clone().with_path(path),
+                    &cfg.clone().with_performance(cfg.performance.clone().with_path(path)),
                 )
                 .unwrap();
                 let kernels: Vec<Vec<f32>> = [
@@ -1145,7 +1147,7 @@ macro_rules! driver_tests {
             );
             let joint = cfg
                 .clone()
-                .with_path(LossPath::Gram)
+                .with_performance(cfg.performance.clone().with_path(LossPath::Gram))
                 .with_separable(SeparableStep::Joint);
             let (_, r_joint) =
                 adaround(&model, samples(64, 21), |m, x| m.forward(x), &joint).unwrap();
@@ -1192,7 +1194,7 @@ macro_rules! driver_tests {
                 .with_rounding(FinalRounding::Hard)
                 .with_never_worse(false);
             for path in [LossPath::Gram, LossPath::Direct] {
-                let cfg = cfg.clone().with_path(path);
+                let cfg = cfg.clone().with_performance(cfg.performance.clone().with_path(path));
                 let fused = adaround(&model, samples(64, 23), |m, x| m.forward(x), &cfg).unwrap();
                 let autodiff = adaround_with_optimizer(
                     &model,
@@ -1208,7 +1210,9 @@ macro_rules! driver_tests {
                 // The elementwise work in host memory, and the whole step there (products
                 // and Adam too), on every backend.
                 for place in [Elementwise::Host, Elementwise::Resident] {
-                    let host_cfg = cfg.clone().with_elementwise(place);
+                    let host_cfg = cfg
+                        .clone()
+                        .with_performance(cfg.performance.clone().with_elementwise(place));
                     let host = adaround(&model, samples(64, 23), |m, x| m.forward(x), &host_cfg);
                     let host = host.unwrap();
                     assert!(host.1.layers[0].fused);
