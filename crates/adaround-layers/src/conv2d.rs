@@ -1,5 +1,4 @@
-use adaround_core::{AdaRoundParams, QuantizerError, WeightQuantizer};
-use burn::tensor::quantization::QuantValue;
+use adaround_core::WeightQuantizer;
 use burn::{
     config::Config,
     module::{Module, Param},
@@ -15,11 +14,9 @@ use burn::{
 use crate::{
     checks,
     file_layout::{Conversion, Layout},
-    layer::{arm, finalize_kernel},
-    native::{native_kernel, native_param},
+    layer::single_kernel_methods,
     probe::{self, Flow, ProbeEvent},
-    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer, NativeQuantError,
-    QuantizedLayer, QuantizerSlot,
+    AdaRoundLayer, LayerKind, MatrixLayer, QuantizedLayer, QuantizerSlot,
 };
 
 /// Output-channel axis of a Conv2d kernel `[channels_out, channels_in / groups, kh, kw]`.
@@ -312,53 +309,14 @@ impl<B: Backend> AdaRoundLayer<B> for QuantizedConv2d<B> {
         }
     }
 
-    /// One block per output channel for a per-axis quantizer.
-    fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
-        let tensor = native_kernel(
-            KernelRole::Kernel,
-            self.weight.val(),
-            &self.quantizer,
-            CONV_AXIS,
-            value,
-        )?;
-        Ok(Self {
-            weight: native_param(self.weight, tensor),
-            quantizer: WeightQuantizer::Float.into(),
-            ..self
-        })
-    }
-
-    fn kernels(&self) -> Vec<Kernel<'_, B>> {
-        vec![Kernel::new(
-            KernelRole::Kernel,
-            &self.weight,
-            &self.quantizer,
-            CONV_AXIS,
-        )]
-    }
+    // `into_burn_quantized`: one block per output channel for a per-axis quantizer.
+    single_kernel_methods!(CONV_AXIS);
 
     fn forward_flow(&self, input: Flow<B>, float: bool) -> Option<Flow<B>> {
         match input {
             Flow::Maps(x) => Some(Flow::Maps(self.forward_with(x, float))),
             Flow::Rows(_) => None,
         }
-    }
-
-    fn map_slots(mut self, f: &mut dyn FnMut(QuantizerSlot<B>) -> QuantizerSlot<B>) -> Self {
-        self.quantizer = f(self.quantizer);
-        self
-    }
-
-    fn with_adaround(mut self, params: &AdaRoundParams) -> Result<Self, QuantizerError> {
-        self.quantizer = arm(&self.weight, self.quantizer, CONV_AXIS, params)?;
-        Ok(self)
-    }
-
-    fn finalize(mut self, hard: bool) -> (Self, Vec<KernelChange>) {
-        let role = KernelRole::Kernel;
-        let (w, s, c) = finalize_kernel(self.weight, self.quantizer, CONV_AXIS, hard, role);
-        (self.weight, self.quantizer) = (w, s);
-        (self, vec![c])
     }
 
     fn matrix(&self) -> Option<&dyn MatrixLayer<B>> {

@@ -1,5 +1,4 @@
-use adaround_core::{AdaRoundParams, QuantizerError, WeightQuantizer};
-use burn::tensor::quantization::QuantValue;
+use adaround_core::WeightQuantizer;
 use burn::{
     config::Config,
     module::{Module, Param},
@@ -10,11 +9,9 @@ use burn::{
 use crate::{
     checks,
     file_layout::{Conversion, Layout},
-    layer::{arm, finalize_kernel},
-    native::{native_kernel, native_param},
+    layer::single_kernel_methods,
     probe::{self, Flow, ProbeEvent},
-    AdaRoundLayer, Kernel, KernelChange, KernelRole, LayerKind, MatrixLayer, NativeQuantError,
-    QuantizedLayer, QuantizerSlot,
+    AdaRoundLayer, LayerKind, MatrixLayer, QuantizedLayer, QuantizerSlot,
 };
 
 /// Output-channel axis of a Dense kernel `[d_input, d_output]`.
@@ -157,54 +154,15 @@ impl<B: Backend> AdaRoundLayer<B> for QuantizedDense<B> {
         }
     }
 
-    /// A per-output-channel quantizer is refused ([`NativeQuantError::NotBlocks`]): its
-    /// columns are not contiguous in `[d_input, d_output]`.
-    fn into_burn_quantized(self, value: QuantValue) -> Result<Self, NativeQuantError> {
-        let tensor = native_kernel(
-            KernelRole::Kernel,
-            self.weight.val(),
-            &self.quantizer,
-            DENSE_AXIS,
-            value,
-        )?;
-        Ok(Self {
-            weight: native_param(self.weight, tensor),
-            bias: self.bias,
-            quantizer: WeightQuantizer::Float.into(),
-        })
-    }
-
-    fn kernels(&self) -> Vec<Kernel<'_, B>> {
-        vec![Kernel::new(
-            KernelRole::Kernel,
-            &self.weight,
-            &self.quantizer,
-            DENSE_AXIS,
-        )]
-    }
+    // `into_burn_quantized` refuses a per-output-channel quantizer
+    // (`NativeQuantError::NotBlocks`): its columns are not contiguous in `[d_input, d_output]`.
+    single_kernel_methods!(DENSE_AXIS);
 
     fn forward_flow(&self, input: Flow<B>, float: bool) -> Option<Flow<B>> {
         match input {
             Flow::Rows(x) => Some(Flow::Rows(self.forward_with(x, float))),
             Flow::Maps(_) => None,
         }
-    }
-
-    fn map_slots(mut self, f: &mut dyn FnMut(QuantizerSlot<B>) -> QuantizerSlot<B>) -> Self {
-        self.quantizer = f(self.quantizer);
-        self
-    }
-
-    fn with_adaround(mut self, params: &AdaRoundParams) -> Result<Self, QuantizerError> {
-        self.quantizer = arm(&self.weight, self.quantizer, DENSE_AXIS, params)?;
-        Ok(self)
-    }
-
-    fn finalize(mut self, hard: bool) -> (Self, Vec<KernelChange>) {
-        let role = KernelRole::Kernel;
-        let (w, s, c) = finalize_kernel(self.weight, self.quantizer, DENSE_AXIS, hard, role);
-        (self.weight, self.quantizer) = (w, s);
-        (self, vec![c])
     }
 
     fn matrix(&self) -> Option<&dyn MatrixLayer<B>> {

@@ -62,6 +62,64 @@ pub trait AdaRoundLayer<B: Backend>: Module<B> + Into<QuantizedLayer<B>> {
     }
 }
 
+/// The kernel methods of [`AdaRoundLayer`] (`kernels`, `map_slots`, `with_adaround`,
+/// `finalize`, `into_burn_quantized`) for a layer with one kernel, the `Param` field
+/// `weight`, quantized by the [`QuantizerSlot`] field `quantizer` along `$axis`: a new
+/// single-kernel layer kind writes its own forward pass, file names and matrix form only.
+macro_rules! single_kernel_methods {
+    ($axis:expr) => {
+        fn kernels(&self) -> Vec<$crate::Kernel<'_, B>> {
+            vec![$crate::Kernel::new(
+                $crate::KernelRole::Kernel,
+                &self.weight,
+                &self.quantizer,
+                $axis,
+            )]
+        }
+
+        fn map_slots(
+            mut self,
+            f: &mut dyn FnMut($crate::QuantizerSlot<B>) -> $crate::QuantizerSlot<B>,
+        ) -> Self {
+            self.quantizer = f(self.quantizer);
+            self
+        }
+
+        fn with_adaround(
+            mut self,
+            params: &::adaround_core::AdaRoundParams,
+        ) -> Result<Self, ::adaround_core::QuantizerError> {
+            self.quantizer = $crate::layer::arm(&self.weight, self.quantizer, $axis, params)?;
+            Ok(self)
+        }
+
+        fn finalize(mut self, hard: bool) -> (Self, Vec<$crate::KernelChange>) {
+            let role = $crate::KernelRole::Kernel;
+            let (w, s, c) =
+                $crate::layer::finalize_kernel(self.weight, self.quantizer, $axis, hard, role);
+            (self.weight, self.quantizer) = (w, s);
+            (self, vec![c])
+        }
+
+        fn into_burn_quantized(
+            mut self,
+            value: ::burn::tensor::quantization::QuantValue,
+        ) -> Result<Self, $crate::NativeQuantError> {
+            let tensor = $crate::native::native_kernel(
+                $crate::KernelRole::Kernel,
+                self.weight.val(),
+                &self.quantizer,
+                $axis,
+                value,
+            )?;
+            self.weight = $crate::native::native_param(self.weight, tensor);
+            self.quantizer = ::adaround_core::WeightQuantizer::Float.into();
+            Ok(self)
+        }
+    };
+}
+pub(crate) use single_kernel_methods;
+
 /// The file names ([`AdaRoundLayer::file_names`]) of the parameter `param` of the layer
 /// kind whose burn-store container type is `container`; `None` for a container that is no
 /// layer kind of this crate.
