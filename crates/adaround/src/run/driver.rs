@@ -382,12 +382,8 @@ where
     let start = Instant::now();
     config.validate()?;
     check_blocks(blocks, stages.len())?;
-    let checkpoint = config
-        .run
-        .checkpoint
-        .as_deref()
-        .map(Checkpoint::open)
-        .transpose()?;
+    let checkpoint = config.run.checkpoint.as_deref();
+    let checkpoint = checkpoint.map(Checkpoint::open).transpose()?;
     let given = samples.dims()[0];
     let batches = split_batches(samples, config.batch_size)?;
     let n_samples = batches.len() * batches[0].dims()[0];
@@ -399,10 +395,7 @@ where
         start_from(checkpoint.as_ref(), model, &sites, context)?;
     let run = Run::new(model, (batches, forward), config, (stages, &sites))?;
     let start_at = layers.len();
-    let end_at = config
-        .run
-        .stop_after
-        .map_or(sites.len(), |n| (start_at + n).min(sites.len()));
+    let end_at = (config.run.stop_after).map_or(sites.len(), |n| (start_at + n).min(sites.len()));
     let mut ctx = Context {
         config,
         optimizers,
