@@ -17,7 +17,8 @@
 //! the activation ranges and each setting's classes per test image, for the side-by-side with
 //! AIMET (`benches/aimet_side_by_side.py --model fashion`). `--validate` scores variants of
 //! the AdaRound configuration on 5 000 training images that neither training nor calibration
-//! uses (`--only NAME,..` picks variants), without looking at the test images. The test
+//! uses (`--only NAME,..` picks variants; block reconstruction and GPTQ among them, and the
+//! one with the highest agreement is named), without looking at the test images. The test
 //! run uses `AdaRoundConfig::recommended()`, whose [`Refine::Dense`] `--validate` chose here
 //! too; `--refine off|all` runs it with another [`AdaRoundConfig::refine`]; `--blocks` with
 //! block reconstruction (`AdaRound::with_blocks`: the body's three convolutions together,
@@ -31,7 +32,8 @@ use adaround::{
         QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
         QuantizedSeparableConv2d,
     },
-    AdaRound, AdaRoundConfig, AdaRoundReport, Grid, Refine, Schedule, Stage, WeightQuantizer,
+    AdaRound, AdaRoundConfig, AdaRoundReport, Grid, Refine, RoundingMethod, Schedule, Stage,
+    WeightQuantizer,
 };
 use adaround_examples::{
     digits::{
@@ -524,14 +526,29 @@ fn validate<B: Backend>(
             (bits, model, accuracy(out, labels.clone()))
         })
         .collect();
-    for (name, config) in variants {
+    // The methods: the preset layer-wise, with block reconstruction, and GPTQ.
+    let methods = [
+        ("block reconstruction", AdaRoundConfig::recommended()),
+        (
+            "GPTQ",
+            AdaRoundConfig::recommended().with_method(RoundingMethod::Gptq),
+        ),
+    ];
+    let mut best: Option<(&str, f64)> = None;
+    for (name, config) in variants.into_iter().chain(methods) {
         if only.is_some_and(|o| !o.split(',').any(|n| n == name)) {
             continue;
         }
         let (mut w2, mut acc, mut agree, mut error, mut below, mut seconds) =
             (Vec::new(), 0.0, 0.0, 0.0, 0, 0.0);
         for (bits, model, nearest) in &models {
-            let (rounded, report) = AdaRound::new(config.clone())
+            let mut adaround = AdaRound::new(config.clone());
+            if name == "block reconstruction" {
+                adaround = adaround
+                    .with_stages(QuantNet::stages())
+                    .with_blocks(QuantNet::<burn_autodiff::Autodiff<B>>::stages());
+            }
+            let (rounded, report) = adaround
                 .run(model, calibration.clone(), |m, x| m.forward(x))
                 .expect("AdaRound");
             let out = logits(|x| rounded.forward(x), train, VALIDATION, device);
@@ -549,6 +566,12 @@ fn validate<B: Backend>(
             "| {name} | {} | {acc:.2} | {agree:.2} | {error:.4} | {below} | {seconds:.0} |",
             w2.join(" | ")
         );
+        if best.is_none_or(|(_, a)| agree > a) {
+            best = Some((name, agree));
+        }
+    }
+    if let Some((name, agree)) = best {
+        println!("\nchosen on the validation images: {name} (the highest summed agreement with the float model, {agree:.2})");
     }
 }
 
