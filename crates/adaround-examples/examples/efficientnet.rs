@@ -26,7 +26,7 @@
 //! evaluation: the 256 crops of six other photographs. `--iterations N` sets the preset's
 //! iterations per layer (4 000 by default); `--method gptq` rounds with GPTQ instead of
 //! AdaRound (`RoundingMethod::Gptq`, no iterations); `--method block` reconstructs each
-//! stage (the stem with block 0, each block, the head) as one block
+//! stage (the stem, each MBConv block, the head with the classifier) as one block
 //! (`AdaRound::with_blocks`; `--block-iterations N` steps per block, `--block-samples K`
 //! samples per step and `--block-lr` override `BlockConfig`'s 200, 8 and 0.1, and
 //! `--block-init fractional` for BRECQ's start instead of layer-wise decisions);
