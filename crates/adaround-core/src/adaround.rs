@@ -187,6 +187,45 @@ impl<B: Backend> AdaRoundQuantizer<B> {
         })
     }
 
+    /// This quantizer re-armed on the scale factors `sf` (shaped as the cached [`Self::sf`])
+    /// for the float `weights` (in AdaRound's padded rank-4 layout): `w_floor = floor(w sf)`
+    /// and `alpha` (with `h(alpha)` the fractional part of `w sf`) are computed again; the
+    /// parameter ids, the wrapped quantizer and the mode stay. For a scale chosen outside
+    /// the quantizer, such as SeqMSE's search on the layer's output error.
+    ///
+    /// Errors: non-finite weights, scale factors that are not positive and finite
+    /// ([`QuantizerError::InvalidScale`]), and the [asymmetric](crate::Grid::Asymmetric)
+    /// grid, whose integer offsets belong to the quantizer's own scale
+    /// ([`QuantizerError::FixedScale`]).
+    pub fn with_scale_factor(
+        mut self,
+        weights: Tensor<B, 4>,
+        sf: Tensor<B, 4>,
+    ) -> Result<Self, QuantizerError> {
+        let name = || format!("{:?}", self.quantizer);
+        if !self.meta.offsets.is_empty() {
+            return Err(QuantizerError::FixedScale(name()));
+        }
+        if !all_finite(&weights) {
+            return Err(QuantizerError::NonFiniteWeights);
+        }
+        let count = self.sf.val().shape().num_elements();
+        let values = sf.clone().into_data().convert::<f32>().to_vec::<f32>();
+        let valid = values.is_ok_and(|v| v.iter().all(|s| s.is_finite() && *s > 0.0));
+        if sf.dims() != self.sf.dims() || !valid {
+            return Err(QuantizerError::InvalidScale(name(), count));
+        }
+        let (weights, sf) = (weights.detach(), sf.detach());
+        let scaled = weights * sf.clone();
+        let w_floor = scaled.clone().floor();
+        let alpha = self.rounding().alpha_of(scaled - w_floor.clone());
+        let alpha = Tensor::from_data(alpha.into_data(), &w_floor.device());
+        self.alpha = self.alpha.map(|_| alpha);
+        self.w_floor = frozen(w_floor);
+        self.sf = frozen(sf);
+        Ok(self)
+    }
+
     /// The rectified sigmoid `h(alpha)`, in `[0, 1]`: the decimals added to `w_floor`.
     pub fn decimals(&self) -> Tensor<B, 4> {
         self.rounding().decimals(self.alpha.val()).h

@@ -22,6 +22,10 @@ pub enum QuantizerError {
     /// are not positive and finite.
     #[error("custom quantizer `{0}` must return {1} positive finite scale factors")]
     InvalidScale(String, usize),
+    /// The quantizer's grid depends on its own scale (the asymmetric grid's offsets), so
+    /// another scale cannot be set.
+    #[error("quantizer {0} keeps its own scale: its grid's offsets depend on it")]
+    FixedScale(String),
     /// The output-channel axis does not exist in the weight tensor.
     #[error("axis {axis} is out of range for a weight tensor of rank {rank}")]
     InvalidAxis {

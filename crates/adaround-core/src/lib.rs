@@ -41,7 +41,9 @@ pub use adaround::{
 pub use custom::{register_quantizer, ScaleFn};
 pub use error::QuantizerError;
 pub(crate) use quantizer::Encoding;
-pub use quantizer::{all_finite, Grid, WeightQuantizer, DEFAULT_STD_THRESHOLD};
+pub use quantizer::{
+    all_finite, Grid, WeightQuantizer, DEFAULT_STD_THRESHOLD, MAX_SCALE_FACTOR, MIN_RANGE,
+};
 pub use rounding::{Decimals, Numeric, Rounding};
 
 #[doc(hidden)]

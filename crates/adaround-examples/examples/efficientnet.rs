@@ -30,6 +30,7 @@
 //! (`AdaRound::with_blocks`; `--block-iterations N` steps per block, `--block-samples K`
 //! samples per step and `--block-lr` override `BlockConfig`'s 200, 8 and 0.1, and
 //! `--block-init fractional` for BRECQ's start instead of layer-wise decisions);
+//! `--seqmse` chooses each layer's scales by SeqMSE (`ScaleSearch::SeqMse`) before rounding;
 //! `--validation V` holds out the last `V` calibration crops and scores them. Writes
 //! `out/efficientnet/report.json`.
 
@@ -39,7 +40,7 @@ use burn_autodiff::Autodiff;
 
 use adaround::{
     export_integers, AdaRound, AdaRoundConfig, AdaRoundReport, BlockInit, Grid, IntegerExport,
-    RoundingMethod, Schedule, WeightQuantizer,
+    RoundingMethod, ScaleSearch, Schedule, WeightQuantizer,
 };
 use adaround_examples::efficientnet::{
     classes, pytorch_name, weights_path, Crops, EfficientNetLite0, QuantEfficientNet,
@@ -248,6 +249,10 @@ fn main() {
             config.block.init = BlockInit::Fractional;
         }
     }
+    let seqmse = std::env::args().any(|a| a == "--seqmse");
+    if seqmse {
+        config.scale_search = ScaleSearch::SeqMse;
+    }
     // Held-out calibration crops to choose settings on (never the evaluation crops).
     let n_val = arg("--validation").unwrap_or(0usize);
     assert!(
@@ -261,10 +266,13 @@ fn main() {
         let float = logits_of(&folded, &x);
         (x, float)
     });
-    let label = match method.as_str() {
-        "gptq" => "GPTQ (recommended settings)",
-        "block" => "block reconstruction (BRECQ)",
-        _ => "AdaRound (recommended)",
+    let label = match (method.as_str(), seqmse) {
+        ("gptq", false) => "GPTQ (recommended settings)",
+        ("gptq", true) => "SeqMSE scales + GPTQ",
+        ("block", false) => "block reconstruction (BRECQ)",
+        ("block", true) => "SeqMSE scales + block reconstruction",
+        (_, false) => "AdaRound (recommended)",
+        (_, true) => "SeqMSE scales + AdaRound (recommended)",
     };
 
     println!(

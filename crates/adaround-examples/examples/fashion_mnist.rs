@@ -17,8 +17,8 @@
 //! the activation ranges and each setting's classes per test image, for the side-by-side with
 //! AIMET (`benches/aimet_side_by_side.py --model fashion`). `--validate` scores variants of
 //! the AdaRound configuration on 5 000 training images that neither training nor calibration
-//! uses (`--only NAME,..` picks variants; block reconstruction and GPTQ among them, and the
-//! one with the highest agreement is named), without looking at the test images. The test
+//! uses (`--only NAME,..` picks variants; block reconstruction, GPTQ and SeqMSE's scales among
+//! them, and the one with the highest agreement is named), without looking at the test images. The test
 //! run uses `AdaRoundConfig::recommended()`, whose [`Refine::Dense`] `--validate` chose here
 //! too; `--refine off|all` runs it with another [`AdaRoundConfig::refine`]; `--blocks` with
 //! block reconstruction (`AdaRound::with_blocks`: the body's three convolutions together,
@@ -32,8 +32,8 @@ use adaround::{
         QuantizedConv2d, QuantizedDense, QuantizedReLU, QuantizedReLUConfig,
         QuantizedSeparableConv2d,
     },
-    AdaRound, AdaRoundConfig, AdaRoundReport, Grid, Refine, RoundingMethod, Schedule, Stage,
-    WeightQuantizer,
+    AdaRound, AdaRoundConfig, AdaRoundReport, Grid, Refine, RoundingMethod, ScaleSearch, Schedule,
+    Stage, WeightQuantizer,
 };
 use adaround_examples::{
     digits::{
@@ -526,16 +526,29 @@ fn validate<B: Backend>(
             (bits, model, accuracy(out, labels.clone()))
         })
         .collect();
-    // The methods: the preset layer-wise, with block reconstruction, and GPTQ.
+    // The methods: the preset layer-wise, with block reconstruction (`true`: the blocks
+    // given), GPTQ, and each on SeqMSE's scales.
+    let seqmse = || AdaRoundConfig::recommended().with_scale_search(ScaleSearch::SeqMse);
     let methods = [
-        ("block reconstruction", AdaRoundConfig::recommended()),
+        ("block reconstruction", AdaRoundConfig::recommended(), true),
         (
             "GPTQ",
             AdaRoundConfig::recommended().with_method(RoundingMethod::Gptq),
+            false,
+        ),
+        ("SeqMSE + AdaRound", seqmse(), false),
+        ("SeqMSE + block reconstruction", seqmse(), true),
+        (
+            "SeqMSE + GPTQ",
+            seqmse().with_method(RoundingMethod::Gptq),
+            false,
         ),
     ];
+    let variants = variants
+        .into_iter()
+        .map(|(name, config)| (name, config, false));
     let mut best: Option<(&str, f64)> = None;
-    for (name, config) in variants.into_iter().chain(methods) {
+    for (name, config, blocks) in variants.chain(methods) {
         if only.is_some_and(|o| !o.split(',').any(|n| n == name)) {
             continue;
         }
@@ -543,7 +556,7 @@ fn validate<B: Backend>(
             (Vec::new(), 0.0, 0.0, 0.0, 0, 0.0);
         for (bits, model, nearest) in &models {
             let mut adaround = AdaRound::new(config.clone());
-            if name == "block reconstruction" {
+            if blocks {
                 adaround = adaround
                     .with_stages(QuantNet::stages())
                     .with_blocks(QuantNet::<burn_autodiff::Autodiff<B>>::stages());

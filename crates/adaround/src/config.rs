@@ -78,6 +78,29 @@ pub enum RoundingMethod {
     /// compensated; seconds per layer, no schedule. Layers without the Gram form (an
     /// activation or ReLU in the loss, a separable layer optimised jointly) use AdaRound.
     Gptq,
+    /// AdaRound started from GPTQ's decisions instead of the weights' fractional parts:
+    /// each `h(alpha)` at 0.96 (up) or 0.04 (down), where the rectified sigmoid's slope is
+    /// still 0.13, so that the schedule can change a decision. Layers without the Gram form
+    /// start as plain AdaRound, with a warning.
+    GptqThenAdaRound,
+}
+
+/// Where each layer's scale factors come from ([`AdaRoundConfig::scale_search`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScaleSearch {
+    /// The quantizer's own, from the weights alone.
+    Quantizer,
+    /// SeqMSE (AIMET): per output channel (per tensor for a per-tensor quantizer), the scale
+    /// whose nearest rounding gives the lowest layer output error on the calibration
+    /// samples, among the quantizer's own and the clipping ranges `k/40 * max |w|`
+    /// (`k = 1..=40`), each scored on the layer's Gram matrices; AdaRound or GPTQ then
+    /// rounds on that grid, and the finalized quantizer keeps it. Layers whose loss has no
+    /// Gram form (an activation or ReLU in the loss, a joint separable step) and quantizers
+    /// that would not keep the grid once finalized (the standard-deviation and custom
+    /// quantizers, the asymmetric grid, MSE above 8 bits) keep their own scale, with a
+    /// warning. Costs 41 products of the kernel with its Gram matrix per layer (and, for a
+    /// layer on the direct path, the Gram matrices over all samples).
+    SeqMse,
 }
 
 /// Which layers get their rounding refined after AdaRound
@@ -224,6 +247,10 @@ pub struct AdaRoundConfig {
     /// bias correction and the guards apply to either.
     #[config(default = "RoundingMethod::AdaRound")]
     pub method: RoundingMethod,
+    /// Where each layer's scale factors come from: the quantizer's own (default) or
+    /// SeqMSE's search on the layer's output error ([`ScaleSearch`]).
+    #[config(default = "ScaleSearch::Quantizer")]
+    pub scale_search: ScaleSearch,
     /// Rectified-sigmoid and regulariser constants.
     #[config(default = "AdaRoundParams::new()")]
     pub params: AdaRoundParams,

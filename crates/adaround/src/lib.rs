@@ -60,18 +60,19 @@ mod report;
 mod run;
 mod schedule;
 
+pub use choose::{Candidate, CandidateScore, MethodChoice};
 pub use io::import;
 use io::{checkpoint, export, params};
-use layer::{fused, gptq, gram, host, optimize, place, refine, step, unit};
-use run::{block, discover, driver, guard, site, stages};
+use layer::{fused, gptq, gram, host, optimize, place, refine, seqmse, step, unit};
+use run::{block, choose, discover, driver, guard, site, stages};
 
 pub use adaround_core::{
     AdaRoundParams, AdaRoundQuantizer, Grid, QuantizerError, RoundingStatus, WeightQuantizer,
 };
 pub use config::{
     AdaRoundConfig, BlockConfig, BlockInit, Elementwise, FinalRounding, LossPath, ModelGuard,
-    PerformanceConfig, ReconstructionLoss, Refine, RoundingMethod, RunConfig, SeparableStep,
-    Target,
+    PerformanceConfig, ReconstructionLoss, Refine, RoundingMethod, RunConfig, ScaleSearch,
+    SeparableStep, Target,
 };
 pub use driver::AdaRound;
 pub use error::AdaRoundError;

@@ -577,6 +577,134 @@ mod ndarray {
         assert_ne!(snapshot(&rounded), snapshot(&model));
     }
 
+    #[test]
+    fn should_start_adaround_from_gptqs_decisions() {
+        use adaround::RoundingMethod;
+        let _seed = crate::seed_lock();
+        let (model, x) = (net(82), samples(32, 83));
+        // Steps too small to move any decision: AdaRound ends where it starts.
+        let frozen = |method| {
+            let cfg = config(2)
+                .with_method(method)
+                .with_learning_rate(1e-12)
+                .with_rounding(FinalRounding::Hard)
+                .with_never_worse(false);
+            adaround(&model, x.clone(), |m: &Net<B>, x| m.forward(x), &cfg).unwrap()
+        };
+        let (gptq, gptq_report) = frozen(RoundingMethod::Gptq);
+        let (started, started_report) = frozen(RoundingMethod::GptqThenAdaRound);
+        let (plain, _) = frozen(RoundingMethod::AdaRound);
+        assert_eq!(snapshot(&started), snapshot(&gptq), "GPTQ's decisions");
+        assert_ne!(snapshot(&plain), snapshot(&gptq), "not nearest rounding's");
+        for (g, s) in gptq_report.layers.iter().zip(&started_report.layers) {
+            assert_eq!((g.steps, s.steps > 0), (0, true), "{}", s.name);
+        }
+    }
+
+    #[test]
+    fn should_write_seqmse_grids_that_the_finalized_quantizers_keep() {
+        let _seed = crate::seed_lock();
+        let x = samples(32, 85);
+        for q in [full_range_w2(), WeightQuantizer::max_per_axis(3).unwrap()] {
+            let model = net_with(84, q.clone());
+            let run = |search| {
+                // Hard rounding writes the kernels on the grid (soft keeps the roamers).
+                let cfg = config(3)
+                    .with_target(adaround::Target::FloatModel)
+                    .with_rounding(FinalRounding::Hard)
+                    .with_scale_search(search);
+                adaround(&model, x.clone(), |m: &Net<B>, x| m.forward(x), &cfg).unwrap()
+            };
+            let (rounded, report) = run(adaround::ScaleSearch::SeqMse);
+            let (_, own) = run(adaround::ScaleSearch::Quantizer);
+            for layer in &report.layers {
+                assert!(layer.err_final <= layer.err_before, "{q:?}: {layer:?}");
+            }
+            let total = |r: &adaround::AdaRoundReport| -> f64 {
+                r.layers.iter().map(|l| l.err_final).sum()
+            };
+            assert_ne!(total(&report), total(&own), "{q:?}: the scales changed");
+            for (w, quantizer, axis) in [
+                (
+                    rounded.conv.weight.val(),
+                    rounded.conv.quantizer.quantizer(),
+                    0,
+                ),
+                (
+                    rounded.sep.weight.val(),
+                    rounded.sep.quantizer.quantizer(),
+                    0,
+                ),
+            ] {
+                let off = (quantizer.quantize(w.clone(), axis) - w)
+                    .abs()
+                    .max()
+                    .into_scalar();
+                assert!(off < 1e-6, "{q:?}: weights off the grid by {off}");
+            }
+            let fc = rounded.fc.weight.val();
+            let quantizer = rounded.fc.quantizer.quantizer();
+            let off = (quantizer.quantize(fc.clone(), 1) - fc)
+                .abs()
+                .max()
+                .into_scalar();
+            assert!(off < 1e-6, "{q:?}: fc off the grid by {off}");
+        }
+    }
+
+    #[test]
+    fn should_return_the_candidate_closest_to_the_float_model_on_the_validation_samples() {
+        use adaround::{AdaRound, Candidate, RoundingMethod};
+        let _seed = crate::seed_lock();
+        let (model, x, validation) = (net(86), samples(32, 87), samples(40, 88));
+        let forward = |m: &Net<B>, x| m.forward(x);
+        let candidates = [
+            Candidate::new("AdaRound", config(3)),
+            Candidate::new("GPTQ", config(3).with_method(RoundingMethod::Gptq)),
+            Candidate::new("one epoch", config(1).with_never_worse(false)),
+        ];
+        let (rounded, report, choice) = AdaRound::new(config(1))
+            .run_choosing(
+                &model,
+                (x.clone(), validation.clone()),
+                &candidates,
+                forward,
+            )
+            .unwrap();
+        let float = model.forward_float_reference(validation.clone());
+        let error = |m: &Net<B>| -> f64 {
+            let d = m.forward(validation.clone()) - float.clone();
+            d.powi_scalar(2).mean().into_scalar().elem::<f64>()
+        };
+        assert!((choice.nearest_error - error(&model)).abs() <= 1e-5 * error(&model));
+        let names: Vec<&str> = choice.candidates.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["AdaRound", "GPTQ", "one epoch"]);
+        let lowest = choice
+            .candidates
+            .iter()
+            .map(|c| c.validation_error)
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(choice.chosen().validation_error, lowest);
+        let returned = error(&rounded);
+        assert!(
+            (returned - lowest).abs() <= 1e-5 * lowest,
+            "{returned} vs {lowest}"
+        );
+        // The chosen candidate's own run gives the same model and report.
+        let chosen = &candidates[choice.chosen];
+        let (alone, alone_report) = adaround(&model, x.clone(), forward, &chosen.config).unwrap();
+        assert_eq!(snapshot(&alone), snapshot(&rounded));
+        assert_eq!(alone_report.layers.len(), report.layers.len());
+        // Block reconstruction without blocks, and no candidates: typed errors.
+        let blocks = [Candidate::new("blocks", config(1)).with_block_reconstruction()];
+        for candidates in [&blocks[..], &[]] {
+            let err = AdaRound::new(config(1))
+                .run_choosing(&model, (x.clone(), validation.clone()), candidates, forward)
+                .unwrap_err();
+            assert!(matches!(err, AdaRoundError::InvalidConfig(_)), "{err:?}");
+        }
+    }
+
     proptest::proptest! {
         // A fixed seed: the same cases on every run.
         #![proptest_config(proptest::prelude::ProptestConfig {

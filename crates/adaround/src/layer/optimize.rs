@@ -13,11 +13,11 @@ use crate::{
     gptq,
     gram::{self, Grams},
     progress::{self, Progress},
-    refine,
+    refine, seqmse,
     step::{lift, Ad, AutodiffData, Optimizers, Step},
     unit::{ensure_finite, Samples, Unit},
     AdaRoundConfig, AdaRoundError, FinalRounding, KernelReport, LayerReport, LossPath,
-    ReconstructionLoss, RoundingMethod, Schedule, StepLog, HISTOGRAM_BINS,
+    ReconstructionLoss, RoundingMethod, ScaleSearch, Schedule, StepLog, HISTOGRAM_BINS,
 };
 
 /// How the caller wants layers optimised, and who hears about it.
@@ -103,10 +103,12 @@ fn choose_path<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> LossP
     }
 }
 
-/// Whether `unit` is rounded by GPTQ: [`RoundingMethod::Gptq`] asked, and the layer has the
-/// Gram form (no activation, no ReLU before the loss); otherwise AdaRound, with a warning.
+/// Whether `unit` is rounded by GPTQ, or AdaRound starts from GPTQ's decisions:
+/// [`RoundingMethod::Gptq`] or [`RoundingMethod::GptqThenAdaRound`] asked, and the layer has
+/// the Gram form (no activation, no ReLU before the loss); otherwise AdaRound, with a
+/// warning.
 fn uses_gptq<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> bool {
-    if config.method != RoundingMethod::Gptq {
+    if config.method == RoundingMethod::AdaRound {
         return false;
     }
     let exact = unit.activation.is_none() && unit.relu.is_none() && gram::supports(&unit.layer);
@@ -118,6 +120,89 @@ fn uses_gptq<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> bool {
         );
     }
     exact
+}
+
+/// `armed` on the scales SeqMSE chooses where [`ScaleSearch::SeqMse`] asks for them and the
+/// layer has the Gram form (`grams`, or computed here over all samples for a layer on the
+/// direct path) and a quantizer that keeps the grid; otherwise as it is, with a warning.
+fn search_scales<B: Backend>(
+    unit: &Unit<'_, B>,
+    config: &AdaRoundConfig,
+    armed: QuantizedLayer<B>,
+    grams: Option<&Grams<B>>,
+) -> Result<(QuantizedLayer<B>, bool), AdaRoundError> {
+    if config.scale_search != ScaleSearch::SeqMse {
+        return Ok((armed, false));
+    }
+    let exact = unit.activation.is_none() && unit.relu.is_none() && gram::supports(&unit.layer);
+    let owned = match (exact, grams) {
+        (true, None) => unit_grams(unit, config.loss),
+        _ => None,
+    };
+    let found = grams
+        .or(owned.as_ref())
+        .filter(|_| exact)
+        .and_then(|g| seqmse::rescale(armed.clone(), g));
+    match found {
+        Some(Ok((layer, choice))) => {
+            log::info!(
+                "{}: SeqMSE scales, clipping range {:.3} of max |w| on average; nearest \
+                 rounding's loss {:.4e} -> {:.4e}",
+                unit.name,
+                choice.mean_ratio,
+                choice.own_error,
+                choice.chosen_error
+            );
+            Ok((layer, true))
+        }
+        Some(Err(source)) => Err(AdaRoundError::Quantizer {
+            layer: unit.name.to_string(),
+            source,
+        }),
+        None => {
+            log::warn!(
+                "{}: the quantizer's own scales, not SeqMSE's (SeqMSE needs the Gram form \
+                 and a max or MSE quantizer on a grid centred on zero)",
+                unit.name
+            );
+            Ok((armed, false))
+        }
+    }
+}
+
+/// Nearest rounding on the grid `armed` holds (SeqMSE's), finished as a rounded layer
+/// (bias correction included).
+fn nearest_on_grid<B: Backend>(
+    unit: &Unit<'_, B>,
+    config: &AdaRoundConfig,
+    armed: &QuantizedLayer<B>,
+) -> Finished<B> {
+    let h = armed.adarounds()[0].hard_decimals();
+    let nearest = refine::with_decisions(armed.clone(), h).set_training(false);
+    finish(unit, config, nearest)
+}
+
+/// `done`, or with [`AdaRoundConfig::never_worse`] nearest rounding on SeqMSE's grid
+/// (`searched`) where its error is lower (with a message).
+fn lower_of<B: Backend>(
+    unit: &Unit<'_, B>,
+    config: &AdaRoundConfig,
+    done: Finished<B>,
+    searched: Option<Finished<B>>,
+) -> Finished<B> {
+    match searched {
+        Some(nearest) if config.never_worse && nearest.err_final < done.err_final => {
+            log::info!(
+                "{}: nearest rounding on SeqMSE's grid kept: error {:.4e}, the rounded layer's \
+                 {:.4e}",
+                unit.name,
+                nearest.err_final,
+                done.err_final
+            );
+            nearest
+        }
+        _ => done,
+    }
 }
 
 /// The Gram matrices of `unit`, with the residuals of its targets when they come from other
@@ -371,7 +456,7 @@ fn round_unit<B: Backend>(
     phases: &mut progress::Phases<'_>,
 ) -> Result<Rounded<B>, AdaRoundError> {
     let rounded = match grams {
-        Some(grams) if gptq => {
+        Some(grams) if gptq && ctx.config.method == RoundingMethod::Gptq => {
             let layer = gptq::round(armed, &grams);
             phases.mark("GPTQ in");
             let trace = Trace {
@@ -384,6 +469,16 @@ fn round_unit<B: Backend>(
             (trace, statuses, layer, false)
         }
         grams => {
+            // AdaRound from GPTQ's decisions (`gptq` here: with the Gram form).
+            let armed = match &grams {
+                Some(grams) if gptq => {
+                    let decided = gptq::round(armed, grams);
+                    let h = decided.adarounds()[0].hard_decimals();
+                    phases.mark("GPTQ's start in");
+                    refine::with_alpha(decided, refine::alpha_of_decisions(h, refine::START_ALPHA))
+                }
+                _ => armed,
+            };
             let (mut step, fused) = build_step(unit, armed, grams, ctx);
             phases.mark("refinement's Gram matrices, patches and step set up in");
             debug!(
@@ -432,10 +527,18 @@ pub(crate) fn optimize_unit<B: Backend>(
         .flatten();
     phases.mark("Gram matrices in");
     let refine_grams = refine::grams_for(&unit, config, grams.as_ref());
+    let (armed, searched) = search_scales(
+        &unit,
+        config,
+        armed,
+        grams.as_ref().or(refine_grams.as_ref()),
+    )?;
+    let searched = searched.then(|| nearest_on_grid(&unit, config, &armed));
     let (trace, statuses, layer, fused) =
         round_unit(&unit, armed, (grams, gptq, path), ctx, &mut phases)?;
     let layer = layer.set_training(false);
     let (done, flips) = refine_and_finish(&unit, config, layer, refine_grams);
+    let done = lower_of(&unit, config, done, searched);
     phases.mark(&format!("{flips} rounding decisions flipped in"));
     let Finished {
         layer: finalized,

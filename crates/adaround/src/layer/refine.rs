@@ -174,10 +174,16 @@ pub(crate) fn with_decisions<B: Backend>(
     layer: QuantizedLayer<B>,
     h: Tensor<B, 4>,
 ) -> QuantizedLayer<B> {
-    let alpha = h
-        .mul_scalar(2.0 * SATURATED_ALPHA)
-        .sub_scalar(SATURATED_ALPHA);
-    with_alpha(layer, alpha)
+    with_alpha(layer, alpha_of_decisions(h, SATURATED_ALPHA))
+}
+
+/// `alpha` that starts AdaRound from given decisions: `h(±START_ALPHA)` is 0.96 or 0.04,
+/// where the rectified sigmoid's slope is still 0.13, so that a decision can change.
+pub(crate) const START_ALPHA: f32 = 2.0;
+
+/// `±magnitude` from decisions `h` (0: down, 1: up).
+pub(crate) fn alpha_of_decisions<B: Backend>(h: Tensor<B, 4>, magnitude: f32) -> Tensor<B, 4> {
+    h.mul_scalar(2.0 * magnitude).sub_scalar(magnitude)
 }
 
 /// `layer` with its AdaRound kernel's `alpha` replaced by `alpha` (same parameter id).

@@ -10,7 +10,7 @@
 
 use std::{collections::HashMap, time::Instant};
 
-use adaround_core::RoundingStatus;
+use adaround_core::{QuantizerError, RoundingStatus};
 use adaround_layers::{
     probe::{Flow, Probe, ProbeAction, ProbeEvent},
     KernelChange, QuantizedLayer, QuantizerSlot,
@@ -28,10 +28,11 @@ use crate::{
     optimize::{histograms, kernel_reports, Context},
     params::{RestoreGrad, Values, WriteBack},
     progress::{self, Progress},
+    refine,
     stages::{Stage, Staged},
     step::{lift, Ad},
     unit::{ensure_finite, reconstruction_loss},
-    AdaRoundConfig, AdaRoundError, BlockInit, LayerReport, LossPath, StepLog,
+    AdaRoundConfig, AdaRoundError, BlockInit, LayerReport, LossPath, ScaleSearch, StepLog,
 };
 
 /// The user's stages on `Autodiff<B>`, for a model whose inner module is `M`.
@@ -151,36 +152,52 @@ fn block_error<B: Backend, M: Module<B>>(
 
 type Layers<B> = Vec<QuantizedLayer<Ad<B>>>;
 
-/// `h(alpha)` of a decision where a block starts from layer-wise decisions: `alpha = ±2`,
-/// `h` 0.96 or 0.04, where the rectified sigmoid's slope is still 0.13, so that a decision
-/// can change.
-const START_ALPHA: f32 = 2.0;
-
 /// `layer` (AdaRound armed over its float kernels) with each alpha set to the decision of
-/// the rounded kernel of the same id in `rounded`: `±START_ALPHA`.
+/// the rounded kernel of the same id in `rounded`: `±`[`refine::START_ALPHA`]. `regrid`: on the grid
+/// the quantizer takes from the rounded kernel (where the layer-wise rounding searched its
+/// scales, [`ScaleSearch::SeqMse`](crate::ScaleSearch::SeqMse)), not from the float one.
 fn decided<B: Backend>(
     layer: QuantizedLayer<B>,
     rounded: &HashMap<ParamId, Tensor<B, 1>>,
-) -> QuantizedLayer<B> {
-    let ids: Vec<ParamId> = layer.kernels().iter().map(|k| k.id).collect();
-    let mut next = ids.into_iter();
-    layer.map_slots(|slot| {
-        let id = next.next().expect("one id per slot");
+    regrid: bool,
+) -> Result<QuantizedLayer<B>, QuantizerError> {
+    let kernels: Vec<_> = layer
+        .kernels()
+        .iter()
+        .map(|k| (k.id, k.weight.clone()))
+        .collect();
+    let mut next = kernels.into_iter();
+    let mut failed = None;
+    let layer = layer.map_slots(|slot| {
+        let (id, float) = next.next().expect("one id per slot");
         match slot {
             QuantizerSlot::AdaRound(ada) => {
                 let w = rounded[&id].clone().reshape(ada.alpha.dims());
+                let ada = if regrid {
+                    let sf = ada.quantizer.scale_factor(w.clone(), ada.axis());
+                    match sf.and_then(|sf| ada.clone().with_scale_factor(float, sf)) {
+                        Ok(regridded) => regridded,
+                        Err(e) => {
+                            failed = Some(e);
+                            ada
+                        }
+                    }
+                } else {
+                    ada
+                };
                 let z = w * ada.sf.val();
                 let z = match ada.offset() {
                     Some(o) => z - o,
                     None => z,
                 };
                 let up = (z - ada.w_floor.val()).greater_elem(0.5).float();
-                let alpha = up.mul_scalar(2.0 * START_ALPHA).sub_scalar(START_ALPHA);
+                let alpha = refine::alpha_of_decisions(up, refine::START_ALPHA);
                 QuantizerSlot::AdaRound(ada.with_alpha(alpha))
             }
             plain => plain,
         }
-    })
+    });
+    failed.map_or(Ok(layer), Err)
 }
 
 /// Optimises the rounding of the block's layers together, from the rounding of `start`
@@ -280,10 +297,17 @@ fn arm<B: Backend, M: Module<B>>(
                 found: HashMap::new(),
             };
             start.visit(&mut values);
+            let regrid = config.scale_search == ScaleSearch::SeqMse;
             armed
                 .into_iter()
-                .map(|l| decided(l, &values.found))
-                .collect()
+                .zip(&block.sites)
+                .map(|(l, (_, s))| {
+                    decided(l, &values.found, regrid).map_err(|source| AdaRoundError::Quantizer {
+                        layer: s.name.clone(),
+                        source,
+                    })
+                })
+                .collect::<Result<_, _>>()?
         }
     })
 }

@@ -15,6 +15,7 @@ use crate::{
     block::{optimize_block, Block, Blocks, Lifted},
     capture,
     checkpoint::{checksum, is_state_of, Checkpoint, Fingerprint},
+    choose::{Candidate, CandidateScore, MethodChoice},
     discover::{activations, discover, Site},
     gram::{self, Grams},
     guard::{self, ModelOutput, Reference},
@@ -193,6 +194,103 @@ impl<'a, B: Backend, M: Module<B>> AdaRound<'a, B, M> {
         )
     }
 }
+
+impl<'a, B: Backend, M: Module<B>> AdaRound<'a, B, M> {
+    /// Rounds `model` once per candidate (on `samples`, as [`run`](Self::run) does) and
+    /// returns the model of the candidate whose outputs on `validation` are closest to the
+    /// float model's (mean squared error, as the model check's), with its report and every
+    /// candidate's [score](MethodChoice). `validation` are samples held out from calibration
+    /// (never the images the model is finally tested on); the choice is made on them alone.
+    /// [`Candidate::methods`] gives layer-wise AdaRound, block reconstruction and GPTQ, on
+    /// the quantizer's scales and on SeqMSE's. Each candidate's configuration is its own
+    /// (this builder's configuration is not used); the optimizer, progress callback, stages
+    /// and blocks are this builder's. Time: the sum of the candidates' runs; memory: one
+    /// rounded model besides the best so far.
+    ///
+    /// Errors: no candidates, a candidate with block reconstruction and no
+    /// [`with_blocks`](Self::with_blocks) ([`AdaRoundError::InvalidConfig`]); a model whose
+    /// output has no tensors to compare ([`AdaRoundError::Forward`]); any candidate's run error.
+    pub fn run_choosing<F, O, const D: usize>(
+        mut self,
+        model: &M,
+        (samples, validation): (Tensor<B, D>, Tensor<B, D>),
+        candidates: &[Candidate],
+        forward: F,
+    ) -> Result<(M, AdaRoundReport, MethodChoice), AdaRoundError>
+    where
+        F: Fn(&M, Tensor<B, D>) -> O,
+        O: ModelOutput<B>,
+    {
+        if let Some(c) = candidates
+            .iter()
+            .find(|c| c.blocks && self.blocks.is_none())
+        {
+            return Err(AdaRoundError::InvalidConfig(format!(
+                "candidate `{}` asks for block reconstruction, and no blocks were given \
+                 (AdaRound::with_blocks)",
+                c.name
+            )));
+        }
+        // All validation samples (checked as calibration samples are), in passes of at most
+        // VALIDATION_BATCH.
+        let n = validation.dims()[0];
+        let whole = split_batches(validation, None)?.remove(0);
+        let batches: Vec<_> = (0..n)
+            .step_by(VALIDATION_BATCH)
+            .map(|s| whole.clone().narrow(0, s, VALIDATION_BATCH.min(n - s)))
+            .collect();
+        let reference = Reference::new(model, &batches, &forward)?.ok_or_else(|| {
+            AdaRoundError::Forward("the model's output has no tensors to compare".into())
+        })?;
+        let nearest_error = reference.error(model)?;
+        let (mut best, mut scores) = (None::<(M, AdaRoundReport, f64)>, Vec::new());
+        for c in candidates {
+            let blocks = self.blocks.as_deref().filter(|_| c.blocks);
+            let optimizers: &mut dyn Optimizers<B> = self.optimizers.as_mut();
+            let progress: &mut dyn FnMut(Progress<'_>) = self.progress.as_mut();
+            let (rounded, report) = run(
+                model,
+                samples.clone(),
+                &forward,
+                &c.config,
+                optimizers,
+                progress,
+                (&self.stages, blocks),
+            )?;
+            let validation_error = reference.error(&rounded)?;
+            info!(
+                "candidate {}: validation output error {validation_error:.4e} (nearest \
+                 rounding {nearest_error:.4e}), {:.0} s",
+                c.name, report.seconds
+            );
+            scores.push(CandidateScore {
+                name: c.name.clone(),
+                validation_error,
+                seconds: report.seconds,
+            });
+            if best.as_ref().is_none_or(|b| validation_error < b.2) {
+                best = Some((rounded, report, validation_error));
+            }
+        }
+        let (rounded, report, error) = best.ok_or_else(|| {
+            AdaRoundError::InvalidConfig("run_choosing needs at least one candidate".into())
+        })?;
+        let chosen = scores
+            .iter()
+            .position(|s| s.validation_error == error)
+            .expect("the best is a candidate");
+        let choice = MethodChoice {
+            nearest_error,
+            candidates: scores,
+            chosen,
+        };
+        info!("{choice}");
+        Ok((rounded, report, choice))
+    }
+}
+
+/// Samples per forward pass when [`AdaRound::run_choosing`] scores the validation samples.
+const VALIDATION_BATCH: usize = 32;
 
 /// What a run carries from layer to layer.
 struct Run<'a, 's, B: Backend, M, F, const D: usize> {
