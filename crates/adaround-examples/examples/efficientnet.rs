@@ -30,6 +30,10 @@
 //! (`AdaRound::with_blocks`; `--block-iterations N` steps per block, `--block-samples K`
 //! samples per step and `--block-lr` override `BlockConfig`'s 200, 8 and 0.1, and
 //! `--block-init fractional` for BRECQ's start instead of layer-wise decisions);
+//! `--method gptq-adaround` starts AdaRound from GPTQ's decisions
+//! (`RoundingMethod::GptqThenAdaRound`); `--method choose` runs `AdaRound::run_choosing` over
+//! `Candidate::methods` (layer-wise, GPTQ, block reconstruction, each with and without SeqMSE)
+//! and keeps the one closest to the float model on the `--validation` crops;
 //! `--seqmse` chooses each layer's scales by SeqMSE (`ScaleSearch::SeqMse`) before rounding;
 //! `--validation V` holds out the last `V` calibration crops and scores them. Writes
 //! `out/efficientnet/report.json`.
@@ -39,8 +43,8 @@ use std::time::Instant;
 use burn_autodiff::Autodiff;
 
 use adaround::{
-    export_integers, AdaRound, AdaRoundConfig, AdaRoundReport, BlockInit, Grid, IntegerExport,
-    RoundingMethod, ScaleSearch, Schedule, WeightQuantizer,
+    export_integers, AdaRound, AdaRoundConfig, AdaRoundReport, BlockInit, Candidate, Grid,
+    IntegerExport, RoundingMethod, ScaleSearch, Schedule, WeightQuantizer,
 };
 use adaround_examples::efficientnet::{
     classes, pytorch_name, weights_path, Crops, EfficientNetLite0, QuantEfficientNet,
@@ -250,6 +254,10 @@ fn main() {
         }
     }
     let seqmse = std::env::args().any(|a| a == "--seqmse");
+    let choose = method == "choose";
+    if method == "gptq-adaround" {
+        config.method = RoundingMethod::GptqThenAdaRound;
+    }
     if seqmse {
         config.scale_search = ScaleSearch::SeqMse;
     }
@@ -266,7 +274,14 @@ fn main() {
         let float = logits_of(&folded, &x);
         (x, float)
     });
+    assert!(
+        !choose || n_val > 0,
+        "--method choose needs held-out calibration crops to choose on (--validation V)"
+    );
     let label = match (method.as_str(), seqmse) {
+        ("choose", _) => "the method chosen on the validation crops",
+        ("gptq-adaround", false) => "AdaRound from GPTQ's decisions",
+        ("gptq-adaround", true) => "SeqMSE scales + AdaRound from GPTQ's decisions",
         ("gptq", false) => "GPTQ (recommended settings)",
         ("gptq", true) => "SeqMSE scales + GPTQ",
         ("block", false) => "block reconstruction (BRECQ)",
@@ -292,12 +307,29 @@ fn main() {
         let t = Instant::now();
         let stages = QuantEfficientNet::stages(model.blocks.len());
         let mut run = AdaRound::new(config.clone()).with_stages(stages);
-        if blocks {
+        if blocks || choose {
             run = run.with_blocks(QuantEfficientNet::<Autodiff<B>>::stages(model.blocks.len()));
         }
-        let (rounded, report) = run
-            .run(&model, samples.clone(), |m, x| m.forward(x))
-            .unwrap_or_else(|e| fail(&e));
+        let forward = |m: &QuantEfficientNet<B>, x| m.forward(x);
+        let (rounded, report) = match &validation {
+            // The method chosen on the held-out calibration crops (never the evaluation ones).
+            Some((x_val, _)) if choose => {
+                let candidates = Candidate::methods(&config, true);
+                let (rounded, report, choice) = run
+                    .run_choosing(
+                        &model,
+                        (samples.clone(), x_val.clone()),
+                        &candidates,
+                        forward,
+                    )
+                    .unwrap_or_else(|e| fail(&e));
+                println!("{choice}");
+                (rounded, report)
+            }
+            _ => run
+                .run(&model, samples.clone(), forward)
+                .unwrap_or_else(|e| fail(&e)),
+        };
         let seconds = t.elapsed().as_secs_f64();
         let peak = peak_rss_mib();
         let ada_logits = logits_of(&rounded, &x_eval);

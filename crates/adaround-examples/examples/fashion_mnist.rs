@@ -22,7 +22,7 @@
 //! run uses `AdaRoundConfig::recommended()`, whose [`Refine::Dense`] `--validate` chose here
 //! too; `--refine off|all` runs it with another [`AdaRoundConfig::refine`]; `--blocks` with
 //! block reconstruction (`AdaRound::with_blocks`: the body's three convolutions together,
-//! then the classifier).
+//! then the classifier); `--seqmse` on SeqMSE's scales (`ScaleSearch::SeqMse`).
 
 use std::{io::Read, path::PathBuf, time::Instant};
 
@@ -274,7 +274,8 @@ impl<B: Backend> QuantNet<B> {
     }
 }
 
-/// The command line: `[DIR] [--float PATH] [--refine off|dense|all] [--validate [--only NAME,..]]`.
+/// The command line: `[DIR] [--float PATH] [--refine off|dense|all] [--blocks] [--seqmse]
+/// [--validate [--only NAME,..]]`.
 struct Args {
     dir: PathBuf,
     /// A float model saved by an earlier run (`out/fashion_mnist/float.bin`), instead of
@@ -289,6 +290,8 @@ struct Args {
     /// Block reconstruction (`--blocks`): the body and the classifier as two blocks,
     /// `BlockConfig`'s defaults.
     blocks: bool,
+    /// SeqMSE's scales (`--seqmse`, [`ScaleSearch::SeqMse`]).
+    seqmse: bool,
 }
 
 impl Args {
@@ -300,6 +303,7 @@ impl Args {
             only: None,
             refine: AdaRoundConfig::recommended().refine,
             blocks: false,
+            seqmse: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
@@ -307,6 +311,7 @@ impl Args {
                 "--float" => args.float = it.next(),
                 "--validate" => args.validate = true,
                 "--blocks" => args.blocks = true,
+                "--seqmse" => args.seqmse = true,
                 "--only" => args.only = it.next(),
                 "--refine" => {
                     let name = it.next();
@@ -320,7 +325,7 @@ impl Args {
                 }
                 _ if a.starts_with("--") => {
                     eprintln!(
-                        "unknown option {a}: [DIR] [--float PATH] [--refine off|dense|all] [--blocks] [--validate [--only NAME,..]]"
+                        "unknown option {a}: [DIR] [--float PATH] [--refine off|dense|all] [--blocks] [--seqmse] [--validate [--only NAME,..]]"
                     );
                     std::process::exit(2);
                 }
@@ -627,7 +632,10 @@ fn run<B: AutodiffBackend>(args: &Args, device: &B::Device, train: Split, test: 
 
     // 4. Nearest vs AdaRound
     println!("\n## 4. Nearest vs AdaRound");
-    let config = AdaRoundConfig::recommended().with_refine(args.refine);
+    let mut config = AdaRoundConfig::recommended().with_refine(args.refine);
+    if args.seqmse {
+        config.scale_search = ScaleSearch::SeqMse;
+    }
     let mut rows = Vec::new();
     let mut reports: Vec<(String, AdaRoundReport)> = Vec::new();
     // Per setting, for the report: its grid, both roundings' agreement with the float model
