@@ -1086,6 +1086,56 @@ mod blocks {
     }
 
     #[test]
+    fn should_start_each_block_on_the_grids_seqmse_searched_layer_by_layer() {
+        use adaround::{FinalRounding, Grid, ScaleSearch};
+        let _seed = crate::seed_lock();
+        let mut model = mlp(3);
+        // SeqMSE's quantizers (max, MSE full-range) and one that keeps its scale (asymmetric).
+        model.l2.quantizer = WeightQuantizer::mse(3, true, Grid::Asymmetric)
+            .unwrap()
+            .into();
+        model.head.quantizer = WeightQuantizer::mse(3, true, Grid::FullRange)
+            .unwrap()
+            .into();
+        let mut cfg = config(BlockInit::LayerWise)
+            .with_scale_search(ScaleSearch::SeqMse)
+            .with_rounding(FinalRounding::Hard)
+            .with_never_worse(false);
+        // Steps too small to change a decision: each block ends where it starts.
+        cfg.block = cfg.block.with_learning_rate(1e-12);
+        let (layer_wise, _) = run(&model, &cfg, false);
+        let (block, report) = run(&model, &cfg, true);
+        assert!(report.layers.iter().all(|l| l.block.is_some()));
+        // The same decisions; the scale read back from the rounded kernel differs from the
+        // searched one by float rounding only (a changed decision moves a weight by a step).
+        for (i, (a, b)) in snapshot(&block)
+            .iter()
+            .zip(snapshot(&layer_wise))
+            .enumerate()
+        {
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-5,
+                "parameter {i}: values differ by up to {worst}"
+            );
+        }
+        let (own, _) = run(
+            &model,
+            &cfg.clone().with_scale_search(ScaleSearch::Quantizer),
+            false,
+        );
+        assert_ne!(
+            snapshot(&own),
+            snapshot(&layer_wise),
+            "SeqMSE moved the grids"
+        );
+    }
+
+    #[test]
     fn should_reconstruct_each_block_below_layer_wise_rounding_and_keep_the_grid() {
         let _seed = crate::seed_lock();
         let model = mlp(2);

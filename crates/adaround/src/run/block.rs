@@ -28,7 +28,7 @@ use crate::{
     optimize::{histograms, kernel_reports, Context},
     params::{RestoreGrad, Values, WriteBack},
     progress::{self, Progress},
-    refine,
+    refine, seqmse,
     stages::{Stage, Staged},
     step::{lift, Ad},
     unit::{ensure_finite, reconstruction_loss},
@@ -173,7 +173,8 @@ fn decided<B: Backend>(
         match slot {
             QuantizerSlot::AdaRound(ada) => {
                 let w = rounded[&id].clone().reshape(ada.alpha.dims());
-                let ada = if regrid {
+                // Only where the layer-wise rounding searched the grid (SeqMSE's quantizers).
+                let ada = if regrid && seqmse::supports(&ada.quantizer) {
                     let sf = ada.quantizer.scale_factor(w.clone(), ada.axis());
                     match sf.and_then(|sf| ada.clone().with_scale_factor(float, sf)) {
                         Ok(regridded) => regridded,
