@@ -35,7 +35,10 @@
 //! `Candidate::methods` (layer-wise, GPTQ, block reconstruction, each with and without SeqMSE)
 //! and keeps the one closest to the float model on the `--validation` crops;
 //! `--seqmse` chooses each layer's scales by SeqMSE (`ScaleSearch::SeqMse`) before rounding;
-//! `--validation V` holds out the last `V` calibration crops and scores them. Writes
+//! `--validation V` holds out the last `V` calibration crops and scores them;
+//! `--calibration-photos natural` calibrates (and validates) on crops of 26 natural
+//! photographs instead (`fetch_natural.sh`; the evaluation crops are the same);
+//! `--evaluation-photos natural` scores on those crops too, after the six photographs'. Writes
 //! `out/efficientnet/report.json`.
 
 use std::time::Instant;
@@ -73,14 +76,21 @@ struct Scores {
     top1: f64,
     top5: f64,
     kl: f64,
+    /// Top-1 agreement on the crops where the float model is confident (its top-1 softmax
+    /// probability at least [`CONFIDENT`]), and how many crops those are.
+    top1_confident: f64,
+    confident: usize,
 }
+
+/// The float model's top-1 probability above which a crop counts as confident: below it the
+/// float model's first two classes are often near ties, which any rounding can swap.
+const CONFIDENT: f32 = 0.5;
 
 impl Scores {
     fn new(logits: Tensor<B, 2>, float: &Tensor<B, 2>) -> Self {
         let n = logits.dims()[0] as f64;
         let reference = float.clone().argmax(1);
-        let top1 = logits.clone().argmax(1).equal(reference.clone());
-        let top1 = top1.int().sum().into_scalar() as f64;
+        let agree = logits.clone().argmax(1).equal(reference.clone()).int();
         let best5 = logits
             .clone()
             .sort_descending_with_indices(1)
@@ -88,11 +98,21 @@ impl Scores {
             .narrow(1, 0, 5);
         let top5 = best5.equal(reference.expand([n as usize, 5])).int().sum();
         let (p, q) = (log_softmax(float.clone(), 1), log_softmax(logits, 1));
+        let confident = p
+            .clone()
+            .max_dim(1)
+            .exp()
+            .greater_equal_elem(CONFIDENT)
+            .int();
         let kl = (p.clone().exp() * (p - q)).sum().into_scalar() as f64 / n;
+        let on_confident = (agree.clone() * confident.clone()).sum().into_scalar() as f64;
+        let confident = confident.sum().into_scalar() as usize;
         Self {
-            top1: 100.0 * top1 / n,
+            top1: 100.0 * agree.sum().into_scalar() as f64 / n,
             top5: 100.0 * top5.into_scalar() as f64 / n,
             kl,
+            top1_confident: 100.0 * on_confident / confident.max(1) as f64,
+            confident,
         }
     }
 }
@@ -186,6 +206,18 @@ fn main() {
     };
     let path = weights_path().unwrap_or_else(|e| fail(&e));
     let crops = Crops::load().unwrap_or_else(|e| fail(&e));
+    // `--calibration-photos natural`: crops of natural photographs (fetch_natural.sh) instead
+    // of fetch.sh's textures and scientific images; the evaluation crops are the same.
+    let calibration_photos = arg::<String>("--calibration-photos");
+    let crops = match calibration_photos.as_deref() {
+        None | Some("default") => crops,
+        Some("natural") => crops
+            .with_calibration_set("natural")
+            .unwrap_or_else(|e| fail(&e)),
+        Some(other) => fail(&format!(
+            "--calibration-photos takes `natural` or `default`, not `{other}`"
+        )),
+    };
     let names = classes().unwrap_or_else(|e| fail(&e));
     let bits: Vec<u32> = arg::<String>("--bits")
         .unwrap_or_else(|| "8,4,3,2".into())
@@ -274,6 +306,25 @@ fn main() {
         let float = logits_of(&folded, &x);
         (x, float)
     });
+    // `--evaluation-photos natural`: also score on the crops of fetch_natural.sh's 26 natural
+    // photographs (a second evaluation set, far less correlated than six photographs' crops).
+    let natural_eval = match arg::<String>("--evaluation-photos").as_deref() {
+        None | Some("default") => None,
+        Some("natural") if calibration_photos.as_deref() == Some("natural") => {
+            fail(&"--evaluation-photos natural scores on the calibration photographs of --calibration-photos natural")
+        }
+        Some("natural") => {
+            let natural = Crops::load()
+                .and_then(|c| c.with_calibration_set("natural"))
+                .unwrap_or_else(|e| fail(&e));
+            let x = natural.calibration::<B>(natural.calibration, &device);
+            let float = logits_of(&folded, &x);
+            Some((x, float))
+        }
+        Some(other) => fail(&format!(
+            "--evaluation-photos takes `natural` or `default`, not `{other}`"
+        )),
+    };
     assert!(
         !choose || n_val > 0,
         "--method choose needs held-out calibration crops to choose on (--validation V)"
@@ -291,8 +342,9 @@ fn main() {
     };
 
     println!(
-        "\n## 2. Per channel, {} calibration crops, {iterations} iterations per layer",
-        samples.dims()[0]
+        "\n## 2. Per channel, {} calibration crops ({} photographs), {iterations} iterations per layer",
+        samples.dims()[0],
+        calibration_photos.as_deref().unwrap_or("default")
     );
     let out = std::path::Path::new("out/efficientnet");
     std::fs::create_dir_all(out).expect("out/efficientnet");
@@ -335,6 +387,21 @@ fn main() {
         let ada_logits = logits_of(&rounded, &x_eval);
         let ada = Scores::new(ada_logits.clone(), &reference);
         print_table(b, (nearest, builtin), (label, ada), seconds, peak);
+        println!(
+            "on the {} of {} evaluation crops where the float model's top-1 probability is at least {CONFIDENT}: top-1 agreement nearest {:.2} %, {label} {:.2} %",
+            ada.confident, crops.evaluation, nearest.top1_confident, ada.top1_confident
+        );
+        let natural = natural_eval.as_ref().map(|(x, float)| {
+            let (nearest, ada) = (
+                Scores::new(logits_of(&model, x), float),
+                Scores::new(logits_of(&rounded, x), float),
+            );
+            println!(
+                "natural photographs ({} crops of 26 photographs): top-1 nearest {:.2} %, {label} {:.2} % (top-5 {:.2} %, KL {:.4}; on the {} confident crops {:.2} %)",
+                x.dims()[0], nearest.top1, ada.top1, ada.top5, ada.kl, ada.confident, ada.top1_confident
+            );
+            serde_json::json!({"nearest": nearest, "adaround": ada})
+        });
         if let Some((x, float)) = &validation {
             let nearest = Scores::new(logits_of(&model, x), float);
             let val = Scores::new(logits_of(&rounded, x), float);
@@ -352,7 +419,7 @@ fn main() {
         rows.push(serde_json::json!({
             "bits": b, "nearest": nearest, "adaround": ada,
             "burn_builtin": builtin.map(|(s, _)| s), "burn_builtin_emulated": builtin.map(|(_, e)| e),
-            "adaround_seconds": seconds, "peak_rss_mib": peak,
+            "adaround_seconds": seconds, "peak_rss_mib": peak, "natural_photographs": natural,
         }));
         reports.push((b, report));
     }

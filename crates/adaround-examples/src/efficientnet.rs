@@ -411,13 +411,23 @@ pub fn data_dir() -> std::path::PathBuf {
 /// The script that fetches the data, for messages.
 pub const FETCH_SCRIPT: &str = "crates/adaround-examples/examples/data/efficientnet/fetch.sh";
 
-/// Why the data could not be read.
+/// The script that fetches the natural-photograph calibration set (`natural.bin`).
+pub const FETCH_NATURAL_SCRIPT: &str =
+    "crates/adaround-examples/examples/data/efficientnet/fetch_natural.sh";
+
+/// Why the data could not be read: what is missing, and the script that writes it.
 #[derive(Debug)]
-pub struct MissingData(pub String);
+pub struct MissingData(pub String, pub &'static str);
+
+impl MissingData {
+    fn new(what: String) -> Self {
+        Self(what, FETCH_SCRIPT)
+    }
+}
 
 impl core::fmt::Display for MissingData {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{}; run `bash {FETCH_SCRIPT}` first", self.0)
+        write!(f, "{}; run `bash {}` first", self.0, self.1)
     }
 }
 
@@ -431,7 +441,7 @@ pub fn weights_path_in(dir: &std::path::Path) -> Result<String, MissingData> {
     let path = dir.join(WEIGHTS_FILE);
     match path.is_file() {
         true => Ok(path.display().to_string()),
-        false => Err(MissingData(format!("no {}", path.display()))),
+        false => Err(MissingData::new(format!("no {}", path.display()))),
     }
 }
 
@@ -439,8 +449,8 @@ pub fn weights_path_in(dir: &std::path::Path) -> Result<String, MissingData> {
 pub fn classes() -> Result<Vec<String>, MissingData> {
     let path = data_dir().join("classes.json");
     let bytes = std::fs::read(&path)
-        .map_err(|e| MissingData(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_slice(&bytes).map_err(|e| MissingData(format!("{}: {e}", path.display())))
+        .map_err(|e| MissingData::new(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes).map_err(|e| MissingData::new(format!("{}: {e}", path.display())))
 }
 
 /// A tensor to write into a SafeTensors file.
@@ -521,37 +531,45 @@ pub const CROP_BYTES: usize = IMAGE_SIZE * IMAGE_SIZE * 3;
 impl Crops {
     /// Reads `images.bin` and `images.json` from [`data_dir`].
     pub fn load() -> Result<Self, MissingData> {
-        let dir = data_dir();
-        let read = |name: &str| {
-            std::fs::read(dir.join(name))
-                .map_err(|e| MissingData(format!("cannot read {}: {e}", dir.join(name).display())))
-        };
-        let manifest: serde_json::Value = serde_json::from_slice(&read("images.json")?)
-            .map_err(|e| MissingData(format!("images.json: {e}")))?;
-        let photos = |set: &str| -> Vec<String> {
-            manifest[set]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|c| c["photo"].as_str().unwrap_or("?").to_string())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let (cal, eval) = (photos("calibration"), photos("evaluation"));
-        let pixels = read("images.bin")?;
-        if pixels.len() != (cal.len() + eval.len()) * CROP_BYTES {
-            return Err(MissingData(format!(
-                "images.bin holds {} bytes, images.json lists {} crops",
-                pixels.len(),
-                cal.len() + eval.len()
-            )));
-        }
+        Self::load_in(&data_dir())
+    }
+
+    /// Reads `images.bin` and `images.json` from `dir`.
+    pub fn load_in(dir: &std::path::Path) -> Result<Self, MissingData> {
+        let (pixels, mut sets) = read_crop_set(dir, "images", &["calibration", "evaluation"])?;
+        let eval = sets.pop().unwrap_or_default();
+        let cal = sets.pop().unwrap_or_default();
         Ok(Self {
             pixels,
             calibration: cal.len(),
             evaluation: eval.len(),
             photos: cal.into_iter().chain(eval).collect(),
+        })
+    }
+
+    /// The same evaluation crops with the calibration crops of another set in [`data_dir`]:
+    /// `"natural"` reads `natural.bin` and `natural.json` (`fetch_natural.sh`: crops of
+    /// natural photographs, none of them an evaluation photograph).
+    pub fn with_calibration_set(self, stem: &str) -> Result<Self, MissingData> {
+        self.with_calibration_set_in(&data_dir(), stem)
+    }
+
+    /// [`Crops::with_calibration_set`] reading from `dir`.
+    pub fn with_calibration_set_in(
+        self,
+        dir: &std::path::Path,
+        stem: &str,
+    ) -> Result<Self, MissingData> {
+        let (mut pixels, mut sets) = read_crop_set(dir, stem, &[stem])
+            .map_err(|e| MissingData(e.0, FETCH_NATURAL_SCRIPT))?;
+        let cal = sets.pop().unwrap_or_default();
+        pixels.extend_from_slice(&self.pixels[self.calibration * CROP_BYTES..]);
+        let photos = self.photos[self.calibration..].iter().cloned();
+        Ok(Self {
+            pixels,
+            calibration: cal.len(),
+            evaluation: self.evaluation,
+            photos: cal.into_iter().chain(photos).collect(),
         })
     }
 
@@ -584,6 +602,44 @@ impl Crops {
     pub fn evaluation<B: Backend>(&self, device: &B::Device) -> Tensor<B, 4> {
         self.tensor(self.calibration..self.calibration + self.evaluation, device)
     }
+}
+
+/// Reads `{stem}.bin` and `{stem}.json` from `dir`: the pixels, and for each of `sets` (keys
+/// of the manifest, in the order their crops are stored) its crops' photographs.
+fn read_crop_set(
+    dir: &std::path::Path,
+    stem: &str,
+    sets: &[&str],
+) -> Result<(Vec<u8>, Vec<Vec<String>>), MissingData> {
+    let read = |name: String| {
+        std::fs::read(dir.join(&name)).map_err(|e| {
+            MissingData::new(format!("cannot read {}: {e}", dir.join(&name).display()))
+        })
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(&read(format!("{stem}.json"))?)
+        .map_err(|e| MissingData::new(format!("{stem}.json: {e}")))?;
+    let photos: Vec<Vec<String>> = sets
+        .iter()
+        .map(|set| {
+            manifest[*set]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|c| c["photo"].as_str().unwrap_or("?").to_string())
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    let crops: usize = photos.iter().map(Vec::len).sum();
+    let pixels = read(format!("{stem}.bin"))?;
+    if pixels.len() != crops * CROP_BYTES {
+        return Err(MissingData::new(format!(
+            "{stem}.bin holds {} bytes, {stem}.json lists {crops} crops",
+            pixels.len()
+        )));
+    }
+    Ok((pixels, photos))
 }
 
 /// u8 RGB crops `[n, 224, 224, 3]` as normalised `[n, 3, 224, 224]` floats:
@@ -622,6 +678,66 @@ mod tests {
         assert_eq!(shapes.iter().filter(|s| s.residual()).count(), 9);
         assert_eq!(shapes.iter().filter(|s| s.expand == 1).count(), 1);
         assert_eq!(shapes.last().unwrap().output, 320);
+    }
+
+    /// Writes `{stem}.bin` (crop `i` filled with byte `first + i`) and `{stem}.json`.
+    fn write_set(dir: &std::path::Path, stem: &str, sets: &[(&str, usize)], first: u8) {
+        let mut manifest = serde_json::Map::new();
+        let mut pixels = Vec::new();
+        for (set, n) in sets {
+            let crops: Vec<_> = (0..*n)
+                .map(|i| serde_json::json!({"photo": format!("{set}{i}.png")}))
+                .collect();
+            manifest.insert(set.to_string(), crops.into());
+            for _ in 0..*n {
+                pixels.extend(std::iter::repeat_n(
+                    first + (pixels.len() / CROP_BYTES) as u8,
+                    CROP_BYTES,
+                ));
+            }
+        }
+        std::fs::write(
+            dir.join(format!("{stem}.json")),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.join(format!("{stem}.bin")), pixels).unwrap();
+    }
+
+    #[test]
+    fn should_swap_the_calibration_crops_and_keep_the_evaluation_ones() {
+        let dir = std::env::temp_dir().join(format!("adaround-crops-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write_set(&dir, "images", &[("calibration", 3), ("evaluation", 2)], 0);
+        let crops = Crops::load_in(&dir).unwrap();
+        assert_eq!((crops.calibration, crops.evaluation), (3, 2));
+        let Err(missing) = crops.with_calibration_set_in(&dir, "natural") else {
+            panic!("no natural.bin yet");
+        };
+        assert!(
+            missing.to_string().contains("fetch_natural.sh"),
+            "{missing}"
+        );
+        write_set(&dir, "natural", &[("natural", 4)], 100);
+        let crops = Crops::load_in(&dir).unwrap();
+        let swapped = crops.with_calibration_set_in(&dir, "natural").unwrap();
+        assert_eq!((swapped.calibration, swapped.evaluation), (4, 2));
+        let first_byte = |c: &Crops, i: usize| c.pixels[i * CROP_BYTES];
+        assert_eq!(first_byte(&swapped, 0), 100);
+        assert_eq!(first_byte(&swapped, 3), 103);
+        // The evaluation crops and their photographs are the original ones, in order.
+        assert_eq!((first_byte(&swapped, 4), first_byte(&swapped, 5)), (3, 4));
+        assert_eq!(
+            swapped.photos[3..],
+            ["natural3.png", "evaluation0.png", "evaluation1.png"]
+        );
+        // A manifest that does not match the pixels is an error, not a short set.
+        std::fs::write(dir.join("natural.bin"), [0u8; 7]).unwrap();
+        let err = Crops::load_in(&dir)
+            .unwrap()
+            .with_calibration_set_in(&dir, "natural");
+        assert!(err.is_err_and(|e| e.to_string().contains("natural.json lists 4 crops")));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

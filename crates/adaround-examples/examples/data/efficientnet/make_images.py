@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Cuts the photographs of `fetch.sh` into the EfficientNet example's 224x224 crops.
 
-    python3 make_images.py PHOTOS_DIR DEST_DIR      (Pillow on the path; fetch.sh runs it)
+    python3 make_images.py PHOTOS_DIR DEST_DIR              (Pillow on the path; fetch.sh runs it)
+    python3 make_images.py --natural PHOTOS_DIR DEST_DIR    (fetch_natural.sh runs it)
 
 Calibration and evaluation crops come from different photographs (SOURCES.md lists them).
 Crop `i` of a set is cut from photograph `i mod len(set)`: the first crop of each evaluation
@@ -11,6 +12,10 @@ area, aspect ratio 3/4-4/3, anywhere in it, mirrored with probability 1/2) resiz
 224x224, from a seeded generator, so the output is the same on every run (fetch.sh checks
 its SHA-256). Writes `images.bin` (u8 RGB, `[n, 224, 224, 3]`, the calibration crops, then
 the evaluation crops) and `images.json` (each crop's photograph, box and mirroring).
+
+With `--natural`, writes the other calibration set instead: 512 random-resized crops of the
+natural photographs of `fetch_natural.sh` (NATURAL below), as `natural.bin` and
+`natural.json`, the same way (seed 3).
 """
 import json
 import math
@@ -26,7 +31,17 @@ CALIBRATION = ["astronaut.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg"
                "text.png", "cell.png"]
 EVALUATION = ["chelsea.png", "coffee.png", "rocket.jpg", "china.jpg", "flower.jpg",
               "grace_hopper.jpg"]
-COUNTS = {"calibration": 512, "evaluation": 256}
+COUNTS = {"calibration": 512, "evaluation": 256, "natural": 512}
+# fetch_natural.sh's photographs (Debian wallpaper packages; face.rgb: scipy's raccoon).
+NATURAL = ["Bridge_by_Sander_Klootwijk.jpg", "Dragonfly_by_Bolly.jpg",
+           "Picture_0B_by_freespace.jpg", "Picture_1A_by_freespace.jpg", "Wine_by_Jakkub_Mede.jpg",
+           "aitzgorri_by_Aitzol_Berasategi.jpg", "free_by_Peter_Nerlich.jpg",
+           "friends_by_Aitzol_Berasategi.jpg", "greentock_by_Peter_Nerlich.jpg",
+           "life_by_Aitzol_Berasategi.jpg", "picosdeeuropa_by_Aitzol_Berasategi.jpg",
+           "seeding_by_Clements_Engelhardt.jpg", "sunset_by_Aitzol_Berasategi.jpg",
+           "Kleiber_by_Lukas_Baubkus.jpg", "Aqua.jpg", "Blinds.jpg", "Dune.jpg", "FreshFlower.jpg",
+           "Garden.jpg", "GreenMeadow.jpg", "LadyBird.jpg", "RainDrops.jpg", "Storm.jpg",
+           "TwoWings.jpg", "Wood.jpg", "face.rgb"]
 
 
 def centre_crop(img):
@@ -56,13 +71,29 @@ def random_crop(img, rng):
     return crop, [left, top, left + cw, top + ch], flip
 
 
+def open_photo(photos_dir, name):
+    path = os.path.join(photos_dir, name)
+    if name.endswith(".rgb"):
+        return Image.frombytes("RGB", (1024, 768), open(path, "rb").read())
+    img = Image.open(path).convert("RGB")
+    # The largest wallpapers (up to 6 000 pixels wide) at most 2 048 wide: the crops are
+    # 224x224 from boxes of a quarter of the photograph or more, so nothing is lost.
+    if max(img.size) > 2048:
+        s = 2048 / max(img.size)
+        img = img.resize((round(img.size[0] * s), round(img.size[1] * s)), Image.BILINEAR)
+    return img
+
+
 def main():
-    photos_dir, dest = sys.argv[1:]
-    out = open(os.path.join(dest, "images.bin"), "wb")
+    natural = sys.argv[1] == "--natural"
+    photos_dir, dest = sys.argv[2:] if natural else sys.argv[1:]
+    stem = "natural" if natural else "images"
+    out = open(os.path.join(dest, stem + ".bin"), "wb")
     manifest = {"size": SIZE, "layout": "u8 RGB [n, 224, 224, 3]"}
-    for name, photos, seed in [("calibration", CALIBRATION, 1), ("evaluation", EVALUATION, 2)]:
+    sets = [("natural", NATURAL, 3)] if natural else [("calibration", CALIBRATION, 1), ("evaluation", EVALUATION, 2)]
+    for name, photos, seed in sets:
         rng = random.Random(seed)
-        images = [Image.open(os.path.join(photos_dir, p)).convert("RGB") for p in photos]
+        images = [(open_photo if natural else lambda d, p: Image.open(os.path.join(d, p)).convert("RGB"))(photos_dir, p) for p in photos]
         crops = []
         for i in range(COUNTS[name]):
             k = i % len(photos)
@@ -73,7 +104,7 @@ def main():
             crops.append({"photo": photos[k], "box": [round(b, 1) for b in box], "mirrored": flip})
         manifest[name] = crops
     out.close()
-    json.dump(manifest, open(os.path.join(dest, "images.json"), "w"), indent=1)
+    json.dump(manifest, open(os.path.join(dest, stem + ".json"), "w"), indent=1)
 
 
 if __name__ == "__main__":
