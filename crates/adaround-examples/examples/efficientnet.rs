@@ -47,7 +47,7 @@ use burn_autodiff::Autodiff;
 
 use adaround::{
     export_integers, AdaRound, AdaRoundConfig, AdaRoundReport, BlockInit, Candidate, Grid,
-    IntegerExport, RoundingMethod, ScaleSearch, Schedule, WeightQuantizer,
+    IntegerExport, RoundingMethod, ScaleOutcome, ScaleSearch, Schedule, WeightQuantizer,
 };
 use adaround_examples::efficientnet::{
     classes, pytorch_name, weights_path, Crops, EfficientNetLite0, QuantEfficientNet,
@@ -413,6 +413,7 @@ fn main() {
         if let Some(check) = &report.model {
             println!("model check: {check}");
         }
+        print_scales(&report);
         if reports.is_empty() {
             export(&rounded, &x_eval, ada_logits, b, out);
         }
@@ -436,6 +437,27 @@ fn main() {
     let path = out.join("report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).expect("write");
     println!("\nreport: {}", path.display());
+}
+
+/// With SeqMSE, how many layers ended on which grid (each kernel's `scales` in the report).
+fn print_scales(report: &AdaRoundReport) {
+    let mut counts = std::collections::BTreeMap::new();
+    for kernel in report.layers.iter().flat_map(|l| &l.kernels) {
+        let name = match &kernel.scales {
+            None => continue,
+            Some(ScaleOutcome::SeqMse { nearest: false, .. }) => "rounded on SeqMSE's grid",
+            Some(ScaleOutcome::SeqMse { nearest: true, .. }) => {
+                "nearest rounding on SeqMSE's grid (never_worse)"
+            }
+            Some(ScaleOutcome::NotApplicable) => "own grid, SeqMSE not applicable",
+            Some(ScaleOutcome::Discarded) => "own grid, nearest kept (never_worse)",
+        };
+        *counts.entry(name).or_insert(0usize) += 1;
+    }
+    if !counts.is_empty() {
+        let parts: Vec<_> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        println!("scales (kernels): {}", parts.join(", "));
+    }
 }
 
 fn print_table(

@@ -99,7 +99,8 @@ pub enum ScaleSearch {
     /// that would not keep the grid once finalized (the standard-deviation and custom
     /// quantizers, the asymmetric grid, MSE above 8 bits) keep their own scale, with a
     /// warning. Costs 41 products of the kernel with its Gram matrix per layer (and, for a
-    /// layer on the direct path, the Gram matrices over all samples).
+    /// layer on the direct path, the Gram matrices over all samples). Each kernel's report
+    /// says which grid it ended on ([`KernelReport::scales`](crate::KernelReport)).
     SeqMse,
 }
 

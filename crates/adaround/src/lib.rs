@@ -79,7 +79,9 @@ pub use error::AdaRoundError;
 pub use export::{export_integers, AimetEncoding, IntegerExport, IntegerKernel, INTEGER_FORMAT};
 pub use guard::ModelOutput;
 pub use progress::Progress;
-pub use report::{AdaRoundReport, KernelReport, LayerReport, ModelCheck, StepLog, HISTOGRAM_BINS};
+pub use report::{
+    AdaRoundReport, KernelReport, LayerReport, ModelCheck, ScaleOutcome, StepLog, HISTOGRAM_BINS,
+};
 pub use schedule::{BetaDecay, Schedule};
 pub use stages::Stage;
 

@@ -19,6 +19,37 @@ pub struct KernelReport {
     pub decimals_before: Vec<usize>,
     /// The same histogram at the end: mass moves to 0 and 1 as weights are rounded.
     pub decimals_after: Vec<usize>,
+    /// The grid the kernel was written on, where the run asked for SeqMSE's scales
+    /// ([`ScaleSearch::SeqMse`](crate::ScaleSearch::SeqMse)); `None` otherwise.
+    #[serde(default)]
+    pub scales: Option<ScaleOutcome>,
+}
+
+/// What a run with [`ScaleSearch::SeqMse`](crate::ScaleSearch::SeqMse) did to a kernel's
+/// scales.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ScaleOutcome {
+    /// On SeqMSE's grid (for a block, the grid its layer-wise start searched).
+    SeqMse {
+        /// Mean over the channels of the chosen clipping range as a share of `max |w|`.
+        mean_ratio: f64,
+        /// The layer loss of nearest rounding on the quantizer's own scales.
+        own_error: f64,
+        /// The layer loss of nearest rounding on SeqMSE's scales.
+        chosen_error: f64,
+        /// Nearest rounding on SeqMSE's grid replaced the rounded layer, which ended above
+        /// it ([`AdaRoundConfig::never_worse`]).
+        nearest: bool,
+    },
+    /// On the quantizer's own grid: SeqMSE does not apply here (the layer's loss has no Gram
+    /// form: an activation or ReLU in it, or a layer kind without one; a quantizer whose
+    /// finalized grid is not centred on zero; or block reconstruction from
+    /// [`BlockInit::Fractional`](crate::BlockInit::Fractional)). A warning says which.
+    NotApplicable,
+    /// On the quantizer's own grid: the scales were searched, but the layer ended above
+    /// nearest rounding on its own grid and [`AdaRoundConfig::never_worse`] kept the caller's
+    /// kernel (the layer's [`LayerReport::kept_nearest`]).
+    Discarded,
 }
 
 /// The losses and rounding state read at one point of a layer's optimisation (each epoch,

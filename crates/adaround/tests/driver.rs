@@ -619,7 +619,30 @@ mod ndarray {
             let (_, own) = run(adaround::ScaleSearch::Quantizer);
             for layer in &report.layers {
                 assert!(layer.err_final <= layer.err_before, "{q:?}: {layer:?}");
+                // The report says each kernel's grid: SeqMSE's, whose nearest rounding is at
+                // most the quantizer's own (one of its candidates).
+                for kernel in &layer.kernels {
+                    match &kernel.scales {
+                        Some(adaround::ScaleOutcome::SeqMse {
+                            own_error,
+                            chosen_error,
+                            mean_ratio,
+                            ..
+                        }) => assert!(
+                            chosen_error <= own_error && *mean_ratio > 0.0 && *mean_ratio <= 1.0,
+                            "{q:?} {}: {:?}",
+                            layer.name,
+                            kernel.scales
+                        ),
+                        other => panic!("{q:?} {}: {other:?}", layer.name),
+                    }
+                }
             }
+            let kernels = || own.layers.iter().flat_map(|l| &l.kernels);
+            assert!(
+                kernels().all(|k| k.scales.is_none()),
+                "no search, no outcome"
+            );
             let total = |r: &adaround::AdaRoundReport| -> f64 {
                 r.layers.iter().map(|l| l.err_final).sum()
             };
@@ -1103,9 +1126,24 @@ mod blocks {
             .with_never_worse(false);
         // Steps too small to change a decision: each block ends where it starts.
         cfg.block = cfg.block.with_learning_rate(1e-12);
-        let (layer_wise, _) = run(&model, &cfg, false);
+        let (layer_wise, layer_report) = run(&model, &cfg, false);
         let (block, report) = run(&model, &cfg, true);
         assert!(report.layers.iter().all(|l| l.block.is_some()));
+        // Both reports say which grid each kernel is on: SeqMSE's, and the asymmetric
+        // layer's own (SeqMSE does not apply to it).
+        for r in [&layer_report, &report] {
+            for layer in &r.layers {
+                let scales = &layer.kernels[0].scales;
+                match layer.name.as_str() {
+                    "l2" => assert_eq!(scales, &Some(adaround::ScaleOutcome::NotApplicable)),
+                    _ => assert!(
+                        matches!(scales, Some(adaround::ScaleOutcome::SeqMse { .. })),
+                        "{}: {scales:?}",
+                        layer.name
+                    ),
+                }
+            }
+        }
         // The same decisions; the scale read back from the rounded kernel differs from the
         // searched one by float rounding only (a changed decision moves a weight by a step).
         for (i, (a, b)) in snapshot(&block)

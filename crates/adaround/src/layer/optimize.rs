@@ -17,7 +17,8 @@ use crate::{
     step::{lift, Ad, AutodiffData, Optimizers, Step},
     unit::{ensure_finite, Samples, Unit},
     AdaRoundConfig, AdaRoundError, FinalRounding, KernelReport, LayerReport, LossPath,
-    ReconstructionLoss, RoundingMethod, ScaleSearch, Schedule, StepLog, HISTOGRAM_BINS,
+    ReconstructionLoss, RoundingMethod, ScaleOutcome, ScaleSearch, Schedule, StepLog,
+    HISTOGRAM_BINS,
 };
 
 /// How the caller wants layers optimised, and who hears about it.
@@ -125,14 +126,15 @@ fn uses_gptq<B: Backend>(unit: &Unit<'_, B>, config: &AdaRoundConfig) -> bool {
 /// `armed` on the scales SeqMSE chooses where [`ScaleSearch::SeqMse`] asks for them and the
 /// layer has the Gram form (`grams`, or computed here over all samples for a layer on the
 /// direct path) and a quantizer that keeps the grid; otherwise as it is, with a warning.
+/// The outcome is `None` without the search.
 fn search_scales<B: Backend>(
     unit: &Unit<'_, B>,
     config: &AdaRoundConfig,
     armed: QuantizedLayer<B>,
     grams: Option<&Grams<B>>,
-) -> Result<(QuantizedLayer<B>, bool), AdaRoundError> {
+) -> Result<(QuantizedLayer<B>, Option<ScaleOutcome>), AdaRoundError> {
     if config.scale_search != ScaleSearch::SeqMse {
-        return Ok((armed, false));
+        return Ok((armed, None));
     }
     let exact = unit.activation.is_none() && unit.relu.is_none() && gram::supports(&unit.layer);
     let owned = match (exact, grams) {
@@ -153,7 +155,13 @@ fn search_scales<B: Backend>(
                 choice.own_error,
                 choice.chosen_error
             );
-            Ok((layer, true))
+            let outcome = ScaleOutcome::SeqMse {
+                mean_ratio: choice.mean_ratio,
+                own_error: choice.own_error,
+                chosen_error: choice.chosen_error,
+                nearest: false,
+            };
+            Ok((layer, Some(outcome)))
         }
         Some(Err(source)) => Err(AdaRoundError::Quantizer {
             layer: unit.name.to_string(),
@@ -165,7 +173,7 @@ fn search_scales<B: Backend>(
                  and a max or MSE quantizer on a grid centred on zero)",
                 unit.name
             );
-            Ok((armed, false))
+            Ok((armed, Some(ScaleOutcome::NotApplicable)))
         }
     }
 }
@@ -183,13 +191,13 @@ fn nearest_on_grid<B: Backend>(
 }
 
 /// `done`, or with [`AdaRoundConfig::never_worse`] nearest rounding on SeqMSE's grid
-/// (`searched`) where its error is lower (with a message).
+/// (`searched`) where its error is lower (with a message; `true` then).
 fn lower_of<B: Backend>(
     unit: &Unit<'_, B>,
     config: &AdaRoundConfig,
     done: Finished<B>,
     searched: Option<Finished<B>>,
-) -> Finished<B> {
+) -> (Finished<B>, bool) {
     match searched {
         Some(nearest) if config.never_worse && nearest.err_final < done.err_final => {
             log::info!(
@@ -199,9 +207,9 @@ fn lower_of<B: Backend>(
                 nearest.err_final,
                 done.err_final
             );
-            nearest
+            (nearest, true)
         }
-        _ => done,
+        _ => (done, false),
     }
 }
 
@@ -342,6 +350,7 @@ pub(crate) fn kernel_reports(
                     status,
                     decimals_before,
                     decimals_after,
+                    scales: None,
                 }
             },
         )
@@ -527,18 +536,19 @@ pub(crate) fn optimize_unit<B: Backend>(
         .flatten();
     phases.mark("Gram matrices in");
     let refine_grams = refine::grams_for(&unit, config, grams.as_ref());
-    let (armed, searched) = search_scales(
+    let (armed, scales) = search_scales(
         &unit,
         config,
         armed,
         grams.as_ref().or(refine_grams.as_ref()),
     )?;
-    let searched = searched.then(|| nearest_on_grid(&unit, config, &armed));
+    let searched = matches!(scales, Some(ScaleOutcome::SeqMse { .. }))
+        .then(|| nearest_on_grid(&unit, config, &armed));
     let (trace, statuses, layer, fused) =
         round_unit(&unit, armed, (grams, gptq, path), ctx, &mut phases)?;
     let layer = layer.set_training(false);
     let (done, flips) = refine_and_finish(&unit, config, layer, refine_grams);
-    let done = lower_of(&unit, config, done, searched);
+    let (done, nearest_on_searched) = lower_of(&unit, config, done, searched);
     phases.mark(&format!("{flips} rounding decisions flipped in"));
     let Finished {
         layer: finalized,
@@ -550,7 +560,25 @@ pub(crate) fn optimize_unit<B: Backend>(
     ensure_finalized_finite(unit.name, trace.last, &finalized, err_final)?;
     phases.mark("finalized and checked in");
     let kept_nearest = config.never_worse && err_final > err_before;
-    let kernels = kernel_reports(changes, statuses, (before, after), kept_nearest);
+    let scales = match scales {
+        Some(ScaleOutcome::SeqMse { .. }) if kept_nearest => Some(ScaleOutcome::Discarded),
+        Some(ScaleOutcome::SeqMse {
+            mean_ratio,
+            own_error,
+            chosen_error,
+            ..
+        }) => Some(ScaleOutcome::SeqMse {
+            mean_ratio,
+            own_error,
+            chosen_error,
+            nearest: nearest_on_searched,
+        }),
+        other => other,
+    };
+    let mut kernels = kernel_reports(changes, statuses, (before, after), kept_nearest);
+    for kernel in &mut kernels {
+        kernel.scales = scales.clone();
+    }
     let report = LayerReport {
         name: unit.name.to_string(),
         kind: unit.layer.kind(),

@@ -27,7 +27,7 @@ use crate::{
     step::{Ad, DefaultAdam, ModuleOptimizers, Optimizers, SimpleOptimizers},
     unit::{ensure_finite, flows_finite},
     AdaRoundConfig, AdaRoundError, AdaRoundReport, BlockInit, LayerReport, ModelCheck, ModelGuard,
-    SeparableStep, Target,
+    ScaleOutcome, ScaleSearch, SeparableStep, Target,
 };
 
 /// AdaRound on a model, in Burn's builder style: the configuration, then optionally an
@@ -600,10 +600,13 @@ where
         .map(|j| (j, &sites[j]))
         .collect();
     let nearest = work.clone();
+    let mut layer_wise = Vec::new();
     if run.config.block.init == BlockInit::LayerWise {
         for &(j, site) in &group {
             ctx.index = j - start_at;
-            (work, _) = optimize_layer(run, work, (j, site), ctx)?;
+            let report;
+            (work, report) = optimize_layer(run, work, (j, site), ctx)?;
+            layer_wise.push(report);
         }
         ctx.index = i - start_at;
     }
@@ -615,7 +618,30 @@ where
         inputs,
         targets,
     };
-    optimize_block((blocks, staged), (&nearest, work), &block, ctx)
+    let (work, mut reports) = optimize_block((blocks, staged), (&nearest, work), &block, ctx)?;
+    scales_of_start(&mut reports, &layer_wise, run.config);
+    Ok((work, reports))
+}
+
+/// With [`ScaleSearch::SeqMse`], each block kernel's report says the grid it was written on:
+/// that of its layer-wise start (`layer_wise`, the block's layers in order), or the
+/// quantizer's own from [`BlockInit::Fractional`] (SeqMSE not applied).
+fn scales_of_start(
+    reports: &mut [LayerReport],
+    layer_wise: &[LayerReport],
+    config: &AdaRoundConfig,
+) {
+    if config.scale_search != ScaleSearch::SeqMse {
+        return;
+    }
+    for (k, report) in reports.iter_mut().enumerate() {
+        for (i, kernel) in report.kernels.iter_mut().enumerate() {
+            kernel.scales = match layer_wise.get(k) {
+                Some(start) => start.kernels.get(i).and_then(|s| s.scales.clone()),
+                None => Some(ScaleOutcome::NotApplicable),
+            };
+        }
+    }
 }
 
 /// The model-level guard, once the last layer is `finished` (see [`ModelGuard`]).
