@@ -24,8 +24,17 @@ mkdir -p "$dest"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
-(cd "$tmp" && apt-get download -q mate-backgrounds=1.26.0-1 lomiri-wallpapers-16.04=20.04.0-2 \
-    lomiri-wallpapers-20.04=20.04.0-2 2>&1 | grep -v "unsandboxed" || true)
+command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || {
+    echo "fetch_natural.sh needs apt-get and dpkg-deb (Debian or Ubuntu)" >&2
+    exit 1
+}
+# As root, apt warns that the download is unsandboxed: harmless here, so not shown.
+if ! (cd "$tmp" && apt-get download -q mate-backgrounds=1.26.0-1 \
+    lomiri-wallpapers-16.04=20.04.0-2 lomiri-wallpapers-20.04=20.04.0-2 >"$tmp/apt.log" 2>&1); then
+    cat "$tmp/apt.log" >&2
+    echo "apt-get download failed: these versions are in Debian bookworm (sources.list)" >&2
+    exit 1
+fi
 (cd "$tmp" && sha256sum --check --quiet <<'SUMS'
 7bf4c2209f34b4f61ba6d24c8b58c28b361e82e4b943aae6d42c030169af9e04  mate-backgrounds_1.26.0-1_all.deb
 a99ff6a3bfe451e4cc0682ecb3cc82e71740626d59e4845ae34a0a0e45421eab  lomiri-wallpapers-16.04_20.04.0-2_all.deb
