@@ -321,7 +321,9 @@ pub enum BlockInit {
     /// [`AdaRoundConfig::never_worse`] a block never ends above its layer-wise rounding.
     LayerWise,
     /// BRECQ's start: `h(alpha)` equal to each weight's fractional part, as layer-wise
-    /// AdaRound starts (BRECQ runs 20 000 steps per block).
+    /// AdaRound starts (BRECQ runs 20 000 steps per block). On the quantizers' own grids:
+    /// [`ScaleSearch::SeqMse`] is not searched for these blocks (a warning says so, and the
+    /// kernels' reports say [`ScaleOutcome::NotApplicable`](crate::ScaleOutcome)).
     Fractional,
 }
 

@@ -1161,6 +1161,19 @@ mod blocks {
                 "parameter {i}: values differ by up to {worst}"
             );
         }
+        // From BRECQ's fractional start no layer-wise run searched: the report says so.
+        let mut fractional = cfg.clone();
+        fractional.block = fractional.block.with_init(BlockInit::Fractional);
+        let (_, report) = run(&model, &fractional, true);
+        for layer in &report.layers {
+            let scales = &layer.kernels[0].scales;
+            assert_eq!(
+                scales,
+                &Some(adaround::ScaleOutcome::NotApplicable),
+                "{}",
+                layer.name
+            );
+        }
         let (own, _) = run(
             &model,
             &cfg.clone().with_scale_search(ScaleSearch::Quantizer),

@@ -634,6 +634,15 @@ fn scales_of_start(
     if config.scale_search != ScaleSearch::SeqMse {
         return;
     }
+    if layer_wise.is_empty() {
+        if let Some(first) = reports.first() {
+            log::warn!(
+                "block from {}: BlockInit::Fractional starts on the quantizers' own grids; \
+                 SeqMSE's scales are searched only for BlockInit::LayerWise",
+                first.name
+            );
+        }
+    }
     for (k, report) in reports.iter_mut().enumerate() {
         for (i, kernel) in report.kernels.iter_mut().enumerate() {
             kernel.scales = match layer_wise.get(k) {
