@@ -213,6 +213,31 @@ fn lower_of<B: Backend>(
     }
 }
 
+/// The grid the layer was written on: SeqMSE's search outcome, `Discarded` where
+/// `never_worse` kept the caller's kernel, and `nearest` where it kept nearest rounding on
+/// SeqMSE's grid.
+fn written_scales(
+    scales: Option<ScaleOutcome>,
+    kept_caller: bool,
+    nearest_on_searched: bool,
+) -> Option<ScaleOutcome> {
+    match scales {
+        Some(ScaleOutcome::SeqMse { .. }) if kept_caller => Some(ScaleOutcome::Discarded),
+        Some(ScaleOutcome::SeqMse {
+            mean_ratio,
+            own_error,
+            chosen_error,
+            ..
+        }) => Some(ScaleOutcome::SeqMse {
+            mean_ratio,
+            own_error,
+            chosen_error,
+            nearest: nearest_on_searched,
+        }),
+        other => other,
+    }
+}
+
 /// The Gram matrices of `unit`, with the residuals of its targets when they come from other
 /// inputs.
 fn unit_grams<B: Backend>(unit: &Unit<'_, B>, loss: ReconstructionLoss) -> Option<Grams<B>> {
@@ -329,12 +354,13 @@ fn run_schedule<B: Backend>(
     Ok(trace)
 }
 
-/// One report per kernel; a kernel put back to nearest rounding has no changed weights.
+/// One report per kernel, each with the grid `scales` it was written on; a kernel put back
+/// to nearest rounding has no changed weights.
 pub(crate) fn kernel_reports(
     changes: Vec<KernelChange>,
     statuses: Vec<RoundingStatus>,
     (before, after): (Vec<Vec<usize>>, Vec<Vec<usize>>),
-    kept_nearest: bool,
+    (kept_nearest, scales): (bool, Option<ScaleOutcome>),
 ) -> Vec<KernelReport> {
     changes
         .into_iter()
@@ -350,7 +376,7 @@ pub(crate) fn kernel_reports(
                     status,
                     decimals_before,
                     decimals_after,
-                    scales: None,
+                    scales: scales.clone(),
                 }
             },
         )
@@ -546,8 +572,7 @@ pub(crate) fn optimize_unit<B: Backend>(
         .then(|| nearest_on_grid(&unit, config, &armed));
     let (trace, statuses, layer, fused) =
         round_unit(&unit, armed, (grams, gptq, path), ctx, &mut phases)?;
-    let layer = layer.set_training(false);
-    let (done, flips) = refine_and_finish(&unit, config, layer, refine_grams);
+    let (done, flips) = refine_and_finish(&unit, config, layer.set_training(false), refine_grams);
     let (done, nearest_on_searched) = lower_of(&unit, config, done, searched);
     phases.mark(&format!("{flips} rounding decisions flipped in"));
     let Finished {
@@ -560,25 +585,8 @@ pub(crate) fn optimize_unit<B: Backend>(
     ensure_finalized_finite(unit.name, trace.last, &finalized, err_final)?;
     phases.mark("finalized and checked in");
     let kept_nearest = config.never_worse && err_final > err_before;
-    let scales = match scales {
-        Some(ScaleOutcome::SeqMse { .. }) if kept_nearest => Some(ScaleOutcome::Discarded),
-        Some(ScaleOutcome::SeqMse {
-            mean_ratio,
-            own_error,
-            chosen_error,
-            ..
-        }) => Some(ScaleOutcome::SeqMse {
-            mean_ratio,
-            own_error,
-            chosen_error,
-            nearest: nearest_on_searched,
-        }),
-        other => other,
-    };
-    let mut kernels = kernel_reports(changes, statuses, (before, after), kept_nearest);
-    for kernel in &mut kernels {
-        kernel.scales = scales.clone();
-    }
+    let scales = written_scales(scales, kept_nearest, nearest_on_searched);
+    let kernels = kernel_reports(changes, statuses, (before, after), (kept_nearest, scales));
     let report = LayerReport {
         name: unit.name.to_string(),
         kind: unit.layer.kind(),

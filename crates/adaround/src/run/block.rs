@@ -373,7 +373,7 @@ fn reports<B: Backend>(
                 refined: 0,
                 final_reconstruction_loss: last.0,
                 final_rounding_loss: last.1,
-                kernels: kernel_reports(changes, statuses, histograms, kept_nearest),
+                kernels: kernel_reports(changes, statuses, histograms, (kept_nearest, None)),
                 history: history.clone(),
                 seconds: outcome.seconds,
                 block: Some(block.stage),
