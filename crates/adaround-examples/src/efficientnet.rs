@@ -31,7 +31,7 @@ use adaround::{
     Stage, WeightQuantizer,
 };
 use burn::{
-    module::Module,
+    module::{Module, Param},
     nn::{
         conv::{Conv2d, Conv2dConfig},
         BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d,
@@ -237,6 +237,14 @@ fn pool<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
     x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c])
 }
 
+/// One quantized layer of [`QuantEfficientNet`], by path ([`QuantEfficientNet::layer_mut`]).
+pub enum LayerMut<'a, B: Backend> {
+    /// The stem, an expand, depthwise or project conv, or the head conv.
+    Conv(&'a mut QuantizedConv2d<B>),
+    /// The classifier.
+    Dense(&'a mut QuantizedDense<B>),
+}
+
 /// A quantized MBConv block: BatchNorms folded into the convolutions.
 #[derive(Module, Debug)]
 pub struct QuantMbConv<B: Backend> {
@@ -361,6 +369,59 @@ impl<B: Backend> QuantEfficientNet<B> {
         }));
         stages.push(Box::new(|m: &Self, x: Flow<B>| Flow::Rows(m.head(maps(x)))));
         stages
+    }
+
+    /// The layer at `path` (one of [`Self::layer_names`]' paths).
+    pub fn layer_mut(&mut self, path: &str) -> Option<LayerMut<'_, B>> {
+        let parts: Vec<&str> = path.split('.').collect();
+        match parts.as_slice() {
+            ["conv_stem"] => Some(LayerMut::Conv(&mut self.conv_stem)),
+            ["conv_head"] => Some(LayerMut::Conv(&mut self.conv_head)),
+            ["fc"] => Some(LayerMut::Dense(&mut self.fc)),
+            ["blocks", i, layer] => {
+                let b = self.blocks.get_mut(i.parse::<usize>().ok()?)?;
+                match *layer {
+                    "expand_conv" => b.expand_conv.as_mut().map(LayerMut::Conv),
+                    "depthwise_conv" => Some(LayerMut::Conv(&mut b.depthwise_conv)),
+                    "project_conv" => Some(LayerMut::Conv(&mut b.project_conv)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Replaces the layer at `path` with `from`'s (its weights and quantizer): a rounded
+    /// model with one layer back to float or to nearest rounding, or one layer at another
+    /// bitwidth. `None` (and nothing changed) if `path` names no layer.
+    pub fn copy_layer(&mut self, path: &str, from: &Self) -> Option<()> {
+        let mut from = from.clone();
+        match (self.layer_mut(path)?, from.layer_mut(path)?) {
+            (LayerMut::Conv(to), LayerMut::Conv(from)) => *to = from.clone(),
+            (LayerMut::Dense(to), LayerMut::Dense(from)) => *to = from.clone(),
+            _ => unreachable!("one path, one layer type"),
+        }
+        Some(())
+    }
+
+    /// The same forward with every kernel replaced by the weights its quantizer gives and a
+    /// float pass-through quantizer: what the model computes, without recomputing a scale
+    /// on every forward (as a data-dependent quantizer does).
+    pub fn frozen(&self) -> Self {
+        let mut model = self.clone();
+        for (path, _) in self.layer_names() {
+            match model.layer_mut(&path).expect("a layer path") {
+                LayerMut::Conv(c) => {
+                    c.weight = Param::from_tensor(c.quantized_weight());
+                    c.quantizer = WeightQuantizer::Float.into();
+                }
+                LayerMut::Dense(d) => {
+                    d.weight = Param::from_tensor(d.quantized_weight());
+                    d.quantizer = WeightQuantizer::Float.into();
+                }
+            }
+        }
+        model
     }
 
     /// Every quantized layer's path in the model and its PyTorch name prefix, in forward
@@ -670,6 +731,7 @@ fn maps<B: Backend>(x: Flow<B>) -> Tensor<B, 4> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::{Distribution, Tolerance};
 
     #[test]
     fn should_have_the_lite0_block_layout() {
@@ -678,6 +740,58 @@ mod tests {
         assert_eq!(shapes.iter().filter(|s| s.residual()).count(), 9);
         assert_eq!(shapes.iter().filter(|s| s.expand == 1).count(), 1);
         assert_eq!(shapes.last().unwrap().output, 320);
+    }
+
+    #[test]
+    fn should_copy_one_layer_by_path_and_freeze_the_forward() {
+        type B = burn_ndarray::NdArray<f32>;
+        let device = Default::default();
+        let float = EfficientNetLite0::<B>::new(&device);
+        // Burn initialises parameters lazily, and each clone on its own: read the
+        // classifier's (the one layer not read by folding) so that the clones share values.
+        let _ = (
+            float.fc.weight.val(),
+            float.fc.bias.as_ref().map(|b| b.val()),
+        );
+        let w4 = QuantEfficientNet::from_float(&float, &WeightQuantizer::max(4).unwrap(), None);
+        let folded = QuantEfficientNet::from_float(&float, &WeightQuantizer::Float, None);
+        let names = w4.layer_names();
+        assert_eq!(names.len(), 50);
+        for (path, _) in &names {
+            let mut model = w4.clone();
+            model
+                .copy_layer(path, &folded)
+                .unwrap_or_else(|| panic!("{path}"));
+            // The copied layer alone is float; every other keeps its 4-bit quantizer.
+            for (other, _) in &names {
+                let bits = match model.layer_mut(other).unwrap() {
+                    LayerMut::Conv(c) => c.quantizer.quantizer().bitwidth(),
+                    LayerMut::Dense(d) => d.quantizer.quantizer().bitwidth(),
+                };
+                assert_eq!(bits, (other != path).then_some(4), "{path}: {other}");
+            }
+        }
+        for missing in [
+            "blocks.0.expand_conv",
+            "blocks.16.project_conv",
+            "head",
+            "blocks.x.a",
+        ] {
+            assert!(
+                w4.clone().copy_layer(missing, &folded).is_none(),
+                "{missing}"
+            );
+        }
+        // Frozen: float pass-through quantizers, the same logits.
+        let x = Tensor::<B, 4>::random([1, 3, 64, 64], Distribution::Default, &device);
+        let frozen = w4.frozen();
+        assert!(matches!(
+            frozen.fc.quantizer.quantizer(),
+            WeightQuantizer::Float
+        ));
+        let (a, b) = (w4.forward(x.clone()), frozen.forward(x));
+        a.into_data()
+            .assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-5));
     }
 
     /// Writes `{stem}.bin` (crop `i` filled with byte `first + i`) and `{stem}.json`.

@@ -360,6 +360,7 @@ where
     fn data(&self, work: &M, at: (usize, &Site<B>)) -> Result<SiteData<B>, AdaRoundError> {
         let site = at.1;
         let first = self.capture(work, at, 0, false)?;
+        self.warn_underdetermined(site, &first);
         let streamed = site.activation.is_none()
             && site.relu.is_none()
             && gram::chosen(&site.layer, &first, self.config.performance.path);
@@ -367,6 +368,25 @@ where
             self.streamed(work, at, first)
         } else {
             self.held(work, at, first).map(SiteData::Held)
+        }
+    }
+
+    /// Warns where the layer's loss sees fewer rows (samples x output positions) than the
+    /// layer has inputs per output: its rounding is then fitted on a subspace of its inputs
+    /// and may not carry to other data (on EfficientNet-Lite0's classifier, 512 crops for
+    /// 1 280 inputs, nearest rounding of that layer alone stays closer to the float model on
+    /// other images than AdaRound's; docs/efficientnet.md).
+    fn warn_underdetermined(&self, site: &Site<B>, first: &Flow<B>) {
+        let (inputs, positions) = gram::sizes(&site.layer, first);
+        let per_sample = positions / first.dims()[0].max(1);
+        let rows = per_sample * self.batches.iter().map(|b| b.dims()[0]).sum::<usize>();
+        if gram::supports(&site.layer) && rows < inputs {
+            log::warn!(
+                "{}: {rows} calibration rows for {inputs} inputs per output: the rounding is \
+                 fitted on fewer rows than inputs and may not carry to other data; more \
+                 calibration samples, or this layer at nearest rounding, may do better",
+                site.name
+            );
         }
     }
 
