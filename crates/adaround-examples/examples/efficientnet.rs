@@ -40,7 +40,8 @@
 //! photographs instead (`fetch_natural.sh`; the evaluation crops are the same);
 //! `--evaluation-photos natural` scores on those crops too, after the six photographs'.
 //! `--w8-layers conv_stem,fc` keeps the named layers at 8 bits (the others at each table's
-//! bitwidth); `--sensitivity` scores the rounded model with each layer alone set back to
+//! bitwidth); `--nearest-layers fc` sets the named layers back to nearest rounding after the
+//! run; `--sensitivity` scores the rounded model with each layer alone set back to
 //! nearest rounding and to float weights (100 more passes over the evaluation crops: a
 //! diagnosis of where the disagreement comes from, never used to choose settings). Writes
 //! `out/efficientnet/report.json`.
@@ -235,6 +236,10 @@ fn main() {
     let w8_layers: Vec<String> = arg::<String>("--w8-layers")
         .map(|l| l.split(',').map(String::from).collect())
         .unwrap_or_default();
+    // `--nearest-layers fc`: those layers back to nearest rounding after AdaRound.
+    let nearest_layers: Vec<String> = arg::<String>("--nearest-layers")
+        .map(|l| l.split(',').map(String::from).collect())
+        .unwrap_or_default();
     let sensitivity = std::env::args().any(|a| a == "--sensitivity");
 
     println!("## 1. EfficientNet-Lite0 from {path}");
@@ -246,11 +251,12 @@ fn main() {
     let folded = QuantEfficientNet::from_float(&float, &WeightQuantizer::Float, None);
     if let Some(path) = w8_layers
         .iter()
+        .chain(&nearest_layers)
         .find(|p| folded.clone().layer_mut(p).is_none())
     {
         let paths: Vec<_> = folded.layer_names().into_iter().map(|(p, _)| p).collect();
         fail(&format!(
-            "--w8-layers: no layer `{path}`; the layers are {}",
+            "--w8-layers, --nearest-layers: no layer `{path}`; the layers are {}",
             paths.join(",")
         ));
     }
@@ -369,6 +375,12 @@ fn main() {
     if !w8_layers.is_empty() {
         println!("{} at 8 bits in every table", w8_layers.join(", "));
     }
+    if !nearest_layers.is_empty() {
+        println!(
+            "{} at nearest rounding after AdaRound",
+            nearest_layers.join(", ")
+        );
+    }
     let out = std::path::Path::new("out/efficientnet");
     std::fs::create_dir_all(out).expect("out/efficientnet");
     let mut rows = Vec::new();
@@ -411,6 +423,10 @@ fn main() {
                 .run(&model, samples.clone(), forward)
                 .unwrap_or_else(|e| fail(&e)),
         };
+        let rounded = nearest_layers.iter().fold(rounded, |mut rounded, path| {
+            rounded.copy_layer(path, &model).expect("checked above");
+            rounded
+        });
         let seconds = t.elapsed().as_secs_f64();
         let peak = peak_rss_mib();
         let ada_logits = logits_of(&rounded, &x_eval);
