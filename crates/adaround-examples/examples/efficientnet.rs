@@ -128,6 +128,13 @@ fn arg<T: std::str::FromStr>(name: &str) -> Option<T> {
     args.get(i + 1).and_then(|v| v.parse().ok())
 }
 
+/// The comma-separated layer paths after `name` (none without it).
+fn layer_list(name: &str) -> Vec<String> {
+    arg::<String>(name)
+        .map(|l| l.split(',').map(String::from).collect())
+        .unwrap_or_default()
+}
+
 /// The weight quantizer of every layer: per output channel, the scale that minimises the
 /// weights' squared error on the full-range signed grid.
 fn quantizer(bits: u32) -> WeightQuantizer {
@@ -233,13 +240,9 @@ fn main() {
     let iterations = arg("--iterations").unwrap_or(4000usize);
     // `--w8-layers conv_stem,fc`: those layers at 8 bits, every other at the bitwidth of the
     // table (the literature's usual setting keeps the first and the last layer at 8 bits).
-    let w8_layers: Vec<String> = arg::<String>("--w8-layers")
-        .map(|l| l.split(',').map(String::from).collect())
-        .unwrap_or_default();
+    let w8_layers = layer_list("--w8-layers");
     // `--nearest-layers fc`: those layers back to nearest rounding after AdaRound.
-    let nearest_layers: Vec<String> = arg::<String>("--nearest-layers")
-        .map(|l| l.split(',').map(String::from).collect())
-        .unwrap_or_default();
+    let nearest_layers = layer_list("--nearest-layers");
     let sensitivity = std::env::args().any(|a| a == "--sensitivity");
 
     println!("## 1. EfficientNet-Lite0 from {path}");

@@ -377,10 +377,13 @@ where
     /// 1 280 inputs, nearest rounding of that layer alone stays closer to the float model on
     /// other images than AdaRound's; docs/efficientnet.md).
     fn warn_underdetermined(&self, site: &Site<B>, first: &Flow<B>) {
+        if !gram::supports(&site.layer) {
+            return; // no matrix form: no inputs per output to count
+        }
         let (inputs, positions) = gram::sizes(&site.layer, first);
         let per_sample = positions / first.dims()[0].max(1);
         let rows = per_sample * self.batches.iter().map(|b| b.dims()[0]).sum::<usize>();
-        if gram::supports(&site.layer) && rows < inputs {
+        if rows < inputs {
             log::warn!(
                 "{}: {rows} calibration rows for {inputs} inputs per output: the rounding is \
                  fitted on fewer rows than inputs and may not carry to other data; more \
