@@ -7,7 +7,7 @@ use burn::{
     record::Record,
     tensor::{
         backend::{AutodiffBackend, Backend},
-        Tensor,
+        Tensor, TensorData,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -191,19 +191,37 @@ impl<B: Backend> AdaRoundQuantizer<B> {
     /// for the float `weights` (in AdaRound's padded rank-4 layout): `w_floor = floor(w sf)`
     /// and `alpha` (with `h(alpha)` the fractional part of `w sf`) are computed again; the
     /// parameter ids, the wrapped quantizer and the mode stay. For a scale chosen outside
-    /// the quantizer, such as SeqMSE's search on the layer's output error.
+    /// the quantizer, such as SeqMSE's search on the layer's output error. On the
+    /// [asymmetric](crate::Grid::Asymmetric) grid, whose integer offsets belong to the scale,
+    /// see [`Self::with_encoding`].
     ///
     /// Errors: non-finite weights, scale factors that are not positive and finite
-    /// ([`QuantizerError::InvalidScale`]), and the [asymmetric](crate::Grid::Asymmetric)
-    /// grid, whose integer offsets belong to the quantizer's own scale
+    /// ([`QuantizerError::InvalidScale`]), and the asymmetric grid
     /// ([`QuantizerError::FixedScale`]).
     pub fn with_scale_factor(
-        mut self,
+        self,
         weights: Tensor<B, 4>,
         sf: Tensor<B, 4>,
     ) -> Result<Self, QuantizerError> {
+        self.with_encoding(weights, sf, None)
+    }
+
+    /// [`Self::with_scale_factor`] with the integer `offset` of each scale factor (shaped as
+    /// `sf`) on the [asymmetric](crate::Grid::Asymmetric) grid (`None` on the grids centred on
+    /// zero): `w_floor = floor(w sf - o)`, `h(alpha)` the fractional part of `w sf - o`.
+    ///
+    /// Errors: as [`Self::with_scale_factor`]; an offset missing on the asymmetric grid
+    /// ([`QuantizerError::FixedScale`]), given on a centred grid, or not integral and
+    /// finite ([`QuantizerError::InvalidOffset`]).
+    pub fn with_encoding(
+        mut self,
+        weights: Tensor<B, 4>,
+        sf: Tensor<B, 4>,
+        offset: Option<Tensor<B, 4>>,
+    ) -> Result<Self, QuantizerError> {
         let name = || format!("{:?}", self.quantizer);
-        if !self.meta.offsets.is_empty() {
+        let asymmetric = !self.meta.offsets.is_empty();
+        if asymmetric && offset.is_none() {
             return Err(QuantizerError::FixedScale(name()));
         }
         if !all_finite(&weights) {
@@ -215,14 +233,38 @@ impl<B: Backend> AdaRoundQuantizer<B> {
         if sf.dims() != self.sf.dims() || !valid {
             return Err(QuantizerError::InvalidScale(name(), count));
         }
+        let offsets = match offset {
+            None => Vec::new(),
+            Some(o) => {
+                let o = o.into_data().convert::<f32>().to_vec::<f32>();
+                match o {
+                    Ok(o)
+                        if asymmetric
+                            && o.len() == count
+                            && o.iter().all(|v| v.is_finite() && v.fract() == 0.0) =>
+                    {
+                        o
+                    }
+                    _ => return Err(QuantizerError::InvalidOffset(name(), count)),
+                }
+            }
+        };
         let (weights, sf) = (weights.detach(), sf.detach());
         let scaled = weights * sf.clone();
+        let device = scaled.device();
+        let scaled = if offsets.is_empty() {
+            scaled
+        } else {
+            let o = TensorData::new(offsets.clone(), [count]);
+            scaled - Tensor::<B, 1>::from_data(o, &device).reshape(sf.dims())
+        };
         let w_floor = scaled.clone().floor();
         let alpha = self.rounding().alpha_of(scaled - w_floor.clone());
-        let alpha = Tensor::from_data(alpha.into_data(), &w_floor.device());
+        let alpha = Tensor::from_data(alpha.into_data(), &device);
         self.alpha = self.alpha.map(|_| alpha);
         self.w_floor = frozen(w_floor);
         self.sf = frozen(sf);
+        self.meta.offsets = offsets;
         Ok(self)
     }
 

@@ -26,6 +26,10 @@ pub enum QuantizerError {
     /// another scale cannot be set.
     #[error("quantizer {0} keeps its own scale: its grid's offsets depend on it")]
     FixedScale(String),
+    /// Integer offsets given for a grid centred on zero, or offsets that are not one
+    /// finite integer per scale factor on the asymmetric grid.
+    #[error("quantizer {0} takes {1} finite integer offsets on the asymmetric grid, none on a grid centred on zero")]
+    InvalidOffset(String, usize),
     /// The output-channel axis does not exist in the weight tensor.
     #[error("axis {axis} is out of range for a weight tensor of rank {rank}")]
     InvalidAxis {

@@ -640,3 +640,53 @@ fn rounding_status_counts_decimals() {
     assert_eq!(RoundingStatus::of_decimals(tensor.reshape([7, 1])), status);
     assert_eq!(RoundingStatus::of_values(&[]).total, 0);
 }
+
+#[test]
+fn should_re_arm_on_an_encoding_and_refuse_offsets_that_do_not_fit_the_grid() {
+    let params = AdaRoundParams::new();
+    let w = dense_w::<B>();
+    let asymmetric = WeightQuantizer::mse(3, true, Grid::Asymmetric).unwrap();
+    let ada = AdaRoundQuantizer::new(asymmetric.clone(), w.clone(), 1, &params).unwrap();
+    let padded = w.clone().reshape([2, 3, 1, 1]);
+    // Re-armed on its own encoding: the same floor and decimals as at creation.
+    let own = asymmetric.encoding(padded.clone(), 1).unwrap();
+    let again = ada
+        .clone()
+        .with_encoding(padded.clone(), own.scale_factor.clone(), own.offset.clone())
+        .unwrap();
+    assert_close(again.w_floor.val(), ada.w_floor.val().into_data());
+    assert_close(again.decimals(), ada.decimals().into_data());
+    assert_eq!(again.meta.offsets, ada.meta.offsets);
+    // Another grid (offsets one higher): `w_floor + h(alpha) + o == w sf` again.
+    let shifted = own.offset.clone().unwrap() + 1.0;
+    let moved = ada
+        .clone()
+        .with_encoding(padded.clone(), own.scale_factor.clone(), Some(shifted.clone()))
+        .unwrap();
+    let scaled = padded.clone() * own.scale_factor.clone();
+    assert_close(
+        moved.w_floor.val() + moved.decimals() + shifted,
+        scaled.into_data(),
+    );
+    assert_eq!(
+        moved.meta.offsets,
+        ada.meta.offsets.iter().map(|o| o + 1.0).collect::<Vec<_>>()
+    );
+    // No offset on the asymmetric grid, a fractional one, one on a centred grid.
+    let sf = own.scale_factor.clone();
+    assert!(matches!(
+        ada.clone().with_scale_factor(padded.clone(), sf.clone()),
+        Err(QuantizerError::FixedScale(_))
+    ));
+    let half = Some(own.offset.clone().unwrap() + 0.5);
+    assert!(matches!(
+        ada.clone().with_encoding(padded.clone(), sf.clone(), half),
+        Err(QuantizerError::InvalidOffset(_, 3))
+    ));
+    let centred = WeightQuantizer::mse(3, true, Grid::FullRange).unwrap();
+    let ada = AdaRoundQuantizer::new(centred, w, 1, &params).unwrap();
+    assert!(matches!(
+        ada.with_encoding(padded, sf.clone(), Some(sf.zeros_like())),
+        Err(QuantizerError::InvalidOffset(_, 3))
+    ));
+}

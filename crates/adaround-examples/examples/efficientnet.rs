@@ -136,9 +136,21 @@ fn layer_list(name: &str) -> Vec<String> {
 }
 
 /// The weight quantizer of every layer: per output channel, the scale that minimises the
-/// weights' squared error on the full-range signed grid.
-fn quantizer(bits: u32) -> WeightQuantizer {
-    WeightQuantizer::mse(bits, true, Grid::FullRange).expect("valid bitwidth")
+/// weights' squared error on `grid` (the full-range signed grid unless `--grid` says).
+fn quantizer(bits: u32, grid: Grid) -> WeightQuantizer {
+    WeightQuantizer::mse(bits, true, grid).expect("valid bitwidth")
+}
+
+/// `--grid full-range|symmetric|asymmetric`.
+fn grid() -> Result<Grid, String> {
+    match arg::<String>("--grid").as_deref() {
+        None | Some("full-range") => Ok(Grid::FullRange),
+        Some("symmetric") => Ok(Grid::Symmetric),
+        Some("asymmetric") => Ok(Grid::Asymmetric),
+        Some(other) => Err(format!(
+            "--grid takes `full-range`, `symmetric` or `asymmetric`, not `{other}`"
+        )),
+    }
 }
 
 /// Burn's built-in weight quantization (`Module::quantize_weights` with min-max calibration,
@@ -244,6 +256,7 @@ fn main() {
     // `--nearest-layers fc`: those layers back to nearest rounding after AdaRound.
     let nearest_layers = layer_list("--nearest-layers");
     let sensitivity = std::env::args().any(|a| a == "--sensitivity");
+    let grid = grid().unwrap_or_else(|e| fail(&e));
 
     println!("## 1. EfficientNet-Lite0 from {path}");
     let (float, import) = EfficientNetLite0::<B>::load(&path, &device).unwrap_or_else(|e| fail(&e));
@@ -371,7 +384,7 @@ fn main() {
     };
 
     println!(
-        "\n## 2. Per channel, {} calibration crops ({} photographs), {iterations} iterations per layer",
+        "\n## 2. Per channel, {grid:?} grid, {} calibration crops ({} photographs), {iterations} iterations per layer",
         samples.dims()[0],
         calibration_photos.as_deref().unwrap_or("default")
     );
@@ -389,9 +402,9 @@ fn main() {
     let mut rows = Vec::new();
     let mut reports: Vec<(u32, AdaRoundReport)> = Vec::new();
     for &b in &bits {
-        let mut model = QuantEfficientNet::from_float(&float, &quantizer(b), None);
+        let mut model = QuantEfficientNet::from_float(&float, &quantizer(b, grid), None);
         if !w8_layers.is_empty() {
-            let w8 = QuantEfficientNet::from_float(&float, &quantizer(8), None);
+            let w8 = QuantEfficientNet::from_float(&float, &quantizer(8, grid), None);
             for path in &w8_layers {
                 model.copy_layer(path, &w8).expect("checked above");
             }

@@ -93,12 +93,12 @@ pub enum ScaleSearch {
     /// SeqMSE (AIMET): per output channel (per tensor for a per-tensor quantizer), the scale
     /// whose nearest rounding gives the lowest layer output error on the calibration
     /// samples, among the quantizer's own and the clipping ranges `k/40 * max |w|`
-    /// (`k = 1..=40`), each scored on the layer's Gram matrices; AdaRound or GPTQ then
+    /// (`k = 1..=40`; on the asymmetric grid `k/40` of `[min(w, 0), max(w, 0)]` with its
+    /// integer offset), each scored on the layer's Gram matrices; AdaRound or GPTQ then
     /// rounds on that grid, and the finalized quantizer keeps it. Layers whose loss has no
     /// Gram form (an activation or ReLU in the loss, a joint separable step) and quantizers
     /// that would not keep the grid once finalized (the standard-deviation and custom
-    /// quantizers, the asymmetric grid, MSE above 8 bits) keep their own scale, with a
-    /// warning. Costs 41 products of the kernel with its Gram matrix per layer (and, for a
+    /// quantizers, MSE above 8 bits) keep their own scale, with a warning. Costs 41 products of the kernel with its Gram matrix per layer (and, for a
     /// layer on the direct path, the Gram matrices over all samples). Each kernel's report
     /// says which grid it ended on ([`KernelReport::scales`](crate::KernelReport)).
     SeqMse,

@@ -175,8 +175,10 @@ fn decided<B: Backend>(
                 let w = rounded[&id].clone().reshape(ada.alpha.dims());
                 // Only where the layer-wise rounding searched the grid (SeqMSE's quantizers).
                 let ada = if regrid && seqmse::supports(&ada.quantizer) {
-                    let sf = ada.quantizer.scale_factor(w.clone(), ada.axis());
-                    match sf.and_then(|sf| ada.clone().with_scale_factor(float, sf)) {
+                    let encoding = ada.quantizer.encoding(w.clone(), ada.axis());
+                    match encoding
+                        .and_then(|e| ada.clone().with_encoding(float, e.scale_factor, e.offset))
+                    {
                         Ok(regridded) => regridded,
                         Err(e) => {
                             failed = Some(e);
