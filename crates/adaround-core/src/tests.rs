@@ -661,7 +661,11 @@ fn should_re_arm_on_an_encoding_and_refuse_offsets_that_do_not_fit_the_grid() {
     let shifted = own.offset.clone().unwrap() + 1.0;
     let moved = ada
         .clone()
-        .with_encoding(padded.clone(), own.scale_factor.clone(), Some(shifted.clone()))
+        .with_encoding(
+            padded.clone(),
+            own.scale_factor.clone(),
+            Some(shifted.clone()),
+        )
         .unwrap();
     let scaled = padded.clone() * own.scale_factor.clone();
     assert_close(

@@ -4,9 +4,11 @@ use adaround_layers::{
     probe::{run_with_probe, Flow, Probe, ProbeAction, ProbeEvent, ProbeRun},
     QuantizedLayer, QuantizedReLU,
 };
-use burn::tensor::backend::Backend;
+use std::collections::HashMap;
 
-use crate::AdaRoundError;
+use burn::{module::Module, tensor::backend::Backend};
+
+use crate::{params::WriteBack, AdaRoundError};
 
 /// One event of the discovery pass.
 pub(crate) enum Seen<B: Backend> {
@@ -95,14 +97,39 @@ pub(crate) fn input_of<B: Backend, R>(
     })
 }
 
-/// A forward pass that records nothing: float weights and activations everywhere, or the
-/// model as it is.
+/// A forward pass that records nothing: float weights and activations everywhere
+/// ([`Self::new`]`(true)`), the model as it is (`new(false)`), or float weights with
+/// quantized activations ([`Self::frozen`], for a model from [`frozen`]).
 pub(crate) struct Pass {
-    pub float: bool,
+    float: bool,
+    frozen: bool,
+}
+
+impl Pass {
+    /// Float weights and activations (`float`), or the model as it is.
+    pub fn new(float: bool) -> Self {
+        Self {
+            float,
+            frozen: false,
+        }
+    }
+
+    /// The kernels' own values (a [`frozen`] model's quantized weights), activations as
+    /// they are.
+    pub fn frozen() -> Self {
+        Self {
+            float: false,
+            frozen: true,
+        }
+    }
 }
 
 impl<B: Backend> Probe<B> for Pass {
     fn float_mode(&self) -> bool {
+        self.float || self.frozen
+    }
+
+    fn float_activations(&self) -> bool {
         self.float
     }
 
@@ -113,6 +140,38 @@ impl<B: Backend> Probe<B> for Pass {
     fn record(&mut self, _index: usize, _event: ProbeEvent<B>) -> ProbeAction {
         ProbeAction::Continue
     }
+}
+
+/// `model` with the kernel of every quantized layer that `forward` (a pass of `model`, on
+/// one sample is enough) reaches replaced by its quantized weights, computed once. Run
+/// under [`Pass::frozen`], it computes what `model` computes under `Pass::new(false)`
+/// without the quantizers' work on every pass (the MSE quantizer's scale search). `None`
+/// where a layer holds an AdaRound quantizer (whose weights are not its kernel's).
+pub(crate) fn frozen<B: Backend, M: Module<B>, R>(
+    model: &M,
+    forward: impl FnOnce() -> R,
+) -> Result<Option<M>, AdaRoundError> {
+    let seen = run(Discover { events: Vec::new() }, forward)?;
+    let layers: Vec<_> = seen
+        .events
+        .into_iter()
+        .filter_map(|event| match event {
+            Seen::Layer { layer, .. } => Some(layer),
+            Seen::Activation { .. } => None,
+        })
+        .collect();
+    if layers.iter().any(|l| !l.adarounds().is_empty()) {
+        return Ok(None);
+    }
+    // Under a probe: a quantizer that fails is an error, not a panic.
+    let (_, values) = run_returning::<B, _, _>(Pass::new(false), || {
+        let kernels = layers.iter().flat_map(|l| l.kernels());
+        kernels
+            .map(|k| (k.id, k.slot.apply(k.weight.clone(), k.axis).flatten(0, 3)))
+            .collect::<HashMap<_, _>>()
+    })?;
+    let values = values.expect("a pass that wants no event never stops");
+    Ok(Some(model.clone().map(&mut WriteBack { values })))
 }
 
 /// Runs `forward` under `probe`; a panic becomes [`AdaRoundError::Forward`].

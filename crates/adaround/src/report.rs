@@ -31,7 +31,8 @@ pub struct KernelReport {
 pub enum ScaleOutcome {
     /// On SeqMSE's grid (for a block, the grid its layer-wise start searched).
     SeqMse {
-        /// Mean over the channels of the chosen clipping range as a share of `max |w|`.
+        /// Mean over the channels of the chosen clipping range as a share of `max |w|` (on
+        /// the asymmetric grid, of `max(w, 0) - min(w, 0)`).
         mean_ratio: f64,
         /// The layer loss of nearest rounding on the quantizer's own scales.
         own_error: f64,

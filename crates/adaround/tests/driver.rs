@@ -605,7 +605,11 @@ mod ndarray {
     fn should_write_seqmse_grids_that_the_finalized_quantizers_keep() {
         let _seed = crate::seed_lock();
         let x = samples(32, 85);
-        for q in [full_range_w2(), WeightQuantizer::max_per_axis(3).unwrap()] {
+        for q in [
+            full_range_w2(),
+            WeightQuantizer::max_per_axis(3).unwrap(),
+            WeightQuantizer::mse(3, true, adaround::Grid::Asymmetric).unwrap(),
+        ] {
             let model = net_with(84, q.clone());
             let run = |search| {
                 // Hard rounding writes the kernels on the grid (soft keeps the roamers).
@@ -1113,11 +1117,10 @@ mod blocks {
         use adaround::{FinalRounding, Grid, ScaleSearch};
         let _seed = crate::seed_lock();
         let mut model = mlp(3);
-        // SeqMSE's quantizers (max, MSE full-range) and one that keeps its scale (asymmetric).
-        model.l2.quantizer = WeightQuantizer::mse(3, true, Grid::Asymmetric)
-            .unwrap()
-            .into();
-        model.head.quantizer = WeightQuantizer::mse(3, true, Grid::FullRange)
+        // SeqMSE's quantizers (max, MSE asymmetric: scale and offset searched) and one that
+        // keeps its scale (standard deviation).
+        model.l2.quantizer = WeightQuantizer::std_per_axis(3, 3.0).unwrap().into();
+        model.head.quantizer = WeightQuantizer::mse(3, true, Grid::Asymmetric)
             .unwrap()
             .into();
         let mut cfg = config(BlockInit::LayerWise)
@@ -1129,8 +1132,8 @@ mod blocks {
         let (layer_wise, layer_report) = run(&model, &cfg, false);
         let (block, report) = run(&model, &cfg, true);
         assert!(report.layers.iter().all(|l| l.block.is_some()));
-        // Both reports say which grid each kernel is on: SeqMSE's, and the asymmetric
-        // layer's own (SeqMSE does not apply to it).
+        // Both reports say which grid each kernel is on: SeqMSE's, and the standard
+        // deviation layer's own (SeqMSE does not apply to it).
         for r in [&layer_report, &report] {
             for layer in &r.layers {
                 let scales = &layer.kernels[0].scales;

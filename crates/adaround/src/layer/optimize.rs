@@ -148,7 +148,7 @@ fn search_scales<B: Backend>(
     match found {
         Some(Ok((layer, choice))) => {
             log::info!(
-                "{}: SeqMSE scales, clipping range {:.3} of max |w| on average; nearest \
+                "{}: SeqMSE scales, clipping range {:.3} of the weights' range on average; nearest \
                  rounding's loss {:.4e} -> {:.4e}",
                 unit.name,
                 choice.mean_ratio,

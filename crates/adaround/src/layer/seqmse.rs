@@ -99,7 +99,7 @@ pub(crate) struct RowGrids {
 /// [`MAX_SCALE_FACTOR`]. Centred grids: `sf = hi / (k/N max |w|)`. Asymmetric grid (`own`
 /// has offsets): the range `[min(w, 0), max(w, 0)]` clipped to `k/N` of itself,
 /// `sf = (hi - lo) / range`, the offset putting its low end on `lo` (as the quantizer's own
-/// search places it). Also each row's range, for the chosen ratio.
+/// search places it). Also each row's scale factor for its whole range, for the chosen ratio.
 fn candidates<B: Backend>(
     w: &Tensor<B, 3>,
     own: RowGrids,
@@ -124,19 +124,19 @@ fn candidates<B: Backend>(
     } else {
         (vec![0.0; groups * rows], reduce(w.clone().abs(), true))
     };
-    let min_range = adaround_core::MIN_RANGE;
-    let ranges: Vec<f64> = (0..groups * rows)
-        .map(|i| (high[i] - low[i]).max(min_range))
+    // The scale factor that spreads each row's whole range over the grid (uncapped).
+    let codes = if asymmetric { hi - lo } else { hi };
+    let whole: Vec<f64> = (0..groups * rows)
+        .map(|i| codes / (high[i] - low[i]).max(adaround_core::MIN_RANGE))
         .collect();
     let mut grids = vec![own];
     grids.extend((1..=CANDIDATES).map(|k| {
         let kept = k as f64 / CANDIDATES as f64;
         // The quantizers cap their scale factors; so does the search (a channel of tiny
         // weights keeps the capped scale, which the finalized quantizer takes again).
-        let codes = if asymmetric { hi - lo } else { hi };
-        let sf: Vec<f64> = ranges
+        let sf: Vec<f64> = whole
             .iter()
-            .map(|r| (codes / (kept * r)).min(MAX_SCALE_FACTOR))
+            .map(|s| (s / kept).min(MAX_SCALE_FACTOR))
             .collect();
         let offsets = if asymmetric {
             (0..sf.len())
@@ -147,7 +147,7 @@ fn candidates<B: Backend>(
         };
         RowGrids { sf, offsets }
     }));
-    (grids, ranges)
+    (grids, whole)
 }
 
 /// The grids SeqMSE chooses for the kernel `w` (`[groups, rows, K]`) quantized on
@@ -160,10 +160,9 @@ pub(crate) fn search<B: Backend>(
     (g, r): (&Tensor<B, 3>, Option<&Tensor<B, 3>>),
 ) -> (RowGrids, Choice) {
     let [groups, rows, _] = w.dims();
-    let (lo, hi) = levels;
     let asymmetric = !own.offsets.is_empty();
     // Losses per row, candidates in order: the own grid first (it wins ties).
-    let (grids, ranges) = candidates(w, own, levels, per_axis);
+    let (grids, whole) = candidates(w, own, levels, per_axis);
     let column = |v: &[f64]| {
         Tensor::<B, 3>::from_data(TensorData::new(f32s(v), [groups, rows, 1]), &w.device())
     };
@@ -197,11 +196,10 @@ pub(crate) fn search<B: Backend>(
     } else {
         Vec::new()
     };
-    let codes = if asymmetric { hi - lo } else { hi };
     let choice = Choice {
         // At most 1: the capped scale of a channel of tiny weights spans more than its range.
         mean_ratio: (0..n)
-            .map(|i| (codes / (grids[chosen[i]].sf[i] * ranges[i])).min(1.0))
+            .map(|i| (whole[i] / grids[chosen[i]].sf[i]).min(1.0))
             .sum::<f64>()
             / n.max(1) as f64,
         own_error: errors[0].iter().sum(),

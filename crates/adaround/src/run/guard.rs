@@ -78,7 +78,7 @@ impl<'a, B: Backend, F, const D: usize> Reference<'a, B, F, D> {
     {
         let float = batches
             .iter()
-            .map(|batch| outputs(model, batch, forward, true))
+            .map(|batch| outputs(model, batch, forward, Pass::new(true)))
             .collect::<Result<Vec<_>, _>>()?;
         if float.iter().all(Vec::is_empty) {
             return Ok(None);
@@ -97,9 +97,15 @@ impl<'a, B: Backend, F, const D: usize> Reference<'a, B, F, D> {
         F: Fn(&M, Tensor<B, D>) -> O,
         O: ModelOutput<B>,
     {
+        // The quantized kernels computed once, not on every batch.
+        let one = self.batches[0].clone().narrow(0, 0, 1);
+        let frozen = capture::frozen(model, || (self.forward)(model, one))?;
         let (mut sum, mut count) = (0.0, 0usize);
         for (batch, float) in self.batches.iter().zip(&self.float) {
-            let outputs = outputs(model, batch, self.forward, false)?;
+            let outputs = match &frozen {
+                Some(frozen) => outputs(frozen, batch, self.forward, Pass::frozen())?,
+                None => outputs(model, batch, self.forward, Pass::new(false))?,
+            };
             if outputs.len() != float.len() {
                 return Err(AdaRoundError::Forward(format!(
                     "the model returned {} output tensors, {} in float mode",
@@ -117,22 +123,21 @@ impl<'a, B: Backend, F, const D: usize> Reference<'a, B, F, D> {
     }
 }
 
-/// The output tensors of `forward` on `batch`, in float mode or as the model is; a panic
-/// becomes [`AdaRoundError::Forward`].
+/// The output tensors of `forward` on `batch` under `pass`; a panic becomes
+/// [`AdaRoundError::Forward`].
 pub(crate) fn outputs<B, M, F, O, const D: usize>(
     model: &M,
     batch: &Tensor<B, D>,
     forward: &F,
-    float: bool,
+    pass: Pass,
 ) -> Result<Vec<Tensor<B, 1>>, AdaRoundError>
 where
     B: Backend,
     F: Fn(&M, Tensor<B, D>) -> O,
     O: ModelOutput<B>,
 {
-    let (_, tensors) = capture::run_returning::<B, _, _>(Pass { float }, || {
-        forward(model, batch.clone()).tensors()
-    })?;
+    let (_, tensors) =
+        capture::run_returning::<B, _, _>(pass, || forward(model, batch.clone()).tensors())?;
     Ok(tensors.expect("a pass that wants no event never stops"))
 }
 
@@ -240,6 +245,64 @@ mod tests {
     fn squared_error(a: Tensor<B, 2>, b: Tensor<B, 2>) -> f64 {
         let n = a.shape().num_elements() as f64;
         (a - b).powi_scalar(2).sum().into_scalar().elem::<f64>() / n
+    }
+
+    /// `fc1`, a 3-bit quantized ReLU, `fc2`: activations that a frozen pass must keep
+    /// quantized.
+    #[derive(Module, Debug)]
+    struct Quantized<B: Backend> {
+        mlp: Mlp<B>,
+        act: adaround_layers::QuantizedReLU<B>,
+    }
+
+    #[test]
+    fn should_freeze_the_quantized_kernels_and_keep_the_activations_quantized() {
+        use adaround_core::Grid;
+        let (mut mlp, batches) = setup();
+        // The MSE quantizer searches its scale on every pass; the frozen copy once.
+        mlp.fc1.quantizer = WeightQuantizer::mse(3, true, Grid::Asymmetric)
+            .unwrap()
+            .into();
+        let act = adaround_layers::QuantizedReLUConfig::new()
+            .with_bitwidth(3)
+            .init();
+        let model = Quantized { mlp, act };
+        let forward = |m: &Quantized<B>, x: Tensor<B, 2>| {
+            m.mlp.fc2.forward(m.act.forward(m.mlp.fc1.forward(x)))
+        };
+        let x = batches[0].clone();
+        let frozen = capture::frozen(&model, || forward(&model, x.clone().narrow(0, 0, 1)))
+            .unwrap()
+            .expect("no AdaRound quantizer");
+        let run = |m: &Quantized<B>, pass| outputs(m, &x, &forward, pass).unwrap().remove(0);
+        let quantized = run(&model, Pass::new(false));
+        let diff = (run(&frozen, Pass::frozen()) - quantized.clone())
+            .abs()
+            .max();
+        assert_eq!(diff.into_scalar(), 0.0, "the same outputs");
+        // Its kernels are the quantized weights; the float pass of the caller's model and a
+        // frozen pass with float activations differ from the quantized one.
+        let kernel = frozen.mlp.fc1.weight.val();
+        let quantized_kernel = model.mlp.fc1.quantized_weight();
+        assert_eq!((kernel - quantized_kernel).abs().max().into_scalar(), 0.0);
+        let float = run(&model, Pass::new(true));
+        assert!((float - quantized.clone()).abs().max().into_scalar() > 1e-3);
+        let loose = run(&frozen, Pass::new(true));
+        assert!(
+            (loose - quantized).abs().max().into_scalar() > 1e-3,
+            "activations float"
+        );
+        // A layer armed with AdaRound is not frozen.
+        let mut armed = model.clone();
+        let q = WeightQuantizer::max_per_axis(3).unwrap();
+        let w = armed.mlp.fc2.weight.val();
+        let params = adaround_core::AdaRoundParams::new();
+        armed.mlp.fc2.quantizer = adaround_layers::QuantizerSlot::AdaRound(
+            adaround_core::AdaRoundQuantizer::new(q, w, 1, &params).unwrap(),
+        );
+        assert!(capture::frozen(&armed, || forward(&armed, x.clone()))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

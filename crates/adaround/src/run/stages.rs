@@ -86,7 +86,7 @@ impl<'s, 'a, B: Backend, M: Module<B>> Staged<'s, 'a, B, M> {
         F: Fn(&M, Tensor<B, D>) -> O,
         O: ModelOutput<B>,
     {
-        let first = outputs(model, &batches[0], forward, true)?;
+        let first = outputs(model, &batches[0], forward, Pass::new(true))?;
         let first = (!first.is_empty()).then(|| Tensor::cat(first, 0));
         let batches = batches.iter().map(flow_of).collect::<Result<Vec<_>, _>>()?;
         let mut x = batches[0].clone();
@@ -167,7 +167,7 @@ impl<'s, 'a, B: Backend, M: Module<B>> Staged<'s, 'a, B, M> {
     ) -> Result<Flow<B>, AdaRoundError> {
         let stage = &self.stages[stage];
         let (_, out) =
-            capture::run_returning::<B, _, _>(Pass { float }, || stage(model, x.clone()))?;
+            capture::run_returning::<B, _, _>(Pass::new(float), || stage(model, x.clone()))?;
         Ok(out.expect("a pass that wants no event never stops"))
     }
 
@@ -199,18 +199,24 @@ impl<'s, 'a, B: Backend, M: Module<B>> Staged<'s, 'a, B, M> {
         let mut state = self.state.borrow_mut();
         while state.stage < to {
             let stage = &self.stages[state.stage];
-            let through = |model: &M, xs: &mut Vec<Flow<B>>, float: bool| {
+            let through = |model: &M, xs: &mut Vec<Flow<B>>, pass: &dyn Fn() -> Pass| {
                 for x in xs.iter_mut() {
-                    let (_, out) = capture::run_returning::<B, _, _>(Pass { float }, || {
-                        stage(model, x.clone())
-                    })?;
+                    let (_, out) =
+                        capture::run_returning::<B, _, _>(pass(), || stage(model, x.clone()))?;
                     *x = out.expect("a pass that wants no event never stops");
                 }
                 Ok::<_, AdaRoundError>(())
             };
-            through(work, &mut state.quantized, false)?;
+            // The rounded stage with its quantized kernels computed once, not per batch.
+            let one = state.quantized[0]
+                .clone()
+                .map(|t| t.narrow(0, 0, 1), |t| t.narrow(0, 0, 1));
+            match capture::frozen(work, || stage(work, one))? {
+                Some(frozen) => through(&frozen, &mut state.quantized, &Pass::frozen)?,
+                None => through(work, &mut state.quantized, &|| Pass::new(false))?,
+            }
             if let (Some(model), Some(float)) = (float_model, state.float.as_mut()) {
-                through(model, float, true)?;
+                through(model, float, &|| Pass::new(true))?;
             }
             state.stage += 1;
         }
