@@ -35,6 +35,8 @@
 //! `Candidate::methods` (layer-wise, GPTQ, block reconstruction, each with and without SeqMSE)
 //! and keeps the one closest to the float model on the `--validation` crops;
 //! `--seqmse` chooses each layer's scales by SeqMSE (`ScaleSearch::SeqMse`) before rounding;
+//! `--grid asymmetric` (or `symmetric`) quantizes on that grid instead of the full-range one
+//! (`Grid`; the MSE quantizer per channel either way);
 //! `--validation V` holds out the last `V` calibration crops and scores them;
 //! `--calibration-photos natural` calibrates (and validates) on crops of 26 natural
 //! photographs instead (`fetch_natural.sh`; the evaluation crops are the same);
