@@ -7,7 +7,7 @@ use burn::{
     record::Record,
     tensor::{
         backend::{AutodiffBackend, Backend},
-        Tensor, TensorData,
+        Tensor,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -250,21 +250,18 @@ impl<B: Backend> AdaRoundQuantizer<B> {
             }
         };
         let (weights, sf) = (weights.detach(), sf.detach());
+        self.meta.offsets = offsets;
         let scaled = weights * sf.clone();
-        let device = scaled.device();
-        let scaled = if offsets.is_empty() {
-            scaled
-        } else {
-            let o = TensorData::new(offsets.clone(), [count]);
-            scaled - Tensor::<B, 1>::from_data(o, &device).reshape(sf.dims())
+        let scaled = match self.offset() {
+            Some(o) => scaled - o,
+            None => scaled,
         };
         let w_floor = scaled.clone().floor();
         let alpha = self.rounding().alpha_of(scaled - w_floor.clone());
-        let alpha = Tensor::from_data(alpha.into_data(), &device);
+        let alpha = Tensor::from_data(alpha.into_data(), &w_floor.device());
         self.alpha = self.alpha.map(|_| alpha);
         self.w_floor = frozen(w_floor);
         self.sf = frozen(sf);
-        self.meta.offsets = offsets;
         Ok(self)
     }
 

@@ -98,8 +98,9 @@ pub enum ScaleSearch {
     /// rounds on that grid, and the finalized quantizer keeps it. Layers whose loss has no
     /// Gram form (an activation or ReLU in the loss, a joint separable step) and quantizers
     /// that would not keep the grid once finalized (the standard-deviation and custom
-    /// quantizers, MSE above 8 bits) keep their own scale, with a warning. Costs 41 products of the kernel with its Gram matrix per layer (and, for a
-    /// layer on the direct path, the Gram matrices over all samples). Each kernel's report
+    /// quantizers, MSE above 8 bits) keep their own scale, with a warning. Costs 41
+    /// products of the kernel with its Gram matrix per layer (and, for a layer on the direct
+    /// path, the Gram matrices over all samples). Each kernel's report
     /// says which grid it ended on ([`KernelReport::scales`](crate::KernelReport)).
     SeqMse,
 }

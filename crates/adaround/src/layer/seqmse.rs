@@ -65,7 +65,8 @@ fn f32s(v: &[f64]) -> Vec<f32> {
 
 /// The per-row loss of nearest rounding at scale factors `sf` and integer offsets `o`
 /// (`[groups, rows, 1]`; `None` on the grids centred on zero):
-/// `dw = (clip(round(w sf - o), lo, hi) + o) / sf - w`, `dw G dwᵀ + 2 dw rᵀ`, `[groups, rows, 1]`.
+/// `dw = (clip(round(w sf - o), lo, hi) + o) / sf - w`, `dw G dwᵀ + 2 dw rᵀ`,
+/// `[groups, rows, 1]`.
 fn row_errors<B: Backend>(
     w: &Tensor<B, 3>,
     (sf, o): (Tensor<B, 3>, Option<Tensor<B, 3>>),
